@@ -1,0 +1,143 @@
+"""Counterfactual program pairs: two programs that differ in exactly one statement.
+
+A pair ``(A, B)`` shares every statement before the divergence index ``k``, differs at ``k`` in
+one op or operand (same target variable), and shares the suffix after ``k`` (drawn once,
+applied to both). Patching A's activations into B's run then asks where the model carries what
+statement ``k`` changed.
+
+What is verified, not assumed:
+
+- **equal token length** under the model's actual tokenizer and prompt format — ``x //= 3`` and
+  ``x += 3`` differ in length for many BPE tokenizers, and a pair whose prompts differ in length
+  has no position-by-position correspondence to patch along;
+- **distinct answers** by default (a pair with equal answers has nothing to switch);
+- whether step ``k`` can influence the queried value at all (``affects_query``): it can iff ``k``
+  is in the query's backward data-flow slice (``Program.dependencies``). The slice depends only
+  on which variables later statements read and overwrite, so it is the same for A and B.
+
+Every rejected draw is counted by reason (``RejectionCounts``) so that a stage can report why
+pairs were hard to find.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from seqpatch.programs import Family, Program, ProgramError, get_family
+
+TokenizeFn = Callable[[Program], Sequence[int]]
+"""Maps a program to the token ids the model reads (prompt format + tokenizer)."""
+
+REJECTION_REASONS = ("token_length", "equal_answers", "a_wrong", "b_wrong")
+
+
+class PairError(ProgramError):
+    """A pair cannot be made as asked (bad index, or no valid change within the bound)."""
+
+
+@dataclass
+class RejectionCounts:
+    """How many candidate changes were drawn and why each rejected one was rejected."""
+
+    drawn: int = 0
+    token_length: int = 0
+    equal_answers: int = 0
+    a_wrong: int = 0
+    b_wrong: int = 0
+
+    def add(self, other: RejectionCounts) -> None:
+        for name in ("drawn", *REJECTION_REASONS):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in ("drawn", *REJECTION_REASONS)}
+
+
+@dataclass(frozen=True)
+class PairMetadata:
+    divergence_index: int
+    affects_query: bool
+    answers_differ: bool
+    diff_positions: tuple[int, ...]  # token indices where the two prompts differ
+    n_tokens: int | None  # None when no tokenizer was given
+    counts: RejectionCounts = field(compare=False)
+
+
+def replace_statement(program: Program, index: int, statement) -> Program:
+    """``program`` with ``statements[index]`` replaced (re-interpreted, so derived fields follow)."""
+    statements = list(program.statements)
+    statements[index] = statement
+    return Program(program.family, tuple(statements), program.query, program.preamble)
+
+
+def make_counterfactual_pair(
+    seq_len: int,
+    divergence_index: int,
+    rng: random.Random,
+    family: str | Family = "binding",
+    tokenizer: TokenizeFn | None = None,
+    allow_equal_answers: bool = False,
+    require_affects_query: bool = False,
+    max_programs: int = 200,
+) -> tuple[Program, Program, PairMetadata]:
+    """Draw a counterfactual pair of ``seq_len``-statement programs diverging at ``divergence_index``.
+
+    The change at ``k`` is redrawn (every alternative the family allows, in random order) until
+    the token lengths match and, unless ``allow_equal_answers``, the answers differ; if no change
+    of the current program works, a fresh program is drawn, at most ``max_programs`` times, after
+    which ``PairError`` says what kept failing. ``tokenizer`` maps a program to the ids the model
+    reads; without it token lengths are not checked and ``n_tokens`` is ``None``.
+    """
+    fam = get_family(family)
+    if seq_len < 1:
+        raise PairError(f"seq_len must be >= 1, got {seq_len}")
+    if not 0 <= divergence_index < seq_len:
+        raise PairError(
+            f"divergence_index {divergence_index} is out of range for seq_len {seq_len} "
+            f"(valid: 0..{seq_len - 1})"
+        )
+    counts = RejectionCounts()
+    for _ in range(max_programs):
+        a = fam.sample(seq_len, rng)
+        affects = divergence_index in a.dependencies()
+        if require_affects_query and not affects:
+            continue
+        if not affects and not allow_equal_answers:
+            counts.drawn += 1  # no change at k can alter the answer: one draw, rejected as equal
+            counts.equal_answers += 1
+            continue
+        ids_a = tokenizer(a) if tokenizer is not None else None
+        options = fam.alternatives(a, divergence_index)
+        rng.shuffle(options)
+        for statement in options:
+            b = replace_statement(a, divergence_index, statement)
+            counts.drawn += 1
+            if ids_a is not None:
+                ids_b = tokenizer(b)  # type: ignore[misc]
+                if len(ids_b) != len(ids_a):
+                    counts.token_length += 1
+                    continue
+            if a.answer == b.answer and not allow_equal_answers:
+                counts.equal_answers += 1
+                continue
+            diff = (
+                tuple(i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=True)) if x != y)
+                if ids_a is not None
+                else ()
+            )
+            meta = PairMetadata(
+                divergence_index=divergence_index,
+                affects_query=affects,
+                answers_differ=a.answer != b.answer,
+                diff_positions=diff,
+                n_tokens=len(ids_a) if ids_a is not None else None,
+                counts=counts,
+            )
+            return a, b, meta
+    raise PairError(
+        f"no valid {fam.name} pair at seq_len={seq_len}, divergence_index={divergence_index} "
+        f"after {max_programs} programs ({counts.as_dict()}); try --allow-equal-answers or "
+        "another divergence index"
+    )

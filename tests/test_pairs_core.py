@@ -1,0 +1,109 @@
+"""make_counterfactual_pair: structure, ground truth, token lengths, data flow."""
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seqpatch.pairs import PairError, make_counterfactual_pair, replace_statement
+from seqpatch.programs import FAMILIES, Program
+
+
+def code_chars(program: Program) -> list[str]:
+    """A toy tokenizer in which statements of different ops have different lengths."""
+    return list(program.render("code").replace(" ", ""))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    family=st.sampled_from(sorted(FAMILIES)),
+    seq_len=st.integers(1, 12),
+    data=st.data(),
+    seed=st.integers(0, 2**32),
+)
+def test_pair_structure(family, seq_len, data, seed):
+    k = data.draw(st.integers(0, seq_len - 1))
+    try:
+        a, b, meta = make_counterfactual_pair(
+            seq_len, k, random.Random(seed), family, tokenizer=code_chars
+        )
+    except PairError:
+        return  # e.g. seq_len 1 binding programs where no change keeps the length; counted below
+    assert a.statements[:k] == b.statements[:k]
+    assert a.statements[k + 1 :] == b.statements[k + 1 :]
+    assert a.statements[k] != b.statements[k]
+    assert a.statements[k].target == b.statements[k].target
+    assert a.query == b.query and a.preamble == b.preamble
+    assert len(code_chars(a)) == len(code_chars(b)) == meta.n_tokens
+    assert a.answer != b.answer and meta.answers_differ
+    assert meta.affects_query == (k in a.dependencies()) == (k in b.dependencies())
+    assert meta.affects_query  # distinct answers are impossible otherwise
+    ids_a, ids_b = code_chars(a), code_chars(b)
+    assert list(meta.diff_positions) == [i for i in range(len(ids_a)) if ids_a[i] != ids_b[i]]
+    for program in (a, b):
+        env: dict[str, int] = {}
+        exec(program.render("code"), {}, env)
+        assert env[program.query] == program.answer
+
+
+def test_pairs_are_found_for_every_family_and_index():
+    for family in FAMILIES:
+        for k in range(8):
+            a, b, _ = make_counterfactual_pair(8, k, random.Random(k), family, tokenizer=code_chars)
+            assert a.answer != b.answer
+
+
+def test_same_seed_same_pair():
+    first = make_counterfactual_pair(8, 3, random.Random(7), "modular", tokenizer=code_chars)
+    second = make_counterfactual_pair(8, 3, random.Random(7), "modular", tokenizer=code_chars)
+    assert first[:2] == second[:2]
+
+
+def test_token_length_mismatches_are_redrawn_and_counted():
+    rejected = 0
+    for seed in range(30):
+        a, b, meta = make_counterfactual_pair(
+            6, 2, random.Random(seed), "arithmetic", tokenizer=code_chars
+        )
+        assert len(code_chars(a)) == len(code_chars(b))
+        rejected += meta.counts.token_length
+    assert rejected > 0  # `x //= 3` vs `x += 3` really occur and are refused
+
+
+def test_allow_equal_answers_keeps_unaffected_changes():
+    seen_unaffected = False
+    for seed in range(50):
+        a, b, meta = make_counterfactual_pair(
+            8, 0, random.Random(seed), "binding", allow_equal_answers=True
+        )
+        if not meta.affects_query:
+            seen_unaffected = True
+            assert a.answer == b.answer
+    assert seen_unaffected
+
+
+def test_divergence_index_out_of_range():
+    with pytest.raises(PairError, match="out of range"):
+        make_counterfactual_pair(4, 4, random.Random(0))
+    with pytest.raises(PairError, match="out of range"):
+        make_counterfactual_pair(4, -1, random.Random(0))
+
+
+def test_impossible_request_says_why():
+    def never_equal(program: Program) -> list[int]:
+        return [0] * (100 + program.answer)  # distinct answers never share a length
+
+    with pytest.raises(PairError, match="token_length"):
+        make_counterfactual_pair(3, 1, random.Random(0), "arithmetic", never_equal, max_programs=5)
+
+
+def test_replace_statement_reinterprets():
+    p = FAMILIES["binding"].sample(5, random.Random(1))
+    k = p.dependencies()[-1]
+    new = FAMILIES["binding"].alternatives(p, k)[0]
+    q = replace_statement(p, k, new)
+    assert q.statements[k] == new
+    env: dict[str, int] = {}
+    exec(q.render("code"), {}, env)
+    assert env[q.query] == q.answer
