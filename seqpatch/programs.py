@@ -31,12 +31,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from seqpatch.errors import SeqpatchError
+
 Renderer = Literal["code", "compact"]
 RENDERERS: tuple[Renderer, ...] = ("code", "compact")
 QUERY_RE = re.compile(r"^#\s*([a-z])\s*:$")
 
 
-class ProgramError(ValueError):
+class ProgramError(SeqpatchError, ValueError):
     """Malformed program text or an impossible request to a family."""
 
 

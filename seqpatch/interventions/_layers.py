@@ -1,0 +1,146 @@
+"""Run a suffix of a decoder stack directly: layers ``l..L-1`` on positions ``s..T-1``.
+
+This is what lets the sweep engine work at its compute floor. A patch at ``(layer l, position t)``
+leaves every layer below ``l`` and every position before ``t`` exactly as in the target's clean
+run, so a patched run only has to compute layers ``l..L-1`` for positions ``t..T-1``: it starts
+from the clean residual stream entering layer ``l`` and lets those positions attend to the clean
+keys and values of positions ``< t`` (a prefix cache), exactly as incremental decoding does.
+
+The decoder layers of ``transformers`` are called one by one with what the model's own forward
+would give them — rotary ``position_embeddings``, an explicit additive attention mask (causal,
+with the layer's sliding window) and a cache — so the arithmetic inside each layer is the
+library's own. The cache is a duck-typed stand-in for ``transformers.Cache``: attention modules
+of the supported architectures only ever call ``cache.update(keys, values, layer_idx)``, which
+here returns the clean prefix concatenated with the new keys/values (and, for the clean run,
+records them).
+
+Supported: the architectures in ``LAYER_CALLS`` with ``eager`` or ``sdpa`` attention. Anything
+else (GPT-2, whose attention keeps its own cache layout; flash attention, whose masks differ)
+goes through the sweep's generic path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from seqpatch.models import ModelHandle
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """How one architecture's model forward calls its decoder layers."""
+
+    rotary: str  # path of the rotary embedding module from the *ForCausalLM root
+    cache_kwarg: str = "cache"  # keyword under which a layer receives the cache
+
+
+LAYER_CALLS: dict[str, LayerCall] = {
+    **{
+        arch: LayerCall("model.rotary_emb")
+        for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "phi")
+    },
+    "gpt_neox": LayerCall("gpt_neox.rotary_emb", cache_kwarg="layer_past"),
+}
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+def supports_layer_runner(handle: ModelHandle) -> bool:
+    """Whether ``LayerRunner`` reproduces this model's forward (architecture and attention kernel)."""
+    config = handle.hf_model.config
+    return (
+        not handle.remote
+        and handle.adapter.model_type in LAYER_CALLS
+        and getattr(config, "_attn_implementation", None) in SUPPORTED_ATTENTION
+        and not getattr(config, "use_bidirectional_attention", False)
+    )
+
+
+class PrefixCache:
+    """Stand-in for ``transformers.Cache`` holding clean keys/values of the positions before ``s``.
+
+    ``prefix[j]`` is ``(keys, values)`` of layer ``j``, each ``[rows, kv_heads, s, d_head]`` (or
+    ``None`` when ``s == 0``). With ``record=True`` the keys/values computed in the run are kept
+    in ``recorded`` (the clean run uses this to build every later prefix).
+    """
+
+    def __init__(
+        self,
+        prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        record: bool = False,
+    ) -> None:
+        self.prefix = prefix or {}
+        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if record else None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: Any, **__: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.recorded is not None:
+            self.recorded[layer_idx] = (key_states, value_states)
+        if layer_idx not in self.prefix:
+            return key_states, value_states
+        keys, values = self.prefix[layer_idx]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
+class LayerRunner:
+    """Calls the decoder layers of one model on a slice of positions, with a clean prefix cache."""
+
+    def __init__(self, handle: ModelHandle) -> None:
+        if not supports_layer_runner(handle):
+            raise ValueError(
+                f"the direct layer runner does not support {handle.adapter.model_type!r} with "
+                f"{getattr(handle.hf_model.config, '_attn_implementation', None)!r} attention"
+            )
+        self.handle = handle
+        self.call = LAYER_CALLS[handle.adapter.model_type]
+        self.layers = [handle.layer(i) for i in range(handle.n_layers)]
+        self.rotary = handle.submodule(self.call.rotary)
+        config = handle.hf_model.config
+        layer_types = getattr(config, "layer_types", None)
+        window = getattr(config, "sliding_window", None)
+        self.windows: list[int | None] = [
+            (window if (layer_types is None or layer_types[i] == "sliding_attention") else None)
+            for i in range(handle.n_layers)
+        ]
+        if getattr(config, "use_sliding_window", True) is False:
+            self.windows = [None] * handle.n_layers
+        self._masks: dict[tuple[int, int, int | None], torch.Tensor] = {}
+
+    def mask(self, start: int, length: int, window: int | None) -> torch.Tensor:
+        """Additive mask ``[1, 1, length - start, length]``: queries ``start..``, keys ``0..``."""
+        key = (start, length, window)
+        if key not in self._masks:
+            q = torch.arange(start, length, device=self.handle.device)[:, None]
+            k = torch.arange(length, device=self.handle.device)[None, :]
+            allowed = k <= q
+            if window is not None:
+                allowed &= k > q - window
+            blocked = torch.finfo(self.handle.dtype).min
+            self._masks[key] = torch.where(allowed, 0.0, blocked).to(self.handle.dtype)[None, None]
+        return self._masks[key]
+
+    def run(
+        self, hidden: torch.Tensor, start_layer: int, start_pos: int, cache: PrefixCache
+    ) -> torch.Tensor:
+        """Layers ``start_layer..L-1`` on ``hidden`` = ``[rows, T - start_pos, d]``; returns the output.
+
+        ``cache.prefix`` must hold the clean keys/values of positions ``< start_pos`` for every
+        layer run. Hooks registered on the layers' modules fire as in a normal forward.
+        """
+        length = start_pos + hidden.shape[1]
+        position_ids = torch.arange(start_pos, length, device=hidden.device)[None]
+        position_embeddings = self.rotary(hidden, position_ids=position_ids)
+        for index in range(start_layer, len(self.layers)):
+            hidden = self.layers[index](
+                hidden,
+                attention_mask=self.mask(start_pos, length, self.windows[index]),
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                use_cache=True,
+                **{self.call.cache_kwarg: cache},
+            )
+        return hidden

@@ -1,0 +1,190 @@
+"""The small, exact building blocks, written with nnsight: read activations, patch one cell.
+
+These are the operations a reader can follow line by line (and run on NDIF with a remote
+handle); the sweep engine (``seqpatch.interventions.sweep``) computes the same patches in bulk.
+
+- ``get_activations(handle, prompts, sites)`` — site tensors stacked ``[layers, positions, d]``
+  per prompt; a batch of prompts adds a leading batch axis. Positions are unpadded indices
+  (0 = first real token), also in left-padded batches.
+- ``patch_and_run(handle, src, tgt, layer, token_idx, site)`` — the target run with the site
+  tensor of one (layer, position) replaced by the source's, scored as the original roadmap's
+  Δ = P(target answer | patched) − P(target answer | clean target), probabilities over the full
+  vocabulary at the last position, on the answer's first token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from seqpatch.interventions.sites import (
+    SITE_ORDER,
+    SWEEP_SITES,
+    InterventionError,
+    check_sites,
+    resolve_indices,
+)
+from seqpatch.models import SITES
+
+if TYPE_CHECKING:
+    from seqpatch.models import ModelHandle, Site
+
+DIGITS: tuple[int, ...] = tuple(range(10))
+
+
+def _encode(handle: ModelHandle, prompts: str | Sequence[str] | torch.Tensor) -> dict[str, Any]:
+    """Model inputs for a trace: left-padded text, or unpadded ids ``[B, T]`` as given."""
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts[None] if prompts.ndim == 1 else prompts
+        return {"input_ids": ids.long().to(handle.device)}
+    return dict(handle.encode(prompts))
+
+
+def get_activations(
+    handle: ModelHandle,
+    prompts: str | Sequence[str] | torch.Tensor,
+    sites: Site | Iterable[Site],
+    positions: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Site tensors of ``prompts``: ``{site: [layers, positions, d_model]}`` per prompt.
+
+    ``prompts`` is one string (no batch axis in the result), a list of strings (a left-padded
+    batch: ``[batch, layers, positions, d_model]``) or token ids ``[B, T]`` without padding.
+    ``positions`` are unpadded indices, negative ones counting from each prompt's end; by default
+    all positions, and prompts shorter than the longest have NaN beyond their end. ``head`` gives
+    ``[..., n_heads, d_head]`` in place of ``d_model``. Values are in the model's dtype.
+    """
+    single = isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and prompts.ndim == 1)
+    sites = check_sites([sites] if isinstance(sites, str) else sites, SITES)
+    layer_idx = resolve_indices(layers, handle.n_layers, "layer")
+    batch = _encode(handle, prompts)
+    mask = batch.get("attention_mask")
+    ids = batch["input_ids"]
+    lengths = mask.sum(-1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
+    padded_len = ids.shape[1]
+    saved: dict[tuple[Site, int], Any] = {}
+    order = sorted(sites, key=SITE_ORDER.index)
+    with torch.no_grad(), handle.trace(**batch):
+        for layer in sorted(set(layer_idx)):
+            for site in order:
+                saved[(site, layer)] = handle.read(site, layer).save()
+    n_pos = int(lengths.max()) if positions is None else len(positions)
+    result = {}
+    for site in sites:
+        stacked = torch.stack([saved[(site, layer)] for layer in layer_idx], dim=1)
+        out = stacked.new_full((*stacked.shape[:2], n_pos, *stacked.shape[3:]), float("nan"))
+        for row, length in enumerate(lengths.tolist()):
+            wanted = list(range(length)) if positions is None else list(positions)
+            for col, pos in enumerate(wanted):
+                if -length <= pos < length:
+                    out[row, :, col] = stacked[row, :, padded_len - length + pos % length]
+        result[site] = out[0] if single else out
+    return result
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """One patched cell, scored on the answer candidates and on the full vocabulary.
+
+    ``*_logits`` are the candidates' next-token logits at the last position (order of
+    ``candidates``); ``p_*`` are full-vocabulary probabilities of the target's answer token.
+    """
+
+    site: str
+    layer: int
+    token_idx: int
+    candidates: tuple[int, ...]
+    candidate_ids: tuple[int, ...]
+    answer_src: int
+    answer_tgt: int
+    patched_logits: torch.Tensor  # [n_candidates] float32
+    baseline_logits: torch.Tensor  # [n_candidates] the clean target
+    source_logits: torch.Tensor  # [n_candidates] the clean source
+    p_tgt_patched: float
+    p_tgt_baseline: float
+
+    @property
+    def delta(self) -> float:
+        """P(target answer | patched) − P(target answer | clean target): < 0 when the patch hurts."""
+        return self.p_tgt_patched - self.p_tgt_baseline
+
+
+def first_token_ids(handle: ModelHandle, values: Sequence[int], prompt: str) -> list[int]:
+    """The first answer token of each value after ``prompt``; distinct, or an error saying why."""
+    ids = [pieces[0] for pieces in handle.answer_token_ids(values, prompt=prompt)]
+    if len(set(ids)) != len(ids):
+        raise InterventionError(
+            f"answers {list(values)} do not all start with different tokens ({ids}); they cannot "
+            "be told apart on the first token: choose candidates whose first tokens differ"
+        )
+    return ids
+
+
+def patch_and_run(
+    handle: ModelHandle,
+    prompt_src: str,
+    prompt_tgt: str,
+    layer: int,
+    token_idx: int,
+    site: Site = "resid_pre",
+    answers: tuple[int, int] | None = None,
+    candidates: Sequence[int] = DIGITS,
+) -> PatchResult:
+    """Run ``prompt_tgt`` with ``site`` at (``layer``, ``token_idx``) taken from ``prompt_src``.
+
+    ``answers`` = (source answer, target answer) values; by default the clean runs' top
+    candidates. ``token_idx`` may be negative (from the end). Both prompts must tokenize to the
+    same length, so that a position means the same token slot in both.
+    """
+    check_sites([site], SWEEP_SITES)
+    src, tgt = _encode(handle, prompt_src), _encode(handle, prompt_tgt)
+    length = tgt["input_ids"].shape[1]
+    if src["input_ids"].shape != tgt["input_ids"].shape:
+        raise InterventionError(
+            f"source and target prompts tokenize to {src['input_ids'].shape[1]} and {length} "
+            "tokens; patching a position needs equal lengths"
+        )
+    (layer,) = resolve_indices([layer], handle.n_layers, "layer")
+    (token_idx,) = resolve_indices([token_idx], length, "token_idx")
+    cand_ids = first_token_ids(handle, candidates, prompt_tgt)
+    unembed = handle.envoy(handle.adapter.unembed)
+    with torch.no_grad():
+        with handle.trace(**src):
+            donor = handle.read(site, layer)[:, token_idx].save()
+            src_logits = unembed.output[:, -1].save()
+        with handle.trace(**tgt):
+            clean_logits = unembed.output[:, -1].save()
+        with handle.trace(**tgt):
+            handle.read(site, layer)[:, token_idx] = donor
+            patched = unembed.output[:, -1].save()
+    source_c, baseline_c, patched_c = (
+        x[0, cand_ids].float().cpu() for x in (src_logits, clean_logits, patched)
+    )
+    if answers is None:
+        answers = (
+            candidates[int(source_c.argmax())],
+            candidates[int(baseline_c.argmax())],
+        )
+    answer_src, answer_tgt = answers
+    if answer_tgt not in candidates or answer_src not in candidates:
+        raise InterventionError(f"answers {answers} must be among the candidates {candidates}")
+    tgt_token = cand_ids[list(candidates).index(answer_tgt)]
+    p_patched, p_clean = (float(x[0].float().softmax(-1)[tgt_token]) for x in (patched, clean_logits))
+    return PatchResult(
+        site=site,
+        layer=layer,
+        token_idx=token_idx,
+        candidates=tuple(candidates),
+        candidate_ids=tuple(cand_ids),
+        answer_src=answer_src,
+        answer_tgt=answer_tgt,
+        patched_logits=patched_c,
+        baseline_logits=baseline_c,
+        source_logits=source_c,
+        p_tgt_patched=p_patched,
+        p_tgt_baseline=p_clean,
+    )

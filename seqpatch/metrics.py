@@ -1,0 +1,131 @@
+"""Patching metrics, computed from the logits of the answer candidates.
+
+Conventions — the same as the sweep engine (``seqpatch.interventions.sweep``):
+
+- **Source** (program A, answer A) is the run whose activations are copied in; **target**
+  (program B, answer B) is the run being patched and scored. The original roadmap called the
+  source "clean" and the target "corrupted"; here both are clean runs of two programs.
+- Every array ends with the candidate axis ``[..., n_candidates]``: next-token logits at the
+  target's last position, e.g. the ten digits. Sweep results are
+  ``[n_pairs, layers, positions, n_candidates]``; baselines (unpatched runs) are
+  ``[n_pairs, n_candidates]``.
+- ``answer_a`` / ``answer_b`` are *indices into the candidate axis* (not token ids). An int
+  applies to every cell; an array applies per leading index: its shape is a prefix of the logits'
+  leading shape (one per pair, say), broadcast over the remaining axes (layers, positions).
+  Baselines broadcast the same way: their leading shape is a prefix of the patched one's.
+
+Metrics (all float32, numpy in → numpy out, torch in → torch out):
+
+- ``prob_delta`` = P(B | patched) − P(B | target baseline). Negative where the patch destroys the
+  target's answer (the original roadmap's Δ). Probabilities are a softmax **over the candidates
+  only**, because the candidate logits are what the sweep stores: a new metric is a view, not a
+  rerun. The full-vocabulary probability (what ``patch_and_run`` reports) is larger in magnitude
+  whenever mass sits outside the candidates; over a trained model's digits they nearly agree.
+- ``logit_diff`` = logit(A) − logit(B): positive when the model prefers the source's answer.
+  Softmax-invariant, so it reads the same over candidates and over the full vocabulary.
+- ``normalised`` = (LD_patched − LD_target) / (LD_source − LD_target), with LD the logit
+  difference in the patched run, the target baseline and the source baseline: 0 = no effect,
+  1 = the target now prefers A exactly as much as the source does. NaN where the two baselines
+  agree (LD_source == LD_target: nothing to normalise by).
+
+Multi-token answers are scored on their first token (``interventions.first_token_ids``), which
+is where two different one-digit answers differ.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+
+def _float(x: Any) -> np.ndarray | torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.dtype != torch.float64 else x
+    x = np.asarray(x)
+    return x if x.dtype == np.float64 else x.astype(np.float32)
+
+
+def _expand(index: Any, leading: tuple[int, ...], like: Any) -> Any:
+    """An answer index (int or per-prefix array) as ``[*leading, 1]`` for gathering."""
+    if isinstance(like, torch.Tensor):
+        idx = torch.as_tensor(index, dtype=torch.long, device=like.device)
+    else:
+        idx = np.asarray(index, dtype=np.int64)
+    if tuple(idx.shape) != tuple(leading[: idx.ndim]):
+        raise ValueError(
+            f"answer index of shape {tuple(idx.shape)} does not match the leading axes "
+            f"{tuple(leading)} of the logits: give an int, or one index per leading entry "
+            "(e.g. per pair)"
+        )
+    idx = idx.reshape(*idx.shape, *([1] * (len(leading) - idx.ndim + 1)))
+    if isinstance(idx, torch.Tensor):
+        return idx.expand(*leading, 1)
+    return np.broadcast_to(idx, (*leading, 1))
+
+
+def _pick(logits: Any, index: Any) -> Any:
+    """``logits[..., index]`` with ``index`` an int or per-prefix array; shape ``logits[..., 0]``."""
+    idx = _expand(index, tuple(logits.shape[:-1]), logits)
+    if isinstance(logits, torch.Tensor):
+        return logits.gather(-1, idx)[..., 0]
+    return np.take_along_axis(logits, idx, axis=-1)[..., 0]
+
+
+def _align(baseline: Any, patched_ndim: int) -> Any:
+    """A baseline ``[*prefix, C]`` reshaped to broadcast against ``[*prefix, *rest, C]``."""
+    extra = patched_ndim - baseline.ndim
+    if extra < 0:
+        raise ValueError("a baseline cannot have more axes than the patched logits")
+    shape = (*baseline.shape[:-1], *([1] * extra), baseline.shape[-1])
+    return baseline.reshape(shape)
+
+
+def candidate_probs(logits: Array) -> Array:
+    """Softmax over the candidate axis (the last one), in float32."""
+    logits = _float(logits)
+    if isinstance(logits, torch.Tensor):
+        return logits.softmax(-1)
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    return shifted / shifted.sum(-1, keepdims=True)
+
+
+def prob_delta(patched: Array, target_baseline: Array, answer_b: Any) -> Array:
+    """P(answer B | patched) − P(answer B | target baseline), softmax over the candidates."""
+    patched, baseline = _float(patched), _float(target_baseline)
+    baseline = _align(baseline, patched.ndim)
+    p_patched = _pick(candidate_probs(patched), answer_b)
+    p_base = _pick(candidate_probs(baseline), answer_b)
+    return p_patched - p_base
+
+
+def logit_diff(logits: Array, answer_a: Any, answer_b: Any) -> Array:
+    """logit(A) − logit(B): > 0 where the source's answer is preferred."""
+    logits = _float(logits)
+    return _pick(logits, answer_a) - _pick(logits, answer_b)
+
+
+def normalised(
+    patched: Array,
+    target_baseline: Array,
+    source_baseline: Array,
+    answer_a: Any,
+    answer_b: Any,
+) -> Array:
+    """(LD_patched − LD_target) / (LD_source − LD_target): 0 no effect, 1 full switch to A."""
+    patched = _float(patched)
+    ld_patched = logit_diff(patched, answer_a, answer_b)
+    ld_base = []
+    for baseline in (target_baseline, source_baseline):
+        ld_base.append(logit_diff(_align(_float(baseline), patched.ndim), answer_a, answer_b))
+    ld_target, ld_source = ld_base
+    span = ld_source - ld_target
+    if isinstance(span, torch.Tensor):
+        span = torch.where(span == 0, torch.nan, span)
+    else:
+        span = np.where(span == 0, np.nan, span)
+    return (ld_patched - ld_target) / span
+

@@ -1,0 +1,124 @@
+"""The organism's model card, rendered from the metrics ``train_organism`` records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def reproduce_command(config: dict[str, Any]) -> str:
+    """The command line that retrains an organism with ``config`` (non-default options only)."""
+    from seqpatch.organism.train import OrganismTrainConfig
+
+    defaults = OrganismTrainConfig()
+    options = [
+        f"--{name.replace('_', '-')} {value}"
+        for name, value in config.items()
+        if getattr(defaults, name, None) != value
+    ]
+    return " ".join(["seqpatch organism train --out DIR", *options])
+
+
+def _accuracy_table(metrics: dict[str, Any]) -> str:
+    lo, hi = metrics["trained_lengths"]
+    n = metrics["eval_n_per_length"]
+    rows = ["| statements | trained on | exact match | correct / n |", "|---:|:---:|---:|---:|"]
+    for length, acc in sorted(metrics["accuracy_by_length"].items(), key=lambda kv: int(kv[0])):
+        trained = "yes" if lo <= int(length) <= hi else "no"
+        rows.append(f"| {length} | {trained} | {100 * acc:.1f}% | {round(acc * n)} / {n} |")
+    return "\n".join(rows)
+
+
+def render_card(metrics: dict[str, Any]) -> str:
+    cfg = metrics["config"]
+    family = metrics["family"]
+    params = ", ".join(f"{k}={v!r}" for k, v in family["params"].items())
+    lo, hi = metrics["trained_lengths"]
+    trained_accs = [
+        acc for length, acc in metrics["accuracy_by_length"].items() if lo <= int(length) <= hi
+    ]
+    losses = metrics["loss_curve"]
+    loss_line = (
+        f"first logged window {losses[0]['loss']:.4f}, last {losses[-1]['loss']:.4f}"
+        if losses
+        else "not logged"
+    )
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [seqpatch, interpretability, activation-patching, toy-model]
+---
+
+# seqpatch organism
+
+The built-in model of [seqpatch](https://github.com/): a small Llama-architecture model trained
+from scratch, by seqpatch itself, to read a variable-binding program and predict the value of the
+queried variable. It is small enough to run the whole seqpatch pipeline (benchmark, counterfactual
+pairs, activation patching) on a laptop CPU in minutes, and it is trained on nothing else, so the
+mechanism patching finds is the one for this task.
+
+## Task and prompt format
+
+Family `{family["name"]}` with parameters `{params}` (seqpatch `seqpatch.programs`); the
+exact instance is `seqpatch.organism.organism_family()`. The prompt is the program's `compact`
+rendering with `<bos>` prepended by the tokenizer; the answer is the next token:
+
+```
+<bos>a=5;b=a;c=7;a=c;#b:   ->   5
+```
+
+Statements assign a digit or copy another variable; the query's reference chain is 1 to
+{family["params"].get("max_depth")} statements deep, and other assignments act as distractors.
+
+## Architecture
+
+`LlamaForCausalLM`: {cfg["n_layers"]} layers, d_model {cfg["d_model"]}, {cfg["n_heads"]} attention
+heads ({cfg["n_kv_heads"]} key/value heads), MLP width {cfg["d_ff"]}, RoPE, RMSNorm, untied
+embeddings, float32; **{metrics["n_params"]:,} parameters**.
+
+Tokenizer: character level (`PreTrainedTokenizerFast`, a `tokenizers` WordLevel model): one token
+per letter, digit and punctuation mark, plus `<pad> <bos> <eos> <unk>`. Load it with
+`PreTrainedTokenizerFast.from_pretrained(folder)`.
+
+## Training
+
+- Loss: cross-entropy of the answer token only. No other position is supervised, so the model is
+  never shown an intermediate value.
+- Data: fresh programs every step from `random.Random(derive_seed("organism-train", seed, step))`;
+  lengths {lo}..{hi} statements, a curriculum over the first {cfg["curriculum_frac"]:.0%} of the steps
+  that raises the longest length from {lo} to {hi}; every batch mixes all lengths up to the current
+  one, each weighted by its length.
+- Optimiser: AdamW (betas 0.9/0.98, weight decay {cfg["weight_decay"]} on matrices), peak lr
+  {cfg["lr"]}, {cfg["warmup_steps"]} warmup steps then cosine decay to {cfg["min_lr_ratio"]} x
+  peak, gradient clipping {cfg["grad_clip"]}, batch {cfg["batch_size"]}, {cfg["steps"]} steps,
+  seed {cfg["seed"]}.
+- Time: {metrics["train_wall_s"] / 60:.1f} min wall, {metrics["train_cpu_s"] / 60:.1f} min CPU on
+  {metrics["threads"]} CPU threads (torch {metrics["torch_version"]}).
+- Loss (mean per logged window): {loss_line}.
+
+Full config, loss curve and the evaluations during training: `training.json`.
+
+## Accuracy
+
+Exact match of the greedy answer token on {metrics["eval_n_per_length"]} held-out programs per
+length (RNG streams tagged `organism-eval`, never used in training), up to twice the longest
+trained length. Lowest accuracy at a trained length: **{100 * min(trained_accs):.1f}%**.
+
+{_accuracy_table(metrics)}
+
+## Reproduce
+
+```
+{reproduce_command(cfg)}
+# equivalently: python scripts/train_organism.py with the same options
+```
+
+Same seed, same machine and thread count give bit-identical weights; other CPUs or torch
+versions may differ in the last float bits and therefore in the weights, not in the recipe.
+
+## Caveats
+
+- Held-out means drawn from unused RNG streams, not guaranteed unseen: short programs (one
+  statement has only 30 variants) certainly also occur in training.
+- Lengths above {hi} statements were never trained; accuracy there measures length generalisation.
+- A toy model for interpretability experiments, not a general language model.
+"""

@@ -1,0 +1,446 @@
+"""Train the organism: a small Llama that reads a ``compact`` program and predicts its answer.
+
+The task is next-token prediction of the answer digit: the model reads ``<bos>a=5;b=a;#b:`` and
+must put its top logit on ``5``. The loss is the cross-entropy of that one answer token; no other
+position is supervised, so the model is never shown an intermediate value and has to work out
+the whole chain itself (which is what activation patching then looks for).
+
+Training is deterministic on one machine: the weights are initialised under
+``torch.manual_seed(seed)``, batch ``i`` is sampled from ``random.Random(derive_seed(..., i))``
+in this process, and the thread count is fixed. Held-out evaluation draws programs from seeds
+derived with another tag (``"organism-eval"``), so evaluation programs come from RNG streams that
+training never uses (short programs can still coincide by chance: there are only 30 programs of
+one statement).
+
+Lengths follow a curriculum. The longest sampled length starts at ``min_len + 1`` and grows by
+one whenever the model reaches ``curriculum_gate`` accuracy at it (checked every
+``curriculum_check_every`` steps on programs from a third RNG stream, ``"organism-gate"``, so the
+reported held-out accuracy never steers training), and at the latest on a linear schedule that
+reaches ``max_len`` after ``curriculum_frac`` of the steps. Every batch mixes all lengths up to
+the current one, each weighted by its length, so short lengths are never forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from seqpatch.errors import SeqpatchError
+from seqpatch.programs import (
+    BindingFamily,
+    Family,
+    ModularFamily,
+    Program,
+    derive_seed,
+    make_sequence,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+TRAINING_JSON = "training.json"
+MODEL_CARD = "README.md"
+SUPPORTED_FAMILIES = ("binding", "modular")
+
+
+class OrganismTrainError(SeqpatchError, ValueError):
+    """An organism training config that cannot work; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class OrganismTrainConfig:
+    """Everything that determines the trained weights (with the machine's float arithmetic)."""
+
+    # --- task ---
+    family: str = "binding"  # one-digit answers; "modular" also works, "arithmetic" does not
+    variables: str = "abc"  # three names: copies between variables and distractor chains
+    max_operand: int = 9  # constants 0..9, so every answer is one token
+    copy_prob: float = 0.7  # stock BindingFamily: long reference chains are common
+    max_depth: int = 4  # stock BindingFamily: the query's chain has 1..4 statements
+    update_prob: float = 0.3  # modular family only (stock ModularFamily value)
+    min_len: int = 1
+    max_len: int = 8
+    curriculum_frac: float = 0.5  # deadline: max_len is reached by then even without the gate
+    curriculum_gate: float = 0.95  # accuracy at the current longest length that unlocks the next
+    curriculum_check_every: int = 50
+    curriculum_check_n: int = 128
+    # --- model (Llama) ---
+    n_layers: int = 6  # one attention hop per reference in a depth-4 chain, plus slack
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 4  # plain multi-head attention: per-head patching sees whole heads
+    d_ff: int = 256  # 2 x d_model: the MLP is most of the compute, the task needs little of it
+    max_positions: int = 512  # RoPE has no position parameters; this only caps prompt length
+    # --- optimisation ---
+    steps: int = 3000
+    batch_size: int = 64  # one supervised token per program: more, noisier steps learn faster
+    lr: float = 1e-3
+    warmup_steps: int = 100  # avoids early Adam blow-ups with a fresh, small model
+    min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 2  # fixed: float reductions, hence weights, depend on the thread count
+    # --- monitoring ---
+    eval_every: int = 250
+    eval_n: int = 200  # per length, during training (the final evaluation uses final_eval_n)
+    final_eval_n: int = 1000
+    loss_log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.family not in SUPPORTED_FAMILIES:
+            raise OrganismTrainError(
+                f"family {self.family!r} cannot train the organism: its answers must be one "
+                f"digit; use one of {SUPPORTED_FAMILIES}"
+            )
+        if not 1 <= self.min_len <= self.max_len:
+            raise OrganismTrainError(
+                f"need 1 <= min_len <= max_len, got min_len={self.min_len}, max_len={self.max_len}"
+            )
+        if self.max_operand > 9:
+            raise OrganismTrainError("max_operand must be <= 9 so that answers are one token")
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise OrganismTrainError(
+                f"d_model ({self.d_model}) must divide by n_heads ({self.n_heads}) and n_heads "
+                f"by n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.steps < 1 or self.batch_size < 1:
+            raise OrganismTrainError("steps and batch_size must be >= 1")
+
+    def family_params(self) -> dict[str, Any]:
+        """The constructor arguments of the family instance (recorded in ``training.json``)."""
+        params: dict[str, Any] = {
+            "variables": self.variables,
+            "max_operand": self.max_operand,
+            "copy_prob": self.copy_prob,
+            "max_depth": self.max_depth,
+        }
+        if self.family == "modular":
+            params["update_prob"] = self.update_prob
+        return params
+
+    def make_family(self) -> Family:
+        return family_from_params(self.family, self.family_params())
+
+
+def family_from_params(name: str, params: dict[str, Any]) -> Family:
+    """The family instance ``name(**params)``; ``seqpatch.organism.organism_family`` uses it."""
+    classes: dict[str, type[Family]] = {"binding": BindingFamily, "modular": ModularFamily}
+    if name not in classes:
+        raise OrganismTrainError(f"unknown organism family {name!r}; use one of {sorted(classes)}")
+    return classes[name](**params)
+
+
+@dataclass
+class _History:
+    losses: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_model(cfg: OrganismTrainConfig, vocab_size: int) -> LlamaForCausalLM:
+    """A freshly initialised organism (initialised under ``torch.manual_seed(cfg.seed)``)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from seqpatch.organism.tokenizer import SPECIAL_TOKENS, VOCAB
+
+    ids = {
+        f"{k.removesuffix('_token')}_token_id": VOCAB.index(v) for k, v in SPECIAL_TOKENS.items()
+    }
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.d_model // cfg.n_heads,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=ids["pad_token_id"],
+        bos_token_id=ids["bos_token_id"],
+        eos_token_id=ids["eos_token_id"],
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(config)
+    return model.float()
+
+
+def deadline_length(cfg: OrganismTrainConfig, step: int) -> int:
+    """The curriculum's longest length at ``step`` if the accuracy gate never opens early."""
+    curriculum_steps = max(1, round(cfg.curriculum_frac * cfg.steps))
+    span = cfg.max_len - cfg.min_len + 1
+    return cfg.min_len + min(span - 1, step * span // curriculum_steps)
+
+
+def length_weights(cfg: OrganismTrainConfig, longest: int) -> dict[int, float]:
+    """Sampling weight of each length up to ``longest``: proportional to the length, since
+    longer programs are harder and need more examples."""
+    return {n: float(n) for n in range(cfg.min_len, longest + 1)}
+
+
+def training_batch(
+    cfg: OrganismTrainConfig, family: Family, step: int, longest: int
+) -> list[Program]:
+    """The programs of batch ``step``: a pure function of (config, step, longest length)."""
+    rng = random.Random(derive_seed("organism-train", cfg.seed, step))
+    weights = length_weights(cfg, longest)
+    lengths = rng.choices(list(weights), weights=list(weights.values()), k=cfg.batch_size)
+    return [make_sequence(family, n, rng) for n in lengths]
+
+
+def eval_programs(
+    family: Family, seq_len: int, n: int, seed: int, stream: str = "organism-eval"
+) -> list[Program]:
+    """Held-out programs: RNG streams tagged ``stream``, never used by training."""
+    return [
+        make_sequence(family, seq_len, random.Random(derive_seed(stream, seed, seq_len, i)))
+        for i in range(n)
+    ]
+
+
+def answer_token_ids(tokenizer: PreTrainedTokenizerFast, programs: Sequence[Program]) -> list[int]:
+    ids = []
+    for program in programs:
+        token_id = tokenizer.convert_tokens_to_ids(str(program.answer))
+        if token_id == tokenizer.unk_token_id:
+            raise OrganismTrainError(
+                f"answer {program.answer!r} of {program.render('compact')!r} is not one token"
+            )
+        ids.append(token_id)
+    return ids
+
+
+def _answer_loss(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, programs: Sequence[Program]
+) -> torch.Tensor:
+    """Summed cross-entropy of the answer token, reading each prompt right-padded.
+
+    Right padding needs no attention mask here: under causal attention the last prompt token
+    never sees the pads after it.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    encoded = tokenizer([p.render("compact") for p in programs])["input_ids"]
+    width = max(map(len, encoded))
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+    last = torch.tensor([len(ids) - 1 for ids in encoded])
+    hidden = model.model(input_ids=input_ids).last_hidden_state  # (B, T, d)
+    logits = model.lm_head(hidden[torch.arange(len(encoded)), last])  # (B, vocab)
+    targets = torch.tensor(answer_token_ids(tokenizer, programs))
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _lr_factor(cfg: OrganismTrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+def predict_answers(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: Sequence[str],
+    batch_size: int = 256,
+) -> list[str]:
+    """Greedy next token after each prompt, decoded (batched, left-padded with a mask)."""
+    import torch
+
+    predictions: list[str] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(
+                list(prompts[start : start + batch_size]), return_tensors="pt", padding=True
+            )
+            logits = model(**batch, logits_to_keep=1).logits[:, -1]  # (B, vocab)
+            predictions += tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+    model.train(was_training)
+    return predictions
+
+
+def evaluate_organism(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    family: str | Family,
+    lengths: Iterable[int],
+    n: int,
+    seed: int,
+    stream: str = "organism-eval",
+) -> dict[int, float]:
+    """Exact-match accuracy of the greedy answer token per length on ``n`` held-out programs
+    (drawn from RNG streams tagged ``stream``; training draws from ``"organism-train"``)."""
+    from seqpatch.programs import get_family
+
+    fam = get_family(family)
+    accuracy: dict[int, float] = {}
+    for seq_len in lengths:
+        programs = eval_programs(fam, seq_len, n, seed, stream)
+        predicted = predict_answers(model, tokenizer, [p.render("compact") for p in programs])
+        accuracy[seq_len] = sum(
+            pred == str(p.answer) for pred, p in zip(predicted, programs, strict=True)
+        ) / len(programs)
+    return accuracy
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]organism"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        disable=not enabled,
+    )
+
+
+def train_organism(
+    cfg: OrganismTrainConfig, out_dir: str | Path, progress: bool = True
+) -> dict[str, Any]:
+    """Train the organism from scratch and save it to ``out_dir``; returns the metrics.
+
+    ``out_dir`` receives ``config.json``, ``model.safetensors``, the tokenizer files,
+    ``training.json`` (config, family parameters, timings, per-length held-out accuracy up to
+    twice ``max_len``, loss curve) and a model card ``README.md`` rendered from it.
+    """
+    import torch
+
+    from seqpatch.organism.tokenizer import build_tokenizer
+
+    out = Path(out_dir)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        family = cfg.make_family()
+        tokenizer = build_tokenizer()
+        model = build_model(cfg, len(tokenizer))
+        model.train()
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+        no_decay = [
+            p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)
+        ]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(0.9, 0.98),
+        )
+        history = _History()
+        window_loss, window_n = 0.0, 0
+        longest = min(cfg.min_len + 1, cfg.max_len)
+        unlocked_at = {longest: 0}
+        status = ""
+        with _progress(progress) as bar:
+            task = bar.add_task("train", total=cfg.steps, status=status)
+            for step in range(cfg.steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * _lr_factor(cfg, step)
+                if deadline_length(cfg, step) > longest:
+                    longest = deadline_length(cfg, step)
+                    unlocked_at[longest] = step
+                elif longest < cfg.max_len and step and step % cfg.curriculum_check_every == 0:
+                    gate = evaluate_organism(
+                        model,
+                        tokenizer,
+                        family,
+                        [longest],
+                        cfg.curriculum_check_n,
+                        cfg.seed,
+                        stream="organism-gate",
+                    )
+                    if gate[longest] >= cfg.curriculum_gate:
+                        longest += 1
+                        unlocked_at[longest] = step
+                programs = training_batch(cfg, family, step, longest)
+                optimizer.zero_grad(set_to_none=True)
+                loss = _answer_loss(model, tokenizer, programs) / len(programs)
+                loss.backward()
+                step_loss = loss.item()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                window_loss, window_n = window_loss + step_loss, window_n + 1
+                if (step + 1) % cfg.loss_log_every == 0 or step + 1 == cfg.steps:
+                    history.losses.append(
+                        {
+                            "step": step + 1,
+                            "loss": window_loss / window_n,
+                            "lr": optimizer.param_groups[0]["lr"],
+                            "max_len": longest,
+                        }
+                    )
+                    window_loss, window_n = 0.0, 0
+                    status = f"loss {history.losses[-1]['loss']:.4f}"
+                if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                    lengths = sorted({longest, cfg.max_len})
+                    acc = evaluate_organism(model, tokenizer, family, lengths, cfg.eval_n, cfg.seed)
+                    history.evals.append({"step": step + 1, "accuracy": acc})
+                    shown = " ".join(f"L{k}={v:.3f}" for k, v in acc.items())
+                    status = f"loss {history.losses[-1]['loss']:.4f} acc {shown}"
+                    bar.console.print(f"step {step + 1}/{cfg.steps}: {status}")
+                bar.update(task, advance=1, status=status)
+        train_wall, train_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        final_lengths = range(1, 2 * cfg.max_len + 1)
+        accuracy = evaluate_organism(
+            model, tokenizer, family, final_lengths, cfg.final_eval_n, cfg.seed
+        )
+        model.eval()
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        metrics = {
+            "config": asdict(cfg),
+            "family": {"name": cfg.family, "params": cfg.family_params()},
+            "prompt_format": "compact rendering, <bos> prepended; the answer is the next token",
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "train_wall_s": round(train_wall, 1),
+            "train_cpu_s": round(train_cpu, 1),
+            "threads": cfg.threads,
+            "torch_version": torch.__version__,
+            "accuracy_by_length": {str(k): v for k, v in accuracy.items()},
+            "eval_n_per_length": cfg.final_eval_n,
+            "trained_lengths": [cfg.min_len, cfg.max_len],
+            "curriculum_unlocked_at_step": {str(k): v for k, v in unlocked_at.items()},
+            "loss_curve": history.losses,
+            "evals_during_training": [
+                {"step": e["step"], "accuracy": {str(k): v for k, v in e["accuracy"].items()}}
+                for e in history.evals
+            ],
+        }
+        (out / TRAINING_JSON).write_text(json.dumps(metrics, indent=2) + "\n")
+        (out / MODEL_CARD).write_text(render_model_card(metrics))
+        return metrics
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def render_model_card(metrics: dict[str, Any]) -> str:
+    """The model card (``README.md``) of a trained organism, from its ``training.json``."""
+    from seqpatch.organism.card import render_card
+
+    return render_card(metrics)

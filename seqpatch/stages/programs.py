@@ -1,0 +1,153 @@
+"""Stage ``programs``: the task rows every later stage starts from.
+
+One row per sampled program: ``n_per_len`` programs for each length in ``seq_lens``, all of one
+family. Row ``(seq_len, index)`` is drawn from its own RNG (``program_rng(seed, family, seq_len,
+index)``), so any row can be regenerated alone and adding lengths never changes existing rows.
+The dataset fingerprint is derived from the config and ``SCHEMA_VERSION``: the same config gives
+the same fingerprint on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from datasets import Features, List, Value
+
+from seqpatch.programs import ProgramError, get_family, make_sequence, program_rng
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+STAGE = "programs"
+SCHEMA_VERSION = 1
+MAX_SEED = 2**63 - 1  # stored as int64
+
+FEATURES = Features(
+    {
+        "program_id": Value("string"),
+        "family": Value("string"),
+        "seq_len": Value("int32"),
+        "index": Value("int32"),
+        "seed": Value("int64"),
+        "text": Value("string"),
+        "compact": Value("string"),
+        "statements": List(Value("string")),
+        "query": Value("string"),
+        "answer": Value("int64"),
+        "variables": List(Value("string")),
+        "intermediates": List(List(Value("int64"))),
+        "dependencies": List(Value("int32")),
+        "depth": Value("int32"),
+    }
+)
+"""``intermediates[i][j]``: value of ``variables[j]`` after statement ``i`` (null before its first
+assignment). ``dependencies``: indices of the statements the answer depends on (backward slice);
+``depth = len(dependencies)`` (the referential depth for ``binding``)."""
+
+
+@dataclass(frozen=True)
+class ProgramsConfig:
+    """Which programs to sample. ``seq_lens`` is normalised to a sorted tuple of distinct lengths."""
+
+    family: str
+    seq_lens: tuple[int, ...]
+    n_per_len: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_family(self.family)
+        lens = tuple(self.seq_lens)
+        if not lens:
+            raise ProgramError("seq_lens is empty; give at least one length, e.g. --seq-lens 1-10")
+        for n in lens:
+            if not _is_int(n) or n < 1:
+                raise ProgramError(f"every seq_len must be an integer >= 1, got {n!r}")
+        if len(set(lens)) != len(lens):
+            raise ProgramError(f"seq_lens has repeated lengths: {lens}")
+        if not _is_int(self.n_per_len) or self.n_per_len < 1:
+            raise ProgramError(f"n_per_len must be an integer >= 1, got {self.n_per_len!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ProgramError(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
+        object.__setattr__(self, "seq_lens", tuple(sorted(lens)))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+
+
+def parse_seq_lens(text: str) -> tuple[int, ...]:
+    """``"1-10"``, ``"3,5,8"`` or ``"1-4,8"`` → sorted distinct lengths."""
+    lens: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if part.isdigit():
+            lens.add(int(part))
+        elif (m := _RANGE.match(part)) is not None:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if lo > hi:
+                raise ProgramError(
+                    f"seq-lens range {part!r} is empty; write it low-high, e.g. 1-10"
+                )
+            lens.update(range(lo, hi + 1))
+        else:
+            raise ProgramError(
+                f"cannot read seq-lens {text!r} (bad part {part!r}); "
+                "use a range '1-10', a list '3,5,8' or both '1-4,8'"
+            )
+    if 0 in lens:
+        raise ProgramError(f"seq-lens {text!r} includes 0; every length must be >= 1")
+    return tuple(sorted(lens))
+
+
+def program_id(family: str, seq_len: int, index: int) -> str:
+    return f"{family}-L{seq_len}-{index:05d}"
+
+
+def fingerprint(cfg: ProgramsConfig) -> str:
+    """The dataset fingerprint of ``build(None, cfg)``: a function of config and schema only."""
+    key = f"{STAGE}|{SCHEMA_VERSION}|{cfg.family}|{cfg.seq_lens}|{cfg.n_per_len}|{cfg.seed}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _rows(batch: dict[str, list], cfg: ProgramsConfig) -> dict[str, list]:
+    out: dict[str, list] = {name: [] for name in FEATURES}
+    for seq_len, index in zip(batch["seq_len"], batch["index"], strict=True):
+        rng = program_rng(cfg.seed, cfg.family, seq_len, index)
+        row = make_sequence(cfg.family, seq_len, rng).to_row()
+        row.update(
+            program_id=program_id(cfg.family, seq_len, index),
+            index=index,
+            seed=cfg.seed,
+            depth=len(row["dependencies"]),
+        )
+        for name in FEATURES:
+            out[name].append(row[name])
+    return out
+
+
+def build(parent: Dataset | None, cfg: ProgramsConfig) -> Dataset:
+    """Sample the programs of ``cfg`` (``parent`` must be ``None``: this is the first stage)."""
+    from datasets import Dataset
+
+    if parent is not None:
+        raise ProgramError("the programs stage is the first stage and takes no parent")
+    keys = Dataset.from_dict(
+        {
+            "seq_len": [n for n in cfg.seq_lens for _ in range(cfg.n_per_len)],
+            "index": [i for _ in cfg.seq_lens for i in range(cfg.n_per_len)],
+        }
+    )
+    return keys.map(
+        _rows,
+        batched=True,
+        fn_kwargs={"cfg": cfg},
+        features=FEATURES,
+        new_fingerprint=fingerprint(cfg),
+        desc=f"sampling {cfg.family} programs",
+    )

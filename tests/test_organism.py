@@ -1,0 +1,170 @@
+"""The built-in organism: tokenizer, deterministic training, and the shipped weights."""
+
+from __future__ import annotations
+
+import random
+from functools import cache
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from seqpatch.organism import (
+    WEIGHTS_DIR,
+    OrganismTrainConfig,
+    OrganismTrainError,
+    build_tokenizer,
+    evaluate_organism,
+    organism_family,
+    train_organism,
+    training_record,
+)
+from seqpatch.organism.tokenizer import CHARACTERS
+from seqpatch.programs import FAMILIES, make_sequence
+
+TINY = OrganismTrainConfig(
+    n_layers=1,
+    d_model=16,
+    n_heads=2,
+    n_kv_heads=2,
+    d_ff=32,
+    max_len=3,
+    steps=12,
+    batch_size=8,
+    warmup_steps=2,
+    eval_every=0,
+    final_eval_n=4,
+    loss_log_every=4,
+)
+
+
+@pytest.fixture(scope="module")
+def saved_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerFast:
+    folder = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer().save_pretrained(folder)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("renderer", ["compact", "code"])
+def test_tokenizer_round_trips_every_family(
+    saved_tokenizer: PreTrainedTokenizerFast, family: str, renderer: str
+) -> None:
+    for i in range(30):
+        text = make_sequence(family, 1 + i % 10, random.Random(i)).render(renderer)
+        ids = saved_tokenizer(text)["input_ids"]
+        assert ids[0] == saved_tokenizer.bos_token_id
+        assert len(ids) == len(text) + 1, "one token per character, plus <bos>"
+        assert saved_tokenizer.unk_token_id not in ids
+        assert saved_tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+@cache
+def _fresh_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(alphabet="".join(CHARACTERS), max_size=40))
+def test_tokenizer_round_trips_any_known_text(text: str) -> None:
+    tokenizer = _fresh_tokenizer()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)
+    assert tokenizer.decode(ids) == text
+
+
+def test_every_answer_digit_is_one_token(saved_tokenizer: PreTrainedTokenizerFast) -> None:
+    ids = [saved_tokenizer(str(d), add_special_tokens=False)["input_ids"] for d in range(10)]
+    assert all(len(i) == 1 for i in ids)
+    assert len({i[0] for i in ids}) == 10
+    assert saved_tokenizer.convert_ids_to_tokens([i[0] for i in ids]) == list("0123456789")
+
+
+def test_tokenizer_pads_left_and_marks_unknown_characters(
+    saved_tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    batch = saved_tokenizer(["a=1;#a:", "a=1;b=a;#b:"], padding=True)
+    assert batch["input_ids"][0][0] == saved_tokenizer.pad_token_id
+    assert batch["attention_mask"][0][:4] == [0, 0, 0, 0]
+    assert saved_tokenizer("A", add_special_tokens=False)["input_ids"] == [
+        saved_tokenizer.unk_token_id
+    ]
+
+
+def test_config_rejects_multi_token_answers() -> None:
+    with pytest.raises(OrganismTrainError, match="one digit"):
+        OrganismTrainConfig(family="arithmetic")
+    with pytest.raises(OrganismTrainError, match="min_len"):
+        OrganismTrainConfig(min_len=5, max_len=3)
+
+
+def test_training_is_deterministic_and_depends_on_the_seed(tmp_path) -> None:
+    runs = {}
+    for name, seed in [("first", 0), ("again", 0), ("other", 1)]:
+        metrics = train_organism(
+            OrganismTrainConfig(**{**vars(TINY), "seed": seed}), tmp_path / name, progress=False
+        )
+        runs[name] = load_file(tmp_path / name / "model.safetensors")
+        assert set(metrics["accuracy_by_length"]) == {str(n) for n in range(1, 7)}
+    assert runs["first"].keys() == runs["again"].keys()
+    assert all(torch.equal(runs["first"][k], runs["again"][k]) for k in runs["first"])
+    assert any(not torch.equal(runs["first"][k], runs["other"][k]) for k in runs["first"])
+    record = training_record(tmp_path / "first")
+    assert record["config"]["seed"] == 0
+    assert record["family"] == {"name": "binding", "params": TINY.family_params()}
+    assert len(record["loss_curve"]) == 3
+    assert "Accuracy" in (tmp_path / "first" / "README.md").read_text()
+
+
+def test_trained_folder_loads_with_plain_transformers(tmp_path) -> None:
+    train_organism(TINY, tmp_path, progress=False)
+    model = LlamaForCausalLM.from_pretrained(tmp_path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert tokenizer.decode(tokenizer("a=5;#a:")["input_ids"], skip_special_tokens=True) == (
+        "a=5;#a:"
+    )
+    logits = model(**tokenizer(["a=5;#a:"], return_tensors="pt")).logits
+    assert logits.shape == (1, 8, len(tokenizer))
+
+
+# --- the shipped organism -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    model = LlamaForCausalLM.from_pretrained(WEIGHTS_DIR)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(WEIGHTS_DIR)
+    return model.eval(), tokenizer
+
+
+def test_shipped_organism_was_trained_on_the_stock_binding_family() -> None:
+    assert organism_family() is FAMILIES["binding"]
+    record = training_record()
+    assert record["family"]["name"] == "binding"
+    assert record["trained_lengths"][1] >= 8
+
+
+@pytest.mark.parametrize("seq_len", [6, 8])
+def test_shipped_organism_solves_held_out_programs(shipped, seq_len: int) -> None:
+    model, tokenizer = shipped
+    family = organism_family()
+    accuracy = evaluate_organism(model, tokenizer, family, [seq_len], n=200, seed=12345)
+    assert accuracy[seq_len] >= 0.99
+
+
+def test_shipped_organism_fits_the_size_budget() -> None:
+    assert (WEIGHTS_DIR / "model.safetensors").stat().st_size < 20 * 2**20
+
+
+def test_model_card_states_accuracy_at_every_trained_length() -> None:
+    card = (WEIGHTS_DIR / "README.md").read_text()
+    record = training_record()
+    lo, hi = record["trained_lengths"]
+    assert "## Accuracy" in card
+    for length in range(lo, 2 * hi + 1):
+        acc = record["accuracy_by_length"][str(length)]
+        assert f"| {length} |" in card and f"{100 * acc:.1f}%" in card
+    assert all(record["accuracy_by_length"][str(n)] >= 0.99 for n in range(lo, hi + 1))

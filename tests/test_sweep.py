@@ -1,0 +1,218 @@
+"""The sweep engine equals a patch made by plain torch hooks, cell by cell, on many architectures.
+
+The reference below is written independently of the engine: it runs one source and one patched
+target per cell with ``register_forward_hook`` / ``register_forward_pre_hook`` on the modules the
+handle names for each site.
+"""
+
+import pytest
+import torch
+
+from seqpatch.interventions import (
+    SWEEP_SITES,
+    InterventionError,
+    SweepStats,
+    candidate_logits,
+    get_activations,
+    sweep,
+)
+from seqpatch.models import load_model
+from seqpatch.testing import TINY_ARCHITECTURES, save_tiny_model, tiny_config
+
+CACHED_ARCHS = [a for a in TINY_ARCHITECTURES if a != "gpt2"]
+CANDIDATES = list(range(20, 30))
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def handles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    return {arch: load_model(str(save_tiny_model(arch, root / arch))) for arch in TINY_ARCHITECTURES}
+
+
+def random_pairs(seed, n, length, diverge, vocab=300):
+    """Pairs that share tokens before ``diverge`` and differ (at random) from there on."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab, (n, length), generator=g)
+    tgt = src.clone()
+    tgt[:, diverge:] = torch.randint(4, vocab, (n, length - diverge), generator=g)
+    return src, tgt
+
+
+def _site_tensor(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def reference_patch(handle, src, tgt, site, layer, pos):
+    """Candidate logits ``[B, C]`` of targets ``[B, T]`` with (site, layer, pos) taken from the
+    sources, by plain hooks (one cell, a batch of pairs)."""
+    ref = handle.module(site, layer)
+    module, is_input = ref.module, ref.kind == "input"
+    donated = {}
+
+    def read_pre(_m, args):
+        donated["x"] = args[0][:, pos].clone()
+
+    def read_out(_m, _args, out):
+        donated["x"] = _site_tensor(out)[:, pos].clone()
+
+    def write_pre(_m, args):
+        x = args[0].clone()
+        x[:, pos] = donated["x"]
+        return (x, *args[1:])
+
+    def write_out(_m, _args, out):
+        x = _site_tensor(out).clone()
+        x[:, pos] = donated["x"]
+        return (x, *out[1:]) if isinstance(out, tuple) else x
+
+    for reader, writer in [(read_pre, write_pre)] if is_input else [(read_out, write_out)]:
+        register = module.register_forward_pre_hook if is_input else module.register_forward_hook
+        hook = register(reader)
+        with torch.no_grad():
+            handle.hf_model(input_ids=src)
+        hook.remove()
+        hook = register(writer)
+        with torch.no_grad():
+            logits = handle.hf_model(input_ids=tgt).logits[:, -1]
+        hook.remove()
+    return logits[:, CANDIDATES].float()
+
+
+def assert_matches_reference(handle, src, tgt, site, result, cells, layers=None, positions=None):
+    layers = list(range(handle.n_layers)) if layers is None else layers
+    positions = list(range(tgt.shape[1])) if positions is None else positions
+    for layer, pos in cells:
+        want = reference_patch(handle, src, tgt, site, layer, pos)
+        got = result[:, layers.index(layer), positions.index(pos)]
+        assert (got - want).abs().max().item() <= TOL, (site, layer, pos)
+
+
+@pytest.mark.parametrize(
+    ("arch", "method"),
+    [(a, "full") for a in TINY_ARCHITECTURES] + [(a, "cached") for a in CACHED_ARCHS],
+)
+def test_sweep_equals_hook_patches(handles, arch, method):
+    handle = handles[arch]
+    length = 20  # longer than gemma2's sliding window (16): local layers are exercised
+    src, tgt = random_pairs(seed=1, n=3, length=length, diverge=6)
+    last = handle.n_layers - 1
+    cells = [(0, 0), (0, length - 1), (last, 0), (last, length - 1), (last, 11)]
+    for site in SWEEP_SITES:
+        stats = []
+        result = sweep(handle, src, tgt, site, CANDIDATES, method=method, min_rows=4, stats=stats)
+        assert result.shape == (3, handle.n_layers, length, len(CANDIDATES))
+        assert result.dtype == torch.float32 and not result.isnan().any()
+        assert stats[0].method == method
+        assert_matches_reference(handle, src, tgt, site, result, cells)
+
+
+def test_sliding_window_attention_is_exact(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from seqpatch.testing import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer("bpe")
+    config = tiny_config("mistral", vocab_size=len(tok))
+    config.sliding_window = 5
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    handle = load_model(str(tmp_path))
+    src, tgt = random_pairs(seed=2, n=2, length=14, diverge=3)
+    result = sweep(handle, src, tgt, "resid_pre", CANDIDATES, method="cached", min_rows=1)
+    assert_matches_reference(handle, src, tgt, "resid_pre", result, [(0, 3), (1, 4), (0, 9)])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_patching_the_only_differing_token_reproduces_the_source(handles, arch):
+    handle = handles[arch]
+    length, k = 12, 5
+    src, tgt = random_pairs(seed=3, n=4, length=length, diverge=k)
+    tgt[:, k + 1 :] = src[:, k + 1 :]  # the pair differs at token k only
+    source_logits = candidate_logits(handle, src, CANDIDATES)
+    target_logits = candidate_logits(handle, tgt, CANDIDATES)
+    pre = sweep(handle, src, tgt, "resid_pre", CANDIDATES, layers=[0])
+    assert (pre[:, 0, k] - source_logits).abs().max() <= TOL
+    assert (pre[:, 0, :k] - target_logits[:, None]).abs().max() <= TOL
+    post = sweep(handle, src, tgt, "resid_post", CANDIDATES, layers=[-1], positions=[-1])
+    assert (post[:, 0, 0] - source_logits).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_grids_agree_across_methods_and_with_hooks(handles, seed):
+    """Random lengths per pair, random layer/position subsets (negative positions too)."""
+    g = torch.Generator().manual_seed(seed)
+    handle = handles["qwen2"]
+    lengths = torch.randint(4, 15, (5,), generator=g).tolist()
+    pairs = [random_pairs(seed * 10 + i, 1, n, int(torch.randint(0, n, (1,), generator=g))) for i, n in enumerate(lengths)]
+    src = [s[0] for s, _ in pairs]
+    tgt = [t[0] for _, t in pairs]
+    site = SWEEP_SITES[seed % len(SWEEP_SITES)]
+    layers = [1, 0] if seed % 2 else [-1]
+    positions = [0, -1, 2, 9]
+    kwargs = {"layers": layers, "positions": positions}
+    cached = sweep(handle, src, tgt, site, CANDIDATES, method="cached", min_rows=3, **kwargs)
+    full = sweep(handle, src, tgt, site, CANDIDATES, method="full", max_rows=7, **kwargs)
+    assert cached.shape == (5, len(layers), len(positions), len(CANDIDATES))
+    assert torch.equal(cached.isnan(), full.isnan())
+    assert (cached - full).nan_to_num().abs().max() <= TOL
+    for p, length in enumerate(lengths):
+        assert cached[p, :, 3].isnan().all() == (length <= 9)
+        for li, layer in enumerate(layers):
+            want = reference_patch(handle, src[p][None], tgt[p][None], site, layer % 2, -1)
+            assert (cached[p, li, 1] - want[0]).abs().max() <= TOL
+
+
+def test_cached_source_activations_give_the_same_grid(handles):
+    handle = handles["llama"]
+    src, tgt = random_pairs(seed=4, n=3, length=9, diverge=2)
+    layers, positions = [1, 0], [8, 2, 5]
+    acts = get_activations(handle, src, "mlp_out", positions=positions, layers=layers)["mlp_out"]
+    assert acts.shape == (3, 2, 3, handle.d_model)
+    given = sweep(handle, src, tgt, "mlp_out", CANDIDATES, layers, positions, acts)
+    computed = sweep(handle, src, tgt, "mlp_out", CANDIDATES, layers, positions)
+    assert (given - computed).abs().max() <= TOL
+    half = sweep(handle, src, tgt, "mlp_out", CANDIDATES, layers, positions, acts.half())
+    assert 0 < (half - computed).abs().max() < 1e-2  # float16 sources are used, after a cast
+    with pytest.raises(InterventionError, match="swept grid"):
+        sweep(handle, src, tgt, "mlp_out", CANDIDATES, [0], positions, acts)
+
+
+def test_cached_method_does_about_a_quarter_of_the_naive_work(handles):
+    handle = handles["llama"]
+    src, tgt = random_pairs(seed=5, n=8, length=16, diverge=0)
+    stats: list[SweepStats] = []
+    sweep(handle, src, tgt, "resid_pre", CANDIDATES, method="cached", min_rows=1, stats=stats)
+    sweep(handle, src, tgt, "resid_pre", CANDIDATES, method="full", stats=stats)
+    cached, full = stats
+    assert cached.cells == full.cells == 8 * 2 * 16
+    assert cached.skipped_cells == 0
+    # Exact floor: sum over l<L, t<T of (L - l)(T - t) / (L² T²) = (L+1)(T+1) / (4 L T)
+    assert cached.work_ratio == pytest.approx(3 * 17 / (4 * 2 * 16), rel=0.01)
+    assert full.work_ratio == pytest.approx(1.0)
+
+
+def test_identical_prefix_cells_are_skipped_and_still_exact(handles):
+    handle = handles["llama"]
+    src, tgt = random_pairs(seed=6, n=4, length=10, diverge=4)
+    stats: list[SweepStats] = []
+    fast = sweep(handle, src, tgt, "attn_out", CANDIDATES, stats=stats)
+    slow = sweep(handle, src, tgt, "attn_out", CANDIDATES, skip_identical=False, stats=stats)
+    assert stats[0].skipped_cells == 4 * 2 * 4 and stats[1].skipped_cells == 0
+    assert (fast - slow).abs().max() <= TOL
+
+
+def test_bad_requests_say_what_to_change(handles):
+    handle = handles["gpt2"]
+    src, tgt = random_pairs(seed=7, n=2, length=6, diverge=1)
+    with pytest.raises(InterventionError, match="site"):
+        sweep(handle, src, tgt, "head", CANDIDATES)
+    with pytest.raises(InterventionError, match="method='full'"):
+        sweep(handle, src, tgt, "resid_pre", CANDIDATES, method="cached")
+    with pytest.raises(InterventionError, match="equal token lengths"):
+        sweep(handle, [src[0]], [tgt[0, :5]], "resid_pre", CANDIDATES)
+    with pytest.raises(InterventionError, match="layer 5"):
+        sweep(handle, src, tgt, "resid_pre", CANDIDATES, layers=[5])
+    with pytest.raises(InterventionError, match="candidate_ids"):
+        sweep(handle, src, tgt, "resid_pre", [10**6])
