@@ -94,13 +94,26 @@ def timed(fn, *args, **kwargs):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", default=None, help="builtin, a folder or a Hub id (default: organism-sized random Llama)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="builtin, a folder or a Hub id (default: organism-sized random Llama)",
+    )
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--length", type=int, default=35, help="tokens per prompt")
     parser.add_argument("--site", default="resid_pre")
-    parser.add_argument("--naive-pairs", type=int, default=8, help="pairs timed in the naive loop (it is slow); cells/s extrapolate")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--naive-pairs",
+        type=int,
+        default=8,
+        help="pairs timed in the naive loop (it is slow); cells/s extrapolate",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--append", action="store_true", help=f"append the results to {DOCS}")
     args = parser.parse_args(argv)
@@ -119,17 +132,21 @@ def main(argv: list[str] | None = None) -> None:
         naive_n = min(args.naive_pairs, args.pairs)
         cells_per_pair = handle.n_layers * args.length
 
-        naive, t_naive = timed(naive_loop, handle, src[:naive_n], tgt[:naive_n], args.site, cand_ids)
+        naive, t_naive = timed(
+            naive_loop, handle, src[:naive_n], tgt[:naive_n], args.site, cand_ids
+        )
         rows = []
         reference = None
         for label, kwargs in [
-            ("engine, full forwards (generic path)", {"method": "full", "skip_identical": False}),
-            ("engine, compute floor", {"method": "cached", "skip_identical": False}),
-            ("engine, compute floor + skip identical cells", {"method": "cached"}),
+            ("engine, full forwards (generic path)", {"method": "full", "skip_noops": False}),
+            ("engine, compute floor", {"method": "cached", "skip_noops": False}),
+            ("engine, compute floor + skip no-op cells", {"method": "cached"}),
         ]:
             stats: list[SweepStats] = []
             sweep(handle, src[:2], tgt[:2], args.site, cand_ids, **kwargs)  # warm-up
-            grid, seconds = timed(sweep, handle, src, tgt, args.site, cand_ids, stats=stats, **kwargs)
+            grid, seconds = timed(
+                sweep, handle, src, tgt, args.site, cand_ids, stats=stats, **kwargs
+            )
             diff = (grid[:naive_n] - naive).abs().max().item()
             if reference is None:
                 reference = grid

@@ -115,10 +115,181 @@ def build_programs(
     _report(ref)
 
 
+@build_app.command(
+    "pairs",
+    epilog=examples(
+        "seqpatch build pairs --model builtin --seq-len 8 --divergence-index all --n-pairs 2000",
+        "seqpatch build pairs --model chosen --seq-len 6 --divergence-index 2 --n-pairs 500",
+        "seqpatch build pairs --model ./my-model --family binding --seq-len 5 --allow-equal-answers",
+    ),
+)
+def build_pairs(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="builtin, chosen (reads chosen_model.json), a local folder or a Hub id.",
+        ),
+    ] = "builtin",
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Statements per program.")] = 8,
+    divergence_index: Annotated[
+        str,
+        typer.Option(
+            "--divergence-index",
+            help="Statement changed between A and B: 'all' (balanced), '3' or '0,2,5'.",
+        ),
+    ] = "all",
+    n_pairs: Annotated[int, typer.Option("--n-pairs", help="Pairs to keep.")] = 2000,
+    family: Annotated[
+        str | None,
+        typer.Option(
+            "--family",
+            help="Program family \\[default: the organism's own for builtin, else binding].",
+            show_default=False,
+        ),
+    ] = None,
+    allow_equal_answers: Annotated[
+        bool,
+        typer.Option("--allow-equal-answers", help="Also keep pairs whose two answers are equal."),
+    ] = False,
+    seed: SeedOpt = 0,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Counterfactual pairs (A, B) differing in one statement, both answered correctly.
+
+    Token lengths of A and B are verified equal under the model's tokenizer; rejected
+    candidates are counted by reason and stored in the stage's provenance.
+    """
+    from seqpatch.stages.pairs import build_pairs as build_pairs_stage
+
+    ref = build_pairs_stage(
+        model, seq_len, divergence_index, n_pairs, seed, family, allow_equal_answers, data_dir
+    )
+    _report(ref)
+    extra = ref.provenance.get("extra", {})
+    if "rejections" in extra:
+        typer.echo(
+            f"candidates {extra['candidates']}, accepted {extra['accepted']}; rejections: "
+            + ", ".join(f"{k}={v}" for k, v in extra["rejections"].items())
+        )
+
+
 def _report(ref: Any) -> None:
     action = "reused" if ref.reused else "built"
     rows = ref.provenance.get("row_count")
     typer.echo(f"{action} {ref.stage} version {ref.version} ({rows} rows): {ref.path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark, choose, plot accuracy (seqpatch.stages.benchmark, seqpatch.choose)
+
+BenchmarkVersionOpt = Annotated[
+    str, typer.Option("--benchmark", help="Stored benchmark version (or a prefix), or 'latest'.")
+]
+
+
+@build_app.command(
+    "benchmark",
+    epilog=examples(
+        "seqpatch build benchmark --models builtin",
+        "seqpatch build benchmark --models builtin,Qwen/Qwen2.5-0.5B --batch-size 32",
+        "seqpatch build benchmark --models ./my-model:compact --programs 3f2a --data-dir /tmp/sp",
+    ),
+)
+def build_benchmark(
+    models: Annotated[
+        str,
+        typer.Option(
+            "--models",
+            help="Comma-separated: builtin, local folders, Hub ids; add :compact, :code or "
+            ":code-chat to choose a model's prompt format.",
+        ),
+    ] = "builtin",
+    programs: Annotated[
+        str, typer.Option("--programs", help="Programs version (or a prefix), or 'latest'.")
+    ] = "latest",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per forward.")] = 64,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Longest greedy continuation, in tokens.")
+    ] = 8,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Run each model on each program: greedy answer, answer log-prob and rank.
+
+    Writes results_summary.csv and accuracy.html/.png into the version folder. Resumes model by
+    model after an interruption.
+    """
+    from seqpatch.stages.benchmark import (
+        BenchmarkConfig,
+        parse_models,
+        write_accuracy_chart,
+        write_summary,
+    )
+    from seqpatch.stages.benchmark import build_benchmark as build
+
+    cfg = BenchmarkConfig(parse_models(models), batch_size, max_new_tokens)
+    ref = build(cfg, programs=programs, data_dir=data_dir)
+    _report(ref)
+    typer.echo(f"summary: {write_summary(ref)}")
+    for path in write_accuracy_chart(ref):
+        typer.echo(f"chart: {path}")
+
+
+@app.command(
+    "choose",
+    epilog=examples(
+        "seqpatch choose --min-accuracy 0.8 --min-seq-len 6",
+        "seqpatch choose --min-accuracy 0.9 --min-seq-len 4 --benchmark 3f2a --data-dir /tmp/sp",
+    ),
+)
+def choose(
+    min_accuracy: Annotated[
+        float, typer.Option("--min-accuracy", help="Accuracy the model must reach (0-1).")
+    ] = 0.8,
+    min_seq_len: Annotated[
+        int, typer.Option("--min-seq-len", help="Shortest program length that counts.")
+    ] = 6,
+    benchmark: BenchmarkVersionOpt = "latest",
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Pick the smallest model reaching the accuracy, and its longest such length.
+
+    Writes <data_dir>/chosen_model.json.
+    """
+    from seqpatch.choose import choose as choose_from_store
+
+    choice, path = choose_from_store(min_accuracy, min_seq_len, benchmark, data_dir)
+    typer.echo(
+        f"chose {choice.model_spec} ({choice.n_params:,} parameters) at seq_len "
+        f"{choice.seq_len}: accuracy {choice.accuracy:.3f} "
+        f"[{choice.ci_low:.3f}, {choice.ci_high:.3f}], n={choice.n}: {path}"
+    )
+
+
+@plot_app.command(
+    "accuracy",
+    epilog=examples(
+        "seqpatch plot accuracy",
+        "seqpatch plot accuracy --benchmark 3f2a --out ./figures",
+    ),
+)
+def plot_accuracy(
+    benchmark: BenchmarkVersionOpt = "latest",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Folder for accuracy.html/.png \\[default: the version folder]."
+        ),
+    ] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Redraw accuracy by program length (Wilson 95% intervals) from a stored benchmark."""
+    from seqpatch.stages.benchmark import STAGE, write_accuracy_chart
+    from seqpatch.store import Store
+
+    ref = Store(data_dir).resolve(STAGE, benchmark)
+    for path in write_accuracy_chart(ref, out):
+        typer.echo(f"chart: {path}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -128,4 +128,3 @@ def normalised(
     else:
         span = np.where(span == 0, np.nan, span)
     return (ld_patched - ld_target) / span
-

@@ -26,9 +26,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,6 +51,7 @@ PARTIAL_SUFFIX = ".partial"
 SHARD_MANIFEST = "manifest.json"
 SHARD_EXTRA = "extra.json"
 LATEST = "latest"
+_STAGE_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
 class StoreError(SeqpatchError):
@@ -127,16 +129,15 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 
 def parent_record(parent: Parent | None) -> dict[str, Any] | None:
-    """The parent's identity as stored in provenance: stage, version, fingerprint (and source)."""
+    """The parent's identity as stored in provenance: stage, version, fingerprint (and source).
+
+    No path: the parent of a stored stage is ``<data_dir>/<stage>/<version>``, and provenance
+    must not depend on where the data dir is.
+    """
     if parent is None:
         return None
     if isinstance(parent, StageRef):
-        return {
-            "stage": parent.stage,
-            "version": parent.version,
-            "fingerprint": parent.fingerprint,
-            "path": str(parent.path),
-        }
+        return {"stage": parent.stage, "version": parent.version, "fingerprint": parent.fingerprint}
     record = {
         "stage": parent.get("stage"),
         "version": parent.get("version"),
@@ -204,6 +205,11 @@ class Store:
         return f"Store({str(self.data_dir)!r})"
 
     def stage_dir(self, stage: str) -> Path:
+        if not _STAGE_NAME.match(stage):
+            raise StoreError(
+                f"stage name {stage!r} must be lowercase letters, digits, '_' or '-' "
+                "(it names a folder of the data dir)"
+            )
         return self.data_dir / stage
 
     # -- identity ---------------------------------------------------------------------------
@@ -264,13 +270,16 @@ class Store:
         build_shard_fn: Callable[[int], Any],
         parent: Parent | None = None,
         model: Any = None,
-    ) -> StageRef:
+        only_shards: Iterable[int] | None = None,
+    ) -> StageRef | None:
         """Like ``get_or_build``, one shard at a time, resuming after an interruption.
 
         ``build_shard_fn(i)`` returns shard ``i`` of ``n_shards`` (a ``Dataset`` or ``Built``).
         Finished shards are kept under ``<version>.partial/shard-0000i/`` and skipped on a rerun;
         when all are there they are concatenated in index order into the version folder, their
         ``extra`` statistics merged (see ``merge_extra``), and the work folder is removed.
+        With ``only_shards`` just those shards are built (one job of several sharing the work
+        folder); the version is committed, and returned, only once every shard exists.
         """
         if n_shards < 1:
             raise StoreError(f"n_shards must be >= 1, got {n_shards}")
@@ -281,7 +290,10 @@ class Store:
         self._make_stage_dir(stage)
         work = self.stage_dir(stage) / f"{version}{PARTIAL_SUFFIX}"
         self._check_manifest(work, version, n_shards)
-        for index in range(n_shards):
+        wanted = range(n_shards) if only_shards is None else sorted(set(only_shards))
+        if any(not 0 <= index < n_shards for index in wanted):
+            raise StoreError(f"shard indices must lie in 0..{n_shards - 1}, got {list(wanted)}")
+        for index in wanted:
             shard_dir = work / f"shard-{index:05d}"
             if shard_dir.is_dir():
                 logger.info("%s/%s: shard %d/%d already built", stage, version, index, n_shards)
@@ -296,6 +308,8 @@ class Store:
         from datasets import Dataset, concatenate_datasets
 
         shard_dirs = [work / f"shard-{i:05d}" for i in range(n_shards)]
+        if only_shards is not None and not all(d.is_dir() for d in shard_dirs):
+            return None  # this job's shards are done; a later call joins all of them
         dataset = concatenate_datasets([Dataset.load_from_disk(str(d)) for d in shard_dirs])
         extra = merge_extra([json.loads((d / SHARD_EXTRA).read_text()) for d in shard_dirs])
         extra["n_shards"] = n_shards

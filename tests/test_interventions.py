@@ -80,7 +80,8 @@ def test_get_activations_selects_layers_and_unpadded_positions(handles):
                 got = acts["resid_post"][row, li, pi]
                 assert (got - want[("resid_post", layer)][pos]).abs().max() <= 1e-5
     single = get_activations(handle, PROMPTS[0], "mlp_out")["mlp_out"]
-    assert single.shape == (handle.n_layers, acts["resid_pre"].shape[0] * 0 + single.shape[1], 64)
+    _, length = hooked_activations(handle, PROMPTS[0])
+    assert single.shape == (handle.n_layers, length, handle.d_model)
     assert not single.isnan().any()
 
 
@@ -128,7 +129,9 @@ def test_patch_and_run_equals_a_hook_patch(handles, arch, site):
     # The engine agrees with the building block on the same cell.
     grid = sweep(handle, src_ids, tgt_ids, site, cand_ids, layers=[layer], positions=[pos])
     assert (grid[0, 0, 0] - result.patched_logits).abs().max() <= 1e-5
-    assert (candidate_logits(handle, tgt_ids, cand_ids)[0] - result.baseline_logits).abs().max() <= 1e-5
+    assert (
+        candidate_logits(handle, tgt_ids, cand_ids)[0] - result.baseline_logits
+    ).abs().max() <= 1e-5
 
 
 def test_patch_and_run_defaults_to_the_clean_runs_top_candidates(handles):

@@ -252,6 +252,19 @@ def test_sharded_build_refuses_mixed_shard_counts(tmp_path: Path) -> None:
         store.build_sharded("toy", 1, ToyConfig(8), 0, ShardBuilder())
 
 
+def test_sharded_build_split_across_jobs(tmp_path: Path) -> None:
+    """Jobs that each build some shards: only the call that completes the set commits."""
+    store = Store(tmp_path)
+    first, second = ShardBuilder(), ShardBuilder()
+    assert store.build_sharded("toy", 1, ToyConfig(8), 4, first, only_shards=[0, 2]) is None
+    assert store.versions("toy") == []
+    ref = store.build_sharded("toy", 1, ToyConfig(8), 4, second, only_shards=[1, 3, 2])
+    assert (first.calls, second.calls) == ([0, 2], [1, 3])
+    assert ref is not None and store.load("toy")["x"] == list(range(8))
+    with pytest.raises(StoreError, match=r"shard indices must lie in 0\.\.3"):
+        store.build_sharded("toy", 1, ToyConfig(9), 4, ShardBuilder(), only_shards=[4])
+
+
 def test_merge_extra() -> None:
     merged = merge_extra([{"a": 1, "b": {"c": 2}, "s": "x"}, {"a": 2, "b": {"c": 3, "d": 1}}])
     assert merged == {"a": 3, "b": {"c": 5, "d": 1}, "s": "x"}
@@ -294,7 +307,6 @@ def test_provenance_records_inputs_and_outputs(tmp_path: Path) -> None:
         "stage": "parent",
         "version": parent.version,
         "fingerprint": parent.fingerprint,
-        "path": str(parent.path),
     }
     assert prov["model"] == {"id": "org/m", "revision": "abc"}
     assert prov["seqpatch_version"] == seqpatch.__version__
@@ -358,6 +370,13 @@ def test_corrupt_provenance_is_a_clear_error(tmp_path: Path) -> None:
     (ref.path / PROVENANCE_FILE).write_text("{not json")
     with pytest.raises(StoreError, match=r"unreadable.*delete"):
         store.load("toy")
+
+
+def test_stage_names_are_plain_folder_names(tmp_path: Path) -> None:
+    for bad in ("../escape", "Programs", "", "a/b"):
+        with pytest.raises(StoreError, match="must be lowercase letters"):
+            Store(tmp_path).get_or_build(bad, 1, ToyConfig(1), Builder(1))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_build_stage_unknown_stage(tmp_path: Path) -> None:

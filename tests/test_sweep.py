@@ -27,7 +27,9 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def handles(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    return {arch: load_model(str(save_tiny_model(arch, root / arch))) for arch in TINY_ARCHITECTURES}
+    return {
+        arch: load_model(str(save_tiny_model(arch, root / arch))) for arch in TINY_ARCHITECTURES
+    }
 
 
 def random_pairs(seed, n, length, diverge, vocab=300):
@@ -145,7 +147,10 @@ def test_random_grids_agree_across_methods_and_with_hooks(handles, seed):
     g = torch.Generator().manual_seed(seed)
     handle = handles["qwen2"]
     lengths = torch.randint(4, 15, (5,), generator=g).tolist()
-    pairs = [random_pairs(seed * 10 + i, 1, n, int(torch.randint(0, n, (1,), generator=g))) for i, n in enumerate(lengths)]
+    pairs = [
+        random_pairs(seed * 10 + i, 1, n, int(torch.randint(0, n, (1,), generator=g)))
+        for i, n in enumerate(lengths)
+    ]
     src = [s[0] for s, _ in pairs]
     tgt = [t[0] for _, t in pairs]
     site = SWEEP_SITES[seed % len(SWEEP_SITES)]
@@ -198,8 +203,11 @@ def test_identical_prefix_cells_are_skipped_and_still_exact(handles):
     src, tgt = random_pairs(seed=6, n=4, length=10, diverge=4)
     stats: list[SweepStats] = []
     fast = sweep(handle, src, tgt, "attn_out", CANDIDATES, stats=stats)
-    slow = sweep(handle, src, tgt, "attn_out", CANDIDATES, skip_identical=False, stats=stats)
-    assert stats[0].skipped_cells == 4 * 2 * 4 and stats[1].skipped_cells == 0
+    slow = sweep(handle, src, tgt, "attn_out", CANDIDATES, skip_noops=False, stats=stats)
+    identical = 4 * 4  # layer 0, positions before the divergence, 4 pairs
+    unreachable = 4 * 9  # layer 1 (the last), positions before the last: attn_out can't reach
+    assert stats[0].skipped_cells == identical + unreachable
+    assert stats[1].skipped_cells == 0
     assert (fast - slow).abs().max() <= TOL
 
 

@@ -76,7 +76,12 @@ class PrefixCache:
         self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if record else None
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: Any, **__: Any
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *_: Any,
+        **__: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.recorded is not None:
             self.recorded[layer_idx] = (key_states, value_states)
@@ -124,13 +129,30 @@ class LayerRunner:
         return self._masks[key]
 
     def run(
-        self, hidden: torch.Tensor, start_layer: int, start_pos: int, cache: PrefixCache
+        self,
+        hidden: torch.Tensor,
+        start_layer: int,
+        start_pos: int,
+        cache: PrefixCache,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Layers ``start_layer..L-1`` on ``hidden`` = ``[rows, T - start_pos, d]``; returns the output.
 
         ``cache.prefix`` must hold the clean keys/values of positions ``< start_pos`` for every
         layer run. Hooks registered on the layers' modules fire as in a normal forward.
+
+        ``last_only``: only the last position of the output is wanted, so the last layer's MLP
+        runs on that position alone (its output broadcasts back into the residual sum; every
+        other position of the result is then meaningless). The last layer's keys and values
+        still come from every position, as they must.
         """
+        if last_only and start_layer < len(self.layers):
+            mlp = self.handle.module("mlp_out", len(self.layers) - 1).module
+            trim = mlp.register_forward_pre_hook(_last_position_only)
+            try:
+                return self.run(hidden, start_layer, start_pos, cache)
+            finally:
+                trim.remove()
         length = start_pos + hidden.shape[1]
         position_ids = torch.arange(start_pos, length, device=hidden.device)[None]
         position_embeddings = self.rotary(hidden, position_ids=position_ids)
@@ -144,3 +166,7 @@ class LayerRunner:
                 **{self.call.cache_kwarg: cache},
             )
         return hidden
+
+
+def _last_position_only(_module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0][:, -1:], *args[1:])

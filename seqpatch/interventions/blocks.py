@@ -173,7 +173,9 @@ def patch_and_run(
     if answer_tgt not in candidates or answer_src not in candidates:
         raise InterventionError(f"answers {answers} must be among the candidates {candidates}")
     tgt_token = cand_ids[list(candidates).index(answer_tgt)]
-    p_patched, p_clean = (float(x[0].float().softmax(-1)[tgt_token]) for x in (patched, clean_logits))
+    p_patched, p_clean = (
+        float(x[0].float().softmax(-1)[tgt_token]) for x in (patched, clean_logits)
+    )
     return PatchResult(
         site=site,
         layer=layer,

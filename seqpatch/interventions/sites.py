@@ -79,7 +79,9 @@ def as_id_rows(ids: Any, what: str) -> list[torch.Tensor]:
     """Token ids as a list of 1-D long tensors: from ``[n, T]`` or a sequence of rows."""
     if isinstance(ids, torch.Tensor):
         if ids.ndim != 2:
-            raise InterventionError(f"{what} must be [n_pairs, tokens], got shape {list(ids.shape)}")
+            raise InterventionError(
+                f"{what} must be [n_pairs, tokens], got shape {list(ids.shape)}"
+            )
         return list(ids.long())
     rows = [torch.as_tensor(row, dtype=torch.long) for row in ids]
     if any(row.ndim != 1 or row.numel() == 0 for row in rows):

@@ -18,8 +18,10 @@ Two exact strategies, chosen by ``method``:
   ``< t`` (``_layers.LayerRunner``). Each (cell) forward batches that cell across many pairs; when
   there are few pairs, neighbouring positions share a forward (starting at the smallest). Work per
   cell is ``(L - l)(T - t)`` token-layers instead of ``L·T``: about a quarter of the naive sweep.
-  Cells whose source activation equals the target's bit for bit (every position before a pair's
-  divergence) are no-ops and take the clean logits without running (``skip_identical``).
+  The last layer's MLP runs on the last position only (the only one read). Cells whose patch
+  provably changes nothing take the clean logits without running (``skip_noops``): the source
+  activation equals the target's bit for bit (every position before a pair's divergence), or
+  the patch sits after the last layer's attention at an earlier position.
 - ``"full"`` — the generic path for any architecture: full forwards of target copies, each copy
   with one cell patched by a plain hook, many copies per forward.
 
@@ -28,6 +30,7 @@ Two exact strategies, chosen by ``method``:
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,12 +98,11 @@ def candidate_logits(
     rows = as_id_rows(input_ids, "input_ids")
     cand = _candidates(candidate_ids, len(rows), handle)
     out = torch.empty(len(rows), cand.shape[1], dtype=torch.float32)
-    for length, members in _by_length(rows, rows).items():
+    for members in _by_length(rows).values():
         ids = torch.stack([rows[i] for i in members]).to(handle.device)
         with torch.no_grad():
             logits = handle.hf_model(input_ids=ids, logits_to_keep=1).logits[:, -1]
         out[members] = _gather(logits, cand[members]).cpu()
-        del length
     return out
 
 
@@ -117,7 +119,7 @@ def sweep(
     method: Method = "auto",
     max_rows: int = 256,
     min_rows: int = 32,
-    skip_identical: bool = True,
+    skip_noops: bool = True,
     stats: list[SweepStats] | None = None,
 ) -> torch.Tensor:
     """Patch one cell at a time, for every cell and pair; candidate logits ``[n, L', P', C]``.
@@ -135,8 +137,10 @@ def sweep(
         method: ``auto``, ``cached`` (compute floor, Llama-like models) or ``full`` (any model).
         max_rows: most patched copies in one forward (memory bound).
         min_rows: with fewer pairs than this, neighbouring positions share a forward.
-        skip_identical: take the clean logits for cells whose source activation equals the
-            target's exactly (positions before the divergence) instead of running them.
+        skip_noops: take the clean logits, without running, for cells whose patch provably
+            changes nothing: the source activation equals the target's bit for bit (positions
+            before the divergence), or the patch lands after the last layer's attention at a
+            position before the last (``attn_out``/``mlp_out``/``resid_post`` of layer L-1).
         stats: if given, a ``SweepStats`` is appended to it.
     """
     check_sites([site], SWEEP_SITES)
@@ -172,7 +176,7 @@ def sweep(
     run_group = _CachedGroup if method == "cached" else _FullGroup
     counters = _Stats()
     with torch.no_grad():
-        for length, members in _by_length(src_rows, tgt_rows).items():
+        for length, members in _by_length(tgt_rows).items():
             pos_idx = _positions_for(positions, length)
             group = run_group(
                 handle,
@@ -185,7 +189,7 @@ def sweep(
                 _source_grid(source_activations, members, len(layer_idx), len(pos_idx), handle),
                 counters,
             )
-            grid = group.run(max_rows, min_rows, skip_identical)
+            grid = group.run(max_rows, min_rows, skip_noops)
             out[members, :, : len(pos_idx)] = grid.float().cpu()
     if stats is not None:
         stats.append(
@@ -208,11 +212,11 @@ def _positions_for(positions: Sequence[int] | None, length: int) -> list[int]:
     return [int(p) % length if -length <= int(p) < length else -1 for p in positions]
 
 
-def _by_length(src_rows: list[torch.Tensor], tgt_rows: list[torch.Tensor]) -> dict[int, list[int]]:
+def _by_length(rows: list[torch.Tensor]) -> dict[int, list[int]]:
+    """Row indices grouped by token length: each group runs as one unpadded batch."""
     groups: dict[int, list[int]] = defaultdict(list)
-    for i, row in enumerate(tgt_rows):
+    for i, row in enumerate(rows):
         groups[row.numel()].append(i)
-    del src_rows
     return dict(groups)
 
 
@@ -289,7 +293,7 @@ class _Group:
         self.source = source_grid
         self.out = torch.full((self.n, len(layers), len(positions), cand.shape[1]), float("nan"))
 
-    def cells(self, skip_identical: bool) -> list[tuple[int, int, list[int]]]:
+    def cells(self, skip_noops: bool) -> list[tuple[int, int, list[int]]]:
         """``(layer_index, position_index, pairs to run)`` for every cell that must be computed."""
         todo = []
         for li, layer in enumerate(self.layers):
@@ -299,7 +303,11 @@ class _Group:
                 pairs = list(range(self.n))
                 self.counters.cells += self.n
                 self.counters.naive += self.n * self.handle.n_layers * self.length
-                if skip_identical:
+                if skip_noops and self.unreachable(layer, pos):
+                    self.out[:, li, pi] = self.clean
+                    self.counters.skipped += self.n
+                    continue
+                if skip_noops:
                     same = (self.source[:, li, pi] == self.tgt_acts[layer][:, pos]).all(-1)
                     pairs = [p for p in pairs if not bool(same[p])]
                     self.out[same.cpu(), li, pi] = self.clean[same.cpu()]
@@ -308,19 +316,25 @@ class _Group:
                     todo.append((li, pi, pairs))
         return todo
 
+    def unreachable(self, layer: int, pos: int) -> bool:
+        """A patch after the last layer's attention at an earlier position cannot reach the
+        last position's logits (nothing mixes positions after it): the result is the clean run."""
+        last = layer == self.handle.n_layers - 1 and pos < self.length - 1
+        return last and self.site in ("attn_out", "mlp_out", "resid_post")
+
     clean: torch.Tensor  # [n, C] float32, the target's unpatched candidate logits
 
 
 class _FullGroup(_Group):
     """Generic path: full forwards of target copies, one patched cell per copy, by plain hooks."""
 
-    def run(self, max_rows: int, min_rows: int, skip_identical: bool) -> torch.Tensor:
+    def run(self, max_rows: int, min_rows: int, skip_noops: bool) -> torch.Tensor:
         del min_rows
         with torch.no_grad():
             logits = self.handle.hf_model(input_ids=self.tgt, logits_to_keep=1).logits[:, -1]
         self.clean = _gather(logits, self.cand).cpu()
         self.counters.forwards += 1
-        rows = [(li, pi, p) for li, pi, pairs in self.cells(skip_identical) for p in pairs]
+        rows = [(li, pi, p) for li, pi, pairs in self.cells(skip_noops) for p in pairs]
         for start in range(0, len(rows), max_rows):
             self._forward(rows[start : start + max_rows])
         return self.out
@@ -357,12 +371,12 @@ def _row_setter(rows: torch.Tensor, pos: torch.Tensor, value: torch.Tensor) -> C
 class _CachedGroup(_Group):
     """Compute-floor path: restart at the patched layer and position from the clean run's state."""
 
-    def run(self, max_rows: int, min_rows: int, skip_identical: bool) -> torch.Tensor:
+    def run(self, max_rows: int, min_rows: int, skip_noops: bool) -> torch.Tensor:
         handle = self.handle
         self.runner = LayerRunner(handle)
         self._clean_run()
         by_layer: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
-        for li, pi, pairs in self.cells(skip_identical):
+        for li, pi, pairs in self.cells(skip_noops):
             by_layer[li].append((pi, pairs))
         for li, cells in by_layer.items():
             cells.sort(key=lambda cell: self.positions[cell[0]])
@@ -380,25 +394,12 @@ class _CachedGroup(_Group):
     def _clean_run(self) -> None:
         """The target's clean run through the runner: residual stream per layer, keys/values."""
         handle = self.handle
-        first: list[torch.Tensor] = []
-
-        class _Stop(Exception):
-            pass
-
-        def grab(x: torch.Tensor) -> torch.Tensor:
-            first.append(x)
-            raise _Stop
-
-        with hooked(handle, {("resid_pre", 0): grab}):
-            try:
-                handle.hf_model(input_ids=self.tgt)
-            except _Stop:
-                pass
-        resid = [first[0]]
+        first = _layer0_input(handle, self.tgt)
+        resid = [first]
         hooks = {("resid_post", i): _collect(resid) for i in range(handle.n_layers)}
         cache = PrefixCache(record=True)
         with hooked(handle, hooks):
-            final = self.runner.run(first[0], 0, 0, cache)
+            final = self.runner.run(first, 0, 0, cache)
         self.resid = resid  # resid[l]: clean input of layer l; resid[L]: the last layer's output
         self.kv = cache.recorded
         self.clean = _gather(handle.logits_from_resid(final[:, -1]), self.cand).cpu()
@@ -421,29 +422,47 @@ class _CachedGroup(_Group):
         pair = torch.tensor([r[1] for r in rows], device=device)
         rel = torch.tensor(self.positions, device=device)[pi] - start_pos
         value = self.source[pair, li, pi]
-        if self.site == "resid_post":
-            start_layer, hooks = layer + 1, {}
-        else:
-            start_layer, hooks = layer, {}
+        # resid_post[l] is resid_pre[l + 1]: patch it as the next layer's input.
+        start_layer = layer + 1 if self.site == "resid_post" else layer
         hidden = self.resid[start_layer][pair, start_pos:]
+        rows_here = torch.arange(len(rows), device=device)
+        hooks: dict[tuple[Site, int], Callable] = {}
         if self.site in ("resid_pre", "resid_post"):
             hidden = hidden.clone()
-            hidden[torch.arange(len(rows), device=device), rel] = value
+            hidden[rows_here, rel] = value
         else:
-            hooks = {(self.site, layer): _row_setter(torch.arange(len(rows), device=device), rel, value)}
+            hooks[(self.site, layer)] = _row_setter(rows_here, rel, value)
         prefix = {
             j: (keys[pair, :, :start_pos], values[pair, :, :start_pos])
             for j, (keys, values) in self.kv.items()
             if j >= start_layer and start_pos > 0
         }
         with hooked(handle, hooks):
-            final = self.runner.run(hidden, start_layer, start_pos, PrefixCache(prefix))
+            last_only = not (self.site == "mlp_out" and layer == handle.n_layers - 1)
+            final = self.runner.run(hidden, start_layer, start_pos, PrefixCache(prefix), last_only)
         logits = handle.logits_from_resid(final[:, -1])
         self.out[pair.cpu(), li, pi.cpu()] = _gather(logits, self.cand[pair]).cpu()
         self.counters.forwards += 1
-        self.counters.token_layers += len(rows) * (handle.n_layers - start_layer) * (
-            self.length - start_pos
+        self.counters.token_layers += (
+            len(rows) * (handle.n_layers - start_layer) * (self.length - start_pos)
         )
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once it has what it came for."""
+
+
+def _layer0_input(handle: ModelHandle, input_ids: torch.Tensor) -> torch.Tensor:
+    """What decoder layer 0 receives (embeddings, scaled or with positions as the model does)."""
+    first: list[torch.Tensor] = []
+
+    def grab(x: torch.Tensor) -> None:
+        first.append(x)
+        raise _Stop
+
+    with hooked(handle, {("resid_pre", 0): grab}), contextlib.suppress(_Stop):
+        handle.hf_model(input_ids=input_ids)
+    return first[0]
 
 
 def _collect(into: list[torch.Tensor]) -> Callable[[torch.Tensor], None]:

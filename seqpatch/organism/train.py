@@ -87,7 +87,9 @@ class OrganismTrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
-    threads: int = 2  # fixed: float reductions, hence weights, depend on the thread count
+    # The weights depend on the thread count (float reduction order). One thread reproduces on any
+    # machine, and on a shared CPU it is faster than two (OpenMP threads spin while descheduled).
+    threads: int = 1
     # --- monitoring ---
     eval_every: int = 250
     eval_n: int = 200  # per length, during training (the final evaluation uses final_eval_n)
@@ -317,6 +319,117 @@ def _progress(enabled: bool):
     )
 
 
+@dataclass
+class _Curriculum:
+    """The longest length sampled so far and when each length was unlocked (see module doc)."""
+
+    cfg: OrganismTrainConfig
+    family: Family
+    longest: int = 0
+    unlocked_at: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.longest = min(self.cfg.min_len + 1, self.cfg.max_len)
+        self.unlocked_at[self.longest] = 0
+
+    def advance(
+        self, step: int, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
+    ) -> bool:
+        """Update ``longest`` before batch ``step``; True when it grew."""
+        cfg = self.cfg
+        if deadline_length(cfg, step) > self.longest:
+            self.longest = deadline_length(cfg, step)
+        elif self.longest < cfg.max_len and step and step % cfg.curriculum_check_every == 0:
+            gate = evaluate_organism(
+                model,
+                tokenizer,
+                self.family,
+                [self.longest],
+                cfg.curriculum_check_n,
+                cfg.seed,
+                stream="organism-gate",
+            )
+            if gate[self.longest] < cfg.curriculum_gate:
+                return False
+            self.longest += 1
+        else:
+            return False
+        self.unlocked_at[self.longest] = step
+        return True
+
+
+def _optimizer(cfg: OrganismTrainConfig, model: LlamaForCausalLM) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the weight matrices only (not embeddings, norms)."""
+    import torch
+
+    def decays(name: str, param: torch.Tensor) -> bool:
+        return param.ndim >= 2 and "embed" not in name
+
+    params = list(model.named_parameters())
+    return torch.optim.AdamW(
+        [
+            {"params": [p for n, p in params if decays(n, p)], "weight_decay": cfg.weight_decay},
+            {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+
+
+def _fit(
+    cfg: OrganismTrainConfig,
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    family: Family,
+    progress: bool,
+) -> tuple[_History, _Curriculum]:
+    """The training loop; returns the logged losses and evaluations, and the curriculum."""
+    import torch
+
+    model.train()
+    optimizer = _optimizer(cfg, model)
+    history = _History()
+    curriculum = _Curriculum(cfg, family)
+    window_loss, window_n = 0.0, 0
+    status = ""
+    with _progress(progress) as bar:
+        task = bar.add_task("train", total=cfg.steps, status=status)
+        for step in range(cfg.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(cfg, step)
+            if curriculum.advance(step, model, tokenizer):
+                bar.console.print(f"step {step}: longest length now {curriculum.longest}")
+            programs = training_batch(cfg, family, step, curriculum.longest)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _answer_loss(model, tokenizer, programs) / len(programs)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            window_loss, window_n = window_loss + loss.item(), window_n + 1
+            last = step + 1 == cfg.steps
+            if (step + 1) % cfg.loss_log_every == 0 or last:
+                history.losses.append(
+                    {
+                        "step": step + 1,
+                        "loss": window_loss / window_n,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "max_len": curriculum.longest,
+                    }
+                )
+                window_loss, window_n = 0.0, 0
+                status = f"loss {history.losses[-1]['loss']:.4f}"
+            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+                lengths = sorted({curriculum.longest, cfg.max_len})
+                acc = evaluate_organism(model, tokenizer, family, lengths, cfg.eval_n, cfg.seed)
+                history.evals.append({"step": step + 1, "accuracy": acc})
+                shown = " ".join(f"L{k}={v:.3f}" for k, v in acc.items())
+                status = f"loss {history.losses[-1]['loss']:.4f} acc {shown}"
+                bar.console.print(f"step {step + 1}/{cfg.steps}: {status}")
+            bar.update(task, advance=1, status=status)
+    model.eval()
+    return history, curriculum
+
+
 def train_organism(
     cfg: OrganismTrainConfig, out_dir: str | Path, progress: bool = True
 ) -> dict[str, Any]:
@@ -338,105 +451,37 @@ def train_organism(
         family = cfg.make_family()
         tokenizer = build_tokenizer()
         model = build_model(cfg, len(tokenizer))
-        model.train()
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-        no_decay = [
-            p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)
-        ]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=cfg.lr,
-            betas=(0.9, 0.98),
-        )
-        history = _History()
-        window_loss, window_n = 0.0, 0
-        longest = min(cfg.min_len + 1, cfg.max_len)
-        unlocked_at = {longest: 0}
-        status = ""
-        with _progress(progress) as bar:
-            task = bar.add_task("train", total=cfg.steps, status=status)
-            for step in range(cfg.steps):
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * _lr_factor(cfg, step)
-                if deadline_length(cfg, step) > longest:
-                    longest = deadline_length(cfg, step)
-                    unlocked_at[longest] = step
-                elif longest < cfg.max_len and step and step % cfg.curriculum_check_every == 0:
-                    gate = evaluate_organism(
-                        model,
-                        tokenizer,
-                        family,
-                        [longest],
-                        cfg.curriculum_check_n,
-                        cfg.seed,
-                        stream="organism-gate",
-                    )
-                    if gate[longest] >= cfg.curriculum_gate:
-                        longest += 1
-                        unlocked_at[longest] = step
-                programs = training_batch(cfg, family, step, longest)
-                optimizer.zero_grad(set_to_none=True)
-                loss = _answer_loss(model, tokenizer, programs) / len(programs)
-                loss.backward()
-                step_loss = loss.item()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                window_loss, window_n = window_loss + step_loss, window_n + 1
-                if (step + 1) % cfg.loss_log_every == 0 or step + 1 == cfg.steps:
-                    history.losses.append(
-                        {
-                            "step": step + 1,
-                            "loss": window_loss / window_n,
-                            "lr": optimizer.param_groups[0]["lr"],
-                            "max_len": longest,
-                        }
-                    )
-                    window_loss, window_n = 0.0, 0
-                    status = f"loss {history.losses[-1]['loss']:.4f}"
-                if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                    lengths = sorted({longest, cfg.max_len})
-                    acc = evaluate_organism(model, tokenizer, family, lengths, cfg.eval_n, cfg.seed)
-                    history.evals.append({"step": step + 1, "accuracy": acc})
-                    shown = " ".join(f"L{k}={v:.3f}" for k, v in acc.items())
-                    status = f"loss {history.losses[-1]['loss']:.4f} acc {shown}"
-                    bar.console.print(f"step {step + 1}/{cfg.steps}: {status}")
-                bar.update(task, advance=1, status=status)
+        history, curriculum = _fit(cfg, model, tokenizer, family, progress)
         train_wall, train_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        final_lengths = range(1, 2 * cfg.max_len + 1)
-        accuracy = evaluate_organism(
-            model, tokenizer, family, final_lengths, cfg.final_eval_n, cfg.seed
-        )
-        model.eval()
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        metrics = {
-            "config": asdict(cfg),
-            "family": {"name": cfg.family, "params": cfg.family_params()},
-            "prompt_format": "compact rendering, <bos> prepended; the answer is the next token",
-            "n_params": sum(p.numel() for p in model.parameters()),
-            "train_wall_s": round(train_wall, 1),
-            "train_cpu_s": round(train_cpu, 1),
-            "threads": cfg.threads,
-            "torch_version": torch.__version__,
-            "accuracy_by_length": {str(k): v for k, v in accuracy.items()},
-            "eval_n_per_length": cfg.final_eval_n,
-            "trained_lengths": [cfg.min_len, cfg.max_len],
-            "curriculum_unlocked_at_step": {str(k): v for k, v in unlocked_at.items()},
-            "loss_curve": history.losses,
-            "evals_during_training": [
-                {"step": e["step"], "accuracy": {str(k): v for k, v in e["accuracy"].items()}}
-                for e in history.evals
-            ],
-        }
-        (out / TRAINING_JSON).write_text(json.dumps(metrics, indent=2) + "\n")
-        (out / MODEL_CARD).write_text(render_model_card(metrics))
-        return metrics
+        lengths = range(1, 2 * cfg.max_len + 1)
+        accuracy = evaluate_organism(model, tokenizer, family, lengths, cfg.final_eval_n, cfg.seed)
     finally:
         torch.set_num_threads(previous_threads)
+    metrics = {
+        "config": asdict(cfg),
+        "family": {"name": cfg.family, "params": cfg.family_params()},
+        "prompt_format": "compact rendering, <bos> prepended; the answer is the next token",
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "train_wall_s": round(train_wall, 1),
+        "train_cpu_s": round(train_cpu, 1),
+        "threads": cfg.threads,
+        "torch_version": torch.__version__,
+        "accuracy_by_length": {str(k): v for k, v in accuracy.items()},
+        "eval_n_per_length": cfg.final_eval_n,
+        "trained_lengths": [cfg.min_len, cfg.max_len],
+        "curriculum_unlocked_at_step": {str(k): v for k, v in curriculum.unlocked_at.items()},
+        "loss_curve": history.losses,
+        "evals_during_training": [
+            {"step": e["step"], "accuracy": {str(k): v for k, v in e["accuracy"].items()}}
+            for e in history.evals
+        ],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / TRAINING_JSON).write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / MODEL_CARD).write_text(render_model_card(metrics))
+    return metrics
 
 
 def render_model_card(metrics: dict[str, Any]) -> str:

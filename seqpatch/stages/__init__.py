@@ -45,6 +45,30 @@ STAGES: dict[str, StageInfo] = {
             "sampled programs of one family, with answers and intermediates",
             "--family arithmetic --seq-lens 1-10 --n-per-len 200 --seed 0",
         ),
+        StageInfo(
+            "benchmark",
+            "seqpatch.stages.benchmark",
+            "greedy answers, answer log-probabilities and ranks of each model on each program",
+            "--models builtin --programs latest",
+        ),
+        StageInfo(
+            "pairs",
+            "seqpatch.stages.pairs",
+            "counterfactual program pairs that the model answers correctly",
+            "--model builtin --seq-len 8 --divergence-index all --n-pairs 2000",
+        ),
+        StageInfo(
+            "activations",
+            "seqpatch.stages.activations",
+            "both programs' cached activations for every pair",
+            "--sites resid_pre,mlp_out --dtype float16",
+        ),
+        StageInfo(
+            "patching",
+            "seqpatch.stages.patching",
+            "effect of patching A into B at every (layer, position), per site",
+            "--sites resid_pre",
+        ),
     )
 }
 

@@ -1,0 +1,52 @@
+"""One progress-bar style for every long step (rich, on stderr, silent when disabled)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+
+class Bar(Protocol):
+    def update(self, advance: int = 1) -> None: ...
+
+
+class _Silent:
+    def update(self, advance: int = 1) -> None:
+        pass
+
+
+class _RichBar:
+    def __init__(self, progress, task) -> None:  # type: ignore[no-untyped-def]
+        self._progress, self._task = progress, task
+
+    def update(self, advance: int = 1) -> None:
+        self._progress.advance(self._task, advance)
+
+
+@contextmanager
+def progress_bar(total: int | None, description: str, enabled: bool = True) -> Iterator[Bar]:
+    """A bar counting to ``total`` (unknown when ``None``) with rate and time left."""
+    if not enabled:
+        yield _Silent()
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+        task = progress.add_task(description, total=total)
+        yield _RichBar(progress, task)

@@ -1,0 +1,154 @@
+"""Stage ``activations``: both programs' site activations for every pair, ready to share.
+
+One row per pair. For each cached site ``s`` the columns ``{s}_a`` and ``{s}_b`` hold the
+source's and the target's activations as ``Array3D [layers, positions, d_model]`` in the
+configured dtype; ``positions`` is the longest pair's token count and shorter pairs are
+zero-padded after ``n_tokens``. Load with ``with_format("torch")`` to get tensors.
+
+The patching stage reads the source activations from here instead of recomputing them. In
+float32 that is exact; float16/bfloat16 halve the size for sharing but round the patched
+values, so patching from them differs from a recomputed sweep by that rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from datasets import Array3D, Features, List, Value
+
+from seqpatch.errors import SeqpatchError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from seqpatch.models import ModelHandle
+
+STAGE = "activations"
+SCHEMA_VERSION = 1
+CACHEABLE_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ActivationsStageError(SeqpatchError):
+    """Bad activations config (unknown site or dtype)."""
+
+
+@dataclass(frozen=True)
+class ActivationsConfig:
+    """Which activations to cache. ``layers`` empty = every layer."""
+
+    sites: tuple[str, ...] = ("resid_pre",)
+    dtype: str = "float32"  # exact patching; float16 halves the size for sharing
+    layers: tuple[int, ...] = ()
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.sites:
+            raise ActivationsStageError("give at least one site, e.g. --sites resid_pre")
+        for site in self.sites:
+            if site not in CACHEABLE_SITES:
+                raise ActivationsStageError(
+                    f"unknown site {site!r}; cacheable sites: {', '.join(CACHEABLE_SITES)}"
+                )
+        if self.dtype not in DTYPES:
+            raise ActivationsStageError(f"unknown dtype {self.dtype!r}; use {', '.join(DTYPES)}")
+        object.__setattr__(self, "sites", tuple(dict.fromkeys(self.sites)))
+
+
+def features(cfg: ActivationsConfig, n_layers: int, n_positions: int, d_model: int) -> Features:
+    # Arrow has no bfloat16: it is stored as float32 holding bfloat16-rounded values.
+    arrow_dtype = "float32" if cfg.dtype == "bfloat16" else cfg.dtype
+    columns: dict[str, Any] = {
+        "pair_id": Value("string"),
+        "n_tokens": Value("int32"),
+        "layers": List(Value("int32")),
+        "input_ids_a": List(Value("int32")),
+        "input_ids_b": List(Value("int32")),
+    }
+    for site in cfg.sites:
+        for side in ("a", "b"):
+            columns[f"{site}_{side}"] = Array3D(
+                shape=(n_layers, n_positions, d_model), dtype=arrow_dtype
+            )
+    return Features(columns)
+
+
+def _cache(
+    batch: dict[str, list],
+    cfg: ActivationsConfig,
+    handle: ModelHandle,
+    layers: list[int],
+    width: int,
+) -> dict[str, list]:
+    import torch
+
+    from seqpatch.interventions import get_activations
+
+    torch_dtype = getattr(torch, cfg.dtype)
+    n = len(batch["pair_id"])
+    out: dict[str, list] = {
+        "pair_id": batch["pair_id"],
+        "n_tokens": batch["n_tokens"],
+        "layers": [layers] * n,
+        "input_ids_a": batch["input_ids_a"],
+        "input_ids_b": batch["input_ids_b"],
+    }
+    grids: dict[str, list[Any]] = {f"{s}_{side}": [None] * n for s in cfg.sites for side in "ab"}
+    by_length: dict[int, list[int]] = {}
+    for i, length in enumerate(batch["n_tokens"]):
+        by_length.setdefault(length, []).append(i)
+    for length, members in by_length.items():
+        for side in "ab":
+            ids = torch.tensor([batch[f"input_ids_{side}"][i] for i in members])
+            acts = get_activations(handle, ids, list(cfg.sites), layers=layers)
+            for site, tensor in acts.items():
+                values = tensor.to(torch_dtype)
+                if cfg.dtype == "bfloat16":
+                    values = values.float()  # rounded to bfloat16, stored as float32
+                values = values.cpu().numpy()
+                padded = np.zeros((len(members), len(layers), width, handle.d_model), values.dtype)
+                padded[:, :, :length] = values
+                for j, i in enumerate(members):
+                    grids[f"{site}_{side}"][i] = padded[j]
+    out.update(grids)
+    return out
+
+
+def build(parent: Dataset, cfg: ActivationsConfig, handle: ModelHandle) -> Dataset:
+    """Cache ``cfg.sites`` of both programs of every pair in ``parent`` (the pairs stage)."""
+    if parent is None:
+        raise ActivationsStageError("the activations stage needs a pairs stage as parent")
+    layers = list(cfg.layers) if cfg.layers else list(range(handle.n_layers))
+    bad = [layer for layer in layers if not 0 <= layer < handle.n_layers]
+    if bad:
+        raise ActivationsStageError(
+            f"layer {bad[0]} does not exist; the model has layers 0..{handle.n_layers - 1}"
+        )
+    width = max(parent["n_tokens"])
+    feats = features(cfg, len(layers), width, handle.d_model)
+    key = json.dumps(
+        [STAGE, SCHEMA_VERSION, asdict(cfg), parent._fingerprint, handle.describe()],
+        sort_keys=True,
+        default=str,
+    )
+    return parent.select_columns(["pair_id", "n_tokens", "input_ids_a", "input_ids_b"]).map(
+        _cache,
+        batched=True,
+        batch_size=cfg.batch_size,
+        fn_kwargs={"cfg": cfg, "handle": handle, "layers": layers, "width": width},
+        features=feats,
+        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16],
+        desc="caching activations",
+    )
+
+
+def source_activations(rows: dict[str, Any], site: str, n_tokens: list[int]) -> list[Any]:
+    """The source (A) grids of ``site`` for a batch of activation rows, cut to each pair's length."""
+    return [
+        np.asarray(grid)[:, :length]
+        for grid, length in zip(rows[f"{site}_a"], n_tokens, strict=True)
+    ]
