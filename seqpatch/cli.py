@@ -293,6 +293,240 @@ def plot_accuracy(
 
 
 # ---------------------------------------------------------------------------------------------
+# activations / patching / merge / plot heatmap|traces / run (seqpatch.pipeline)
+
+SitesOpt = Annotated[
+    str,
+    typer.Option(
+        "--sites", help="Comma-separated sites: resid_pre, resid_post, attn_out, mlp_out."
+    ),
+]
+PairsVersionOpt = Annotated[
+    str, typer.Option("--pairs", help="Pairs version (or unique prefix), or 'latest'.")
+]
+PatchingVersionOpt = Annotated[
+    str, typer.Option("--patching", help="Patching version (or unique prefix), or 'latest'.")
+]
+MetricOpt = Annotated[str, typer.Option("--metric", help="normalised, prob_delta or logit_diff.")]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", help="Output folder \\[default: the stage's version folder]."),
+]
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _layers(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in _csv(text))
+    except ValueError:
+        raise SeqpatchError(f"cannot read --layers {text!r}; give indices like 0,1,2") from None
+
+
+@build_app.command(
+    "activations",
+    epilog=examples(
+        "seqpatch build activations --sites resid_pre,mlp_out --dtype float16",
+        "seqpatch build activations --sites resid_pre --layers 0,1 --pairs 3f2a",
+    ),
+)
+def build_activations(
+    sites: SitesOpt = "resid_pre",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="float32 (exact), float16 or bfloat16 (half size).")
+    ] = "float32",
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="Layers to cache \\[default: all].")
+    ] = None,
+    pairs: PairsVersionOpt = "latest",
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Cache both programs' activations of every pair ([layers, positions, d_model] arrays).
+
+    Load them with load_stage("activations").with_format("torch"); the patching stage reuses
+    them instead of recomputing the sources.
+    """
+    from seqpatch.pipeline import build_activations as build
+
+    _report(build(_csv(sites), dtype, _layers(layers), pairs, data_dir))
+
+
+@build_app.command(
+    "patching",
+    epilog=examples(
+        "seqpatch build patching --sites resid_pre",
+        "seqpatch build patching --sites resid_pre,attn_out,mlp_out --shard-size 100",
+        "seqpatch build patching --sites resid_pre --shard 0/4   # one of four jobs",
+    ),
+)
+def build_patching(
+    sites: SitesOpt = "resid_pre",
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="Layers to sweep \\[default: all].")
+    ] = None,
+    pairs: PairsVersionOpt = "latest",
+    activations: Annotated[
+        str,
+        typer.Option(
+            "--activations",
+            help="'auto' (cached activations of these pairs if stored), 'none', or a version.",
+        ),
+    ] = "auto",
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", help="Pairs per resumable shard.")
+    ] = 250,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="INDEX/COUNT: build only this job's shards; `seqpatch merge` joins them.",
+        ),
+    ] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Patch A into B at every (layer, position) of each site, for every pair.
+
+    Resumable: after Ctrl-C or a kill, the same command skips finished shards. Writes
+    heatmap.npy and the heatmap/trace charts beside the stage.
+    """
+    from seqpatch.pipeline import build_patching as build
+    from seqpatch.pipeline import parse_shard
+
+    ref = build(
+        _csv(sites),
+        _layers(layers),
+        pairs,
+        activations,
+        shard_size=shard_size,
+        shard=parse_shard(shard),
+        data_dir=data_dir,
+    )
+    if ref is None:
+        typer.echo("this job's shards are built; run `seqpatch merge` once every job is done")
+        return
+    _report(ref)
+    for chart in sorted(ref.path.glob("*.png")):
+        typer.echo(f"chart: {chart}")
+
+
+@app.command(
+    "merge",
+    epilog=examples(
+        "seqpatch merge --sites resid_pre",
+        "seqpatch merge --sites resid_pre --shard-size 100 --data-dir /shared/sp",
+    ),
+)
+def merge(
+    sites: SitesOpt = "resid_pre",
+    layers: Annotated[str | None, typer.Option("--layers", help="As given to the jobs.")] = None,
+    pairs: PairsVersionOpt = "latest",
+    activations: Annotated[
+        str, typer.Option("--activations", help="As given to the jobs.")
+    ] = "auto",
+    shard_size: Annotated[int, typer.Option("--shard-size", help="As given to the jobs.")] = 250,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Join the shards that `seqpatch build patching --shard i/n` jobs built (same options).
+
+    Shards that no job finished are built here, so merge always ends with a complete stage.
+    """
+    from seqpatch.pipeline import build_patching as build
+
+    ref = build(
+        _csv(sites), _layers(layers), pairs, activations, shard_size=shard_size, data_dir=data_dir
+    )
+    _report(ref)
+
+
+@plot_app.command(
+    "heatmap",
+    epilog=examples(
+        "seqpatch plot heatmap",
+        "seqpatch plot heatmap --metric logit_diff --out ./figures",
+    ),
+)
+def plot_heatmap(
+    patching: PatchingVersionOpt = "latest",
+    metric: MetricOpt = "normalised",
+    out: OutOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Layer x token heatmap of the mean effect over pairs, one panel per site (HTML + PNG)."""
+    from seqpatch.pipeline import plot_heatmap as plot
+    from seqpatch.store import Store
+
+    store = Store(data_dir)
+    ref = store.resolve("patching", patching)
+    name = "heatmap" if metric == "normalised" else f"heatmap_{metric}"
+    for path in plot(store.load("patching", ref.version), out or ref.path, metric, name):
+        typer.echo(f"chart: {path}")
+
+
+@plot_app.command(
+    "traces",
+    epilog=examples(
+        "seqpatch plot traces",
+        "seqpatch plot traces --pair-id binding-L8-k3-0000042 --out ./figures",
+    ),
+)
+def plot_traces(
+    patching: PatchingVersionOpt = "latest",
+    pair_id: Annotated[
+        str | None, typer.Option("--pair-id", help="Pair to draw \\[default: the first].")
+    ] = None,
+    metric: MetricOpt = "normalised",
+    out: OutOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """One pair's effect across layers for its changed, last and strongest tokens."""
+    from seqpatch.pipeline import plot_traces as plot
+    from seqpatch.store import Store
+
+    store = Store(data_dir)
+    ref = store.resolve("patching", patching)
+    rows = store.load("patching", ref.version)
+    for path in plot(rows, out or ref.path, metric, pair_id):
+        typer.echo(f"chart: {path}")
+
+
+@app.command(
+    "run",
+    epilog=examples(
+        "seqpatch run",
+        "seqpatch run --n-pairs 2000 --sites resid_pre --data-dir /tmp/sp",
+    ),
+)
+def run(
+    n_pairs: Annotated[int, typer.Option("--n-pairs", help="Counterfactual pairs.")] = 1000,
+    seq_len: Annotated[
+        int, typer.Option("--seq-len", help="Statements per program in the pairs.")
+    ] = 8,
+    sites: SitesOpt = "resid_pre,attn_out,mlp_out",
+    seed: SeedOpt = 0,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """The main job: the whole pipeline on the built-in model, end to end.
+
+    programs -> benchmark -> choose -> pairs -> activations -> patching -> charts. Every step
+    reuses a stored version with the same config, so a rerun (or a run after an interrupt)
+    only does what is missing.
+    """
+    from seqpatch.pipeline import RunConfig
+    from seqpatch.pipeline import run as run_pipeline
+
+    cfg = RunConfig(seq_len=seq_len, n_pairs=n_pairs, sites=_csv(sites), seed=seed)
+    report = run_pipeline(cfg, data_dir, echo=typer.echo)
+    total = sum(seconds for _, _, seconds in report.steps)
+    typer.echo(f"done in {total:.0f} s. Charts:")
+    for path in report.charts:
+        typer.echo(f"  {path}")
+
+
+# ---------------------------------------------------------------------------------------------
 # list
 
 

@@ -283,6 +283,9 @@ class Store:
         """
         if n_shards < 1:
             raise StoreError(f"n_shards must be >= 1, got {n_shards}")
+        wanted = range(n_shards) if only_shards is None else sorted(set(only_shards))
+        if any(not 0 <= index < n_shards for index in wanted):
+            raise StoreError(f"shard indices must lie in 0..{n_shards - 1}, got {list(wanted)}")
         version = self.version_for(stage, schema_version, config, parent, model)
         found = self.find(stage, version)
         if found is not None:
@@ -290,9 +293,6 @@ class Store:
         self._make_stage_dir(stage)
         work = self.stage_dir(stage) / f"{version}{PARTIAL_SUFFIX}"
         self._check_manifest(work, version, n_shards)
-        wanted = range(n_shards) if only_shards is None else sorted(set(only_shards))
-        if any(not 0 <= index < n_shards for index in wanted):
-            raise StoreError(f"shard indices must lie in 0..{n_shards - 1}, got {list(wanted)}")
         for index in wanted:
             shard_dir = work / f"shard-{index:05d}"
             if shard_dir.is_dir():
