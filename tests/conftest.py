@@ -11,6 +11,10 @@ import os
 import random
 import sys
 
+# Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP threads
+# spinning while descheduled slow small matmuls by up to 100x. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
