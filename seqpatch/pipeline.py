@@ -228,7 +228,7 @@ class RunConfig:
     min_accuracy: float = 0.95
     min_seq_len: int = 6
     seq_len: int = 8  # the pairs' program length: the organism's longest trained length
-    divergence: str = "all"
+    divergence: str = "1,4,7"  # early, middle and last statement: three readable heatmap rows
     n_pairs: int = 1000
     sites: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
     activations_dtype: str = "float32"
