@@ -86,9 +86,12 @@ def choose_model(summary: pl.DataFrame, min_accuracy: float, min_seq_len: int) -
             f"{_describe(closest)}. Lower --min-accuracy or --min-seq-len, or benchmark "
             "another model"
         )
-    best = passing.sort(["n_params", "_order", "seq_len"], descending=[False, False, True])
-    model = best.row(0, named=True)["model_spec"]
-    row = best.filter(pl.col("model_spec") == model).row(0, named=True)
+    model = passing.sort("n_params", "_order").row(0, named=True)["model_spec"]
+    row = (
+        passing.filter(pl.col("model_spec") == model)
+        .sort("seq_len", descending=True)
+        .row(0, named=True)
+    )
     return Choice(
         model_spec=row["model_spec"],
         model_id=row["model_id"],

@@ -169,6 +169,23 @@ def test_answer_logprob_and_rank_equal_an_unpadded_teacher_forced_pass(
         assert math.isclose(row["answer_logprob"], logprob, rel_tol=1e-4, abs_tol=1e-4)
         assert row["answer_rank"] == rank
 
+    # multi-token answers, in one padded batch: every answer token must count
+    programs = load_stage("programs", built)[:3]
+    for spec, handle in handles.items():
+        batch = {**programs, "answer": [-37, 12, 98765]}
+        info = benchmark.ModelInfo(spec, handle.model_id, handle.revision, handle.n_params, {})
+        out = benchmark._run_batch(batch, handle, info, BenchmarkConfig((spec,), max_new_tokens=1))
+        for prompt, answer, got in zip(
+            out["prompt"], batch["answer"], out["answer_logprob"], strict=True
+        ):
+            expected, _ = _teacher_forced_unpadded(handle, prompt, answer)
+            assert math.isclose(got, expected, rel_tol=1e-4, abs_tol=1e-4)
+        lengths = [
+            len(handle.answer_token_ids([a], prompt=p)[0])
+            for a, p in zip(batch["answer"], out["prompt"], strict=True)
+        ]
+        assert max(lengths) > 1
+
 
 def test_a_row_the_model_solves_is_correct_with_rank_one(
     built: Path, handles: dict[str, ModelHandle], models: dict[str, str]
