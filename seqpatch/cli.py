@@ -308,6 +308,13 @@ PatchingVersionOpt = Annotated[
     str, typer.Option("--patching", help="Patching version (or unique prefix), or 'latest'.")
 ]
 MetricOpt = Annotated[str, typer.Option("--metric", help="normalised, prob_delta or logit_diff.")]
+FromOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--from",
+        help="Take the parent stage(s) from a Hub dataset repo (USER/NAME) or an exported folder.",
+    ),
+]
 OutOpt = Annotated[
     Path | None,
     typer.Option("--out", help="Output folder \\[default: the stage's version folder]."),
@@ -332,6 +339,7 @@ def _layers(text: str | None) -> tuple[int, ...]:
     epilog=examples(
         "seqpatch build activations --sites resid_pre,mlp_out --dtype float16",
         "seqpatch build activations --sites resid_pre --layers 0,1 --pairs 3f2a",
+        "seqpatch build activations --sites resid_pre --from ./exported-study",
     ),
 )
 def build_activations(
@@ -343,6 +351,7 @@ def build_activations(
         str | None, typer.Option("--layers", help="Layers to cache \\[default: all].")
     ] = None,
     pairs: PairsVersionOpt = "latest",
+    from_source: FromOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Cache both programs' activations of every pair ([layers, positions, d_model] arrays).
@@ -352,7 +361,7 @@ def build_activations(
     """
     from seqpatch.pipeline import build_activations as build
 
-    _report(build(_csv(sites), dtype, _layers(layers), pairs, data_dir))
+    _report(build(_csv(sites), dtype, _layers(layers), pairs, data_dir, from_source=from_source))
 
 
 @build_app.command(
@@ -361,6 +370,7 @@ def build_activations(
         "seqpatch build patching --sites resid_pre",
         "seqpatch build patching --sites resid_pre,attn_out,mlp_out --shard-size 100",
         "seqpatch build patching --sites resid_pre --shard 0/4   # one of four jobs",
+        "seqpatch build patching --sites resid_pre --from you/variable-tracking",
     ),
 )
 def build_patching(
@@ -386,6 +396,7 @@ def build_patching(
             help="INDEX/COUNT: build only this job's shards; `seqpatch merge` joins them.",
         ),
     ] = None,
+    from_source: FromOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Patch A into B at every (layer, position) of each site, for every pair.
@@ -404,6 +415,7 @@ def build_patching(
         shard_size=shard_size,
         shard=parse_shard(shard),
         data_dir=data_dir,
+        from_source=from_source,
     )
     if ref is None:
         typer.echo("this job's shards are built; run `seqpatch merge` once every job is done")

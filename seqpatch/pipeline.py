@@ -57,6 +57,24 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
+def import_parents(source: str, stages: Sequence[str], data_dir: DataDir) -> dict[str, str]:
+    """Import ``stages`` from a published repo or exported folder into the local store.
+
+    The first stage is required; later ones are optional (e.g. the activations a collaborator
+    may or may not have published beside the pairs). Returns ``{stage: local version}``.
+    """
+    from seqpatch.hub import HubError, import_stage
+
+    versions: dict[str, str] = {}
+    for i, stage in enumerate(stages):
+        try:
+            versions[stage] = import_stage(source, stage, data_dir).version
+        except HubError:
+            if i == 0:
+                raise
+    return versions
+
+
 def build_activations(
     sites: Sequence[str] = ("resid_pre",),
     dtype: str = "float32",
@@ -64,11 +82,17 @@ def build_activations(
     pairs: str = "latest",
     data_dir: DataDir = None,
     handle: ModelHandle | None = None,
+    from_source: str | None = None,
 ) -> StageRef:
-    """Cache both programs' activations of every pair of a stored ``pairs`` version."""
+    """Cache both programs' activations of every pair of a stored ``pairs`` version.
+
+    ``from_source`` (a Hub repo id or an exported folder) imports the pairs from there first.
+    """
     from seqpatch.stages import build_stage
     from seqpatch.stages.activations import ActivationsConfig
 
+    if from_source is not None:
+        pairs = import_parents(from_source, ["pairs"], data_dir)["pairs"]
     store = _store(data_dir)
     cfg = ActivationsConfig(sites=tuple(sites), dtype=dtype, layers=tuple(layers))
     pairs_ref = store.resolve("pairs", pairs)
@@ -110,16 +134,21 @@ def build_patching(
     data_dir: DataDir = None,
     handle: ModelHandle | None = None,
     charts: bool = True,
+    from_source: str | None = None,
 ) -> StageRef | None:
     """Sweep every (layer, position) of ``sites`` for every pair; resumable, in shards.
 
     ``activations``: ``auto`` (use a cached activations stage of these pairs if one exists),
     ``none`` (recompute sources), or a version. With ``shard=(i, n)`` only shards ``i, i+n, …``
-    are built and ``None`` is returned; ``merge_patching`` (or a run without ``shard``) joins
-    them once every shard exists.
+    are built and ``None`` is returned; a later call without ``shard`` (``seqpatch merge``)
+    joins them once every shard exists. ``from_source`` (a Hub repo id or an exported folder)
+    imports the pairs, and the activations when published, from there first.
     """
     from seqpatch.stages import patching as stage
 
+    if from_source is not None:
+        imported = import_parents(from_source, ["pairs", "activations"], data_dir)
+        pairs = imported["pairs"]
     store = _store(data_dir)
     pairs_ref = store.resolve("pairs", pairs)
     if activations == "none":

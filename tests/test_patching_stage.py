@@ -35,6 +35,10 @@ def data_dir(tmp_path, handle):
     return tmp_path
 
 
+def ld_of(row):
+    return row["logits"][..., row["answer_index_a"]] - row["logits"][..., row["answer_index_b"]]
+
+
 def hooked_logits(handle, src_ids, tgt_ids, site, layer, pos, cand):
     """Independent reference: capture the source's site with one plain hook, patch the target
     with another, read the candidate logits at the last position."""
@@ -125,10 +129,15 @@ def test_patching_equals_plain_hooks_and_metrics(handle, data_dir):
         np.testing.assert_allclose(
             row["normalised"], (ld - (base_b[a] - base_b[b])) / span, rtol=1e-4, atol=1e-5
         )
-    # patching the whole residual stream at layer 0 at the changed token(s) and every
-    # position before gives the source's run: cells before the divergence have no effect
-    resid = numpy_rows.filter(lambda r: r["site"] == "resid_pre") if False else None
-    del resid
+    # cells before the first differing token patch identical activations: no effect at all
+    for row in numpy_rows:
+        first_diff = int(row["diff_positions"][0])
+        np.testing.assert_array_equal(row["logit_diff"][:, :first_diff], ld_of(row)[:, :first_diff])
+        base_ld = (
+            row["baseline_logits_b"][row["answer_index_a"]]
+            - row["baseline_logits_b"][row["answer_index_b"]]
+        )
+        np.testing.assert_allclose(row["logit_diff"][:, :first_diff], base_ld, atol=1e-5)
     heat = np.load(ref.path / patching.HEATMAP_FILE)
     assert heat.shape[:3] == (2, 2, 3)
     assert (ref.path / "heatmap.png").stat().st_size > 1000
@@ -175,6 +184,28 @@ def test_shards_split_across_jobs_then_join(handle, data_dir):
     joined = pipeline.build_patching(("resid_pre",), shard=(1, 2), **kw)
     assert joined is not None
     whole = Store(data_dir).load("patching", joined.version)
-    other = tmp = None
-    del other, tmp
     assert whole["pair_id"] == Store(data_dir).load("pairs")["pair_id"]
+    assert joined.provenance["extra"]["n_shards"] == 3
+
+
+def test_patching_continues_from_an_exported_study(handle, data_dir, tmp_path):
+    """A collaborator patches from someone's exported pairs + activations without recomputing."""
+    from seqpatch.hub import export_stage
+
+    pipeline.build_activations(("resid_pre",), data_dir=data_dir, handle=handle)
+    here = pipeline.build_patching(("resid_pre",), data_dir=data_dir, handle=handle, charts=False)
+    study = tmp_path / "study"
+    export_stage("pairs", study, data_dir=data_dir)
+    export_stage("activations", study, data_dir=data_dir)
+
+    elsewhere = tmp_path / "collaborator"
+    there = pipeline.build_patching(
+        ("resid_pre",), data_dir=elsewhere, handle=handle, charts=False, from_source=str(study)
+    )
+    assert there.version == here.version  # same pairs, same activations: same stage version
+    assert there.provenance["config"]["activations"] == here.provenance["config"]["activations"]
+    imported = Store(elsewhere).resolve("activations")
+    assert imported.provenance["extra"]["imported_from"]["source"] == str(study)
+    x = Store(data_dir).load("patching", here.version).with_format("numpy")["logits"]
+    y = Store(elsewhere).load("patching", there.version).with_format("numpy")["logits"]
+    np.testing.assert_array_equal(x, y)
