@@ -48,7 +48,9 @@ app = typer.Typer(
     name="seqpatch",
     help="Find where and how a language model tracks the values of variables.",
     epilog=examples(
-        "seqpatch build programs --family arithmetic --seq-lens 1-10 --n-per-len 200",
+        "seqpatch run                      # the whole pipeline on the built-in model",
+        "seqpatch build pairs --model builtin --seq-len 8 --n-pairs 2000",
+        "seqpatch build patching --sites resid_pre,mlp_out",
         "seqpatch list",
     ),
     no_args_is_help=True,
