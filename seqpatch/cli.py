@@ -516,9 +516,16 @@ def plot_traces(
 )
 def run(
     n_pairs: Annotated[int, typer.Option("--n-pairs", help="Counterfactual pairs.")] = 1000,
-    seq_len: Annotated[
-        int, typer.Option("--seq-len", help="Statements per program in the pairs.")
+    max_seq_len: Annotated[
+        int,
+        typer.Option(
+            "--max-seq-len",
+            help="Longest program length for the pairs (the chosen length caps it).",
+        ),
     ] = 8,
+    min_accuracy: Annotated[
+        float, typer.Option("--min-accuracy", help="Accuracy `choose` requires.")
+    ] = 0.8,
     sites: SitesOpt = "resid_pre,attn_out,mlp_out",
     seed: SeedOpt = 0,
     data_dir: DataDirOpt = None,
@@ -532,7 +539,13 @@ def run(
     from seqpatch.pipeline import RunConfig
     from seqpatch.pipeline import run as run_pipeline
 
-    cfg = RunConfig(seq_len=seq_len, n_pairs=n_pairs, sites=_csv(sites), seed=seed)
+    cfg = RunConfig(
+        min_accuracy=min_accuracy,
+        max_seq_len=max_seq_len,
+        n_pairs=n_pairs,
+        sites=_csv(sites),
+        seed=seed,
+    )
     report = run_pipeline(cfg, data_dir, echo=typer.echo)
     total = sum(seconds for _, _, seconds in report.steps)
     typer.echo(f"done in {total:.0f} s. Charts:")

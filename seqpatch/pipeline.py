@@ -254,14 +254,19 @@ class RunConfig:
 
     seq_lens: str = "1-16"  # benchmark up to twice the organism's longest trained length
     n_per_len: int = 100
-    min_accuracy: float = 0.95
+    min_accuracy: float = 0.8  # `seqpatch choose`'s default rule
     min_seq_len: int = 6
-    seq_len: int = 8  # the pairs' program length: the organism's longest trained length
-    divergence: str = "1,4,7"  # early, middle and last statement: three readable heatmap rows
+    max_seq_len: int = 8  # pairs use the chosen length, capped here to keep the sweep short
+    divergence: str | None = None  # default: first-but-one, middle and last statement
     n_pairs: int = 1000
     sites: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
     activations_dtype: str = "float32"
     seed: int = 0
+
+    def divergence_for(self, seq_len: int) -> str:
+        if self.divergence is not None:
+            return self.divergence
+        return ",".join(str(k) for k in sorted({min(1, seq_len - 1), seq_len // 2, seq_len - 1}))
 
 
 @dataclass
@@ -288,6 +293,11 @@ def run(
     from seqpatch.stages.pairs import build_pairs, default_family
     from seqpatch.stages.programs import ProgramsConfig, parse_seq_lens
 
+    from seqpatch.stages.activations import ActivationsConfig
+    from seqpatch.stages.patching import PatchingConfig
+
+    ActivationsConfig(sites=cfg.sites, dtype=cfg.activations_dtype)  # bad options fail first
+    PatchingConfig(sites=cfg.sites)
     report = RunReport()
     store = _store(data_dir)
 
@@ -327,12 +337,13 @@ def run(
         lambda: choose(cfg.min_accuracy, cfg.min_seq_len, bench.version, store.data_dir),
     )
     handle = load_model(choice.model_spec)
+    seq_len = min(choice.seq_len, cfg.max_seq_len)
     pairs = step(
         "pairs",
         lambda: build_pairs(
             "chosen",
-            cfg.seq_len,
-            cfg.divergence,
+            seq_len,
+            cfg.divergence_for(seq_len),
             cfg.n_pairs,
             cfg.seed,
             data_dir=store.data_dir,

@@ -36,6 +36,9 @@ def render_card(metrics: dict[str, Any]) -> str:
     trained_accs = [
         acc for length, acc in metrics["accuracy_by_length"].items() if lo <= int(length) <= hi
     ]
+    unlocked = ", ".join(
+        f"{length} at {step}" for length, step in metrics["curriculum_unlocked_at_step"].items()
+    )
     losses = metrics["loss_curve"]
     loss_line = (
         f"first logged window {losses[0]['loss']:.4f}, last {losses[-1]['loss']:.4f}"
@@ -50,7 +53,7 @@ tags: [seqpatch, interpretability, activation-patching, toy-model]
 
 # seqpatch organism
 
-The built-in model of [seqpatch](https://github.com/): a small Llama-architecture model trained
+The built-in model of seqpatch: a small Llama-architecture model trained
 from scratch, by seqpatch itself, to read a variable-binding program and predict the value of the
 queried variable. It is small enough to run the whole seqpatch pipeline (benchmark, counterfactual
 pairs, activation patching) on a laptop CPU in minutes, and it is trained on nothing else, so the
@@ -84,9 +87,13 @@ per letter, digit and punctuation mark, plus `<pad> <bos> <eos> <unk>`. Load it 
 - Loss: cross-entropy of the answer token only. No other position is supervised, so the model is
   never shown an intermediate value.
 - Data: fresh programs every step from `random.Random(derive_seed("organism-train", seed, step))`;
-  lengths {lo}..{hi} statements, a curriculum over the first {cfg["curriculum_frac"]:.0%} of the steps
-  that raises the longest length from {lo} to {hi}; every batch mixes all lengths up to the current
-  one, each weighted by its length.
+  lengths {lo}..{hi} statements. Curriculum: the longest sampled length starts at
+  {min(lo + 1, hi)} and grows by one as soon as the model reaches {cfg["curriculum_gate"]:.0%}
+  accuracy at it ({cfg["curriculum_check_n"]} programs from a separate `organism-gate` RNG stream,
+  checked every {cfg["curriculum_check_every"]} steps), and at the latest on a linear schedule
+  that reaches {hi} after {cfg["curriculum_frac"]:.0%} of the steps. Step at which each longest
+  length was reached: {unlocked}. Every batch mixes all lengths up to the current longest, each
+  weighted by its length.
 - Optimiser: AdamW (betas 0.9/0.98, weight decay {cfg["weight_decay"]} on matrices), peak lr
   {cfg["lr"]}, {cfg["warmup_steps"]} warmup steps then cosine decay to {cfg["min_lr_ratio"]} x
   peak, gradient clipping {cfg["grad_clip"]}, batch {cfg["batch_size"]}, {cfg["steps"]} steps,

@@ -67,7 +67,7 @@ class OrganismTrainConfig:
     update_prob: float = 0.3  # modular family only (stock ModularFamily value)
     min_len: int = 1
     max_len: int = 8
-    curriculum_frac: float = 0.5  # deadline: max_len is reached by then even without the gate
+    curriculum_frac: float = 0.3  # deadline: max_len is reached by then even without the gate
     curriculum_gate: float = 0.95  # accuracy at the current longest length that unlocks the next
     curriculum_check_every: int = 50
     curriculum_check_n: int = 128
@@ -80,7 +80,7 @@ class OrganismTrainConfig:
     max_positions: int = 512  # RoPE has no position parameters; this only caps prompt length
     # --- optimisation ---
     steps: int = 3000
-    batch_size: int = 64  # one supervised token per program: more, noisier steps learn faster
+    batch_size: int = 128
     lr: float = 1e-3
     warmup_steps: int = 100  # avoids early Adam blow-ups with a fresh, small model
     min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
