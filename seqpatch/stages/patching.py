@@ -205,7 +205,7 @@ def build_shard(
     cfg: PatchingConfig,
     handle: ModelHandle,
     activations: Dataset | None = None,
-    batch_pairs: int = 125,
+    batch_pairs: int = 250,
 ) -> Dataset:
     """Rows of shard ``index``: pairs ``[index * shard_size, (index + 1) * shard_size)``."""
     layers = list(cfg.layers) if cfg.layers else list(range(handle.n_layers))
