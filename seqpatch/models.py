@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from seqpatch.errors import SeqpatchError
 from seqpatch.prompts import CodeFormat, CompactFormat, PromptFormat, get_prompt_format
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ SITES: tuple[Site, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "he
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SeqpatchError, RuntimeError):
     """A model could not be loaded; the message says what failed and what to do."""
 
 
@@ -67,11 +68,11 @@ class UnsupportedArchitectureError(ModelLoadError):
     """The checkpoint's ``model_type`` has no ``ArchitectureAdapter``."""
 
 
-class SiteError(ValueError):
+class SiteError(SeqpatchError, ValueError):
     """An unknown site name or a layer index out of range."""
 
 
-class AnswerTokenizationError(ValueError):
+class AnswerTokenizationError(SeqpatchError, ValueError):
     """An answer text cannot be tokenized as a separate suffix of the prompt."""
 
 

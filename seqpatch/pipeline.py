@@ -284,6 +284,7 @@ def run(
     from seqpatch.choose import choose
     from seqpatch.models import load_model
     from seqpatch.stages import build_stage
+    from seqpatch.stages.activations import ActivationsConfig
     from seqpatch.stages.benchmark import (
         BenchmarkConfig,
         build_benchmark,
@@ -291,10 +292,8 @@ def run(
         write_summary,
     )
     from seqpatch.stages.pairs import build_pairs, default_family
-    from seqpatch.stages.programs import ProgramsConfig, parse_seq_lens
-
-    from seqpatch.stages.activations import ActivationsConfig
     from seqpatch.stages.patching import PatchingConfig
+    from seqpatch.stages.programs import ProgramsConfig, parse_seq_lens
 
     ActivationsConfig(sites=cfg.sites, dtype=cfg.activations_dtype)  # bad options fail first
     PatchingConfig(sites=cfg.sites)

@@ -25,12 +25,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
+from seqpatch.errors import SeqpatchError
 from seqpatch.programs import Program, derive_seed, get_family
 
 _INTEGER_RE = re.compile(r"^\s*(-?\d+)")
 
 
-class PromptFormatError(ValueError):
+class PromptFormatError(SeqpatchError, ValueError):
     """A format cannot render as asked (e.g. chat wrapping with a tokenizer that has no template)."""
 
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from seqpatch.errors import SeqpatchError
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
@@ -18,7 +20,7 @@ SWEEP_SITES: tuple[Site, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out
 SITE_ORDER: tuple[Site, ...] = ("resid_pre", "head", "attn_out", "mlp_out", "resid_post")
 
 
-class InterventionError(ValueError):
+class InterventionError(SeqpatchError, ValueError):
     """An intervention was asked for something impossible; the message says what to change."""
 
 
