@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+TARGET_ACCURACY = 0.99  # the accuracy seqpatch asks of its organism at every trained length
+
 
 def reproduce_command(config: dict[str, Any]) -> str:
     """The command line that retrains an organism with ``config`` (non-default options only)."""
@@ -33,8 +35,10 @@ def render_card(metrics: dict[str, Any]) -> str:
     family = metrics["family"]
     params = ", ".join(f"{k}={v!r}" for k, v in family["params"].items())
     lo, hi = metrics["trained_lengths"]
-    trained_accs = [
-        acc for length, acc in metrics["accuracy_by_length"].items() if lo <= int(length) <= hi
+    trained = [
+        (length, acc)
+        for length, acc in metrics["accuracy_by_length"].items()
+        if lo <= int(length) <= hi
     ]
     unlocked = ", ".join(
         f"{length} at {step}" for length, step in metrics["curriculum_unlocked_at_step"].items()
@@ -45,6 +49,15 @@ def render_card(metrics: dict[str, Any]) -> str:
         if losses
         else "not logged"
     )
+    threads = f"{metrics['threads']} CPU thread" + ("s" if metrics["threads"] != 1 else "")
+    below = [length for length, acc in trained if acc < TARGET_ACCURACY]
+    target_line = (
+        f"- Below the {TARGET_ACCURACY:.0%} target at trained lengths {', '.join(below)}: the "
+        "training loss was still falling when the schedule ended, so more steps "
+        "(`--steps`) may close the gap (not yet measured)."
+        if below
+        else f"- At least {TARGET_ACCURACY:.0%} at every trained length."
+    )
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -53,53 +66,40 @@ tags: [seqpatch, interpretability, activation-patching, toy-model]
 
 # seqpatch organism
 
-The built-in model of seqpatch: a small Llama-architecture model trained
-from scratch, by seqpatch itself, to read a variable-binding program and predict the value of the
-queried variable. It is small enough to run the whole seqpatch pipeline (benchmark, counterfactual
-pairs, activation patching) on a laptop CPU in minutes, and it is trained on nothing else, so the
-mechanism patching finds is the one for this task.
+The built-in model of seqpatch: a small Llama-architecture model trained from scratch, by seqpatch
+itself, to read a variable-binding program and predict the value of the queried variable. It is
+small enough to run the whole seqpatch pipeline (benchmark, counterfactual pairs, activation
+patching) on a laptop CPU in minutes, and it is trained on nothing else, so the mechanism patching
+finds is the one for this task.
 
 ## Task and prompt format
 
-Family `{family["name"]}` with parameters `{params}` (seqpatch `seqpatch.programs`); the
-exact instance is `seqpatch.organism.organism_family()`. The prompt is the program's `compact`
-rendering with `<bos>` prepended by the tokenizer; the answer is the next token:
+Family `{family["name"]}` with parameters `{params}` (`seqpatch.programs`); the exact instance is
+`seqpatch.organism.organism_family()`. The prompt is the program's `compact` rendering with
+`<bos>` prepended by the tokenizer; the answer is the next token:
 
 ```
 <bos>a=5;b=a;c=7;a=c;#b:   ->   5
 ```
 
 Statements assign a digit or copy another variable; the query's reference chain is 1 to
-{family["params"].get("max_depth")} statements deep, and other assignments act as distractors.
+{family["params"].get("max_depth")} statements deep, and the other assignments are distractors.
 
 ## Architecture
 
-`LlamaForCausalLM`: {cfg["n_layers"]} layers, d_model {cfg["d_model"]}, {cfg["n_heads"]} attention
-heads ({cfg["n_kv_heads"]} key/value heads), MLP width {cfg["d_ff"]}, RoPE, RMSNorm, untied
-embeddings, float32; **{metrics["n_params"]:,} parameters**.
+`LlamaForCausalLM`: {cfg["n_layers"]} layers, d_model {cfg["d_model"]}, {cfg["n_heads"]} attention heads ({cfg["n_kv_heads"]} key/value heads), MLP width {cfg["d_ff"]}, RoPE, RMSNorm, untied embeddings, float32; **{metrics["n_params"]:,} parameters**.
 
-Tokenizer: character level (`PreTrainedTokenizerFast`, a `tokenizers` WordLevel model): one token
-per letter, digit and punctuation mark, plus `<pad> <bos> <eos> <unk>`. Load it with
-`PreTrainedTokenizerFast.from_pretrained(folder)`.
+Tokenizer: character level (`PreTrainedTokenizerFast` over a `tokenizers` WordLevel model): one
+token per letter, digit and punctuation mark, plus `<pad> <bos> <eos> <unk>`; `<bos>` is
+prepended, padding is on the left. Load it with `PreTrainedTokenizerFast.from_pretrained(folder)`.
 
 ## Training
 
-- Loss: cross-entropy of the answer token only. No other position is supervised, so the model is
-  never shown an intermediate value.
-- Data: fresh programs every step from `random.Random(derive_seed("organism-train", seed, step))`;
-  lengths {lo}..{hi} statements. Curriculum: the longest sampled length starts at
-  {min(lo + 1, hi)} and grows by one as soon as the model reaches {cfg["curriculum_gate"]:.0%}
-  accuracy at it ({cfg["curriculum_check_n"]} programs from a separate `organism-gate` RNG stream,
-  checked every {cfg["curriculum_check_every"]} steps), and at the latest on a linear schedule
-  that reaches {hi} after {cfg["curriculum_frac"]:.0%} of the steps. Step at which each longest
-  length was reached: {unlocked}. Every batch mixes all lengths up to the current longest, each
-  weighted by its length.
-- Optimiser: AdamW (betas 0.9/0.98, weight decay {cfg["weight_decay"]} on matrices), peak lr
-  {cfg["lr"]}, {cfg["warmup_steps"]} warmup steps then cosine decay to {cfg["min_lr_ratio"]} x
-  peak, gradient clipping {cfg["grad_clip"]}, batch {cfg["batch_size"]}, {cfg["steps"]} steps,
-  seed {cfg["seed"]}.
-- Time: {metrics["train_wall_s"] / 60:.1f} min wall, {metrics["train_cpu_s"] / 60:.1f} min CPU on
-  {metrics["threads"]} CPU threads (torch {metrics["torch_version"]}).
+- Loss: cross-entropy of the answer token only. No other position is supervised, so the model is never shown an intermediate value.
+- Data: fresh programs every step from `random.Random(derive_seed("organism-train", seed, step))`, lengths {lo}..{hi} statements.
+- Curriculum: the longest sampled length starts at {min(lo + 1, hi)} and grows by one as soon as the model reaches {cfg["curriculum_gate"]:.0%} accuracy at it ({cfg["curriculum_check_n"]} programs from a separate `organism-gate` RNG stream, checked every {cfg["curriculum_check_every"]} steps), and at the latest on a linear schedule that reaches {hi} after {cfg["curriculum_frac"]:.0%} of the steps. Step at which each longest length was reached: {unlocked}. Every batch mixes all lengths up to the current longest, each weighted by its length.
+- Optimiser: AdamW (betas 0.9/0.98, weight decay {cfg["weight_decay"]} on weight matrices), peak lr {cfg["lr"]}, {cfg["warmup_steps"]} warmup steps then cosine decay to {cfg["min_lr_ratio"]} x peak, gradient clipping {cfg["grad_clip"]}, batch {cfg["batch_size"]}, {cfg["steps"]} steps, seed {cfg["seed"]}.
+- Time: {metrics["train_wall_s"] / 60:.1f} min wall, {metrics["train_cpu_s"] / 60:.1f} min CPU on {threads} (torch {metrics["torch_version"]}).
 - Loss (mean per logged window): {loss_line}.
 
 Full config, loss curve and the evaluations during training: `training.json`.
@@ -108,7 +108,7 @@ Full config, loss curve and the evaluations during training: `training.json`.
 
 Exact match of the greedy answer token on {metrics["eval_n_per_length"]} held-out programs per
 length (RNG streams tagged `organism-eval`, never used in training), up to twice the longest
-trained length. Lowest accuracy at a trained length: **{100 * min(trained_accs):.1f}%**.
+trained length. Lowest accuracy at a trained length: **{100 * min(acc for _, acc in trained):.1f}%**.
 
 {_accuracy_table(metrics)}
 
@@ -124,8 +124,8 @@ versions may differ in the last float bits and therefore in the weights, not in 
 
 ## Caveats
 
-- Held-out means drawn from unused RNG streams, not guaranteed unseen: short programs (one
-  statement has only 30 variants) certainly also occur in training.
+{target_line}
+- Held-out means drawn from unused RNG streams, not guaranteed unseen: short programs (one statement has only 30 variants) certainly also occur in training.
 - Lengths above {hi} statements were never trained; accuracy there measures length generalisation.
 - A toy model for interpretability experiments, not a general language model.
 """
