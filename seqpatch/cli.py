@@ -83,6 +83,15 @@ FamilyOpt = Annotated[
     str,
     typer.Option("--family", help="Program family: arithmetic, binding or modular."),
 ]
+RemoteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--remote",
+        help="Run the model's forward passes on NDIF's hosted copy through nnsight "
+        "(remote=True) instead of here. Needs NDIF_API_KEY and the network; Hub ids only "
+        "(not builtin or a local folder). Same version as a local run.",
+    ),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +205,7 @@ BenchmarkVersionOpt = Annotated[
         "seqpatch build benchmark --models builtin",
         "seqpatch build benchmark --models builtin,Qwen/Qwen2.5-0.5B --batch-size 32",
         "seqpatch build benchmark --models ./my-model:compact --programs 3f2a --data-dir /tmp/sp",
+        "NDIF_API_KEY=... seqpatch build benchmark --models meta-llama/Llama-3.1-8B --remote",
     ),
 )
 def build_benchmark(
@@ -214,6 +224,7 @@ def build_benchmark(
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Longest greedy continuation, in tokens.")
     ] = 8,
+    remote: RemoteOpt = False,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Run each model on each program: greedy answer, answer log-prob and rank.
@@ -230,7 +241,7 @@ def build_benchmark(
     from seqpatch.stages.benchmark import build_benchmark as build
 
     cfg = BenchmarkConfig(parse_models(models), batch_size, max_new_tokens)
-    ref = build(cfg, programs=programs, data_dir=data_dir)
+    ref = build(cfg, programs=programs, data_dir=data_dir, remote=remote)
     _report(ref)
     typer.echo(f"summary: {write_summary(ref)}")
     for path in write_accuracy_chart(ref):
@@ -342,6 +353,7 @@ def _layers(text: str | None) -> tuple[int, ...]:
         "seqpatch build activations --sites resid_pre,mlp_out --dtype float16",
         "seqpatch build activations --sites resid_pre --layers 0,1 --pairs 3f2a",
         "seqpatch build activations --sites resid_pre --from ./exported-study",
+        "NDIF_API_KEY=... seqpatch build activations --sites resid_pre --remote",
     ),
 )
 def build_activations(
@@ -354,6 +366,7 @@ def build_activations(
     ] = None,
     pairs: PairsVersionOpt = "latest",
     from_source: FromOpt = None,
+    remote: RemoteOpt = False,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Cache both programs' activations of every pair ([layers, positions, d_model] arrays).
@@ -363,7 +376,16 @@ def build_activations(
     """
     from seqpatch.pipeline import build_activations as build
 
-    _report(build(_csv(sites), dtype, _layers(layers), pairs, data_dir, from_source=from_source))
+    ref = build(
+        _csv(sites),
+        dtype,
+        _layers(layers),
+        pairs,
+        data_dir,
+        from_source=from_source,
+        remote=remote,
+    )
+    _report(ref)
 
 
 @build_app.command(

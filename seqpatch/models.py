@@ -474,7 +474,7 @@ def _folder_revision(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def _hub_error(spec: str, error: Exception) -> ModelLoadError:
+def _hub_error(spec: str, error: Exception, remote: bool = False) -> ModelLoadError:
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
@@ -482,6 +482,19 @@ def _hub_error(spec: str, error: Exception) -> ModelLoadError:
         hint = "the repo is gated: accept its license on the Hub and log in with `hf auth login`"
     elif isinstance(error, RepositoryNotFoundError):
         hint = "no such repo (or it is private: log in with `hf auth login`); check the id"
+    elif remote and constants.HF_HUB_OFFLINE:
+        hint = (
+            "HF_HUB_OFFLINE is set and the model's config is not in the local cache, while "
+            "remote=True (--remote) needs the network anyway (the Hub for the config and "
+            "tokenizer, NDIF for the run): unset HF_HUB_OFFLINE"
+        )
+    elif remote:
+        hint = (
+            "the Hub could not be reached, and remote=True (--remote) needs the network (the "
+            "Hub for the config and tokenizer, NDIF for the run): check the network, or drop "
+            f"remote=True and run a downloaded copy here (`hf download {spec}`, then pass the "
+            "folder)"
+        )
     elif constants.HF_HUB_OFFLINE:
         hint = (
             "HF_HUB_OFFLINE is set and the model is not in the local cache: unset it, or "
@@ -493,6 +506,22 @@ def _hub_error(spec: str, error: Exception) -> ModelLoadError:
             f"network, or download it elsewhere (`hf download {spec}`) and pass the folder path"
         )
     return ModelLoadError(f"could not load {spec!r} from the Hugging Face Hub: {hint}. ({error})")
+
+
+def _probe_hub(spec: str, revision: str | None) -> None:
+    """One request for the repo's ``config.json``, without retries; raises when it fails.
+
+    A remote run needs the network anyway, so there is no cache to fall back to: without this
+    probe, ``huggingface_hub`` retries an unreachable Hub with backoff for about half a minute
+    before ``TransformersModel`` gives up. Skipped under ``HF_HUB_OFFLINE`` (nothing is
+    requested then, and a cached config may still serve an NDIF run).
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    url = hf_hub_url(spec, "config.json", revision=revision)
+    get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)  # no retries by default
 
 
 def _load_config(source: str, revision: str | None, trust_remote_code: bool) -> PretrainedConfig:
@@ -603,6 +632,17 @@ def load_model(
     return _make_handle(spec, model_id, rev, hf_model, tokenizer, kind, prompt_format, remote=False)
 
 
+def require_ndif_key() -> None:
+    """Raise ``ModelLoadError`` unless nnsight has an NDIF API key (``NDIF_API_KEY``)."""
+    from nnsight import CONFIG
+
+    if not CONFIG.API.APIKEY:
+        raise ModelLoadError(
+            "remote=True (--remote) needs an NDIF API key: get one at https://login.ndif.us and "
+            "set NDIF_API_KEY, or call nnsight.CONFIG.set_default_api_key(key)"
+        )
+
+
 def _load_remote(
     spec: str,
     kind: str,
@@ -611,25 +651,22 @@ def _load_remote(
     prompt_format: PromptFormat | str | None,
 ) -> ModelHandle:
     from huggingface_hub.errors import HfHubHTTPError
-    from nnsight import CONFIG
+    from huggingface_hub.utils import httpx  # the HTTP library huggingface_hub uses
     from nnsight.modeling.transformers import TransformersModel
 
     if kind != "hub":
         raise ModelLoadError(
-            f"remote=True runs models that NDIF serves, named by Hub id; {spec!r} is a local "
-            "model: drop remote=True to run it here"
+            f"remote=True (--remote) runs models that NDIF serves, named by Hub id; {spec!r} is "
+            "a local model: drop remote=True to run it here"
         )
-    if not CONFIG.API.APIKEY:
-        raise ModelLoadError(
-            "remote=True needs an NDIF API key: get one at https://login.ndif.us and set "
-            "NDIF_API_KEY, or call nnsight.CONFIG.set_default_api_key(key)"
-        )
+    require_ndif_key()
     try:
+        _probe_hub(spec, revision)
         model = TransformersModel(
             spec, task="text-generation", revision=revision, trust_remote_code=trust_remote_code
         )
-    except (OSError, HfHubHTTPError) as error:
-        raise _hub_error(spec, error) from error
+    except (OSError, HfHubHTTPError, httpx.HTTPError) as error:
+        raise _hub_error(spec, error, remote=True) from error
     hf_model = model._module
     rev = getattr(hf_model.config, "_commit_hash", None) or revision
     return _make_handle(

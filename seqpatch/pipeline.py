@@ -34,12 +34,15 @@ def _store(data_dir: DataDir) -> Store:
     return Store(data_dir)
 
 
-def pairs_model(pairs_ref: StageRef) -> ModelHandle:
-    """Load the model that built ``pairs_ref`` (its spec is in the pairs config)."""
+def pairs_model(pairs_ref: StageRef, remote: bool = False) -> ModelHandle:
+    """Load the model that built ``pairs_ref`` (its spec is in the pairs config).
+
+    ``remote=True`` opens NDIF's copy of it instead (a Hub id only, see ``load_model``).
+    """
     from seqpatch.models import load_model
 
     spec = pairs_ref.provenance["config"]["model"]
-    return load_model(spec)
+    return load_model(spec, remote=remote)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -83,20 +86,28 @@ def build_activations(
     data_dir: DataDir = None,
     handle: ModelHandle | None = None,
     from_source: str | None = None,
+    remote: bool = False,
 ) -> StageRef:
     """Cache both programs' activations of every pair of a stored ``pairs`` version.
 
     ``from_source`` (a Hub repo id or an exported folder) imports the pairs from there first.
+    ``remote=True`` runs the pairs' model on NDIF through nnsight (``get_activations`` is one
+    trace per batch); a given ``handle`` runs wherever it was loaded for. Where it runs is not
+    part of ``ActivationsConfig`` and so not of the version: the same nnsight trace on the same
+    weights (model id and revision) caches the same activations, as on any device.
     """
+    from seqpatch.models import require_ndif_key
     from seqpatch.stages import build_stage
     from seqpatch.stages.activations import ActivationsConfig
 
+    if remote and handle is None:
+        require_ndif_key()  # before importing anything into the store
     if from_source is not None:
         pairs = import_parents(from_source, ["pairs"], data_dir)["pairs"]
     store = _store(data_dir)
     cfg = ActivationsConfig(sites=tuple(sites), dtype=dtype, layers=tuple(layers))
     pairs_ref = store.resolve("pairs", pairs)
-    handle = handle or pairs_model(pairs_ref)
+    handle = handle or pairs_model(pairs_ref, remote)
     return build_stage(
         "activations",
         cfg,

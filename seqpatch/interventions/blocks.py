@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import nnsight
 import torch
 
 from seqpatch.interventions.sites import (
@@ -36,11 +37,25 @@ DIGITS: tuple[int, ...] = tuple(range(10))
 
 
 def _encode(handle: ModelHandle, prompts: str | Sequence[str] | torch.Tensor) -> dict[str, Any]:
-    """Model inputs for a trace: left-padded text, or unpadded ids ``[B, T]`` as given."""
+    """Model inputs for a trace: left-padded text, or unpadded ids ``[B, T]`` as given.
+
+    A remote handle's inputs stay on the CPU (its ``device`` is the meta skeleton's).
+    """
     if isinstance(prompts, torch.Tensor):
-        ids = prompts[None] if prompts.ndim == 1 else prompts
-        return {"input_ids": ids.long().to(handle.device)}
+        ids = (prompts[None] if prompts.ndim == 1 else prompts).long()
+        return {"input_ids": ids if handle.remote else ids.to(handle.device)}
     return dict(handle.encode(prompts))
+
+
+def _reads(handle: ModelHandle, keys: Sequence[tuple[Site, int]]) -> list[tuple[Any, bool, Any]]:
+    """``(envoy, reads_input, n_heads)`` per ``(site, layer)``: what a trace body needs to find a
+    site tensor, as nnsight envoys and plain values. A body that names only these (never the
+    handle or a ``SiteRef``) ships to NDIF, where seqpatch is not installed."""
+    reads = []
+    for site, layer in keys:
+        ref = handle.module(site, layer)
+        reads.append((handle.envoy(ref.path), ref.kind == "input", ref.n_heads))
+    return reads
 
 
 def get_activations(
@@ -66,12 +81,18 @@ def get_activations(
     ids = batch["input_ids"]
     lengths = mask.sum(-1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
     padded_len = ids.shape[1]
-    saved: dict[tuple[Site, int], Any] = {}
     order = sorted(sites, key=SITE_ORDER.index)
+    keys = [(site, layer) for layer in sorted(set(layer_idx)) for site in order]  # run order
+    reads = _reads(handle, keys)
+    # One list saved inside the block is what comes back from NDIF (a dict from outside the
+    # block, filled inside it, would stay on the server); the body is SiteRef.read, inlined.
     with torch.no_grad(), handle.trace(**batch):
-        for layer in sorted(set(layer_idx)):
-            for site in order:
-                saved[(site, layer)] = handle.read(site, layer).save()
+        values = nnsight.save([])
+        for envoy, reads_input, n_heads in reads:
+            value = envoy.input if reads_input else envoy.output
+            value = value[0] if isinstance(value, tuple) else value
+            values.append(value if n_heads is None else value.unflatten(-1, (n_heads, -1)))
+    saved = dict(zip(keys, values, strict=True))
     n_pos = int(lengths.max()) if positions is None else len(positions)
     result = {}
     for site in sites:
@@ -152,14 +173,22 @@ def patch_and_run(
     (token_idx,) = resolve_indices([token_idx], length, "token_idx")
     cand_ids = first_token_ids(handle, candidates, prompt_tgt)
     unembed = handle.envoy(handle.adapter.unembed)
+    ((envoy, reads_input, n_heads),) = _reads(handle, [(site, layer)])
+    # The bodies inline SiteRef.read, so that they ship to NDIF without seqpatch (see _reads).
     with torch.no_grad():
         with handle.trace(**src):
-            donor = handle.read(site, layer)[:, token_idx].save()
+            value = envoy.input if reads_input else envoy.output
+            value = value[0] if isinstance(value, tuple) else value
+            value = value if n_heads is None else value.unflatten(-1, (n_heads, -1))
+            donor = value[:, token_idx].save()
             src_logits = unembed.output[:, -1].save()
         with handle.trace(**tgt):
             clean_logits = unembed.output[:, -1].save()
         with handle.trace(**tgt):
-            handle.read(site, layer)[:, token_idx] = donor
+            value = envoy.input if reads_input else envoy.output
+            value = value[0] if isinstance(value, tuple) else value
+            value = value if n_heads is None else value.unflatten(-1, (n_heads, -1))
+            value[:, token_idx] = donor.to(value.device)
             patched = unembed.output[:, -1].save()
     source_c, baseline_c, patched_c = (
         x[0, cand_ids].float().cpu() for x in (src_logits, clean_logits, patched)

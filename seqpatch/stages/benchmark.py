@@ -11,6 +11,10 @@ and three measurements are taken, all under ``torch.no_grad()`` on left-padded b
 - ``answer_rank``: the rank of the answer's first token among the whole vocabulary at the
   position where the answer starts (1 = the model's top choice; ties count in its favour).
 
+Both passes go through nnsight (``handle.trace`` and ``handle.model.generate``), so the same code runs
+here or, with ``remote=True`` (``seqpatch build benchmark --remote``), on NDIF's hosted copy of a
+Hub model; locally it gives exactly what a direct ``transformers`` forward and ``generate`` give.
+
 Resumable model by model: the store builds one shard per model (``Store.build_sharded``), so a
 rerun after an interruption skips the models already finished. Every model is loaded, and every
 answer checked to be representable by its tokenizer, before anything is written.
@@ -127,23 +131,31 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The identity of one benchmarked model, as stored in rows and provenance."""
+    """The identity of one benchmarked model, as stored in rows and provenance.
+
+    ``remote`` says where its forward passes run (NDIF or here); it is not part of the identity
+    (see ``build_benchmark``).
+    """
 
     spec: str
     model_id: str
     revision: str | None
     n_params: int
     description: Mapping[str, Any]
+    remote: bool = False
 
 
-def open_model(spec: str) -> ModelHandle:
-    """Load ``spec`` (with its optional ``:format``), turning load failures into ``BenchmarkError``."""
+def open_model(spec: str, remote: bool = False) -> ModelHandle:
+    """Load ``spec`` (with its optional ``:format``), turning load failures into ``BenchmarkError``.
+
+    ``remote=True`` opens NDIF's copy of a Hub model (``load_model(..., remote=True)``).
+    """
     from seqpatch.models import ModelLoadError, load_model
     from seqpatch.prompts import PromptFormatError
 
     name, fmt = split_spec(spec)
     try:
-        return load_model(name, prompt_format=fmt)
+        return load_model(name, prompt_format=fmt, remote=remote)
     except (ModelLoadError, PromptFormatError) as err:
         raise BenchmarkError(f"cannot benchmark model {spec!r}: {err}") from err
 
@@ -166,18 +178,26 @@ def check_model(handle: ModelHandle, programs: Dataset) -> None:
             raise BenchmarkError(f"model {handle.spec!r} cannot be benchmarked: {err}") from err
 
 
-def check_models(specs: Sequence[str], programs: Dataset) -> list[ModelInfo]:
+def check_models(specs: Sequence[str], programs: Dataset, remote: bool = False) -> list[ModelInfo]:
     """Load every model and check it can be scored on ``programs``; returns their identities.
 
     Models are released after the check (they are loaded again, one at a time, when built), so
-    several large models never sit in memory together.
+    several large models never sit in memory together. ``remote=True``: every model runs on
+    NDIF (only their meta skeletons and tokenizers are loaded here).
     """
     infos = []
     for spec in specs:
-        handle = open_model(spec)
+        handle = open_model(spec, remote)
         check_model(handle, programs)
         infos.append(
-            ModelInfo(spec, handle.model_id, handle.revision, handle.n_params, handle.describe())
+            ModelInfo(
+                spec,
+                handle.model_id,
+                handle.revision,
+                handle.n_params,
+                handle.describe(),
+                remote,
+            )
         )
         device = handle.device
         del handle
@@ -225,44 +245,60 @@ def _pad_id(handle: ModelHandle) -> int:
 def _teacher_forced(
     handle: ModelHandle, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]]
 ) -> tuple[list[float], list[int]]:
-    """Summed log-probability of each answer after its prompt, and its first token's rank."""
+    """Summed log-probability of each answer after its prompt, and its first token's rank.
+
+    One nnsight trace, on NDIF for a remote handle. Only small results leave it: the
+    log-probability of each of the last ``keep - 1`` tokens and each row's rank, never the
+    ``[batch, keep, vocab]`` logits (a large download from NDIF). The trace body names only the
+    nnsight model, ``torch`` and tensors, so it ships to NDIF without seqpatch.
+    """
     import torch
 
     seqs = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
     ids, mask, positions = _pad_left(seqs, _pad_id(handle))
     keep = max(len(a) for a in answer_ids) + 1  # logits only where answers are predicted
-    out = handle.hf_model(
-        input_ids=ids.to(handle.device),
-        attention_mask=mask.to(handle.device),
-        position_ids=positions.to(handle.device),
-        logits_to_keep=keep,
-    )
-    logits = out.logits.float()  # [batch, keep, vocab]; column keep-1 is the last token
-    logprobs_all = torch.log_softmax(logits, dim=-1)
-    logprobs, ranks = [], []
-    for row, answer in enumerate(answer_ids):
-        start = keep - 1 - len(answer)  # column whose logits predict answer[0]
-        cols = torch.arange(start, start + len(answer), device=logits.device)
-        targets = torch.tensor(answer, device=logits.device)
-        logprobs.append(float(logprobs_all[row, cols, targets].sum()))
-        first = logits[row, start]
-        ranks.append(int((first > first[answer[0]]).sum()) + 1)
-    return logprobs, ranks
+    targets = ids[:, ids.shape[1] - keep + 1 :]  # the token that logit column i predicts
+    starts = [keep - 1 - len(a) for a in answer_ids]  # column whose logits predict answer[0]
+    start_cols = torch.tensor(starts)
+    first_ids = torch.tensor([a[0] for a in answer_ids])
+    model = handle.model
+    # nnsight moves the inputs to the model's device (the server's GPU when remote)
+    with handle.trace(
+        input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
+    ):
+        logits = model.output.logits.float()  # [batch, keep, vocab]; column keep-1: last token
+        device = logits.device
+        token_logprobs = torch.log_softmax(logits, dim=-1)[:, :-1]
+        token_logprobs = token_logprobs.gather(-1, targets.to(device)[..., None])[..., 0].save()
+        first = logits[torch.arange(logits.shape[0], device=device), start_cols.to(device)]
+        ranks = ((first > first.gather(-1, first_ids.to(device)[:, None])).sum(-1) + 1).save()
+    logprobs = [
+        float(token_logprobs[row, start : start + len(answer)].sum())
+        for row, (start, answer) in enumerate(zip(starts, answer_ids, strict=True))
+    ]
+    return logprobs, [int(rank) for rank in ranks.tolist()]
 
 
 def _greedy(handle: ModelHandle, prompt_ids: Sequence[list[int]], max_new_tokens: int) -> list[str]:
-    """Greedy continuations, each cut at EOS and at the first newline."""
+    """Greedy continuations, each cut at EOS and at the first newline.
+
+    nnsight's ``generate`` (on NDIF for a remote handle); the generated ids are read off
+    ``tracer.result``, the whole prompt followed by the new tokens.
+    """
     ids, mask, _ = _pad_left(prompt_ids, _pad_id(handle))
     tok = handle.tokenizer
-    out = handle.hf_model.generate(
-        input_ids=ids.to(handle.device),
-        attention_mask=mask.to(handle.device),
+    model = handle.model  # `with` must call model.generate itself (nnsight finds the block there)
+    with model.generate(
+        input_ids=ids,
+        attention_mask=mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
         pad_token_id=_pad_id(handle),
         eos_token_id=tok.eos_token_id,
-    )
+        remote=handle.remote,
+    ) as tracer:
+        out = tracer.result.save()
     texts = []
     for row in out[:, ids.shape[1] :].tolist():
         if tok.eos_token_id is not None and tok.eos_token_id in row:
@@ -325,8 +361,9 @@ def model_fingerprint(parent_fingerprint: str | None, cfg: BenchmarkConfig, info
 
 
 def run_model(parent: Dataset, cfg: BenchmarkConfig, info: ModelInfo) -> Dataset:
-    """The benchmark rows of one model over every program of ``parent``."""
-    handle = open_model(info.spec)
+    """The benchmark rows of one model over every program of ``parent`` (on NDIF when
+    ``info.remote``)."""
+    handle = open_model(info.spec, info.remote)
     if handle.revision != info.revision:
         raise BenchmarkError(
             f"model {info.spec!r} changed while benchmarking (revision {info.revision} became "
@@ -352,10 +389,12 @@ def run_model(parent: Dataset, cfg: BenchmarkConfig, info: ModelInfo) -> Dataset
 
 def _shard_extra(rows: Dataset, info: ModelInfo) -> dict[str, Any]:
     summary = summarize(rows)
+    where = {"remote": True} if info.remote else {}  # provenance only, not identity
     return {
         "models": {
             info.spec: {
                 **dict(info.description),
+                **where,
                 "summary": summary.drop("model_spec", "model_id").to_dicts(),
             }
         }
@@ -366,16 +405,17 @@ def _shard_extra(rows: Dataset, info: ModelInfo) -> dict[str, Any]:
 # The stage
 
 
-def build(parent: Dataset, cfg: BenchmarkConfig) -> Any:
+def build(parent: Dataset, cfg: BenchmarkConfig, remote: bool = False) -> Any:
     """Every model's rows over ``parent`` (the programs), in memory, with summary statistics.
 
     The stage contract's entry point; ``build_benchmark`` is the resumable, stored variant.
+    ``remote=True`` runs every model on NDIF.
     """
     from datasets import concatenate_datasets
 
     from seqpatch.store import Built, merge_extra
 
-    infos = check_models(cfg.models, parent)
+    infos = check_models(cfg.models, parent, remote)
     parts = [run_model(parent, cfg, info) for info in infos]
     extras = [_shard_extra(rows, info) for rows, info in zip(parts, infos, strict=True)]
     return Built(concatenate_datasets(parts), merge_extra(extras))
@@ -398,18 +438,26 @@ def build_benchmark(
     programs: str = "latest",
     store: Store | None = None,
     data_dir: str | os.PathLike[str] | None = None,
+    remote: bool = False,
 ) -> StageRef:
     """Benchmark ``cfg.models`` on a stored ``programs`` version, one resumable shard per model.
 
     Every model is loaded and checked before anything is written; a stored version with the same
     config, programs and model weights is reused without running any model.
+
+    ``remote=True`` runs the forward passes and generation on NDIF through nnsight (Hub ids
+    only; needs ``NDIF_API_KEY`` and the network). It is deliberately not part of
+    ``BenchmarkConfig`` and so not of the version: the rows are the same computation, the same
+    nnsight code on the same weights (model id and revision), wherever it runs, just as the
+    device is not part of the version. A version built remotely is reused by a local run and
+    the other way round; its provenance says ``"remote": true`` per model.
     """
     from seqpatch.store import Built, Store
 
     store = store if store is not None else Store(data_dir)
     parent_ref = store.resolve(PARENT_STAGE, programs)
     parent = store.load(PARENT_STAGE, parent_ref.version)
-    infos = check_models(cfg.models, parent)
+    infos = check_models(cfg.models, parent, remote)
 
     def build_shard(index: int) -> Built:
         rows = run_model(parent, cfg, infos[index])
