@@ -23,6 +23,7 @@ from seqpatch.organism import (
     training_record,
 )
 from seqpatch.organism.tokenizer import CHARACTERS
+from seqpatch.organism.train import answer_loss, build_model, training_batch
 from seqpatch.programs import FAMILIES, make_sequence
 
 TINY = OrganismTrainConfig(
@@ -117,6 +118,28 @@ def test_training_is_deterministic_and_depends_on_the_seed(tmp_path) -> None:
     assert record["family"] == {"name": "binding", "params": TINY.family_params()}
     assert len(record["loss_curve"]) == 3
     assert "Accuracy" in (tmp_path / "first" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("buckets", [2, 3, 8])
+def test_length_buckets_change_only_the_padding_not_the_loss_or_gradient(buckets: int) -> None:
+    """Bucketed batches (sorted by length, padded per bucket) give the one-forward loss."""
+    cfg = OrganismTrainConfig(**{**vars(TINY), "max_len": 8})
+    tokenizer = _fresh_tokenizer()
+    model = build_model(cfg, len(tokenizer))
+    programs = training_batch(cfg, cfg.make_family(), step=0, longest=8)
+    assert len({len(p.render("compact")) for p in programs}) > 1, "needs mixed lengths"
+
+    def loss_and_grads(n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = answer_loss(model, tokenizer, programs, buckets=n)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    whole, whole_grads = loss_and_grads(1)
+    bucketed, bucketed_grads = loss_and_grads(buckets)
+    torch.testing.assert_close(bucketed, whole, rtol=1e-5, atol=1e-5)
+    for got, want in zip(bucketed_grads, whole_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_trained_folder_loads_with_plain_transformers(tmp_path) -> None:

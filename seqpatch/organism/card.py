@@ -7,17 +7,23 @@ from typing import Any
 TARGET_ACCURACY = 0.99  # the accuracy seqpatch asks of its organism at every trained length
 
 
+# Options that `seqpatch organism train` takes; every other field is a scripts/train_organism.py option.
+_CLI_OPTIONS = frozenset({"family", "seed", "steps", "max_len", "batch_size", "lr", "threads"})
+
+
 def reproduce_command(config: dict[str, Any]) -> str:
     """The command line that retrains an organism with ``config`` (non-default options only)."""
     from seqpatch.organism.train import OrganismTrainConfig
 
     defaults = OrganismTrainConfig()
-    options = [
-        f"--{name.replace('_', '-')} {value}"
-        for name, value in config.items()
-        if getattr(defaults, name, None) != value
-    ]
-    return " ".join(["seqpatch organism train --out DIR", *options])
+    changed = {k: v for k, v in config.items() if getattr(defaults, k, None) != v}
+    options = [f"--{name.replace('_', '-')} {value}" for name, value in changed.items()]
+    program = (
+        "seqpatch organism train"
+        if set(changed) <= _CLI_OPTIONS
+        else "python scripts/train_organism.py"
+    )
+    return " ".join([program, "--out DIR", *options])
 
 
 def _accuracy_table(metrics: dict[str, Any]) -> str:
@@ -28,6 +34,24 @@ def _accuracy_table(metrics: dict[str, Any]) -> str:
         trained = "yes" if lo <= int(length) <= hi else "no"
         rows.append(f"| {length} | {trained} | {100 * acc:.1f}% | {round(acc * n)} / {n} |")
     return "\n".join(rows)
+
+
+def _loss_line(cfg: dict[str, Any]) -> str:
+    buckets = cfg.get("length_buckets", 1)
+    split = (
+        f" Each batch runs as {buckets} length-sorted forwards (less padding, the same loss)."
+        if buckets > 1
+        else ""
+    )
+    return (
+        "cross-entropy of the answer token only. No other position is supervised, so the model "
+        f"is never shown an intermediate value.{split}"
+    )
+
+
+def _length_weights(cfg: dict[str, Any]) -> str:
+    power = cfg.get("length_weight_power", 1.0)
+    return "its length" if power == 1 else f"its length to the power {power:g}"
 
 
 def render_card(metrics: dict[str, Any]) -> str:
@@ -95,9 +119,9 @@ prepended, padding is on the left. Load it with `PreTrainedTokenizerFast.from_pr
 
 ## Training
 
-- Loss: cross-entropy of the answer token only. No other position is supervised, so the model is never shown an intermediate value.
+- Loss: {_loss_line(cfg)}
 - Data: fresh programs every step from `random.Random(derive_seed("organism-train", seed, step))`, lengths {lo}..{hi} statements.
-- Curriculum: the longest sampled length starts at {min(lo + 1, hi)} and grows by one as soon as the model reaches {cfg["curriculum_gate"]:.0%} accuracy at it ({cfg["curriculum_check_n"]} programs from a separate `organism-gate` RNG stream, checked every {cfg["curriculum_check_every"]} steps), and at the latest on a linear schedule that reaches {hi} after {cfg["curriculum_frac"]:.0%} of the steps. Step at which each longest length was reached: {unlocked}. Every batch mixes all lengths up to the current longest, each weighted by its length.
+- Curriculum: the longest sampled length starts at {min(lo + 1, hi)} and grows by one as soon as the model reaches {cfg["curriculum_gate"]:.0%} accuracy at it ({cfg["curriculum_check_n"]} programs from a separate `organism-gate` RNG stream, checked every {cfg["curriculum_check_every"]} steps), and at the latest on a linear schedule that reaches {hi} after {cfg["curriculum_frac"]:.0%} of the steps. Step at which each longest length was reached: {unlocked}. Every batch mixes all lengths up to the current longest, each weighted by {_length_weights(cfg)}.
 - Optimiser: AdamW (betas 0.9/0.98, weight decay {cfg["weight_decay"]} on weight matrices), peak lr {cfg["lr"]}, {cfg["warmup_steps"]} warmup steps then cosine decay to {cfg["min_lr_ratio"]} x peak, gradient clipping {cfg["grad_clip"]}, batch {cfg["batch_size"]}, {cfg["steps"]} steps, seed {cfg["seed"]}.
 - Time: {metrics["train_wall_s"] / 60:.1f} min wall, {metrics["train_cpu_s"] / 60:.1f} min CPU on {threads} (torch {metrics["torch_version"]}).
 - Loss (mean per logged window): {loss_line}.
@@ -116,7 +140,7 @@ trained length. Lowest accuracy at a trained length: **{100 * min(acc for _, acc
 
 ```
 {reproduce_command(cfg)}
-# equivalently: python scripts/train_organism.py with the same options
+# scripts/train_organism.py takes every OrganismTrainConfig field as an option
 ```
 
 Same seed, same machine and thread count give bit-identical weights; other CPUs or torch
