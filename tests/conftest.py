@@ -44,3 +44,15 @@ def _seed_everything() -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.manual_seed(SEED)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Two tiny benchmarkable model specs saved to disk: a word-level Llama read in the compact
+    format (the smaller one: its vocabulary is) and a BPE Llama read as code."""
+    from seqpatch.testing import save_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    word = save_tiny_model("llama", root / "word", seed=0, tokenizer="wordlevel")
+    bpe = save_tiny_model("llama", root / "bpe", seed=1, tokenizer="bpe")
+    return {"word": f"{word}:compact", "bpe": str(bpe)}

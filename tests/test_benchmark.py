@@ -33,7 +33,7 @@ from seqpatch.stages.benchmark import (
     wilson_interval,
 )
 from seqpatch.store import Store, load_stage
-from seqpatch.testing import save_tiny_model
+from tests.cli_output import error_line, snapshot
 
 runner = CliRunner()
 PROGRAMS = ["--family", "arithmetic", "--seq-lens", "1,3", "--n-per-len", "3", "--seed", "5"]
@@ -43,15 +43,6 @@ MAX_NEW = 3  # short continuations keep the test fast; the stop rules are still 
 
 def invoke(*args: str | Path):  # type: ignore[no-untyped-def]
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Two model specs: the word-level one is smaller (its vocabulary is)."""
-    root = tmp_path_factory.mktemp("models")
-    word = save_tiny_model("llama", root / "word", seed=0, tokenizer="wordlevel")
-    bpe = save_tiny_model("llama", root / "bpe", seed=1, tokenizer="bpe")
-    return {"word": f"{word}:compact", "bpe": str(bpe)}
 
 
 def _cfg(models: dict[str, str]) -> BenchmarkConfig:
@@ -291,19 +282,6 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
 
-def _error_line(stderr: str) -> str:
-    """The one error line (model loading may print progress bars before it)."""
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if "Error: " in line]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
-    assert stderr.endswith(lines[0] + "\n")
-    return lines[0]
-
-
-def _snapshot(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-
-
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
@@ -324,14 +302,14 @@ def test_a_bad_model_is_one_line_exit_2_and_nothing_is_written(
     bad = bad.replace("EMPTY_DIR", str(tmp_path / "empty")).replace(
         "BERT_DIR", str(tmp_path / "bert")
     )
-    before = _snapshot(data_dir)
+    before = snapshot(data_dir)
     result = invoke(
         "build", "benchmark", "--models", f"{models['word']},{bad}", "--data-dir", data_dir
     )
     assert result.exit_code == 2, result.output
-    error = _error_line(result.stderr)
+    error = error_line(result.stderr)
     assert message in error and bad in error
-    assert _snapshot(data_dir) == before
+    assert snapshot(data_dir) == before
 
 
 def test_an_unrepresentable_answer_is_refused_before_writing(
@@ -346,10 +324,10 @@ def test_an_unrepresentable_answer_is_refused_before_writing(
         return real(self, values, prompt)
 
     monkeypatch.setattr(ModelHandle, "answer_token_ids", picky)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises(BenchmarkError, match=r"cannot be benchmarked: answer ' 0'"):
         build_benchmark(_cfg(models), data_dir=tmp_path)
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_bad_config_and_missing_programs(tmp_path: Path) -> None:
@@ -359,7 +337,7 @@ def test_bad_config_and_missing_programs(tmp_path: Path) -> None:
         BenchmarkConfig(("builtin",), batch_size=0)
     result = invoke("build", "benchmark", "--models", "builtin", "--data-dir", tmp_path)
     assert result.exit_code == 2
-    assert "no stored 'programs' stage" in _error_line(result.stderr)
+    assert "no stored 'programs' stage" in error_line(result.stderr)
 
 
 def test_split_spec_reads_only_known_format_suffixes() -> None:
@@ -466,6 +444,6 @@ def test_choose_cli_when_none_qualifies_names_the_closest(built: Path, tmp_path:
     assert best < 1.0  # random tiny models do not solve every program
     result = invoke("choose", "--min-accuracy", "1.0", "--min-seq-len", "3", "--data-dir", data_dir)
     assert result.exit_code == 2, result.output
-    error = _error_line(result.stderr)
+    error = error_line(result.stderr)
     assert "closest:" in error and f"at seq_len 3 (accuracy {best:.3f})" in error
     assert not (data_dir / "chosen_model.json").exists()

@@ -31,7 +31,7 @@ from seqpatch.programs import make_sequence
 from seqpatch.stages import benchmark
 from seqpatch.stages.benchmark import BenchmarkConfig, build_benchmark, split_spec
 from seqpatch.store import Store, load_stage
-from seqpatch.testing import save_tiny_model
+from tests.cli_output import error_line, snapshot
 
 runner = CliRunner()
 PROGRAMS = ["--family", "arithmetic", "--seq-lens", "1,3", "--n-per-len", "3", "--seed", "5"]
@@ -39,14 +39,6 @@ PROGRAMS = ["--family", "arithmetic", "--seq-lens", "1,3", "--n-per-len", "3", "
 
 def invoke(*args: str | Path):  # type: ignore[no-untyped-def]
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("models")
-    word = save_tiny_model("llama", root / "word", seed=0, tokenizer="wordlevel")
-    bpe = save_tiny_model("llama", root / "bpe", seed=1, tokenizer="bpe")
-    return {"word": f"{word}:compact", "bpe": str(bpe)}
 
 
 @pytest.fixture(scope="module")
@@ -134,18 +126,6 @@ def no_ndif_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
 
 
-def _error_line(stderr: str) -> str:
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if "Error: " in line]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
-    assert stderr.endswith(lines[0] + "\n")
-    return lines[0]
-
-
-def _snapshot(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-
-
 @pytest.fixture
 def programs_dir(tmp_path: Path) -> Path:
     data_dir = tmp_path / "data"
@@ -155,14 +135,14 @@ def programs_dir(tmp_path: Path) -> Path:
 
 
 def _remote_benchmark_fails(data_dir: Path, model: str) -> str:
-    before = _snapshot(data_dir)
+    before = snapshot(data_dir)
     start = time.perf_counter()
     result = invoke("build", "benchmark", "--models", model, "--remote", "--data-dir", data_dir)
     elapsed = time.perf_counter() - start
     assert result.exit_code == 2, result.output
-    assert _snapshot(data_dir) == before
+    assert snapshot(data_dir) == before
     assert elapsed < 10, f"took {elapsed:.1f} s"
-    return _error_line(result.stderr)
+    return error_line(result.stderr)
 
 
 def test_remote_without_an_ndif_key(programs_dir: Path, offline: None, no_ndif_key: None) -> None:
@@ -205,22 +185,22 @@ def test_remote_activations_errors(
 
     data_dir = tmp_path / "data"
     _store_pairs(data_dir, models["bpe"])
-    before = _snapshot(data_dir)
+    before = snapshot(data_dir)
     args = ["build", "activations", "--remote", "--data-dir", data_dir]
 
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     result = invoke(*args)
     assert result.exit_code == 2
-    assert "needs an NDIF API key" in _error_line(result.stderr)
+    assert "needs an NDIF API key" in error_line(result.stderr)
     result = invoke(*args, "--from", tmp_path / "no-export-here")  # checked before importing
     assert result.exit_code == 2
-    assert "needs an NDIF API key" in _error_line(result.stderr)
+    assert "needs an NDIF API key" in error_line(result.stderr)
 
     monkeypatch.setattr(CONFIG.API, "APIKEY", "not-a-real-key")
     result = invoke(*args)
     assert result.exit_code == 2
-    assert "drop remote=True" in _error_line(result.stderr)
-    assert _snapshot(data_dir) == before
+    assert "drop remote=True" in error_line(result.stderr)
+    assert snapshot(data_dir) == before
 
 
 # ---------------------------------------------------------------------------------------------
