@@ -198,3 +198,15 @@ def test_model_card_states_accuracy_at_every_trained_length() -> None:
         acc = record["accuracy_by_length"][str(length)]
         assert f"| {length} |" in card and f"{100 * acc:.1f}%" in card
     assert all(record["accuracy_by_length"][str(n)] >= 0.95 for n in range(lo, hi + 1))
+
+
+def test_reproduce_command_knows_which_options_the_cli_takes() -> None:
+    """The card names `seqpatch organism train` only for options that command really has."""
+    import typer.main
+
+    from seqpatch.cli import app
+    from seqpatch.organism.card import _CLI_OPTIONS
+
+    organism = typer.main.get_command(app).commands["organism"]  # type: ignore[attr-defined]
+    params = {p.name for p in organism.commands["train"].params} - {"out", "progress"}
+    assert params == _CLI_OPTIONS
