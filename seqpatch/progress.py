@@ -50,3 +50,24 @@ def progress_bar(total: int | None, description: str, enabled: bool = True) -> I
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         task = progress.add_task(description, total=total)
         yield _RichBar(progress, task)
+
+
+@contextmanager
+def library_bars(enabled: bool) -> Iterator[None]:
+    """Let transformers' own bars (e.g. "Writing model shards") show only when ``enabled``.
+
+    ``--no-progress`` promises quiet logs; transformers prints its bars regardless unless told.
+    The previous setting is restored on exit.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()
