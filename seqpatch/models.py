@@ -384,6 +384,17 @@ class ModelHandle:
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    @property
+    def max_answer_tokens(self) -> int | None:
+        """How many tokens the model itself says to generate (``generation_config.max_new_tokens``).
+
+        The organism says 1: it is trained on the answer token only, so whatever it generates
+        after that was never trained and is not part of its answer. ``None`` when unset.
+        """
+        generation_config = getattr(self.hf_model, "generation_config", None)
+        value = getattr(generation_config, "max_new_tokens", None)
+        return int(value) if value else None
+
     def describe(self) -> dict[str, Any]:
         """JSON-able identity and shape of the model, for provenance."""
         return {
@@ -457,14 +468,19 @@ def load_tokenizer(
 
 
 def _folder_revision(folder: Path) -> str:
-    """A cheap content id of a local checkpoint: config, tokenizer, and weight file sizes.
+    """A cheap content id of a local checkpoint: configs, tokenizer, and weight file sizes.
 
     Small checkpoints (< 64 MB of weights, like the organism) hash their weights too.
     """
     digest = hashlib.sha256()
     weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
     small = sum(p.stat().st_size for p in weights) < 64 * 2**20
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         if (folder / name).is_file():
             digest.update(name.encode() + (folder / name).read_bytes())
     for path in weights:

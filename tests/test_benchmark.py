@@ -340,6 +340,24 @@ def test_bad_config_and_missing_programs(tmp_path: Path) -> None:
     assert "no stored 'programs' stage" in error_line(result.stderr)
 
 
+def test_the_organism_is_scored_on_its_one_answer_token(tmp_path: Path) -> None:
+    """The organism answers with one token and was never trained on what follows it.
+
+    Its generation config says so (``max_new_tokens`` 1), so the greedy prediction is exactly
+    the top token of the teacher-forced pass, and the accuracy is the card's (>= 99%), not the
+    accuracy of whatever untrained digits it would append.
+    """
+    programs = ["--family", "binding", "--seq-lens", "2,8", "--n-per-len", "16", "--seed", "3"]
+    assert invoke("build", "programs", *programs, "--data-dir", tmp_path).exit_code == 0
+    result = invoke("build", "benchmark", "--models", "builtin", "--data-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    rows = load_stage("benchmark", tmp_path)
+    assert load_model("builtin").max_answer_tokens == 1
+    assert all(len(c) == 1 and c.isdigit() for c in rows["continuation"])
+    assert rows["correct"] == [rank == 1 for rank in rows["answer_rank"]]
+    assert sum(rows["correct"]) >= 0.9 * rows.num_rows
+
+
 def test_split_spec_reads_only_known_format_suffixes() -> None:
     assert split_spec("./m:compact") == ("./m", "compact")
     assert split_spec("Qwen/Qwen2.5-0.5B-Instruct:code-chat") == (

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from seqpatch.organism import (
@@ -121,6 +121,7 @@ def test_training_is_deterministic_and_depends_on_the_seed(tmp_path, capfd) -> N
     assert record["family"] == {"name": "binding", "params": TINY.family_params()}
     assert len(record["loss_curve"]) == 3
     assert "Accuracy" in (tmp_path / "first" / "README.md").read_text()
+    assert GenerationConfig.from_pretrained(tmp_path / "first").max_new_tokens == 1
     assert "Writing model shards" not in capfd.readouterr().err, "progress=False must be quiet"
     assert hf_logging.is_progress_bar_enabled(), "transformers' own setting is restored"
 
@@ -188,6 +189,15 @@ def test_shipped_organism_solves_held_out_programs_as_its_card_says(shipped, seq
     stated = training_record()["accuracy_by_length"][str(seq_len)]
     assert abs(accuracy[seq_len] - stated) < 0.02  # ~4 standard errors at 99% and n = 400
     assert accuracy[seq_len] >= 0.97
+
+
+def test_shipped_organism_generates_exactly_its_answer_token(shipped) -> None:
+    """Only the answer token is trained; generate() stops there instead of babbling digits."""
+    model, tokenizer = shipped
+    assert model.generation_config.max_new_tokens == 1
+    prompt = tokenizer(["a=5;b=a;#b:"], return_tensors="pt")
+    out = model.generate(**prompt, do_sample=False)
+    assert tokenizer.decode(out[0, prompt["input_ids"].shape[1] :]) == "5"
 
 
 def test_shipped_organism_fits_the_size_budget() -> None:

@@ -174,6 +174,8 @@ def build_model(cfg: OrganismTrainConfig, vocab_size: int) -> LlamaForCausalLM:
     )
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config)
+    # The answer is one token and nothing after it is trained: generate() should stop there.
+    model.generation_config.max_new_tokens = 1
     return model.float()
 
 

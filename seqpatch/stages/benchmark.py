@@ -4,7 +4,9 @@ One row per (model, program). For every model the prompt is ``prompt_format.prom
 and three measurements are taken, all under ``torch.no_grad()`` on left-padded batches:
 
 - ``continuation``: the greedy continuation (``generate``, no sampling), cut at the first
-  newline, EOS or after ``max_new_tokens`` tokens; ``prediction`` is the integer it starts with
+  newline, EOS or after ``max_new_tokens`` tokens — fewer if the model's own generation config
+  says so (``ModelHandle.max_answer_tokens``: the organism answers with exactly one token and
+  was never trained on what follows it); ``prediction`` is the integer it starts with
   (``prompt_format.parse_prediction``) and ``correct`` says whether it equals the answer;
 - ``answer_logprob``: the teacher-forced log-probability of the true answer text, summed over
   all of its tokens (prompt followed by ``prompt_format.answer_text(answer)``);
@@ -323,7 +325,8 @@ def _run_batch(
     ]
     with torch.no_grad():
         logprobs, ranks = _teacher_forced(handle, prompt_ids, answer_ids)
-        continuations = _greedy(handle, prompt_ids, cfg.max_new_tokens)
+        limit = min(cfg.max_new_tokens, handle.max_answer_tokens or cfg.max_new_tokens)
+        continuations = _greedy(handle, prompt_ids, limit)
     predictions = [fmt.parse_prediction(c) for c in continuations]
     n = len(prompts)
     return {
