@@ -214,6 +214,8 @@ def test_model_card_states_accuracy_at_every_trained_length() -> None:
         assert f"| {length} |" in card and f"{100 * acc:.1f}%" in card
     assert all(record["accuracy_by_length"][str(n)] >= 0.99 for n in range(lo, hi + 1))
     assert record["eval_n_per_length"] >= 1000
+    assert "99% or better at every trained length" in card and "Below the" not in card
+    assert "stops `generate()` after one token" in card
 
 
 def test_retraining_with_the_defaults_reproduces_the_shipped_config() -> None:

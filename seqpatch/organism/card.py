@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 TARGET_ACCURACY = 0.99  # the accuracy seqpatch asks of its organism at every trained length
@@ -75,12 +76,17 @@ def render_card(metrics: dict[str, Any]) -> str:
     )
     threads = f"{metrics['threads']} CPU thread" + ("s" if metrics["threads"] != 1 else "")
     below = [length for length, acc in trained if acc < TARGET_ACCURACY]
+    n_eval = metrics["eval_n_per_length"]
+    lowest = min(acc for _, acc in trained)
+    margin = 1.96 * math.sqrt(lowest * (1 - lowest) / n_eval)  # normal approximation
     target_line = (
         f"- Below the {TARGET_ACCURACY:.0%} target at trained lengths {', '.join(below)}: the "
         "training loss was still falling when the schedule ended, so more steps "
         "(`--steps`) may close the gap (not yet measured)."
         if below
-        else f"- At least {TARGET_ACCURACY:.0%} at every trained length."
+        else f"- {TARGET_ACCURACY:.0%} or better at every trained length, measured on {n_eval} "
+        f"programs each: sampling alone moves the lowest ({lowest:.1%}) by about "
+        f"±{100 * margin:.1f} points (95%)."
     )
     return f"""---
 library_name: transformers
@@ -151,5 +157,6 @@ versions may differ in the last float bits and therefore in the weights, not in 
 {target_line}
 - Held-out means drawn from unused RNG streams, not guaranteed unseen: short programs (one statement has only 30 variants) certainly also occur in training.
 - Lengths above {hi} statements were never trained; accuracy there measures length generalisation.
+- Only the answer token is trained, so `generation_config.json` stops `generate()` after one token: whatever the model would write next was never trained.
 - A toy model for interpretability experiments, not a general language model.
 """
