@@ -61,13 +61,11 @@ def library_bars(enabled: bool) -> Iterator[None]:
     """
     from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
+    if enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-        else:
-            hf_logging.disable_progress_bar()
+        hf_logging.enable_progress_bar()

@@ -138,7 +138,7 @@ Full config, loss curve and the evaluations during training: `training.json`.
 
 Exact match of the greedy answer token on {metrics["eval_n_per_length"]} held-out programs per
 length (RNG streams tagged `organism-eval`, never used in training), up to twice the longest
-trained length. Lowest accuracy at a trained length: **{100 * min(acc for _, acc in trained):.1f}%**.
+trained length. Lowest accuracy at a trained length: **{100 * lowest:.1f}%**.
 
 {_accuracy_table(metrics)}
 
