@@ -39,7 +39,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from seqpatch.models import load_model
-    from seqpatch.stages.pairs import build_pairs
+    from seqpatch.pipeline import build_pairs
 
     start = time.perf_counter()
     handle = load_model(args.model)

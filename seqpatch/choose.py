@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import polars as pl
 
 CHOSEN_FILE = "chosen_model.json"
+CHOSEN_KEYS = ("model_spec", "family", "seq_len", "benchmark_version")  # what later stages read
 
 
 class ChooseError(SeqpatchError):
@@ -155,6 +156,12 @@ def read_chosen(data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any
             "--min-accuracy 0.8 --min-seq-len 6` after `seqpatch build benchmark`"
         )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        chosen = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ChooseError(f"{path} is not valid JSON ({err}); rerun `seqpatch choose`") from err
+    missing = [key for key in CHOSEN_KEYS if not isinstance(chosen, dict) or key not in chosen]
+    if missing:
+        raise ChooseError(
+            f"{path} is damaged (no {', '.join(missing)}); rerun `seqpatch choose` to rewrite it"
+        )
+    return chosen

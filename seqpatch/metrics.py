@@ -1,4 +1,4 @@
-"""Patching metrics, computed from the logits of the answer candidates.
+"""Patching metrics, computed from the candidates' logits and the full-vocabulary normaliser.
 
 Conventions — the same as the sweep engine (``seqpatch.interventions.sweep``):
 
@@ -13,14 +13,21 @@ Conventions — the same as the sweep engine (``seqpatch.interventions.sweep``):
   applies to every cell; an array applies per leading index: its shape is a prefix of the logits'
   leading shape (one per pair, say), broadcast over the remaining axes (layers, positions).
   Baselines broadcast the same way: their leading shape is a prefix of the patched one's.
+- ``*_lse`` are log-normalisers: the log-sum-exp of the model's logits over its **whole
+  vocabulary** at the same position, shaped like the logits without the candidate axis
+  (``[n_pairs, layers, positions]``, baselines ``[n_pairs]``). ``logit - lse`` is a
+  full-vocabulary log-probability. The sweep engine returns them beside the logits
+  (``interventions.Readout``), and the patching stage stores them.
 
 Metrics (all float32, numpy in → numpy out, torch in → torch out):
 
-- ``prob_delta`` = P(B | patched) − P(B | target baseline). Negative where the patch destroys the
-  target's answer (the original roadmap's Δ). Probabilities are a softmax **over the candidates
-  only**, because the candidate logits are what the sweep stores: a new metric is a view, not a
-  rerun. The full-vocabulary probability (what ``patch_and_run`` reports) is larger in magnitude
-  whenever mass sits outside the candidates; over a trained model's digits they nearly agree.
+- ``prob_delta`` = P(B | patched) − P(B | target baseline), probabilities over the model's
+  **whole vocabulary** (``exp(logit_B - lse)``): exactly the original roadmap's Δ, and what
+  ``patch_and_run`` reports. Negative where the patch destroys the target's answer.
+- ``prob_delta_candidates`` — the same difference with probabilities a softmax **over the
+  candidates only** (it needs no normaliser). It equals ``prob_delta`` when all the mass sits on
+  the candidates; with mass outside them (a pretrained model) the two disagree, the candidate
+  variant being the larger in magnitude.
 - ``logit_diff`` = logit(A) − logit(B): positive when the model prefers the source's answer.
   Softmax-invariant, so it reads the same over candidates and over the full vocabulary.
 - ``normalised`` = (LD_patched − LD_target) / (LD_source − LD_target), with LD the logit
@@ -93,8 +100,43 @@ def candidate_probs(logits: Array) -> Array:
     return shifted / shifted.sum(-1, keepdims=True)
 
 
-def prob_delta(patched: Array, target_baseline: Array, answer_b: Any) -> Array:
-    """P(answer B | patched) − P(answer B | target baseline), softmax over the candidates."""
+def answer_prob(logits: Array, lse: Array, answer: Any) -> Array:
+    """P(answer) over the whole vocabulary: ``exp(logits[..., answer] - lse)``, float32.
+
+    ``logits`` ``[..., C]`` are candidate logits, ``lse`` ``[...]`` their run's log-normaliser.
+    """
+    logits, lse = _float(logits), _float(lse)
+    if tuple(lse.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"lse of shape {tuple(lse.shape)} must be the logits' shape without the candidate "
+            f"axis, {tuple(logits.shape[:-1])}"
+        )
+    log_p = _pick(logits, answer) - lse
+    return log_p.exp() if isinstance(log_p, torch.Tensor) else np.exp(log_p)
+
+
+def prob_delta(
+    patched: Array,
+    target_baseline: Array,
+    answer_b: Any,
+    *,
+    patched_lse: Array,
+    baseline_lse: Array,
+) -> Array:
+    """P(answer B | patched) − P(answer B | target baseline) over the whole vocabulary.
+
+    The roadmap's Δ. ``patched_lse`` ``[*prefix, *rest]`` and ``baseline_lse`` ``[*prefix]`` are
+    the log-normalisers of ``patched`` ``[*prefix, *rest, C]`` and ``target_baseline``
+    ``[*prefix, C]``.
+    """
+    patched, baseline = _float(patched), _float(target_baseline)
+    p_base = answer_prob(baseline, baseline_lse, answer_b)
+    p_base = p_base.reshape(_align(baseline, patched.ndim).shape[:-1])
+    return answer_prob(patched, patched_lse, answer_b) - p_base
+
+
+def prob_delta_candidates(patched: Array, target_baseline: Array, answer_b: Any) -> Array:
+    """P(answer B | patched) − P(answer B | target baseline), softmax over the candidates only."""
     patched, baseline = _float(patched), _float(target_baseline)
     baseline = _align(baseline, patched.ndim)
     p_patched = _pick(candidate_probs(patched), answer_b)

@@ -15,8 +15,12 @@ What is verified, not assumed:
   is in the query's backward data-flow slice (``Program.dependencies``). The slice depends only
   on which variables later statements read and overwrite, so it is the same for A and B.
 
-Every rejected draw is counted by reason (``RejectionCounts``) so that a stage can report why
-pairs were hard to find.
+Every rejected draw is counted by reason (``RejectionCounts``: ``token_length``,
+``equal_answers``) so that a stage can report why pairs were hard to find. Reasons that need a
+model (a wrong answer) are counted by the stage that runs it (``seqpatch.stages.pairs``).
+
+Without an ``rng`` the draw is seeded with ``DEFAULT_SEED`` (``make_counterfactual_pair(8, 3)``
+returns the same pair on every call); pass a ``random.Random`` or an int seed for other draws.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from seqpatch.programs import Family, Program, ProgramError, get_family
 TokenizeFn = Callable[[Program], Sequence[int]]
 """Maps a program to the token ids the model reads (prompt format + tokenizer)."""
 
-REJECTION_REASONS = ("token_length", "equal_answers", "a_wrong", "b_wrong")
+REJECTION_REASONS = ("token_length", "equal_answers")
+DEFAULT_SEED = 0
 
 
 class PairError(ProgramError):
@@ -44,8 +49,6 @@ class RejectionCounts:
     drawn: int = 0
     token_length: int = 0
     equal_answers: int = 0
-    a_wrong: int = 0
-    b_wrong: int = 0
 
     def add(self, other: RejectionCounts) -> None:
         for name in ("drawn", *REJECTION_REASONS):
@@ -75,7 +78,7 @@ def replace_statement(program: Program, index: int, statement) -> Program:
 def make_counterfactual_pair(
     seq_len: int,
     divergence_index: int,
-    rng: random.Random,
+    rng: random.Random | int | None = None,
     family: str | Family = "binding",
     tokenizer: TokenizeFn | None = None,
     allow_equal_answers: bool = False,
@@ -88,8 +91,11 @@ def make_counterfactual_pair(
     the token lengths match and, unless ``allow_equal_answers``, the answers differ; if no change
     of the current program works, a fresh program is drawn, at most ``max_programs`` times, after
     which ``PairError`` says what kept failing. ``tokenizer`` maps a program to the ids the model
-    reads; without it token lengths are not checked and ``n_tokens`` is ``None``.
+    reads; without it token lengths are not checked and ``n_tokens`` is ``None``. ``rng`` is a
+    ``random.Random`` (advanced by the draw), an int seed, or ``None`` for ``DEFAULT_SEED``.
     """
+    if not isinstance(rng, random.Random):
+        rng = random.Random(DEFAULT_SEED if rng is None else rng)
     fam = get_family(family)
     if seq_len < 1:
         raise PairError(f"seq_len must be >= 1, got {seq_len}")

@@ -1,9 +1,8 @@
-"""Chaining stages: what ``seqpatch build activations|patching``, ``plot`` and ``run`` call.
+"""The library's entry points for building stages and running the main job.
 
-Each function resolves its parent in the store, loads the model recorded in the parent's
-provenance (the model that made the pairs is the model that is patched), builds or reuses the
-stage, and writes derived artifacts (``heatmap.npy``, charts) into the version folder. Every
-function is usable from a notebook; the CLI only parses options.
+Each ``build_*`` function turns user-level options (as the CLI takes them) into a stage config
+and parent selection and calls ``seqpatch.executor.execute``, which chains the stages; ``run``
+is the main job. Every function is usable from a notebook; the CLI only parses options.
 """
 
 from __future__ import annotations
@@ -19,6 +18,11 @@ from seqpatch.errors import SeqpatchError
 
 if TYPE_CHECKING:
     from seqpatch.models import ModelHandle
+    from seqpatch.stages.base import ModelCache
+    from seqpatch.stages.benchmark import BenchmarkConfig
+    from seqpatch.stages.das import DasConfig
+    from seqpatch.stages.pairs import PairsConfig
+    from seqpatch.stages.programs import ProgramsConfig
     from seqpatch.store import StageRef, Store
 
 DataDir = str | os.PathLike[str] | None
@@ -32,17 +36,6 @@ def _store(data_dir: DataDir) -> Store:
     from seqpatch.store import Store
 
     return Store(data_dir)
-
-
-def pairs_model(pairs_ref: StageRef, remote: bool = False) -> ModelHandle:
-    """Load the model that built ``pairs_ref`` (its spec is in the pairs config).
-
-    ``remote=True`` opens NDIF's copy of it instead (a Hub id only, see ``load_model``).
-    """
-    from seqpatch.models import load_model
-
-    spec = pairs_ref.provenance["config"]["model"]
-    return load_model(spec, remote=remote)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -78,6 +71,148 @@ def import_parents(source: str, stages: Sequence[str], data_dir: DataDir) -> dic
     return versions
 
 
+def _models(
+    models: ModelCache | None, handle: ModelHandle | None = None, remote: bool = False
+) -> ModelCache:
+    from seqpatch.stages.base import ModelCache
+
+    models = models if models is not None else ModelCache(remote=remote)
+    if handle is not None:
+        models.put(handle.spec, handle)
+    return models
+
+
+def build_programs(cfg: ProgramsConfig, data_dir: DataDir = None) -> StageRef:
+    """Sample the programs of ``cfg`` (or find them stored)."""
+    from seqpatch.executor import execute
+
+    return execute("programs", cfg, data_dir=data_dir)
+
+
+def build_benchmark(
+    cfg: BenchmarkConfig,
+    *,
+    programs: str = "latest",
+    data_dir: DataDir = None,
+    remote: bool = False,
+    models: ModelCache | None = None,
+    progress: bool = True,
+) -> StageRef:
+    """Benchmark ``cfg.models`` on a stored ``programs`` version, one resumable shard per model.
+
+    Every model is loaded and checked before anything is written; a stored version with the
+    same config, programs and model weights is reused without loading any model.
+
+    ``remote=True`` runs the forward passes and generation on NDIF through nnsight (Hub ids
+    only; needs ``NDIF_API_KEY`` and the network). Where it runs is not part of the version:
+    the rows are the same nnsight computation on the same weights (model id and revision);
+    provenance says ``"remote": true`` per model.
+    """
+    from seqpatch.executor import execute
+
+    if remote:
+        from seqpatch.models import require_ndif_key
+
+        require_ndif_key()
+    models = _models(models, remote=remote)
+    return execute(
+        "benchmark",
+        cfg,
+        {"programs": programs},
+        data_dir=data_dir,
+        models=models,
+        progress=progress,
+    )
+
+
+def pairs_config(
+    model: str = "builtin",
+    seq_len: int | None = None,
+    divergence: str = "all",
+    n_pairs: int = 2000,
+    seed: int = 0,
+    family: str | None = None,
+    allow_equal_answers: bool = False,
+    data_dir: DataDir = None,
+) -> tuple[PairsConfig, dict[str, str]]:
+    """The pairs config for these options and its parents.
+
+    ``model="chosen"`` studies what ``seqpatch choose`` chose — its model, family and length
+    (unless ``seq_len`` says otherwise) — and records the benchmark version as the parent.
+    Without a family the organism is asked about the family it was trained on, other models
+    about ``binding``; ``seq_len`` defaults to 8.
+    """
+    from seqpatch.stages.pairs import PairsConfig, parse_divergence_indices
+
+    parents: dict[str, str] = {}
+    params: dict[str, Any] = {}
+    if model == "chosen":
+        from seqpatch.choose import read_chosen
+
+        chosen = read_chosen(data_dir)
+        model = chosen["model_spec"]
+        family = family or chosen["family"]
+        seq_len = seq_len or chosen["seq_len"]
+        parents["benchmark"] = chosen["benchmark_version"]
+    if family is None:
+        family, params = default_family(model)
+    seq_len = seq_len or 8
+    cfg = PairsConfig(
+        model=model,
+        seq_len=seq_len,
+        n_pairs=n_pairs,
+        divergence_indices=parse_divergence_indices(divergence, seq_len),
+        family=family,
+        seed=seed,
+        allow_equal_answers=allow_equal_answers,
+        family_params=params,
+    )
+    return cfg, parents
+
+
+def default_family(model: str) -> tuple[str, dict[str, Any]]:
+    """The family (name, non-stock parameters) to draw pairs from for ``model``: the organism's
+    training family for ``builtin``, ``binding`` for every other model."""
+    if model != "builtin":
+        return "binding", {}
+    from seqpatch.organism import organism_family, training_record
+    from seqpatch.programs import get_family
+
+    fam = organism_family()
+    stock = get_family(fam.name)
+    params = training_record()["family"]["params"]
+    return fam.name, ({} if fam is stock else dict(params))
+
+
+def build_pairs(
+    model: str = "builtin",
+    seq_len: int | None = None,
+    divergence: str = "all",
+    n_pairs: int = 2000,
+    seed: int = 0,
+    family: str | None = None,
+    allow_equal_answers: bool = False,
+    data_dir: DataDir = None,
+    progress: bool = True,
+    handle: ModelHandle | None = None,
+    models: ModelCache | None = None,
+) -> StageRef:
+    """Build (or reuse) the pairs stage; see ``pairs_config`` for the options."""
+    from seqpatch.executor import execute
+
+    cfg, parents = pairs_config(
+        model, seq_len, divergence, n_pairs, seed, family, allow_equal_answers, data_dir
+    )
+    return execute(
+        "pairs",
+        cfg,
+        parents,
+        data_dir=data_dir,
+        models=_models(models, handle),
+        progress=progress,
+    )
+
+
 def build_activations(
     sites: Sequence[str] = ("resid_pre",),
     dtype: str = "float32",
@@ -87,44 +222,47 @@ def build_activations(
     handle: ModelHandle | None = None,
     from_source: str | None = None,
     remote: bool = False,
+    models: ModelCache | None = None,
+    progress: bool = True,
+    executor: str | Any = "local",
+    ray_address: str | None = None,
 ) -> StageRef:
     """Cache both programs' activations of every pair of a stored ``pairs`` version.
 
     ``from_source`` (a Hub repo id or an exported folder) imports the pairs from there first.
     ``remote=True`` runs the pairs' model on NDIF through nnsight (``get_activations`` is one
-    trace per batch); a given ``handle`` runs wherever it was loaded for. Where it runs is not
-    part of ``ActivationsConfig`` and so not of the version: the same nnsight trace on the same
-    weights (model id and revision) caches the same activations, as on any device.
+    trace per batch); where it runs is not part of the version. ``executor="ray"`` builds the
+    shards on Ray actors (``ray_address``: an existing cluster; see ``seqpatch.ray_executor``).
     """
-    from seqpatch.models import require_ndif_key
-    from seqpatch.stages import build_stage
+    from seqpatch.executor import execute
     from seqpatch.stages.activations import ActivationsConfig
 
+    cfg = ActivationsConfig(sites=tuple(sites), dtype=dtype, layers=tuple(layers))
     if remote and handle is None:
+        from seqpatch.models import require_ndif_key
+
         require_ndif_key()  # before importing anything into the store
     if from_source is not None:
         pairs = import_parents(from_source, ["pairs"], data_dir)["pairs"]
-    store = _store(data_dir)
-    cfg = ActivationsConfig(sites=tuple(sites), dtype=dtype, layers=tuple(layers))
-    pairs_ref = store.resolve("pairs", pairs)
-    handle = handle or pairs_model(pairs_ref, remote)
-    return build_stage(
+    return execute(
         "activations",
         cfg,
-        store=store,
-        parent=pairs_ref,
-        model=handle.describe(),
-        handle=handle,
+        {"pairs": pairs},
+        data_dir=data_dir,
+        models=_models(models, handle, remote),
+        progress=progress,
+        executor=executor,
+        ray_address=ray_address,
     )
 
 
 def find_activations(store: Store, pairs_ref: StageRef, sites: Sequence[str]) -> StageRef | None:
-    """The newest activations version built from ``pairs_ref`` that caches every site, float32
-    first (exact), else any dtype."""
+    """The newest activations version built from ``pairs_ref`` that caches every site of every
+    layer, float32 first (exact), else any dtype."""
     candidates = [
         ref
         for ref in store.versions("activations")
-        if (ref.provenance.get("parent") or {}).get("version") == pairs_ref.version
+        if any(p.get("version") == pairs_ref.version for p in ref.parents)
         and set(sites) <= set(ref.provenance["config"]["sites"])
         and not ref.provenance["config"].get("layers")
     ]
@@ -144,115 +282,60 @@ def build_patching(
     shard: tuple[int, int] | None = None,
     data_dir: DataDir = None,
     handle: ModelHandle | None = None,
-    charts: bool = True,
     from_source: str | None = None,
+    models: ModelCache | None = None,
+    progress: bool = True,
+    executor: str | Any = "local",
+    ray_address: str | None = None,
+    axes: Sequence[str] = ("layer", "pos"),
+    positions: str = "all",
 ) -> StageRef | None:
-    """Sweep every (layer, position) of ``sites`` for every pair; resumable, in shards.
+    """Sweep every cell of ``sites`` over ``axes`` for every pair; resumable, in shards.
+
+    ``axes``: ``layer,pos`` (default), ``layer,head`` / ``layer,head,pos`` (head sites), or
+    ``layer`` (whole-stream); ``positions`` (``all`` or ``from-divergence``) is the position set
+    patched at once by grids without a ``pos`` axis.
 
     ``activations``: ``auto`` (use a cached activations stage of these pairs if one exists),
     ``none`` (recompute sources), or a version. With ``shard=(i, n)`` only shards ``i, i+n, …``
     are built and ``None`` is returned; a later call without ``shard`` (``seqpatch merge``)
     joins them once every shard exists. ``from_source`` (a Hub repo id or an exported folder)
     imports the pairs, and the activations when published, from there first.
+    ``executor="ray"`` builds the missing shards on Ray actors (``ray_address``: an existing
+    cluster), then commits here: the same version as a local build.
     """
-    from seqpatch.stages import patching as stage
+    from seqpatch.executor import execute
+    from seqpatch.stages.patching import PatchingConfig
 
-    if from_source is not None:
-        imported = import_parents(from_source, ["pairs", "activations"], data_dir)
-        pairs = imported["pairs"]
-    store = _store(data_dir)
-    pairs_ref = store.resolve("pairs", pairs)
-    if activations == "none":
-        act_ref = None
-    elif activations == "auto":
-        act_ref = find_activations(store, pairs_ref, sites)
-    else:
-        act_ref = store.resolve("activations", activations)
-    cfg = stage.PatchingConfig(
+    cfg = PatchingConfig(
         sites=tuple(sites),
         layers=tuple(layers),
         method=method,
         shard_size=shard_size,
-        activations=act_ref.version if act_ref else None,
+        axes=tuple(axes),
+        positions=positions,
     )
-    parent = store.load("pairs", pairs_ref.version)
-    act_rows = store.load("activations", act_ref.version) if act_ref else None
-    handle = handle or pairs_model(pairs_ref)
-    n_shards = stage.shard_count(len(parent), cfg)
-
-    def build_shard(index: int) -> Any:
-        return stage.build_shard(index, parent, cfg, handle, act_rows)
-
-    only = None if shard is None else range(shard[0], n_shards, shard[1])
-    ref = store.build_sharded(
-        stage.STAGE,
-        stage.SCHEMA_VERSION,
+    if from_source is not None:
+        imported = import_parents(from_source, ["pairs", "activations"], data_dir)
+        pairs = imported["pairs"]
+        activations = imported.get("activations", activations)
+    store = _store(data_dir)
+    pairs_ref = store.resolve("pairs", pairs)
+    if activations == "auto":
+        act_ref = find_activations(store, pairs_ref, cfg.sites)
+    else:
+        act_ref = None if activations == "none" else store.resolve("activations", activations)
+    return execute(
+        "patching",
         cfg,
-        n_shards,
-        build_shard,
-        parent=pairs_ref,
-        model=handle.describe(),
-        only_shards=only,
+        {"pairs": pairs_ref, "activations": act_ref},
+        store=store,
+        models=_models(models, handle),
+        shard=shard,
+        progress=progress,
+        executor=executor,
+        ray_address=ray_address,
     )
-    if ref is not None and charts:
-        write_patching_artifacts(ref, store)
-    return ref
-
-
-def write_patching_artifacts(ref: StageRef, store: Store | None = None) -> list[Path]:
-    """``heatmap.npy``/``heatmap.json`` and the heatmap + trace charts in the version folder."""
-    from seqpatch.stages.patching import write_heatmap
-
-    store = store or _store(None)
-    rows = store.load(ref.stage, ref.version)
-    written = write_heatmap(ref.path, rows)
-    written += plot_heatmap(rows, ref.path)
-    written += plot_traces(rows, ref.path)
-    return written
-
-
-def plot_heatmap(
-    rows: Any, out_dir: Path, metric: str = "normalised", name: str = "heatmap"
-) -> list[Path]:
-    from seqpatch import charts
-    from seqpatch.stages.patching import aggregate, effect_cells
-
-    agg = aggregate(rows, metric)
-    n_pairs = len(set(rows["pair_id"]))
-    title = f"Activation patching A → B, {n_pairs} pairs: {charts.METRIC_TITLES[metric]}"
-    chart = charts.heatmap_chart(effect_cells(agg), metric, title=title)
-    return charts.save_chart(chart, Path(out_dir), name)
-
-
-def plot_traces(
-    rows: Any,
-    out_dir: Path,
-    metric: str = "normalised",
-    pair_id: str | None = None,
-    name: str = "traces",
-) -> list[Path]:
-    """Token traces of one pair: the changed token(s), the last token, and the strongest cells."""
-    import polars as pl
-
-    from seqpatch import charts
-    from seqpatch.stages.patching import example_frame
-
-    frame, row = example_frame(rows, metric, pair_id)
-    strongest = (
-        frame.group_by("position")
-        .agg(pl.col("value").abs().max().alias("peak"))
-        .sort("peak", descending=True)["position"]
-        .head(3)
-        .to_list()
-    )
-    highlight = sorted({*row["diff_positions"], row["n_tokens"] - 1, *strongest})
-    title = (
-        f"Token traces, pair {row['pair_id']}: "
-        f"`{row['tokens_a'][row['diff_positions'][0]] if row['diff_positions'] else ''}` → "
-        f"answers {row['ground_truth_a']} (A) vs {row['ground_truth_b']} (B)"
-    )
-    chart = charts.trace_chart(frame, metric, highlight, title=title)
-    return charts.save_chart(chart, Path(out_dir), name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +356,26 @@ class RunConfig:
     sites: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
     activations_dtype: str = "float32"
     seed: int = 0
+    tracing: bool = False  # add ROME's causal trace of the same pairs after patching
+    tracing_programs: int = 60  # ~1 s each unloaded (1-7 s on a busy 2-core box): +1-2 min
+
+    def __post_init__(self) -> None:
+        """Every option is checked before the first step runs (a bad one costs no work)."""
+        for name, value, low in (
+            ("n_per_len", self.n_per_len, 1),
+            ("min_seq_len", self.min_seq_len, 1),
+            ("max_seq_len", self.max_seq_len, 1),
+            ("n_pairs", self.n_pairs, 1),
+            ("seed", self.seed, 0),
+            ("tracing_programs", self.tracing_programs, 1),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise PipelineError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not 0.0 <= self.min_accuracy <= 1.0:
+            raise PipelineError(f"min_accuracy must lie in [0, 1], got {self.min_accuracy}")
+        from seqpatch.stages.programs import parse_seq_lens
+
+        parse_seq_lens(self.seq_lens)
 
     def divergence_for(self, seq_len: int) -> str:
         if self.divergence is not None:
@@ -290,29 +393,38 @@ def run(
     cfg: RunConfig = RunConfig(),
     data_dir: DataDir = None,
     echo: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> RunReport:
-    """programs → benchmark → choose → pairs → activations → patching → charts, on the organism."""
-    from seqpatch.choose import choose
-    from seqpatch.models import load_model
-    from seqpatch.stages import build_stage
+    """programs → benchmark → choose → pairs → activations → patching → charts, on the organism
+    (then ``tracing`` of the same pairs when ``cfg.tracing``).
+
+    One ``ModelCache`` serves every step, so the organism is loaded at most once; a step whose
+    version is stored loads nothing.
+    """
+    from seqpatch.choose import choose, read_chosen
+    from seqpatch.plots import default_charts_dir
     from seqpatch.stages.activations import ActivationsConfig
-    from seqpatch.stages.benchmark import (
-        BenchmarkConfig,
-        build_benchmark,
-        write_accuracy_chart,
-        write_summary,
-    )
-    from seqpatch.stages.pairs import build_pairs, default_family
+    from seqpatch.stages.base import ModelCache
+    from seqpatch.stages.benchmark import BenchmarkConfig, write_accuracy_chart
     from seqpatch.stages.patching import PatchingConfig
     from seqpatch.stages.programs import ProgramsConfig, parse_seq_lens
 
     ActivationsConfig(sites=cfg.sites, dtype=cfg.activations_dtype)  # bad options fail first
     PatchingConfig(sites=cfg.sites)
+    family, params = default_family("builtin")
+    if params:
+        raise PipelineError(
+            "the shipped organism was trained on a non-stock family; `seqpatch run` needs the "
+            "programs stage to sample that family"
+        )
+    programs_cfg = ProgramsConfig(family, parse_seq_lens(cfg.seq_lens), cfg.n_per_len, cfg.seed)
     report = RunReport()
     store = _store(data_dir)
+    models = ModelCache()
 
     def step(name: str, action: Callable[[], Any]) -> Any:
-        echo(f"▶ {name}")
+        if progress:
+            echo(f"▶ {name}")
         start = time.perf_counter()
         result = action()
         seconds = time.perf_counter() - start
@@ -321,33 +433,32 @@ def run(
         echo(f"  {what} ({seconds:.1f} s)")
         return result
 
-    family, params = default_family("builtin")
-    if params:
-        raise PipelineError(
-            "the shipped organism was trained on a non-stock family; `seqpatch run` needs the "
-            "programs stage to sample that family"
-        )
-    programs = step(
-        "programs",
-        lambda: build_stage(
-            "programs",
-            ProgramsConfig(family, parse_seq_lens(cfg.seq_lens), cfg.n_per_len, cfg.seed),
-            store=store,
-        ),
-    )
+    programs = step("programs", lambda: build_programs(programs_cfg, store.data_dir))
     bench = step(
         "benchmark",
         lambda: build_benchmark(
-            BenchmarkConfig(models=("builtin",)), programs=programs.version, store=store
+            BenchmarkConfig(models=("builtin",)),
+            programs=programs.version,
+            data_dir=store.data_dir,
+            models=models,
+            progress=progress,
         ),
     )
-    report.charts += [write_summary(bench), *write_accuracy_chart(bench)]
     choice, _ = step(
         "choose",
         lambda: choose(cfg.min_accuracy, cfg.min_seq_len, bench.version, store.data_dir),
     )
-    handle = load_model(choice.model_spec)
+    report.charts += write_accuracy_chart(
+        bench, default_charts_dir(bench), ("png",), chosen=read_chosen(store.data_dir)
+    )
     seq_len = min(choice.seq_len, cfg.max_seq_len)
+    if seq_len < choice.seq_len:
+        echo(
+            f"  studying seq_len {seq_len}: the chosen length {choice.seq_len} is capped by "
+            f"--max-seq-len {cfg.max_seq_len} to keep the sweep short"
+        )
+    else:
+        echo(f"  studying the chosen seq_len {seq_len}")
     pairs = step(
         "pairs",
         lambda: build_pairs(
@@ -357,7 +468,8 @@ def run(
             cfg.n_pairs,
             cfg.seed,
             data_dir=store.data_dir,
-            handle=handle,
+            models=models,
+            progress=progress,
         ),
     )
     acts = step(
@@ -367,7 +479,8 @@ def run(
             cfg.activations_dtype,
             pairs=pairs.version,
             data_dir=store.data_dir,
-            handle=handle,
+            models=models,
+            progress=progress,
         ),
     )
     patch = step(
@@ -377,10 +490,23 @@ def run(
             pairs=pairs.version,
             activations=acts.version,
             data_dir=store.data_dir,
-            handle=handle,
+            models=models,
+            progress=progress,
         ),
     )
-    report.charts += sorted(patch.path.glob("*.png")) + sorted(patch.path.glob("*.html"))
+    report.charts += sorted(patch.path.glob("*.png"))
+    if cfg.tracing:
+        traced = step(
+            "tracing",
+            lambda: build_tracing(
+                n_programs=cfg.tracing_programs,
+                pairs=pairs.version,
+                data_dir=store.data_dir,
+                models=models,
+                progress=progress,
+            ),
+        )
+        report.charts += sorted(traced.path.glob("*.png"))
     return report
 
 
@@ -396,3 +522,84 @@ def _describe(result: Any) -> str:
         choice = result[0]
         return f"chose {choice.model_spec} at seq_len {choice.seq_len} (accuracy {choice.accuracy:.3f})"
     return str(result)
+
+
+def build_tracing(
+    corrupt: str = "changed",
+    n_programs: int = 100,
+    n_samples: int | None = None,
+    noise_scale: float | None = None,
+    window: int | None = None,
+    kinds: Sequence[str] | None = None,
+    program: str = "b",
+    sigma_basis: str = "vocab",
+    seed: int = 0,
+    shard_size: int = 25,
+    method: str = "auto",
+    pairs: str = "latest",
+    shard: tuple[int, int] | None = None,
+    data_dir: DataDir = None,
+    handle: ModelHandle | None = None,
+    models: ModelCache | None = None,
+    progress: bool = True,
+) -> StageRef | None:
+    """ROME's causal trace of one program of each of the first ``n_programs`` pairs (0: all).
+
+    Options become a ``seqpatch.stages.tracing.TracingConfig`` (``None`` keeps its default:
+    ROME's ν = 3 and 10 noise samples, the depth-scaled window, every kind); ``pairs`` is the
+    stored pairs version traced. Resumable in shards of ``shard_size`` programs; with
+    ``shard=(i, n)`` only shards ``i, i+n, …`` are built and ``None`` is returned until every
+    shard exists. The version holds the rows, the AIE arrays and the three-panel chart.
+    """
+    from seqpatch.executor import execute
+    from seqpatch.stages.tracing import TracingConfig
+
+    defaults = TracingConfig()
+    cfg = TracingConfig(
+        corrupt=corrupt,
+        program=program,
+        noise_scale=defaults.noise_scale if noise_scale is None else noise_scale,
+        n_samples=defaults.n_samples if n_samples is None else n_samples,
+        window=window,
+        sigma_basis=sigma_basis,
+        kinds=defaults.kinds if kinds is None else tuple(kinds),
+        n_programs=n_programs,
+        seed=seed,
+        shard_size=shard_size,
+        method=method,
+    )
+    return execute(
+        "tracing",
+        cfg,
+        {"pairs": pairs},
+        data_dir=data_dir,
+        models=_models(models, handle),
+        shard=shard,
+        progress=progress,
+    )
+
+
+def build_das(
+    cfg: DasConfig,
+    patching: str = "latest",
+    pairs: str | None = None,
+    data_dir: Any = None,
+    progress: bool = True,
+) -> StageRef | None:
+    """Build (or reuse) the ``das`` stage on a stored patching version; ``pairs`` defaults to the
+    pairs that patching version was built from."""
+    from seqpatch.executor import execute
+
+    store = _store(data_dir)
+    patching_ref = store.resolve("patching", patching)
+    if pairs is None:
+        pairs = next(
+            (p["version"] for p in patching_ref.parents if p.get("stage") == "pairs"), "latest"
+        )
+    return execute(
+        "das",
+        cfg,
+        parents={"pairs": pairs, "patching": patching_ref},
+        store=store,
+        progress=progress,
+    )

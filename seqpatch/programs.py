@@ -71,10 +71,6 @@ class Statement:
         if isinstance(self.operand, str) and self.op != "set":
             raise ProgramError(f"op {self.op!r} takes a constant, not variable {self.operand!r}")
 
-    @property
-    def is_copy(self) -> bool:
-        return self.op == "set" and isinstance(self.operand, str)
-
     def reads(self) -> tuple[str, ...]:
         """Variables whose current value this statement reads."""
         if self.op == "set":
@@ -300,6 +296,15 @@ class Family:
         self.variable_names = tuple(variables)
         self.max_operand = max_operand
 
+    @property
+    def one_digit_answers(self) -> bool:
+        """Whether every answer this family can produce is one digit ``0..9``.
+
+        The pairs stage then scores the ten digit tokens only; otherwise (negative or multi-digit
+        answers) it adds the answers' own first differing tokens as candidates.
+        """
+        return False
+
     def check_statement(self, stmt: Statement, line: str) -> None:
         if stmt.op not in self.ops:
             raise ProgramError(
@@ -376,6 +381,10 @@ class BindingFamily(Family):
         self.copy_prob = copy_prob  # copies make chains; constants end them
         self.max_depth = max_depth
 
+    @property
+    def one_digit_answers(self) -> bool:
+        return self.max_operand <= 9  # every value is a constant 0..max_operand or a copy of one
+
     def _statement(self, target: str, defined: Iterable[str], rng: random.Random) -> Statement:
         sources = [v for v in defined if v != target]
         if sources and rng.random() < self.copy_prob:
@@ -427,6 +436,10 @@ class ModularFamily(BindingFamily):
     ) -> None:
         super().__init__(variables, max_operand, copy_prob, max_depth)
         self.update_prob = update_prob  # share of statements that update a variable in place
+
+    @property
+    def one_digit_answers(self) -> bool:
+        return self.max_operand <= 9  # constants 0..max_operand; updates stay in 0..9 (mod 10)
 
     def _statement(self, target: str, defined: Iterable[str], rng: random.Random) -> Statement:
         defined = list(defined)

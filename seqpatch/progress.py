@@ -69,3 +69,33 @@ def library_bars(enabled: bool) -> Iterator[None]:
         yield
     finally:
         hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence the progress bars and chatter of ``datasets`` and ``transformers`` for a block.
+
+    Their bars ("Map", "Saving the dataset", "Loading weights") use other styles and would bury
+    seqpatch's own one-bar-per-step output; their warnings are reported through seqpatch's own
+    errors where they matter. Previous settings are restored on exit.
+    """
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_bars = not datasets.are_progress_bars_disabled()
+    hf_bars = hf_logging.is_progress_bar_enabled()
+    hf_verbosity = hf_logging.get_verbosity()
+    datasets_verbosity = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if datasets_bars:
+            datasets.enable_progress_bars()
+        datasets.logging.set_verbosity(datasets_verbosity)
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(hf_verbosity)

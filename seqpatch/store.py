@@ -10,12 +10,23 @@ Layout (``data_dir`` defaults to ``./seqpatch-data``; ``SEQPATCH_DATA`` or an ar
 the parent's version and the model identity. The same inputs therefore find the stored version and
 do no work; different inputs get a new folder; nothing is ever overwritten.
 
-Atomicity: a version is built in a temporary folder beside its target, ``seqpatch.json`` is
-written last, and the folder is renamed into place. A version folder is complete iff it holds
-``seqpatch.json``; a killed build leaves only a hidden ``.tmp-`` folder that is ignored.
+Atomicity: a version is built in a temporary folder beside its target — rows, artifacts (charts,
+arrays) and, last, ``seqpatch.json`` — and the folder is renamed into place. A version folder is
+complete iff it holds ``seqpatch.json``; a killed build leaves only a hidden ``.tmp-`` folder,
+which the next build of that version removes. Nothing is written into a committed version.
+
+Integrity: ``seqpatch.json`` lists every file of the version with its size and SHA-256. Finding a
+version checks that the files exist with their sizes (cheap); loading it checks the row count;
+``Store.verify`` checks the hashes. A damaged version is never reused: the error names it and the
+command that clears it.
+
+Concurrency: a build holds ``.<version>.lock`` (``filelock``) while it commits, and a sharded build
+holds one lock per shard while computing it, so identical builds started together share the
+shards (none is computed twice) and the second to finish reuses the first's commit.
 
 Sharded builds (``Store.build_sharded``) write each finished shard atomically under
-``<version>.partial/``; a rerun skips the shards already there, then concatenates them.
+``<version>.partial/``; a rerun skips the shards already there (after checking they load), then
+concatenates them.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.stages.base import Artifact, Built
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -51,6 +63,9 @@ PARTIAL_SUFFIX = ".partial"
 SHARD_MANIFEST = "manifest.json"
 SHARD_EXTRA = "extra.json"
 LATEST = "latest"
+LOCK_SUFFIX = ".lock"
+TMP_MARK = ".tmp-"
+_PROVENANCE_KEYS = ("stage", "version", "schema_version", "config", "row_count")
 _STAGE_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
@@ -60,6 +75,10 @@ class StoreError(SeqpatchError):
 
 class StageNotFoundError(StoreError):
     """The requested stage or version is not stored; the message says how to build it."""
+
+
+class DamagedVersionError(StoreError):
+    """A stored version's files do not match its provenance; the message says how to clear it."""
 
 
 @dataclass(frozen=True)
@@ -76,16 +95,18 @@ class StageRef:
     def fingerprint(self) -> str | None:
         return self.provenance.get("fingerprint")
 
+    @property
+    def parents(self) -> list[dict[str, Any]]:
+        """The parent records of its provenance (``[]`` for a root stage)."""
+        return parents_of(self.provenance)
 
-@dataclass(frozen=True)
-class Built:
-    """What a builder may return instead of a bare ``Dataset``: rows plus statistics.
 
-    ``extra`` lands in the provenance (e.g. how many candidates were rejected, and why).
-    """
-
-    dataset: Dataset
-    extra: Mapping[str, Any] = field(default_factory=dict)
+def parents_of(provenance: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``provenance["parents"]``; stages stored before it existed had one ``parent`` record."""
+    if "parents" in provenance:
+        return [dict(p) for p in provenance["parents"] or []]
+    parent = provenance.get("parent")
+    return [dict(parent)] if parent else []
 
 
 Parent = StageRef | Mapping[str, Any]
@@ -168,10 +189,8 @@ def model_record(model: Any) -> dict[str, Any] | None:
     return {"id": str(model_id), "revision": None if revision is None else str(revision)}
 
 
-def _unpack(result: Any) -> tuple[Dataset, dict[str, Any]]:
-    if isinstance(result, Built):
-        return result.dataset, dict(result.extra)
-    return result, {}
+def _unpack(result: Any) -> Built:
+    return result if isinstance(result, Built) else Built(result)
 
 
 def merge_extra(parts: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -219,18 +238,18 @@ class Store:
         stage: str,
         schema_version: int,
         config: Any,
-        parent: Parent | None = None,
+        parents: Iterable[Parent] = (),
         model: Any = None,
     ) -> str:
         """The version folder name for these inputs (a pure function of them)."""
-        parent_rec = parent_record(parent)
         key = {
             "stage": stage,
             "schema_version": schema_version,
             "config": config_dict(config),
-            "parent": None
-            if parent_rec is None
-            else parent_rec.get("version") or parent_rec["fingerprint"],
+            "parents": [
+                [rec["stage"], rec.get("version") or rec["fingerprint"]]
+                for rec in map(parent_record, parents)
+            ],
             "model": model_record(model),
         }
         return hashlib.sha256(canonical_json(key).encode()).hexdigest()[:VERSION_LENGTH]
@@ -243,23 +262,36 @@ class Store:
         schema_version: int,
         config: Any,
         build_fn: Callable[[], Any],
-        parent: Parent | None = None,
+        parents: Iterable[Parent] = (),
         model: Any = None,
+        finish: Callable[[Dataset], Mapping[str, Artifact]] | None = None,
+        runtime: Callable[[], Mapping[str, Any]] | None = None,
     ) -> StageRef:
         """The stored version for these inputs, built by ``build_fn()`` only if absent.
 
-        ``build_fn`` returns a ``Dataset`` or a ``Built`` (dataset + statistics for ``extra``).
+        ``build_fn`` returns a ``Dataset`` or a ``Built`` (rows, statistics for ``extra``,
+        artifacts). ``finish(rows)`` may add artifacts computed from the final rows. An identical
+        build running in another process is waited for, then reused.
         """
-        version = self.version_for(stage, schema_version, config, parent, model)
+        parents = list(parents)
+        version = self.version_for(stage, schema_version, config, parents, model)
         found = self.find(stage, version)
         if found is not None:
             return dataclasses.replace(found, reused=True)
         self._make_stage_dir(stage)
-        dataset, extra = _unpack(build_fn())
-        provenance = self._provenance(
-            stage, version, schema_version, config, parent, model, dataset, extra
-        )
-        return self._commit(stage, version, dataset, provenance)
+        with self.lock(stage, version):
+            found = self.find(stage, version)
+            if found is not None:
+                return dataclasses.replace(found, reused=True)
+            self._remove_debris(self.stage_dir(stage), f".{version}{TMP_MARK}")
+            built = _unpack(build_fn())
+            artifacts = {**built.artifacts, **(finish(built.rows) if finish else {})}
+            provenance = self._provenance(
+                stage, version, schema_version, config, parents, model, built.rows, built.stats
+            )
+            if runtime is not None:
+                provenance["runtime"] = dict(runtime())
+            return self._commit(stage, version, built.rows, provenance, artifacts)
 
     def build_sharded(
         self,
@@ -268,93 +300,225 @@ class Store:
         config: Any,
         n_shards: int,
         build_shard_fn: Callable[[int], Any],
-        parent: Parent | None = None,
+        parents: Iterable[Parent] = (),
         model: Any = None,
         only_shards: Iterable[int] | None = None,
+        finish: Callable[[Dataset], Mapping[str, Artifact]] | None = None,
+        before: Callable[[], None] | None = None,
+        runtime: Callable[[], Mapping[str, Any]] | None = None,
     ) -> StageRef | None:
         """Like ``get_or_build``, one shard at a time, resuming after an interruption.
 
         ``build_shard_fn(i)`` returns shard ``i`` of ``n_shards`` (a ``Dataset`` or ``Built``).
-        Finished shards are kept under ``<version>.partial/shard-0000i/`` and skipped on a rerun;
-        when all are there they are concatenated in index order into the version folder, their
-        ``extra`` statistics merged (see ``merge_extra``), and the work folder is removed.
-        With ``only_shards`` just those shards are built (one job of several sharing the work
-        folder); the version is committed, and returned, only once every shard exists.
+        Finished shards are kept under ``<version>.partial/shard-0000i/`` and skipped on a rerun
+        (a shard that no longer loads is rebuilt); when all are there they are concatenated in
+        index order into the version folder, their statistics merged (see ``merge_extra``), and
+        the work folder is removed. ``before()`` runs once before the first shard is computed
+        (checks that must pass before anything is written). With ``only_shards`` just those
+        shards are built (one job of several sharing the work folder); the version is committed,
+        and returned, only once every shard exists. Shards another process is computing are
+        waited for, never computed twice.
         """
         if n_shards < 1:
             raise StoreError(f"n_shards must be >= 1, got {n_shards}")
         wanted = range(n_shards) if only_shards is None else sorted(set(only_shards))
         if any(not 0 <= index < n_shards for index in wanted):
             raise StoreError(f"shard indices must lie in 0..{n_shards - 1}, got {list(wanted)}")
-        version = self.version_for(stage, schema_version, config, parent, model)
+        parents = list(parents)
+        version = self.version_for(stage, schema_version, config, parents, model)
         found = self.find(stage, version)
         if found is not None:
             return dataclasses.replace(found, reused=True)
+        work = self.stage_dir(stage) / f"{version}{PARTIAL_SUFFIX}"
+        if work.is_dir():
+            self._check_manifest(work, version, n_shards)  # may start a damaged folder over
+        missing = [i for i in wanted if not _shard_ok(work / _shard_name(i))]
+        if missing and before is not None:
+            before()  # a failing check leaves nothing behind
+        self._make_stage_dir(stage)
+        if missing:
+            self._check_manifest(work, version, n_shards)
+        waiting = []
+        for index in missing:
+            if self.find(stage, version) is not None:
+                break
+            lock = self._shard_lock(work, index)
+            try:
+                lock.acquire(timeout=0)
+            except _lock_timeout():
+                waiting.append(index)  # another process is computing it
+                continue
+            try:
+                self._build_shard(stage, version, work, index, n_shards, build_shard_fn)
+            finally:
+                lock.release()
+        for index in waiting:
+            with self._shard_lock(work, index):
+                if self.find(stage, version) is None:
+                    self._build_shard(stage, version, work, index, n_shards, build_shard_fn)
+
+        with self.lock(stage, version):
+            found = self.find(stage, version)
+            if found is not None:
+                return dataclasses.replace(found, reused=True)
+            shard_dirs = [work / _shard_name(i) for i in range(n_shards)]
+            if not all(_shard_ok(d) for d in shard_dirs):
+                if only_shards is not None:
+                    return None  # this job's shards are done; a later call joins all of them
+                raise StoreError(f"{work}: shards went missing while building; rerun to resume")
+            from datasets import Dataset, concatenate_datasets
+
+            rows = concatenate_datasets([Dataset.load_from_disk(str(d)) for d in shard_dirs])
+            extra = merge_extra([json.loads((d / SHARD_EXTRA).read_text()) for d in shard_dirs])
+            extra["n_shards"] = n_shards
+            artifacts = finish(rows) if finish else {}
+            provenance = self._provenance(
+                stage, version, schema_version, config, parents, model, rows, extra
+            )
+            if runtime is not None:
+                provenance["runtime"] = dict(runtime())
+            self._remove_debris(self.stage_dir(stage), f".{version}{TMP_MARK}")
+            ref = self._commit(stage, version, rows, provenance, artifacts)
+            del rows
+            shutil.rmtree(work, ignore_errors=True)
+            return ref
+
+    def _build_shard(
+        self,
+        stage: str,
+        version: str,
+        work: Path,
+        index: int,
+        n_shards: int,
+        build_shard_fn: Callable[[int], Any],
+    ) -> None:
+        shard_dir = work / _shard_name(index)
+        if _shard_ok(shard_dir):
+            return
+        if shard_dir.exists():
+            logger.warning("%s: shard %d does not load; rebuilding it", work, index)
+            shutil.rmtree(shard_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        self._remove_debris(work, f".{_shard_name(index)}{TMP_MARK}")
+        logger.info("%s/%s: building shard %d/%d", stage, version, index, n_shards)
+        built = _unpack(build_shard_fn(index))
+        with self._staging(work, f".{_shard_name(index)}{TMP_MARK}") as tmp:
+            built.rows.save_to_disk(str(tmp))
+            _write_json(tmp / SHARD_EXTRA, dict(built.stats))
+            _rename_or_discard(tmp, shard_dir)
+
+    def missing_shards(self, stage: str, version: str, n_shards: int) -> list[int]:
+        """Shards of ``stage/version`` not yet finished in its work folder (which this prepares,
+        refusing one cut for another ``n_shards``), for executors that compute shards in other
+        processes (``seqpatch.ray_executor``); ``build_sharded`` then commits them."""
         self._make_stage_dir(stage)
         work = self.stage_dir(stage) / f"{version}{PARTIAL_SUFFIX}"
         self._check_manifest(work, version, n_shards)
-        for index in wanted:
-            shard_dir = work / f"shard-{index:05d}"
-            if shard_dir.is_dir():
-                logger.info("%s/%s: shard %d/%d already built", stage, version, index, n_shards)
-                continue
-            logger.info("%s/%s: building shard %d/%d", stage, version, index, n_shards)
-            shard, extra = _unpack(build_shard_fn(index))
-            with self._staging(work, f".shard-{index:05d}.tmp-") as tmp:
-                shard.save_to_disk(str(tmp))
-                _write_json(tmp / SHARD_EXTRA, extra)
-                _rename_or_discard(tmp, shard_dir)
+        return [i for i in range(n_shards) if not _shard_ok(work / _shard_name(i))]
 
-        from datasets import Dataset, concatenate_datasets
+    def write_shard(
+        self,
+        stage: str,
+        version: str,
+        n_shards: int,
+        index: int,
+        build_shard_fn: Callable[[int], Any],
+    ) -> bool:
+        """Build shard ``index`` and write it atomically where ``build_sharded`` keeps it, under
+        the shard's lock; ``False`` when it was already finished (nothing computed)."""
+        work = self.stage_dir(stage) / f"{version}{PARTIAL_SUFFIX}"
+        with self._shard_lock(work, index):
+            if _shard_ok(work / _shard_name(index)):
+                return False
+            self._build_shard(stage, version, work, index, n_shards, build_shard_fn)
+            return True
 
-        shard_dirs = [work / f"shard-{i:05d}" for i in range(n_shards)]
-        if only_shards is not None and not all(d.is_dir() for d in shard_dirs):
-            return None  # this job's shards are done; a later call joins all of them
-        dataset = concatenate_datasets([Dataset.load_from_disk(str(d)) for d in shard_dirs])
-        extra = merge_extra([json.loads((d / SHARD_EXTRA).read_text()) for d in shard_dirs])
-        extra["n_shards"] = n_shards
-        provenance = self._provenance(
-            stage, version, schema_version, config, parent, model, dataset, extra
-        )
-        ref = self._commit(stage, version, dataset, provenance)
-        shutil.rmtree(work, ignore_errors=True)
-        return ref
+    # -- locking ----------------------------------------------------------------------------
+
+    def lock(self, stage: str, version: str) -> Any:
+        """The lock a process holds while it commits ``stage/version`` (a ``filelock``)."""
+        from filelock import FileLock
+
+        return FileLock(str(self.stage_dir(stage) / f".{version}{LOCK_SUFFIX}"))
+
+    @staticmethod
+    def _shard_lock(work: Path, index: int) -> Any:
+        from filelock import FileLock
+
+        work.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(work / f".{_shard_name(index)}{LOCK_SUFFIX}"))
 
     # -- reading ----------------------------------------------------------------------------
 
     def find(self, stage: str, version: str) -> StageRef | None:
-        """The complete version ``version`` of ``stage``, or ``None``."""
+        """The complete version ``version`` of ``stage``, or ``None`` if it is not stored.
+
+        Raises ``DamagedVersionError`` when the folder exists but does not match its provenance
+        (unreadable ``seqpatch.json``, a recorded file missing or of another size).
+        """
         path = self.stage_dir(stage) / version
         provenance_path = path / PROVENANCE_FILE
         if not provenance_path.is_file():
             return None
         try:
             provenance = json.loads(provenance_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise StoreError(
-                f"{provenance_path} is unreadable ({err}); delete {path} and rebuild the stage"
-            ) from err
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self._damaged(stage, version, f"unreadable {PROVENANCE_FILE} ({err})") from err
+        problem = _provenance_problem(provenance, stage, version) or _files_problem(
+            path, provenance
+        )
+        if problem:
+            raise self._damaged(stage, version, problem)
         return StageRef(stage, version, path, provenance)
 
-    def versions(self, stage: str) -> list[StageRef]:
-        """Complete versions of ``stage``, oldest first (by creation time)."""
+    def _damaged(self, stage: str, version: str, problem: str) -> DamagedVersionError:
+        return DamagedVersionError(
+            f"stored version {stage}/{version} in {self.data_dir} is damaged: {problem}; "
+            f"`seqpatch verify {stage} --clean --data-dir {self.data_dir}` removes it, then rerun "
+            "the command that built it"
+        )
+
+    def _version_dirs(self, stage: str) -> list[Path]:
         folder = self.stage_dir(stage)
         if not folder.is_dir():
             return []
-        refs = [
-            ref
+        return [
+            child
             for child in sorted(folder.iterdir())
             if child.is_dir() and not child.name.startswith(".")
             if not child.name.endswith(PARTIAL_SUFFIX)
-            if (ref := self.find(stage, child.name)) is not None
+            if (child / PROVENANCE_FILE).is_file()
         ]
+
+    def versions(self, stage: str) -> list[StageRef]:
+        """Complete, undamaged versions of ``stage``, oldest first (by creation time)."""
+        refs = []
+        for child in self._version_dirs(stage):
+            try:
+                ref = self.find(stage, child.name)
+            except DamagedVersionError:
+                continue
+            if ref is not None:
+                refs.append(ref)
         return sorted(refs, key=lambda r: (str(r.provenance.get("created", "")), r.version))
+
+    def damaged(self, stage: str) -> list[tuple[str, str]]:
+        """``(version, problem)`` of every damaged version of ``stage`` (cheap checks)."""
+        out = []
+        for child in self._version_dirs(stage):
+            try:
+                self.find(stage, child.name)
+            except DamagedVersionError as err:
+                out.append((child.name, str(err)))
+        return out
 
     def stages(self) -> list[str]:
         if not self.data_dir.is_dir():
             return []
         return sorted(
-            p.name for p in self.data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+            p.name
+            for p in self.data_dir.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and _STAGE_NAME.match(p.name)
         )
 
     def refs(self) -> list[StageRef]:
@@ -367,7 +531,17 @@ class Store:
 
     def resolve(self, stage: str, version: str = LATEST) -> StageRef:
         """``version`` (``latest``, a full version or a unique prefix) of ``stage``."""
+        if not version:
+            raise StageNotFoundError(
+                f"an empty {stage} version was given; give a version or 'latest'"
+            )
+        if version != LATEST and _STAGE_NAME.match(version):
+            found = self.find(stage, version)  # raises if that exact version is damaged
+            if found is not None:
+                return found
         available = self.versions(stage)
+        if not available and (damaged := self.damaged(stage)):
+            raise DamagedVersionError(damaged[-1][1])
         if not available:
             raise StageNotFoundError(
                 f"no stored {stage!r} stage in {self.data_dir}; build it first with "
@@ -376,7 +550,7 @@ class Store:
         if version == LATEST:
             return available[-1]
         matches = [ref for ref in available if ref.version.startswith(version)]
-        if len(matches) == 1 and version:
+        if len(matches) == 1:
             return matches[0]
         known = ", ".join(ref.version for ref in available)
         what = "matches several versions" if matches else "is not stored"
@@ -386,10 +560,95 @@ class Store:
         )
 
     def load(self, stage: str, version: str = LATEST) -> Dataset:
-        """The rows of a stored version (memory-mapped Arrow)."""
+        """The rows of a stored version (memory-mapped Arrow), checked against its row count."""
+        return self.load_ref(self.resolve(stage, version))
+
+    def load_ref(self, ref: StageRef) -> Dataset:
         from datasets import Dataset
 
-        return Dataset.load_from_disk(str(self.resolve(stage, version).path))
+        try:
+            rows = Dataset.load_from_disk(str(ref.path))
+        except Exception as err:  # pyarrow/datasets raise many types for a damaged file
+            raise self._damaged(ref.stage, ref.version, f"its rows do not load ({err})") from err
+        if rows.num_rows != ref.provenance.get("row_count"):
+            raise self._damaged(
+                ref.stage,
+                ref.version,
+                f"{rows.num_rows} rows where its provenance records {ref.provenance.get('row_count')}",
+            )
+        return rows
+
+    # -- checking and cleaning --------------------------------------------------------------
+
+    def verify(self, stages: Iterable[str] | None = None, clean: bool = False) -> VerifyReport:
+        """Check every version's files against their recorded hashes and row counts, and find
+        debris (temporary folders of killed builds, unfinished ``.partial`` work folders that no
+        build holds). With ``clean`` damaged versions and debris are removed."""
+        report = VerifyReport()
+        for stage in list(stages) if stages is not None else self.stages():
+            folder = self.stage_dir(stage)
+            for child in self._version_dirs(stage):
+                problem = self._deep_problem(stage, child.name)
+                if problem is None:
+                    report.ok.append(f"{stage}/{child.name}")
+                    continue
+                report.damaged.append(f"{stage}/{child.name}: {problem}")
+                if clean:
+                    shutil.rmtree(child)
+            if not folder.is_dir():
+                continue
+            for child in sorted(folder.iterdir()):
+                version = _debris_version(child.name)
+                if version is None:
+                    continue
+                if not self._idle(stage, version):
+                    continue  # a build is working in it right now
+                report.debris.append(str(child))
+                if clean:
+                    shutil.rmtree(child, ignore_errors=True)
+        return report
+
+    def _deep_problem(self, stage: str, version: str) -> str | None:
+        try:
+            ref = self.find(stage, version)
+            if ref is None:
+                return f"no {PROVENANCE_FILE}"
+            self.load_ref(ref)
+        except DamagedVersionError as err:
+            return str(err).split(" is damaged: ", 1)[-1].split("; `seqpatch verify", 1)[0]
+        for name, record in (ref.provenance.get("files") or {}).items():
+            if _sha256(ref.path / name) != record.get("sha256"):
+                return f"{name} does not match its recorded SHA-256"
+        return None
+
+    def _idle(self, stage: str, version: str) -> bool:
+        """True when no process holds ``stage/version``'s lock (nor, for work folders, a shard's)."""
+        from filelock import Timeout
+
+        lock = self.lock(stage, version)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        try:
+            work = self.stage_dir(stage) / f"{version}{PARTIAL_SUFFIX}"
+            for path in work.glob(f".shard-*{LOCK_SUFFIX}") if work.is_dir() else []:
+                shard = _shard_lock_at(path)
+                try:
+                    shard.acquire(timeout=0)
+                except Timeout:
+                    return False
+                shard.release()
+            return True
+        finally:
+            lock.release()
+
+    @staticmethod
+    def _remove_debris(folder: Path, prefix: str) -> None:
+        """Remove ``prefix*`` folders: temporary folders of killed builds of what the caller
+        now holds the lock for."""
+        for child in folder.glob(f"{prefix}*"):
+            shutil.rmtree(child, ignore_errors=True)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -422,7 +681,7 @@ class Store:
         version: str,
         schema_version: int,
         config: Any,
-        parent: Parent | None,
+        parents: list[Parent],
         model: Any,
         dataset: Dataset,
         extra: Mapping[str, Any],
@@ -434,7 +693,7 @@ class Store:
             "version": version,
             "schema_version": schema_version,
             "config": config_dict(config),
-            "parent": parent_record(parent),
+            "parents": [parent_record(p) for p in parents],
             "model": model_record(model),
             "seqpatch_version": __version__,
             "row_count": dataset.num_rows,
@@ -444,11 +703,20 @@ class Store:
         }
 
     def _commit(
-        self, stage: str, version: str, dataset: Dataset, provenance: dict[str, Any]
+        self,
+        stage: str,
+        version: str,
+        dataset: Dataset,
+        provenance: dict[str, Any],
+        artifacts: Mapping[str, Artifact] | None = None,
     ) -> StageRef:
         target = self.stage_dir(stage) / version
-        with self._staging(self.stage_dir(stage), f".{version}.tmp-") as tmp:
+        with self._staging(self.stage_dir(stage), f".{version}{TMP_MARK}") as tmp:
             dataset.save_to_disk(str(tmp))
+            for name, artifact in (artifacts or {}).items():
+                _write_artifact(tmp, name, artifact)
+            provenance = {**provenance, "files": _file_records(tmp)}
+            provenance["checksum"] = _provenance_checksum(provenance)
             _write_json(tmp / PROVENANCE_FILE, provenance)
             _rename_or_discard(tmp, target)
         found = self.find(stage, version)
@@ -460,20 +728,144 @@ class Store:
         return found
 
     def _check_manifest(self, work: Path, version: str, n_shards: int) -> None:
-        """Refuse to mix shards cut for a different ``n_shards`` into one version."""
+        """Refuse to mix shards cut for a different ``n_shards`` into one version; a manifest
+        that does not parse means the work folder cannot be trusted, so it starts over."""
         manifest = work / SHARD_MANIFEST
         wanted = {"version": version, "n_shards": n_shards}
         if manifest.is_file():
-            found = json.loads(manifest.read_text())
-            if found != wanted:
+            try:
+                found = json.loads(manifest.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                found = None
+            if not isinstance(found, dict) or found.get("version") != version:
+                logger.warning("%s has an unreadable manifest; starting its shards over", work)
+                shutil.rmtree(work, ignore_errors=True)
+            elif found != wanted:
                 raise StoreError(
                     f"{work} holds shards of an interrupted build with n_shards="
                     f"{found.get('n_shards')}, not {n_shards}; rerun with the same number of "
                     f"shards, or delete {work} to start over"
                 )
-            return
-        work.mkdir(exist_ok=True)
+            else:
+                return
+        work.mkdir(parents=True, exist_ok=True)
         _write_json(manifest, wanted)
+
+
+@dataclass
+class VerifyReport:
+    """What ``Store.verify`` found: good versions, damaged ones (with the problem) and debris."""
+
+    ok: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    debris: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.damaged and not self.debris
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _shard_lock_at(path: Path) -> Any:
+    from filelock import FileLock
+
+    return FileLock(str(path))
+
+
+def _lock_timeout() -> type[Exception]:
+    from filelock import Timeout
+
+    return Timeout
+
+
+def _shard_ok(shard_dir: Path) -> bool:
+    """A finished shard loads and has readable statistics."""
+    if not shard_dir.is_dir():
+        return False
+    try:
+        from datasets import Dataset
+
+        Dataset.load_from_disk(str(shard_dir))
+        return isinstance(json.loads((shard_dir / SHARD_EXTRA).read_text()), dict)
+    except Exception:  # any damage means: rebuild this shard
+        return False
+
+
+def _debris_version(name: str) -> str | None:
+    """The version a leftover folder belongs to: ``.<v>.tmp-*`` or ``<v>.partial``."""
+    if name.startswith(".") and TMP_MARK in name:
+        return name[1:].split(TMP_MARK, 1)[0]
+    if name.endswith(PARTIAL_SUFFIX):
+        return name[: -len(PARTIAL_SUFFIX)]
+    return None
+
+
+def _provenance_problem(provenance: Any, stage: str, version: str) -> str | None:
+    if not isinstance(provenance, dict):
+        return f"{PROVENANCE_FILE} is not a JSON object"
+    missing = [key for key in _PROVENANCE_KEYS if key not in provenance]
+    if missing:
+        return f"{PROVENANCE_FILE} lacks {', '.join(missing)}"
+    if provenance["stage"] != stage or provenance["version"] != version:
+        return f"{PROVENANCE_FILE} describes {provenance['stage']}/{provenance['version']}"
+    if not isinstance(provenance["row_count"], int) or not isinstance(provenance["config"], dict):
+        return f"{PROVENANCE_FILE} has a malformed row_count or config"
+    if "checksum" in provenance and provenance["checksum"] != _provenance_checksum(provenance):
+        return f"{PROVENANCE_FILE} was edited after the commit (its checksum does not match)"
+    return None
+
+
+def _provenance_checksum(provenance: Mapping[str, Any]) -> str:
+    """SHA-256 of the provenance's canonical JSON without the checksum itself and the creation
+    time (so that, apart from ``created``, provenance stays a function of the inputs)."""
+    body = {k: v for k, v in provenance.items() if k not in ("checksum", "created")}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+def _files_problem(path: Path, provenance: Mapping[str, Any]) -> str | None:
+    files = provenance.get("files")
+    if files is None:
+        return None  # stored before file records existed
+    if not isinstance(files, dict):
+        return f"{PROVENANCE_FILE} has a malformed file list"
+    for name, record in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if not isinstance(record, dict) or file.stat().st_size != record.get("size"):
+            return f"{name} has changed size"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != PROVENANCE_FILE
+    }
+
+
+def _write_artifact(folder: Path, name: str, artifact: Artifact) -> None:
+    target = folder / name
+    if target.resolve().parent != folder.resolve() or name in (PROVENANCE_FILE,):
+        raise StoreError(f"artifact name {name!r} must be a plain file name")
+    if isinstance(artifact, bytes):
+        target.write_bytes(artifact)
+    elif isinstance(artifact, str):
+        target.write_text(artifact)
+    else:
+        artifact(target)
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:

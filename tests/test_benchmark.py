@@ -22,14 +22,14 @@ from typer.testing import CliRunner
 from seqpatch.choose import ChooseError, choose_model, read_chosen
 from seqpatch.cli import app
 from seqpatch.models import AnswerTokenizationError, ModelHandle, load_model
+from seqpatch.pipeline import build_benchmark
 from seqpatch.programs import make_sequence
 from seqpatch.stages import benchmark
+from seqpatch.stages.base import ModelCache, split_model_spec
 from seqpatch.stages.benchmark import (
     FEATURES,
     BenchmarkConfig,
     BenchmarkError,
-    build_benchmark,
-    split_spec,
     wilson_interval,
 )
 from seqpatch.store import Store, load_stage
@@ -71,7 +71,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, models: dict[str, str]) -> P
 def handles(models: dict[str, str]) -> dict[str, ModelHandle]:
     out = {}
     for spec in models.values():
-        name, fmt = split_spec(spec)
+        name, fmt = split_model_spec(spec)
         out[spec] = load_model(name, prompt_format=fmt)
     return out
 
@@ -125,7 +125,10 @@ def test_schema_rows_and_provenance(built: Path, models: dict[str, str]) -> None
         assert row["correct"] == (row["prediction"] == row["answer"])
         assert row["answer_rank"] >= 1 and row["answer_logprob"] < 0
     ref = Store(built).resolve("benchmark")
-    assert ref.provenance["parent"]["stage"] == "programs"
+    parent = Store(built).resolve("programs")
+    assert ref.provenance["parents"] == [
+        {"stage": "programs", "version": parent.version, "fingerprint": parent.fingerprint}
+    ]
     extra = ref.provenance["extra"]
     assert set(extra["models"]) == set(models.values())
     word = extra["models"][models["word"]]
@@ -223,7 +226,8 @@ def test_rebuild_reuses_without_running_a_model(
     def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("a stored benchmark must not be rebuilt")
 
-    monkeypatch.setattr(benchmark, "run_model", fail)
+    monkeypatch.setattr(benchmark, "build_shard", fail)
+    monkeypatch.setattr(ModelCache, "get", fail)  # not even loaded to be checked
     again = build_benchmark(_cfg(models), data_dir=built)
     assert again.reused and again.version == before.version
     assert again.fingerprint == before.fingerprint
@@ -234,16 +238,16 @@ def test_interrupted_build_resumes_with_the_next_model(
     tmp_path: Path, built: Path, models: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _build_programs(tmp_path)
-    real = benchmark.run_model
+    real = benchmark.build_shard
     calls: list[str] = []
 
-    def interrupted(parent, cfg, info):  # type: ignore[no-untyped-def]
-        calls.append(info.spec)
-        if info.spec == models["bpe"]:
+    def interrupted(inputs, cfg, index):  # type: ignore[no-untyped-def]
+        calls.append(cfg.models[index])
+        if cfg.models[index] == models["bpe"]:
             raise KeyboardInterrupt
-        return real(parent, cfg, info)
+        return real(inputs, cfg, index)
 
-    monkeypatch.setattr(benchmark, "run_model", interrupted)
+    monkeypatch.setattr(benchmark, "build_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_benchmark(_cfg(models), data_dir=tmp_path)
     assert calls == [models["word"], models["bpe"]]
@@ -253,11 +257,11 @@ def test_interrupted_build_resumes_with_the_next_model(
 
     calls.clear()
 
-    def counted(parent, cfg, info):  # type: ignore[no-untyped-def]
-        calls.append(info.spec)
-        return real(parent, cfg, info)
+    def counted(inputs, cfg, index):  # type: ignore[no-untyped-def]
+        calls.append(cfg.models[index])
+        return real(inputs, cfg, index)
 
-    monkeypatch.setattr(benchmark, "run_model", counted)
+    monkeypatch.setattr(benchmark, "build_shard", counted)
     ref = build_benchmark(_cfg(models), data_dir=tmp_path)
     assert calls == [models["bpe"]]
     first = Store(built).resolve("benchmark")
@@ -358,14 +362,14 @@ def test_the_organism_is_scored_on_its_one_answer_token(tmp_path: Path) -> None:
     assert sum(rows["correct"]) >= 0.9 * rows.num_rows
 
 
-def test_split_spec_reads_only_known_format_suffixes() -> None:
-    assert split_spec("./m:compact") == ("./m", "compact")
-    assert split_spec("Qwen/Qwen2.5-0.5B-Instruct:code-chat") == (
+def test_split_model_spec_reads_only_known_format_suffixes() -> None:
+    assert split_model_spec("./m:compact") == ("./m", "compact")
+    assert split_model_spec("Qwen/Qwen2.5-0.5B-Instruct:code-chat") == (
         "Qwen/Qwen2.5-0.5B-Instruct",
         "code-chat",
     )
-    assert split_spec("builtin") == ("builtin", None)
-    assert split_spec("C:/models/x") == ("C:/models/x", None)
+    assert split_model_spec("builtin") == ("builtin", None)
+    assert split_model_spec("C:/models/x") == ("C:/models/x", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +388,9 @@ def test_wilson_interval_hand_values() -> None:
 
 def test_summary_csv_and_chart_are_written(built: Path, tmp_path: Path) -> None:
     ref = Store(built).resolve("benchmark")
+    files = ref.provenance["files"]  # artifacts written into the version at commit, checksummed
     for name in ("results_summary.csv", "accuracy.html", "accuracy.png"):
-        assert (ref.path / name).stat().st_size > 0, name
+        assert (ref.path / name).stat().st_size == files[name]["size"] > 0, name
     summary = pl.read_csv(ref.path / "results_summary.csv")
     rows = pl.DataFrame(load_stage("benchmark", built).to_dict())
     expected = rows.group_by("model_id", "seq_len").agg(pl.col("correct").mean().alias("acc"))

@@ -24,12 +24,15 @@ import torch
 from datasets import Dataset
 from typer.testing import CliRunner
 
+from seqpatch import models as model_api
 from seqpatch.cli import app
 from seqpatch.interventions import get_activations, patch_and_run
-from seqpatch.models import ModelHandle, load_model
+from seqpatch.models import ModelHandle, load_model, teacher_forced
+from seqpatch.pipeline import build_benchmark
 from seqpatch.programs import make_sequence
 from seqpatch.stages import benchmark
-from seqpatch.stages.benchmark import BenchmarkConfig, build_benchmark, split_spec
+from seqpatch.stages.base import split_model_spec
+from seqpatch.stages.benchmark import BenchmarkConfig
 from seqpatch.store import Store, load_stage
 from tests.cli_output import error_line, snapshot
 
@@ -45,7 +48,7 @@ def invoke(*args: str | Path):  # type: ignore[no-untyped-def]
 def handles(models: dict[str, str]) -> dict[str, ModelHandle]:
     out = {}
     for key, spec in models.items():
-        name, fmt = split_spec(spec)
+        name, fmt = split_model_spec(spec)
         out[key] = load_model(name, prompt_format=fmt)
     return out
 
@@ -246,13 +249,30 @@ def _simulated(handle: ModelHandle) -> ModelHandle:
     return dataclasses.replace(handle, remote="local", _modules={})  # type: ignore[arg-type]
 
 
+def _pad_id(handle: ModelHandle) -> int:
+    tok = handle.tokenizer
+    return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+
+def _pad_left(seqs: Sequence[list[int]], pad_id: int) -> tuple[Any, Any, Any]:
+    """Left-padded ``input_ids, attention_mask, position_ids``, written here independently of
+    ``seqpatch.models.pad_left`` (positions count from each row's first real token)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[i, width - len(seq) :] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def _direct_teacher_forced(
     handle: ModelHandle, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]]
 ) -> tuple[list[float], list[int]]:
     """The benchmark's teacher-forced scoring as a plain ``transformers`` forward (its code
     before it went through nnsight)."""
     seqs = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
-    ids, mask, positions = benchmark._pad_left(seqs, benchmark._pad_id(handle))
+    ids, mask, positions = _pad_left(seqs, _pad_id(handle))
     keep = max(len(a) for a in answer_ids) + 1
     out = handle.hf_model(
         input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
@@ -270,14 +290,14 @@ def _direct_teacher_forced(
 
 
 def _direct_greedy(handle: ModelHandle, prompt_ids: Sequence[list[int]], max_new: int) -> Any:
-    ids, mask, _ = benchmark._pad_left(prompt_ids, benchmark._pad_id(handle))
+    ids, mask, _ = _pad_left(prompt_ids, _pad_id(handle))
     return handle.hf_model.generate(
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=max_new,
         do_sample=False,
         num_beams=1,
-        pad_token_id=benchmark._pad_id(handle),
+        pad_token_id=_pad_id(handle),
         eos_token_id=handle.tokenizer.eos_token_id,
     )
 
@@ -305,7 +325,8 @@ def test_benchmark_passes_through_nnsight_equal_direct_transformers(
     prompt_ids, answer_ids = _batch(handle)
     assert len({len(p) for p in prompt_ids}) > 1 and max(len(a) for a in answer_ids) > 1
     with torch.no_grad():
-        logprobs, ranks = benchmark._teacher_forced(runs, prompt_ids, answer_ids)
+        forced = teacher_forced(runs, prompt_ids, answer_ids)
+        logprobs, ranks = forced.logprobs, forced.ranks
         expected_logprobs, expected_ranks = _direct_teacher_forced(handle, prompt_ids, answer_ids)
         continuations = benchmark._greedy(runs, prompt_ids, 6)
         generated = _direct_greedy(handle, prompt_ids, 6)
@@ -354,23 +375,36 @@ def test_a_remote_benchmark_has_the_local_version_and_rows(
     models: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
     ndif_simulation: None,
+    ndif_key: None,
 ) -> None:
     """``remote`` is not in the version; the rows of a (simulated) NDIF run equal a local run's."""
     cfg = BenchmarkConfig((models["word"],), batch_size=4, max_new_tokens=3)
     local = build_benchmark(cfg, data_dir=programs_dir)
 
-    real_open = benchmark.open_model
-    opened: list[bool] = []
+    real_load = model_api.load_model
+    loaded: list[bool] = []
 
-    def open_simulated(spec: str, remote: bool = False) -> ModelHandle:
-        opened.append(remote)
-        return _simulated(real_open(spec)) if remote else real_open(spec)
+    def load_simulated(name: str, *args: Any, remote: bool = False, **kwargs: Any) -> ModelHandle:
+        """NDIF's copy of a model: loaded here, its traces sent through the simulation."""
+        loaded.append(remote)
+        handle = real_load(name, *args, **kwargs)
+        return _simulated(handle) if remote else handle
 
-    monkeypatch.setattr(benchmark, "open_model", open_simulated)
+    real_open = benchmark._open
+    used: list[Any] = []
+
+    def open_recorded(inputs: Any, spec: str) -> ModelHandle:
+        handle = real_open(inputs, spec)
+        used.append(handle.remote)
+        return handle
+
+    monkeypatch.setattr(model_api, "load_model", load_simulated)
+    monkeypatch.setattr(benchmark, "_open", open_recorded)
     other = tmp_path / "other"
     assert invoke("build", "programs", *PROGRAMS, "--data-dir", other).exit_code == 0
     remote = build_benchmark(cfg, data_dir=other, remote=True)
-    assert opened == [True, True]  # checked, then run
+    assert loaded == [True]  # NDIF's copy, opened once for identity, check and run
+    assert used == ["local", "local"]  # checked, then run, both through the simulation
     assert remote.version == local.version
     assert remote.provenance["extra"]["models"][models["word"]]["remote"] is True
     assert "remote" not in local.provenance["extra"]["models"][models["word"]]

@@ -24,20 +24,24 @@ from seqpatch.hub import HubError, StageSnapshot, export_snapshot, push_snapshot
 
 TOKEN = "hf_seqpatchTESTtoken0123456789abcdef"
 LAYERS, POSITIONS, D_MODEL, CANDIDATES = 2, 6, 8, 3
-REJECTIONS = {"drawn": 40, "token_length": 7, "equal_answers": 3, "a_wrong": 2, "b_wrong": 1}
 
 
-def _provenance(stage: str, version: str, parent: str | None = None, **extra: Any) -> dict:
+def _provenance(stage: str, version: str, n: int, parent: str | None = None, **extra: Any) -> dict:
+    """Provenance in the shape ``Store`` writes (``parents`` records, ``model`` record)."""
     return {
         "stage": stage,
         "version": version,
         "schema_version": 1,
         "config": {"seed": 0, "stage": stage},
-        "parent_stage": parent,
-        "parent_version": f"{parent}-v1" if parent else None,
-        "model_id": "builtin",
-        "model_revision": "abc123",
+        "parents": (
+            [{"stage": parent, "version": f"{parent}-v1", "fingerprint": "f" * 16}]
+            if parent
+            else []
+        ),
+        "model": {"id": "builtin", "revision": "abc123"},
         "seqpatch_version": "0.1.0",
+        "row_count": n,
+        "fingerprint": "0" * 16,
         "created": "2025-01-01T00:00:00Z",
         "extra": extra,
     }
@@ -53,7 +57,7 @@ def programs_snapshot(n: int = 12) -> StageSnapshot:
         "answer": list(range(n)),
         "intermediates": [[i, i + 1] for i in range(n)],
     }
-    return StageSnapshot("programs", Dataset.from_dict(rows), _provenance("programs", "prog-v1"))
+    return StageSnapshot("programs", Dataset.from_dict(rows), _provenance("programs", "prog-v1", n))
 
 
 def benchmark_snapshot() -> StageSnapshot:
@@ -65,7 +69,7 @@ def benchmark_snapshot() -> StageSnapshot:
         "correct": correct,
         "answer_logprob": [-0.1 * i for i in range(8)],
     }
-    prov = _provenance("benchmark", "bench-v1", "programs")
+    prov = _provenance("benchmark", "bench-v1", 8, "programs")
     return StageSnapshot("benchmark", Dataset.from_dict(rows), prov)
 
 
@@ -77,7 +81,7 @@ def pairs_snapshot(n: int = 5) -> StageSnapshot:
         "answers_differ": [True] * n,
         "n_tokens": [10 + i for i in range(n)],
     }
-    prov = _provenance("pairs", "pairs-v1", "benchmark", rejections=REJECTIONS)
+    prov = _provenance("pairs", "pairs-v1", n, "benchmark")
     return StageSnapshot("pairs", Dataset.from_dict(rows), prov)
 
 
@@ -98,7 +102,7 @@ def activations_snapshot(n: int = 6, seed: int = 0) -> StageSnapshot:
         "resid_pre_b": [rng.standard_normal(shape).astype(np.float16) for _ in range(n)],
         "input_ids_a": [list(range(i + 1)) for i in range(n)],
     }
-    prov = _provenance("activations", "act-v1", "pairs", row_count=n)
+    prov = _provenance("activations", "act-v1", n, "pairs")
     return StageSnapshot("activations", Dataset.from_dict(rows, features=features), prov)
 
 
@@ -119,11 +123,23 @@ def patching_snapshot(tmp_path: Path, n: int = 4) -> StageSnapshot:
     }
     version_dir = tmp_path / "patching-version"
     version_dir.mkdir()
-    np.save(version_dir / "heatmap.npy", rng.standard_normal((LAYERS, POSITIONS)))
+    np.save(
+        version_dir / "heatmap_prob_delta.npy", rng.standard_normal((2, 1, 3, LAYERS, POSITIONS))
+    )
+    index = {
+        "metrics": {"prob_delta": {"file": "heatmap_prob_delta.npy", "meaning": "Δ P(B)"}},
+        "axes": ["site", "divergence_index", "statistic", "layer", "position"],
+        "statistic": ["mean", "std", "count"],
+        "sites": ["resid_pre", "mlp_out"],
+        "divergence_indices": [0],
+        "layers": list(range(LAYERS)),
+        "labels": {"0": [f"t{i}" for i in range(POSITIONS)]},
+    }
+    (version_dir / "heatmap.json").write_text(json.dumps(index))
     (version_dir / "heatmap.png").write_bytes(b"\x89PNG\r\n\x1a\nnot-a-real-image")
     (version_dir / "heatmap.html").write_text("<html></html>")
     (version_dir / "state.json").write_text("{}")
-    prov = _provenance("patching", "patch-v1", "activations")
+    prov = _provenance("patching", "patch-v1", n, "activations")
     dataset = Dataset.from_dict(rows, features=features)
     return StageSnapshot("patching", dataset, prov, hub.artifact_files(version_dir))
 
@@ -160,8 +176,9 @@ def test_exported_stages_load_back_with_same_rows_and_features(tmp_path: Path) -
     )
     assert json.loads((folder / "activations" / "seqpatch.json").read_text())["version"] == "act-v1"
     assert sorted(p.name for p in (folder / "patching").iterdir()) == [
-        "heatmap.npy",
+        "heatmap.json",
         "heatmap.png",
+        "heatmap_prob_delta.npy",
         "seqpatch.json",
         "train-00000-of-00001.parquet",
     ]
@@ -216,11 +233,12 @@ def test_card_lists_every_config_and_shows_real_statistics(tmp_path: Path) -> No
     assert text.count("<!-- seqpatch-stage:") == 4
     assert "| arithmetic | 6 |" in text and "| binding | 6 |" in text  # families
     assert "| `m-a` | 4 | 75.0% |" in text and "| `m-b` | 4 | 25.0% |" in text  # accuracy
-    assert "40 candidate pairs were drawn to keep these 5" in text
-    for reason, count in list(REJECTIONS.items())[1:]:
-        assert f"| {reason} | {count} |" in text
     assert "In 80.0% of the pairs" in text
     assert "![heatmap.png](patching/heatmap.png)" in text
+    assert (
+        f"| `patching/heatmap_prob_delta.npy` | prob_delta: Δ P(B) | 2 × 1 × 3 × {LAYERS} × {POSITIONS} |"
+        in text
+    )
     assert "`mlp_out`, `resid_pre`" in text  # patching sites
     assert 'load_dataset("alice/study", "pairs", split="train")' in text
     assert '"seed": 0' in text and "0.1.0" in text  # config and seqpatch version
@@ -260,11 +278,17 @@ def test_empty_stage_is_refused_and_leaves_the_folder_untouched(tmp_path: Path) 
 def test_hand_written_card_metadata_survives_a_merge(tmp_path: Path) -> None:
     folder = tmp_path / "study"
     folder.mkdir()
-    (folder / "README.md").write_text("---\nlicense: mit\ntags:\n- mine\n---\n# hello\n")
-    export_snapshot(programs_snapshot(), folder)
+    mine = "---\nlicense: mit\ntags:\n- mine\n---\n# hello\n"
+    (folder / "README.md").write_text(mine)
+    with pytest.raises(HubError, match="not a seqpatch export"):
+        export_snapshot(programs_snapshot(), folder)
+    assert (folder / "README.md").read_text() == mine
+    exported = export_snapshot(programs_snapshot(), folder, force=True)
     card = DatasetCard.load(folder / "README.md")
     assert card.data.license == "mit"
     assert {"mine", "seqpatch"} <= set(card.data.tags)
+    assert (folder / "README.before-seqpatch.md").read_text() == mine  # kept, not deleted
+    assert any("README.before-seqpatch.md" in note for note in exported.notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +313,7 @@ class FakeHub:
     """
 
     instances: ClassVar[list[FakeHub]] = []
+    calls: ClassVar[list[str]] = []
     fail_with: ClassVar[Exception | None] = None
     head: ClassVar[int] = 0
 
@@ -299,6 +324,7 @@ class FakeHub:
         FakeHub.instances.append(self)
 
     def create_repo(self, repo_id: str, **kwargs: Any) -> None:
+        FakeHub.calls.append("create_repo")
         _bind("create_repo", repo_id, **kwargs)
         assert kwargs["repo_type"] == "dataset" and kwargs["exist_ok"]
         if FakeHub.fail_with is not None:
@@ -307,15 +333,18 @@ class FakeHub:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def dataset_info(self, repo_id: str, **kwargs: Any) -> Any:
+        FakeHub.calls.append("dataset_info")
         _bind("dataset_info", repo_id, **kwargs)
         return type("Info", (), {"sha": f"{FakeHub.head:040x}"})()
 
     def list_repo_files(self, repo_id: str, **kwargs: Any) -> list[str]:
+        FakeHub.calls.append("list_repo_files")
         _bind("list_repo_files", repo_id, **kwargs)
         files = (p for p in self.root.rglob("*") if p.is_file())
         return sorted(p.relative_to(self.root).as_posix() for p in files)
 
     def hf_hub_download(self, repo_id: str, filename: str, **kwargs: Any) -> str:
+        FakeHub.calls.append("hf_hub_download")
         _bind("hf_hub_download", repo_id, filename, **kwargs)
         path = self.root / filename
         if not path.is_file():
@@ -324,6 +353,7 @@ class FakeHub:
         return str(path)
 
     def create_commit(self, repo_id: str, operations: list[Any], **kwargs: Any) -> Any:
+        FakeHub.calls.append("create_commit")
         _bind("create_commit", repo_id, operations, **kwargs)
         if kwargs.get("parent_commit") != f"{FakeHub.head:040x}":
             raise _http_error(412)
@@ -343,7 +373,7 @@ class FakeHub:
 @pytest.fixture
 def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     remote = tmp_path / "remote"
-    FakeHub.instances, FakeHub.fail_with, FakeHub.head = [], None, 0
+    FakeHub.instances, FakeHub.calls, FakeHub.fail_with, FakeHub.head = [], [], None, 0
     monkeypatch.setattr(hub, "HfApi", lambda token=None: FakeHub(remote, token))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(hub, "get_token", lambda: None)
@@ -398,7 +428,7 @@ def test_provenance_carrying_the_token_is_refused_before_any_commit(fake_hub: Pa
     with pytest.raises(HubError, match="would contain your Hugging Face token") as info:
         push_snapshot(leaky, "alice/study", token=TOKEN)
     assert TOKEN not in str(info.value)
-    assert FakeHub.instances[-1].commits == []
+    assert FakeHub.calls == []  # refused before the first Hub call (no create_repo)
 
 
 @pytest.mark.parametrize(
@@ -505,6 +535,7 @@ def test_resolve_parent_errors_are_clear(tmp_path: Path) -> None:
 def stored(tmp_path: Path) -> Path:
     """A data dir holding a real programs stage and a patching-like stage with a chart."""
     from seqpatch.stages import build_stage
+    from seqpatch.stages.base import Built
     from seqpatch.stages.programs import ProgramsConfig
     from seqpatch.store import Store
 
@@ -513,11 +544,15 @@ def stored(tmp_path: Path) -> Path:
         "programs", ProgramsConfig("arithmetic", (1, 3), 4, 0), data_dir=data_dir
     )
     patching = patching_snapshot(tmp_path)
-    ref = Store(data_dir).get_or_build(
-        "patching", 1, {"sites": ["resid_pre"]}, lambda: patching.dataset, parent=programs
+    files = {p.name: p.read_bytes() for p in patching.artifacts}
+    files["heatmap.html"] = "<html></html>"
+    Store(data_dir).get_or_build(
+        "patching",
+        1,
+        {"sites": ["resid_pre"]},
+        lambda: Built(patching.dataset, artifacts=files),
+        parents=[programs],
     )
-    for artifact in patching.artifacts:
-        shutil.copyfile(artifact, ref.path / artifact.name)
     return data_dir
 
 
@@ -534,7 +569,7 @@ def test_export_stage_from_the_store_matches_store_load(stored: Path, tmp_path: 
     text = (tmp_path / "study" / "README.md").read_text()
     assert "| arithmetic | 8 |" in text and "| 1 | 4 |" in text and "| 3 | 4 |" in text
     assert "![heatmap.png](patching/heatmap.png)" in text
-    assert (tmp_path / "study" / "patching" / "heatmap.npy").is_file()
+    assert (tmp_path / "study" / "patching" / "heatmap_prob_delta.npy").is_file()
     assert not (tmp_path / "study" / "patching" / "heatmap.html").exists()
 
 
@@ -563,9 +598,9 @@ def test_a_resolved_parent_is_recorded_with_its_source_by_the_store(
     hub.export_stage("programs", tmp_path / "study", data_dir=stored)
     rows, provenance = resolve_parent(tmp_path / "study", "programs", cache_dir=tmp_path / "c")
     ref = Store(tmp_path / "other").get_or_build(
-        "benchmark", 1, {"models": ["builtin"]}, lambda: rows.select(range(2)), parent=provenance
+        "benchmark", 1, {"models": ["builtin"]}, lambda: rows.select(range(2)), parents=[provenance]
     )
-    parent = ref.provenance["parent"]
+    (parent,) = ref.provenance["parents"]
     assert parent["version"] == Store(stored).resolve("programs").version
     assert parent["source"]["kind"] == "folder"
 
@@ -597,3 +632,34 @@ def test_cli_export_and_push_errors(stored: Path, fake_hub: Path, tmp_path: Path
     assert len(result.output.strip().splitlines()) == 1
     result = runner.invoke(app, ["export", "pairs", "--to", str(folder), "--data-dir", str(stored)])
     assert result.exit_code == 2 and "no stored 'pairs' stage" in result.output
+
+
+def test_pairs_card_shows_every_rejection_reason_the_stage_stores(tmp_path: Path) -> None:
+    """The provenance is the one the pairs stage writes (its own ``_rejections``), committed by
+    the store: the card must show each of the stage's reasons with its count."""
+    from seqpatch.pairs import RejectionCounts
+    from seqpatch.stages import pairs as pairs_stage
+    from seqpatch.stages.base import Built
+    from seqpatch.store import Store
+
+    model_counts = {r: 11 + i for i, r in enumerate(pairs_stage.MODEL_REJECTIONS)}
+    counts = RejectionCounts(drawn=90, token_length=7, equal_answers=3)
+    stats = {
+        "candidates": 60,
+        "accepted": 5,
+        "rejections": pairs_stage._rejections(counts, model_counts, 4),
+        "model": {"id": "builtin"},
+    }
+    rows = pairs_snapshot().dataset
+    Store(tmp_path / "data").get_or_build(
+        "pairs", pairs_stage.SCHEMA_VERSION, {"seed": 0}, lambda: Built(rows, stats)
+    )
+    snapshot = hub.snapshot_from_store("pairs", data_dir=tmp_path / "data")
+    export_snapshot(snapshot, tmp_path / "study")
+    text = (tmp_path / "study" / "README.md").read_text()
+    assert "60 candidate pairs were drawn to keep these 5" in text
+    stored = snapshot.provenance["extra"]["rejections"]
+    assert set(pairs_stage.REJECTIONS) <= set(stored)
+    for reason in pairs_stage.REJECTIONS:
+        assert f"| {reason} | {stored[reason]} |" in text, reason
+    assert "of 90 changes drawn" in text

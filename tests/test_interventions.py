@@ -85,6 +85,34 @@ def test_get_activations_selects_layers_and_unpadded_positions(handles):
     assert not single.isnan().any()
 
 
+def test_get_activations_takes_slices_as_the_original_experiments_wrote_them(handles):
+    """``positions=slice(0, 5)`` (and ranges, and negative slices) read each prompt's own
+    unpadded positions, the same values a list of indices and plain hooks give."""
+    handle = handles["llama"]
+    lengths = [hooked_activations(handle, text)[1] for text in PROMPTS]
+    seed_style = get_activations(handle, PROMPTS, "resid_pre", positions=slice(0, 5))["resid_pre"]
+    assert seed_style.shape == (3, handle.n_layers, 5, handle.d_model)
+    assert min(lengths) < 10 < max(lengths)  # the shortest prompt is cut short by slice(0, 10)
+    first = get_activations(handle, PROMPTS, "resid_pre", positions=slice(0, 10))["resid_pre"]
+    as_list = get_activations(handle, PROMPTS, "resid_pre", positions=list(range(10)))
+    as_range = get_activations(handle, PROMPTS, "resid_pre", positions=range(10))
+    assert torch.equal(seed_style, first[:, :, :5])
+    for other in (as_list["resid_pre"], as_range["resid_pre"]):
+        assert torch.equal(first.isnan(), other.isnan())
+        assert torch.equal(first.nan_to_num(), other.nan_to_num())
+    last = get_activations(handle, PROMPTS, "resid_post", positions=slice(-3, None))["resid_post"]
+    assert last.shape == (3, handle.n_layers, 3, handle.d_model)
+    for row, (text, length) in enumerate(zip(PROMPTS, lengths, strict=True)):
+        want, _ = hooked_activations(handle, text)
+        for layer in range(handle.n_layers):
+            got_first = first[row, layer, : min(length, 10)]
+            assert (got_first - want[("resid_pre", layer)][:10]).abs().max() <= 1e-5
+            assert (last[row, layer] - want[("resid_post", layer)][-3:]).abs().max() <= 1e-5
+        assert first[row, :, length:].isnan().all()
+    with pytest.raises(InterventionError, match="for one position write"):
+        get_activations(handle, PROMPTS, "resid_pre", positions=3)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("site", ["resid_pre", "attn_out", "mlp_out", "resid_post"])
 def test_patch_and_run_equals_a_hook_patch(handles, arch, site):
@@ -125,13 +153,15 @@ def test_patch_and_run_equals_a_hook_patch(handles, arch, site):
     assert (result.source_logits - source[cand_ids]).abs().max() <= 1e-5
     want_delta = patched.softmax(-1)[cand_ids[7]] - clean.softmax(-1)[cand_ids[7]]
     assert result.delta == pytest.approx(float(want_delta), abs=1e-6)
+    assert float(result) == result.delta  # Δ as a number, as the original experiments read it
     assert abs(result.delta) > 0  # the patch changed something, so the test can fail
     # The engine agrees with the building block on the same cell.
     grid = sweep(handle, src_ids, tgt_ids, site, cand_ids, layers=[layer], positions=[pos])
-    assert (grid[0, 0, 0] - result.patched_logits).abs().max() <= 1e-5
-    assert (
-        candidate_logits(handle, tgt_ids, cand_ids)[0] - result.baseline_logits
-    ).abs().max() <= 1e-5
+    assert (grid.logits[0, 0, 0] - result.patched_logits).abs().max() <= 1e-5
+    baseline = candidate_logits(handle, tgt_ids, cand_ids)
+    assert (baseline.logits[0] - result.baseline_logits).abs().max() <= 1e-5
+    assert grid.lse[0, 0, 0] == pytest.approx(float(patched.logsumexp(-1)), abs=1e-5)
+    assert baseline.lse[0] == pytest.approx(float(clean.logsumexp(-1)), abs=1e-5)
 
 
 def test_patch_and_run_defaults_to_the_clean_runs_top_candidates(handles):
@@ -141,6 +171,21 @@ def test_patch_and_run_defaults_to_the_clean_runs_top_candidates(handles):
     assert result.answer_tgt == int(result.baseline_logits.argmax())
     assert result.answer_src == int(result.source_logits.argmax())
     assert result.candidates == tuple(range(10))
+
+
+def test_patch_and_run_takes_the_original_experiments_act_key(handles):
+    handle = handles["gpt2"]
+    by_site = patch_and_run(handle, SRC, TGT, 0, 6, site="mlp_out", answers=(3, 7))
+    by_key = patch_and_run(handle, SRC, TGT, 0, 6, act_key="mlp_out", answers=(3, 7))
+    default = patch_and_run(handle, SRC, TGT, 0, 6, answers=(3, 7))
+    assert by_key.site == "mlp_out" and default.site == "resid_pre"
+    assert torch.equal(by_key.patched_logits, by_site.patched_logits)
+    assert not torch.equal(by_key.patched_logits, default.patched_logits)
+    assert float(by_key) == by_site.delta != 0
+    with pytest.raises(InterventionError, match="act_key is another name for site"):
+        patch_and_run(handle, SRC, TGT, 0, 6, site="attn_out", act_key="mlp_out")
+    with pytest.raises(InterventionError, match="site"):
+        patch_and_run(handle, SRC, TGT, 0, 6, act_key="resid")
 
 
 def test_patch_and_run_refuses_what_it_cannot_do(handles):

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from seqpatch.metrics import candidate_probs, logit_diff, normalised, prob_delta
+from seqpatch.metrics import (
+    answer_prob,
+    candidate_probs,
+    logit_diff,
+    normalised,
+    prob_delta,
+    prob_delta_candidates,
+)
 
 
 def softmax(xs):
@@ -38,13 +45,62 @@ def test_logit_diff_is_source_answer_minus_target_answer(arr):
     assert as_list(per_pair) == pytest.approx([2.0, 3.5])
 
 
-def test_prob_delta_by_hand(arr):
+def test_prob_delta_candidates_by_hand(arr):
     baseline = arr([[0.0, 2.0, 0.0]])  # target prefers candidate 1 (its answer B)
     patched = arr([[[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]])  # [pair, cells, candidates]
-    delta = prob_delta(patched, baseline, answer_b=np.array([1]))
+    delta = prob_delta_candidates(patched, baseline, answer_b=np.array([1]))
     p_b = softmax([0.0, 2.0, 0.0])[1]
     assert delta.shape == (1, 2)
     assert as_list(delta[0]) == pytest.approx([softmax([2.0, 0.0, 0.0])[1] - p_b, 0.0], abs=1e-6)
+
+
+def lse(xs):
+    return math.log(sum(math.exp(x) for x in xs))
+
+
+def test_prob_delta_is_over_the_whole_vocabulary(arr):
+    """A 5-token vocabulary whose candidates are tokens 0..2: tokens 3, 4 carry mass too."""
+    vocab_base = [0.0, 2.0, 0.0, 1.0, 3.0]  # the target baseline's full next-token logits
+    vocab_cells = [[2.0, 0.0, 0.0, 0.0, 1.0], [0.0, 3.0, 0.0, -1.0, 0.5]]
+    baseline, patched = arr([vocab_base[:3]]), arr([[cell[:3] for cell in vocab_cells]])
+    base_lse, cell_lse = arr([lse(vocab_base)]), arr([[lse(cell) for cell in vocab_cells]])
+    delta = prob_delta(
+        patched, baseline, np.array([1]), patched_lse=cell_lse, baseline_lse=base_lse
+    )
+    want = [softmax(cell)[1] - softmax(vocab_base)[1] for cell in vocab_cells]
+    assert delta.shape == (1, 2)
+    assert as_list(delta[0]) == pytest.approx(want, abs=1e-6)
+    candidates_only = as_list(prob_delta_candidates(patched, baseline, np.array([1]))[0])
+    assert candidates_only != pytest.approx(want, abs=1e-2)  # the two metrics differ here
+    assert as_list(answer_prob(baseline, base_lse, 1)) == pytest.approx(
+        [softmax(vocab_base)[1]], abs=1e-6
+    )
+
+
+def test_prob_delta_broadcasts_baselines_over_layers_and_positions(arr):
+    rng = np.random.default_rng(0)
+    patched, patched_lse = rng.normal(size=(2, 3, 4, 5)), rng.normal(size=(2, 3, 4)) + 3
+    baseline, baseline_lse = rng.normal(size=(2, 5)), rng.normal(size=2) + 3
+    answer = np.array([4, 1])
+    got = prob_delta(
+        arr(patched),
+        arr(baseline),
+        answer,
+        patched_lse=arr(patched_lse),
+        baseline_lse=arr(baseline_lse),
+    )
+    for p in range(2):
+        want = np.exp(patched[p, ..., answer[p]] - patched_lse[p])
+        want -= np.exp(baseline[p, answer[p]] - baseline_lse[p])
+        np.testing.assert_allclose(np.asarray(got[p]), want, atol=1e-6)
+    with pytest.raises(ValueError, match="without the candidate axis"):
+        prob_delta(
+            arr(patched),
+            arr(baseline),
+            answer,
+            patched_lse=arr(patched_lse[..., 0]),
+            baseline_lse=arr(baseline_lse),
+        )
 
 
 def test_normalised_is_zero_without_effect_and_one_at_full_switch(arr):

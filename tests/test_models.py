@@ -6,13 +6,17 @@ layer's input, the residual stream is the sum of its parts, ``o_proj(head)`` is 
 final norm + unembedding of the last ``resid_post`` reproduce the logits.
 """
 
+import dataclasses
 import json
+import socket
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 import seqpatch.organism
+from seqpatch.interventions._layers import supports_layer_runner
 from seqpatch.models import (
     ADAPTERS,
     SITES,
@@ -20,7 +24,10 @@ from seqpatch.models import (
     ModelLoadError,
     SiteError,
     UnsupportedArchitectureError,
+    identify,
     load_model,
+    pad_left,
+    teacher_forced,
 )
 from seqpatch.prompts import CodeFormat, CompactFormat, PromptFormatError
 from seqpatch.testing import (
@@ -325,3 +332,147 @@ def test_bpe_tokenizer_gives_ops_different_lengths():
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     word = build_tiny_tokenizer("wordlevel")
     assert word.unk_token_id not in word("a=5;b=a;x//=3;x=abs(x-3);#b:")["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# identify: the identity load_model records, without loading a model
+
+
+def _identity(handle) -> dict:
+    described = handle.describe()
+    return {"model_id": described["model_id"], "revision": described["revision"]}
+
+
+@contextmanager
+def no_model_construction():
+    """Inside: any attempt to build a transformers model (from a folder or the Hub) fails."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("identify() must not construct a model")
+
+    with pytest.MonkeyPatch.context() as patch:
+        for cls in (transformers.PreTrainedModel, transformers.AutoModelForCausalLM):
+            patch.setattr(cls, "from_pretrained", refuse)
+        yield
+
+
+def test_identify_equals_the_loaded_identity(tmp_path):
+    folder = save_tiny_model("gpt2", tmp_path / "m")
+    specs = ["builtin", str(folder), str(tmp_path / "m" / ".." / "m")]
+    with no_model_construction():
+        identities = [identify(spec) for spec in specs]
+        with pytest.raises(AssertionError, match="must not construct"):
+            load_model(str(folder))  # the guard is real
+    for spec, identity in zip(specs, identities, strict=True):
+        assert identity == _identity(load_model(spec)), spec
+    assert identities[0]["model_id"] == "seqpatch/organism"
+    assert identities[1] == identities[2] and identities[1]["model_id"] == str(folder)
+    assert identify(str(folder), revision="v1")["revision"] == "v1"
+    (folder / "config.json").write_text((folder / "config.json").read_text() + " ")
+    assert identify(str(folder))["revision"] != identities[1]["revision"]  # content, not path
+
+
+def test_identify_a_hub_id_from_the_local_cache(offline, tmp_path):
+    """Offline, a Hub id in the cache has the commit ``transformers`` reports when loading it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--seqpatch-test--tiny"
+    save_tiny_model("llama", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    with no_model_construction():
+        identity = identify("seqpatch-test/tiny")
+    assert identity == {"model_id": "seqpatch-test/tiny", "revision": commit}
+    assert _identity(load_model("seqpatch-test/tiny")) == identity
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
+        identify("seqpatch-test/not-cached")
+    with pytest.raises(ModelLoadError, match="no model folder"):
+        identify(str(tmp_path / "nowhere"))
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """Not offline mode, but every Hub request is refused (a closed local port); the sleeps of
+    any retry with backoff are recorded instead of waited for."""
+    import huggingface_hub.constants
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again on leaving: connections are refused
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(
+        huggingface_hub.constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        f"http://127.0.0.1:{port}/{{repo_id}}/resolve/{{revision}}/{{filename}}",
+    )
+
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)  # retries would sleep: recorded, not waited
+    return slept
+
+
+@pytest.mark.parametrize("spec", ["gpt9", "seqpatch-test/no-such-model"])
+def test_a_hub_id_that_cannot_be_reached_fails_at_once(unreachable_hub, spec):
+    for call in (load_model, identify):
+        with pytest.raises(ModelLoadError, match="could not be reached") as info:
+            call(spec)
+        message = str(info.value)
+        assert "\n" not in message and f"hf download {spec}" in message
+        assert ("Hub ids look like 'org/name'" in message) == ("/" not in spec)
+    assert unreachable_hub == []  # one request each, no retries
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching: one left-padding helper, one teacher-forcing function
+
+
+def test_pad_left_uses_the_tokenizer_and_counts_positions_from_each_row(handles):
+    tok = handles["llama"].tokenizer
+    batch = pad_left(tok, [[5, 6, 7], [8]])
+    pad = tok.pad_token_id
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [pad, pad, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_teacher_forcing_matches_unpadded_forwards(handles, arch):
+    """Against one plain, unpadded forward per row; the remote path (nnsight's local
+    simulation of NDIF) gives exactly the local result."""
+    h = handles[arch]
+    prompts = [h.tokenizer(p)["input_ids"] for p in ("x = 0\nx += 3", "x = 1", "y = 2\ny -= 1")]
+    with torch.no_grad():  # make the first answer the model's own greedy continuation
+        greedy = h.hf_model(torch.tensor([prompts[0]])).logits[0, -1].argmax().item()
+    answers = [[greedy], [11, 12, 13], [14, 15]]
+    candidates = [[1, 2, greedy], [11, 12, 30], [4, 5, 6]]
+    scored = [0, 2, 1]
+    got = teacher_forced(h, prompts, answers, candidates, scored)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        with torch.no_grad():
+            logits = h.hf_model(torch.tensor([prompt + answer])).logits[0].double()
+        steps = logits[len(prompt) - 1 : -1]  # the logits predicting each answer token
+        logprobs = torch.log_softmax(steps, -1)[torch.arange(len(answer)), answer]
+        assert got.logprobs[row] == pytest.approx(float(logprobs.sum()), abs=1e-5)
+        assert got.ranks[row] == int((steps[0] > steps[0, answer[0]]).sum()) + 1
+        assert got.greedy[row] == (steps.argmax(-1).tolist() == answer)
+        expected = steps[scored[row], candidates[row]].float()
+        torch.testing.assert_close(got.candidate_logits[row], expected, atol=1e-5, rtol=0)
+    assert got.greedy[0] and got.ranks[0] == 1
+    simulated = dataclasses.replace(h, remote="local", _modules={})
+    remote = teacher_forced(simulated, prompts, answers, candidates, scored)
+    assert (remote.logprobs, remote.ranks, remote.greedy) == (
+        got.logprobs,
+        got.ranks,
+        got.greedy,
+    )
+    assert torch.equal(remote.candidate_logits, got.candidate_logits)
+
+
+def test_one_adapter_entry_says_whether_the_layer_runner_applies(handles):
+    for arch, handle in handles.items():
+        assert supports_layer_runner(handle) == (arch != "gpt2"), arch
+        if handle.adapter.rotary is not None:
+            assert isinstance(handle.submodule(handle.adapter.rotary), torch.nn.Module)

@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqpatch.pairs import PairError, make_counterfactual_pair, replace_statement
+from seqpatch.pairs import (
+    DEFAULT_SEED,
+    PairError,
+    RejectionCounts,
+    make_counterfactual_pair,
+    replace_statement,
+)
 from seqpatch.programs import FAMILIES, Program
 
 
@@ -58,6 +64,28 @@ def test_same_seed_same_pair():
     first = make_counterfactual_pair(8, 3, random.Random(7), "modular", tokenizer=code_chars)
     second = make_counterfactual_pair(8, 3, random.Random(7), "modular", tokenizer=code_chars)
     assert first[:2] == second[:2]
+
+
+def test_the_seeds_call_works_with_a_default_seed():
+    """``make_counterfactual_pair(8, 3)`` as the seed writes it: deterministic, seed 0."""
+    a, b, meta = make_counterfactual_pair(8, 3)
+    assert (a, b) == make_counterfactual_pair(8, 3)[:2]
+    assert (a, b) == make_counterfactual_pair(8, 3, random.Random(DEFAULT_SEED))[:2]
+    assert (a, b) == make_counterfactual_pair(8, 3, DEFAULT_SEED)[:2]
+    assert meta.divergence_index == 3 and a.statements[3] != b.statements[3]
+    assert make_counterfactual_pair(8, 3, 1)[:2] == make_counterfactual_pair(8, 3, 1)[:2]
+    assert any(make_counterfactual_pair(8, 3, s)[:2] != (a, b) for s in range(1, 4))
+
+
+def test_counts_add_up_to_the_draws():
+    """Every drawn change is either rejected for a counted reason or is the returned pair."""
+    assert set(RejectionCounts().as_dict()) == {"drawn", "token_length", "equal_answers"}
+    for seed in range(30):
+        _, _, meta = make_counterfactual_pair(
+            6, seed % 6, random.Random(seed), "arithmetic", tokenizer=code_chars
+        )
+        counts = meta.counts
+        assert counts.drawn == counts.token_length + counts.equal_answers + 1
 
 
 def test_token_length_mismatches_are_redrawn_and_counted():

@@ -9,6 +9,7 @@ on chosen answers). Everything else — tokenizer, prompt format, answer tokens 
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
 from types import SimpleNamespace
 
@@ -16,10 +17,13 @@ import numpy as np
 import pytest
 import torch
 
+from seqpatch.executor import execute
 from seqpatch.models import load_model
-from seqpatch.programs import Program
-from seqpatch.stages import build_stage
-from seqpatch.stages.pairs import PairsConfig, PairsStageError
+from seqpatch.pairs import PairError, make_counterfactual_pair
+from seqpatch.programs import Program, derive_seed
+from seqpatch.stages.base import ModelCache
+from seqpatch.stages.pairs import REJECTIONS, PairsConfig, PairsStageError, _score
+from seqpatch.store import Store
 from seqpatch.testing import save_tiny_model
 
 
@@ -42,7 +46,7 @@ class Oracle(torch.nn.Module):
         program = Program.parse("\n".join([*code, f"#{cue.group(1)}:"]), self.family, "code")
         return program, text[: cue.end()]
 
-    def forward(self, input_ids, attention_mask, position_ids=None):
+    def forward(self, input_ids, attention_mask, position_ids=None, logits_to_keep=0):
         vocab = len(self.handle.tokenizer)
         logits = torch.zeros(*input_ids.shape, vocab)
         tok = self.handle.tokenizer
@@ -58,7 +62,7 @@ class Oracle(torch.nn.Module):
                 t = offset + n_prompt - 1 + j
                 if t < input_ids.shape[1]:
                     logits[row, t, token] = 10.0
-        return SimpleNamespace(logits=logits)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:])  # 0 keeps every position
 
 
 @pytest.fixture(scope="module")
@@ -74,22 +78,66 @@ def compact_llama(tmp_path_factory):
 
 
 def build(handle, tmp_path, family, wrong=lambda a: False, **kw):
+    """Build the stage through the executor, with ``handle``'s oracle as the model ``tiny``."""
     oracle_handle = dataclasses.replace(handle, hf_model=Oracle(handle, family, wrong))
     cfg = PairsConfig(model="tiny", family=family, **kw)
-    ref = build_stage(
-        "pairs",
-        cfg,
-        data_dir=tmp_path,
-        model=handle.describe(),
-        handle=oracle_handle,
-        progress=False,
-    )
-    from seqpatch.store import Store
-
+    models = ModelCache()
+    models.put("tiny", oracle_handle)
+    ref = execute("pairs", cfg, store=Store(tmp_path), models=models, progress=False)
     return ref, Store(tmp_path).load("pairs", ref.version)
 
 
-def check_rows(rows, handle, family):
+def expected_rejections(handle, ref, wrong=lambda a: False) -> dict[str, int]:
+    """The stored rejection counts, recomputed independently: every candidate the build drew is
+    regenerated alone from its seed and classified in the stage's order."""
+    cfg = PairsConfig(**ref.provenance["config"])
+    out = dict.fromkeys(("token_length", "equal_answers", "changes_drawn", "a_wrong", "b_wrong"), 0)
+    out.update(answer_is_prefix=0, no_valid_change=0)
+    for i in range(ref.provenance["extra"]["candidates"]):
+        k = cfg.divergence_indices[i % len(cfg.divergence_indices)]
+        rng = random.Random(derive_seed("pair", cfg.seed, cfg.family, cfg.seq_len, i))
+        try:
+            a, b, meta = make_counterfactual_pair(
+                cfg.seq_len,
+                k,
+                rng,
+                cfg.family,
+                tokenizer=handle.prompt_ids,
+                allow_equal_answers=cfg.allow_equal_answers,
+            )
+        except PairError:
+            out["no_valid_change"] += 1
+            continue
+        out["token_length"] += meta.counts.token_length
+        out["equal_answers"] += meta.counts.equal_answers
+        out["changes_drawn"] += meta.counts.drawn
+        fmt = handle.prompt_format
+        ans_a = handle.answer_token_ids([a.answer], prompt=fmt.prompt(a))[0]
+        ans_b = handle.answer_token_ids([b.answer], prompt=fmt.prompt(b))[0]
+        shorter, longer = sorted((ans_a, ans_b), key=len)
+        if ans_a != ans_b and longer[: len(shorter)] == shorter:
+            out["answer_is_prefix"] += 1
+        elif wrong(a.answer):
+            out["a_wrong"] += 1
+        elif wrong(b.answer):
+            out["b_wrong"] += 1
+    return out
+
+
+def first_differing_token(handle, a: Program, b: Program) -> tuple[int, int]:
+    """A's and B's answer tokens at the scored position, from the tokenizer alone."""
+    fmt = handle.prompt_format
+    ans_a = handle.tokenizer(fmt.prompt(a) + fmt.answer_text(a.answer))["input_ids"]
+    ans_b = handle.tokenizer(fmt.prompt(b) + fmt.answer_text(b.answer))["input_ids"]
+    ans_a, ans_b = ans_a[len(handle.prompt_ids(a)) :], ans_b[len(handle.prompt_ids(b)) :]
+    if ans_a == ans_b:
+        return ans_a[0], ans_b[0]
+    j = next(j for j, (x, y) in enumerate(zip(ans_a, ans_b, strict=False)) if x != y)
+    return ans_a[j], ans_b[j]
+
+
+def check_rows(rows, handle, family, equal_answers=False):
+    n_candidates = len(rows[0]["candidate_ids"])
     for row in rows:
         a = Program.parse(row["program_a"], family)
         b = Program.parse(row["program_b"], family)
@@ -112,11 +160,19 @@ def check_rows(rows, handle, family):
         # the stored logits rank each program's true answer first
         assert int(np.argmax(row["model_logits_a"])) == row["answer_index_a"]
         assert int(np.argmax(row["model_logits_b"])) == row["answer_index_b"]
-        assert row["answer_index_a"] != row["answer_index_b"]
+        assert (row["answer_index_a"] == row["answer_index_b"]) == (a.answer == b.answer)
+        assert equal_answers or a.answer != b.answer
         labels, ids = row["candidate_labels"], row["candidate_ids"]
-        for program, index in ((a, row["answer_index_a"]), (b, row["answer_index_b"])):
-            assert handle.tokenizer.decode([ids[index]]).strip() == labels[index]
-            assert labels[index] in str(program.answer)
+        assert len(ids) == len(labels) == len(row["model_logits_a"]) == n_candidates
+        assert labels[:10] == [str(d) for d in range(10)]
+        # each answer index is the first slot holding that answer's first differing token
+        scored = first_differing_token(handle, a, b)
+        for program, index, token in zip(
+            (a, b), ("answer_index_a", "answer_index_b"), scored, strict=True
+        ):
+            assert ids[row[index]] == token and ids.index(token) == row[index]
+            assert handle.tokenizer.decode([token]).strip() == labels[row[index]]
+            assert labels[row[index]] in str(program.answer)
         assert len(row["tokens"]) == row["n_tokens"]
 
 
@@ -126,24 +182,96 @@ def test_bpe_pairs_have_equal_lengths_and_counts(bpe_llama, tmp_path):
     check_rows(rows, bpe_llama, "arithmetic")
     rejections = ref.provenance["extra"]["rejections"]
     assert rejections["token_length"] > 0  # the BPE tokenizer really splits ops unevenly
-    assert rejections["not_digit_scored"] >= 0
+    assert set(rejections) == {*REJECTIONS, "changes_drawn"}
+    assert rejections == expected_rejections(bpe_llama, ref)
     assert sorted(set(rows["divergence_index"])) == [0, 1, 2, 3]
 
 
+def test_negative_and_multi_digit_answers_are_scored_on_their_own_tokens(bpe_llama, tmp_path):
+    """``-3`` vs ``4`` and ``12`` vs ``7``: the first differing answer token is not a digit, so
+    it is scored in the two answer slots that follow the ten digits (issue 14)."""
+    ref, rows = build(bpe_llama, tmp_path, "arithmetic", seq_len=3, n_pairs=60, batch_size=64)
+    check_rows(rows, bpe_llama, "arithmetic")
+    assert {len(ids) for ids in rows["candidate_ids"]} == {12}
+    slot_labels = {
+        row["candidate_labels"][row[index]]
+        for row in rows
+        for index in ("answer_index_a", "answer_index_b")
+        if row[index] >= 10
+    }
+    assert "-" in slot_labels  # a negative answer against a non-negative one
+    assert any(label.isdigit() and len(label) > 1 for label in slot_labels)  # e.g. `12`
+    answers = [*rows["ground_truth_a"], *rows["ground_truth_b"]]
+    assert min(answers) < 0 and max(answers) > 9
+    assert ref.provenance["extra"]["rejections"] == expected_rejections(bpe_llama, ref)
+
+
+def test_an_answer_whose_tokens_prefix_the_other_is_rejected(bpe_llama):
+    """``1`` vs ``14`` read as ``1`` then ``4``: A's answer ends where B's continues, so no token
+    stands for A at the scored position; the candidate is counted as ``answer_is_prefix``."""
+    a = Program.parse("x = 0\nx += 5\nx -= 4\n#x:", "arithmetic")
+    b = Program.parse("x = 0\nx += 5\nx += 9\n#x:", "arithmetic")
+    fmt = bpe_llama.prompt_format
+    ans_a = bpe_llama.answer_token_ids([a.answer], prompt=fmt.prompt(a))[0]
+    ans_b = bpe_llama.answer_token_ids([b.answer], prompt=fmt.prompt(b))[0]
+    assert len(ans_a) == 1 and ans_b[:1] == ans_a  # the case under test, under this tokenizer
+    cfg = PairsConfig(model="tiny", family="arithmetic", seq_len=2)
+    oracle = dataclasses.replace(bpe_llama, hf_model=Oracle(bpe_llama, "arithmetic"))
+    batch = {
+        "candidate": [0, 1],
+        "program_a": [a.render("code"), b.render("code")],
+        "program_b": [b.render("code"), a.render("code")],
+        "divergence_index": [1, 1],
+    }
+    assert _score(batch, cfg, oracle)["status"] == ["answer_is_prefix"] * 2
+
+
+def test_equal_answer_pairs_are_kept_when_allowed(compact_llama, bpe_llama, tmp_path):
+    """With ``allow_equal_answers`` a pair whose answers are equal is scored on the answer's
+    first token, both answer indices the same slot."""
+    for handle, family in ((compact_llama, "binding"), (bpe_llama, "arithmetic")):
+        ref, rows = build(
+            handle,
+            tmp_path / family,
+            family,
+            seq_len=4,
+            n_pairs=40,
+            batch_size=64,
+            allow_equal_answers=True,
+        )
+        check_rows(rows, handle, family, equal_answers=True)
+        equal = [row for row in rows if row["ground_truth_a"] == row["ground_truth_b"]]
+        assert len(equal) >= 5
+        for row in equal:
+            assert not row["answers_differ"]
+            assert row["answer_prefix_len"] == 0  # scored where the answer's first token is read
+            prompt = handle.prompt_ids(Program.parse(row["program_b"], family))
+            assert row["input_ids_b"] == prompt
+        assert ref.provenance["extra"]["rejections"] == expected_rejections(handle, ref)
+
+
 def test_compact_pairs_and_model_rejections(compact_llama, tmp_path):
+    def wrong(answer: int) -> bool:
+        return answer == 7
+
     ref, rows = build(
         compact_llama,
         tmp_path,
         "binding",
-        wrong=lambda answer: answer == 7,
+        wrong=wrong,
         seq_len=6,
         n_pairs=60,
         divergence_indices=(1, 4),
     )
     check_rows(rows, compact_llama, "binding")
+    # the organism's layout: the ten digits, each answer's index is its digit
+    assert {len(ids) for ids in rows["candidate_ids"]} == {10}
+    assert list(rows["answer_index_a"]) == list(rows["ground_truth_a"])
+    assert list(rows["answer_index_b"]) == list(rows["ground_truth_b"])
     assert 7 not in rows["ground_truth_a"] and 7 not in rows["ground_truth_b"]
     rejections = ref.provenance["extra"]["rejections"]
     assert rejections["a_wrong"] > 0 and rejections["b_wrong"] > 0
+    assert rejections == expected_rejections(compact_llama, ref, wrong)
     assert rejections["token_length"] == 0  # one token per character: lengths always match
     assert set(rows["divergence_index"]) == {1, 4}
     assert rows.features["model_logits_a"].feature.dtype == "float32"

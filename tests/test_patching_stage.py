@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from seqpatch import pipeline
+from seqpatch.executor import execute
+from seqpatch.interventions._layers import supports_layer_runner
 from seqpatch.models import load_model
-from seqpatch.stages import build_stage, patching
+from seqpatch.stages import patching
+from seqpatch.stages.base import ModelCache
 from seqpatch.stages.pairs import PairsConfig
 from seqpatch.store import Store
 from seqpatch.testing import save_tiny_model
@@ -19,30 +24,52 @@ from tests.test_pairs_stage import Oracle
 N_PAIRS = 12
 
 
+def tiny_handle(root, arch):
+    folder = save_tiny_model(arch, root / arch, tokenizer="wordlevel")
+    return load_model(str(folder), prompt_format="compact")
+
+
 @pytest.fixture(scope="module")
 def handle(tmp_path_factory):
-    folder = save_tiny_model("llama", tmp_path_factory.mktemp("m") / "llama", tokenizer="wordlevel")
-    return load_model(str(folder), prompt_format="compact")
+    return tiny_handle(tmp_path_factory.mktemp("m"), "llama")
+
+
+def model_cache(handle):
+    """The pairs below are built for the model spec ``tiny``: every later stage loads that."""
+    models = ModelCache()
+    models.put("tiny", handle)
+    return models
+
+
+@pytest.fixture
+def models(handle):
+    return model_cache(handle)
+
+
+def build_pairs(handle, data_dir):
+    oracle = dataclasses.replace(handle, hf_model=Oracle(handle, "binding"))
+    cfg = PairsConfig(model="tiny", seq_len=4, n_pairs=N_PAIRS, divergence_indices=(1, 3))
+    execute("pairs", cfg, store=Store(data_dir), models=model_cache(oracle), progress=False)
+    return data_dir
 
 
 @pytest.fixture
 def data_dir(tmp_path, handle):
-    oracle = dataclasses.replace(handle, hf_model=Oracle(handle, "binding"))
-    cfg = PairsConfig(model="tiny", seq_len=4, n_pairs=N_PAIRS, divergence_indices=(1, 3))
-    build_stage(
-        "pairs", cfg, data_dir=tmp_path, model=handle.describe(), handle=oracle, progress=False
-    )
-    return tmp_path
+    return build_pairs(handle, tmp_path / "data")
 
 
 def ld_of(row):
     return row["logits"][..., row["answer_index_a"]] - row["logits"][..., row["answer_index_b"]]
 
 
-def hooked_logits(handle, src_ids, tgt_ids, site, layer, pos, cand):
+# Each architecture's decoder layers, found here without the handle's adapter.
+DECODER_LAYERS = {"llama": lambda m: m.model.layers, "gpt2": lambda m: m.transformer.h}
+
+
+def hooked_logits(handle, src_ids, tgt_ids, site, layer, pos, arch="llama"):
     """Independent reference: capture the source's site with one plain hook, patch the target
-    with another, read the candidate logits at the last position."""
-    layer_module = handle.hf_model.model.layers[layer]
+    with another, read the full next-token logits ``[vocab]`` at the last position."""
+    layer_module = DECODER_LAYERS[arch](handle.hf_model)[layer]
     captured = {}
     if site == "resid_pre":
 
@@ -79,11 +106,16 @@ def hooked_logits(handle, src_ids, tgt_ids, site, layer, pos, cand):
         h = register(put)
         logits = handle.hf_model(input_ids=torch.tensor([tgt_ids])).logits[0, -1]
         h.remove()
-    return logits[cand].numpy()
+    return logits.float()
 
 
-def test_activations_stage_matches_plain_forward(handle, data_dir):
-    ref = pipeline.build_activations(("resid_pre", "mlp_out"), data_dir=data_dir, handle=handle)
+def clean_logits(handle, ids):
+    with torch.no_grad():
+        return handle.hf_model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
+def test_activations_stage_matches_plain_forward(handle, data_dir, models):
+    ref = pipeline.build_activations(("resid_pre", "mlp_out"), data_dir=data_dir, models=models)
     rows = Store(data_dir).load("activations", ref.version).with_format("torch")
     assert len(rows) == N_PAIRS
     width = int(max(rows["n_tokens"]))
@@ -95,13 +127,16 @@ def test_activations_stage_matches_plain_forward(handle, data_dir):
         assert torch.equal(row["resid_pre_a"][layer], out.hidden_states[layer][0])
 
 
-def test_patching_equals_plain_hooks_and_metrics(handle, data_dir):
+def test_patching_equals_plain_hooks_and_metrics(handle, data_dir, models):
     ref = pipeline.build_patching(
-        ("resid_pre", "mlp_out"), activations="none", data_dir=data_dir, handle=handle
+        ("resid_pre", "mlp_out"), activations="none", data_dir=data_dir, models=models
     )
+    assert ref.provenance["schema_version"] == patching.SCHEMA_VERSION == 4
     rows = Store(data_dir).load("patching", ref.version)
     assert len(rows) == 2 * N_PAIRS
     assert set(rows["site"]) == {"resid_pre", "mlp_out"}
+    width = max(rows["n_tokens"])
+    assert rows.features["lse"].shape == (handle.n_layers, width)
     pairs_rows = Store(data_dir).load("pairs")
     by_id = {r["pair_id"]: r for r in pairs_rows}
     numpy_rows = rows.with_format("numpy")
@@ -111,15 +146,12 @@ def test_patching_equals_plain_hooks_and_metrics(handle, data_dir):
         for layer in (0, handle.n_layers - 1):
             for pos in (0, int(row["diff_positions"][0]), int(row["n_tokens"]) - 1):
                 want = hooked_logits(
-                    handle,
-                    pair["input_ids_a"],
-                    pair["input_ids_b"],
-                    row["site"],
-                    layer,
-                    pos,
-                    pair["candidate_ids"],
+                    handle, pair["input_ids_a"], pair["input_ids_b"], row["site"], layer, pos
                 )
-                np.testing.assert_allclose(row["logits"][layer, pos], want, atol=1e-5)
+                np.testing.assert_allclose(
+                    row["logits"][layer, pos], want[pair["candidate_ids"]], atol=1e-5
+                )
+                assert abs(row["lse"][layer, pos] - float(want.logsumexp(-1))) <= 1e-5
         # metric grids are views of the stored logits
         a, b = int(row["answer_index_a"]), int(row["answer_index_b"])
         ld = row["logits"][..., a] - row["logits"][..., b]
@@ -129,6 +161,9 @@ def test_patching_equals_plain_hooks_and_metrics(handle, data_dir):
         np.testing.assert_allclose(
             row["normalised"], (ld - (base_b[a] - base_b[b])) / span, rtol=1e-4, atol=1e-5
         )
+        for name, ids in (("baseline_lse_a", "input_ids_a"), ("baseline_lse_b", "input_ids_b")):
+            want_lse = float(clean_logits(handle, pair[ids]).logsumexp(-1))
+            assert abs(float(row[name]) - want_lse) <= 1e-5
     # cells before the first differing token patch identical activations: no effect at all
     for row in numpy_rows:
         first_diff = int(row["diff_positions"][0])
@@ -138,38 +173,100 @@ def test_patching_equals_plain_hooks_and_metrics(handle, data_dir):
             - row["baseline_logits_b"][row["answer_index_b"]]
         )
         np.testing.assert_allclose(row["logit_diff"][:, :first_diff], base_ld, atol=1e-5)
-    heat = np.load(ref.path / patching.HEATMAP_FILE)
-    assert heat.shape[:3] == (2, 2, 3)
-    assert (ref.path / "heatmap.png").stat().st_size > 1000
-    assert (ref.path / "traces.png").stat().st_size > 1000
+        np.testing.assert_allclose(row["prob_delta"][:, :first_diff], 0.0, atol=1e-6)
+    for chart in ("heatmap", "traces"):  # the stage's own charts, named by their metric
+        pngs = list(ref.path.glob(f"{chart}*normalised*.png"))
+        assert pngs and all(png.stat().st_size > 1000 for png in pngs), chart
 
 
-def test_cached_activations_give_the_same_effects(handle, data_dir):
-    pipeline.build_activations(("resid_pre",), data_dir=data_dir, handle=handle)
-    cached = pipeline.build_patching(("resid_pre",), data_dir=data_dir, handle=handle, charts=False)
-    assert cached.provenance["config"]["activations"] is not None
-    fresh = pipeline.build_patching(
-        ("resid_pre",), activations="none", data_dir=data_dir, handle=handle, charts=False
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_stored_prob_delta_is_the_full_vocabulary_delta(arch, tmp_path, handle):
+    """The stored Δ per cell equals P(B's answer) from a full-vocabulary softmax of a plain-hook
+    patch minus that of the clean B run, to 1e-6: on Llama (the compute-floor path) and GPT-2
+    (the generic path of full forwards)."""
+    model = handle if arch == "llama" else tiny_handle(tmp_path, arch)
+    assert supports_layer_runner(model) == (arch == "llama")
+    data_dir = build_pairs(model, tmp_path / "data")
+    ref = pipeline.build_patching(
+        ("resid_pre", "mlp_out"), activations="none", data_dir=data_dir, models=model_cache(model)
     )
+    rows = Store(data_dir).load("patching", ref.version).with_format("numpy")
+    by_id = {r["pair_id"]: r for r in Store(data_dir).load("pairs")}
+    last = model.n_layers - 1
+    differs_from_candidates = 0
+    for i in (0, N_PAIRS - 1, N_PAIRS, 2 * N_PAIRS - 1):  # both sites, both divergence indices
+        row = rows[i]
+        pair = by_id[row["pair_id"]]
+        answer = pair["candidate_ids"][int(row["answer_index_b"])]
+        p_clean = clean_logits(model, pair["input_ids_b"]).softmax(-1)[answer]
+        diverged, end = int(row["diff_positions"][0]), int(row["n_tokens"]) - 1
+        for layer, pos in [(0, diverged), (last, diverged), (0, end), (last, end)]:
+            patched = hooked_logits(
+                model, pair["input_ids_a"], pair["input_ids_b"], row["site"], layer, pos, arch
+            )
+            want = float(patched.softmax(-1)[answer] - p_clean)
+            assert abs(row["prob_delta"][layer, pos] - want) <= 1e-6, (row["site"], layer, pos)
+            candidates_only = row["prob_delta_candidates"][layer, pos]
+            differs_from_candidates += abs(candidates_only - want) > 1e-4
+    assert differs_from_candidates  # the candidate softmax is not the roadmap's Δ here
+
+
+def test_heatmap_arrays_are_named_by_their_metric(handle, data_dir, models):
+    ref = pipeline.build_patching(
+        ("resid_pre", "mlp_out"), activations="none", data_dir=data_dir, models=models
+    )
+    rows = Store(data_dir).load("patching", ref.version)
+    files = patching.heatmap_artifacts(rows)
+    index = json.loads(files[patching.HEATMAP_INDEX_FILE])
+    assert set(index["metrics"]) == set(patching.METRICS)
+    assert index["axes"] == ["site", "divergence_index", "statistic", "layer", "position"]
+    assert index["sites"] == ["resid_pre", "mlp_out"] and index["divergence_indices"] == [1, 3]
+    for metric in patching.METRICS:
+        name = index["metrics"][metric]["file"]
+        assert name == f"heatmap_{metric}.npy" and index["metrics"][metric]["meaning"]
+        stats = np.load(io.BytesIO(files[name]))
+        assert stats.shape == (2, 2, 3, handle.n_layers, max(rows["n_tokens"]))
+        np.testing.assert_array_equal(stats, patching.aggregate(rows, metric)["stats"])
+        # the mean of one cell, by hand: site resid_pre, k = 1, layer 0, the last position
+        values = [
+            r[metric][0][-1]
+            for r in rows
+            if r["site"] == "resid_pre" and r["divergence_index"] == 1
+        ]
+        np.testing.assert_allclose(stats[0, 0, 0, 0, -1], np.nanmean(values), rtol=1e-6)
+    assert "heatmap.npy" not in files  # no array that does not say what it holds
+    written = {p.name for p in ref.path.iterdir()}
+    assert patching.HEATMAP_FILE in written and patching.HEATMAP_INDEX_FILE in written
+
+
+def test_cached_activations_give_the_same_effects(data_dir, models):
+    pipeline.build_activations(("resid_pre",), data_dir=data_dir, models=models)
+    cached = pipeline.build_patching(("resid_pre",), data_dir=data_dir, models=models)
+    assert "activations" in {p["stage"] for p in cached.parents}
+    fresh = pipeline.build_patching(
+        ("resid_pre",), activations="none", data_dir=data_dir, models=models
+    )
+    assert "activations" not in {p["stage"] for p in fresh.parents}
     assert fresh.version != cached.version
     store = Store(data_dir)
-    x = store.load("patching", cached.version).with_format("numpy")["logits"]
-    y = store.load("patching", fresh.version).with_format("numpy")["logits"]
-    np.testing.assert_allclose(x, y, atol=1e-5)
+    for column in ("logits", "lse", "prob_delta"):
+        x = store.load("patching", cached.version).with_format("numpy")[column]
+        y = store.load("patching", fresh.version).with_format("numpy")[column]
+        np.testing.assert_allclose(x, y, atol=1e-5)
 
 
-def test_interrupted_patching_resumes_without_recomputing(handle, data_dir, monkeypatch):
+def test_interrupted_patching_resumes_without_recomputing(data_dir, models, monkeypatch):
     calls: list[int] = []
     real = patching.build_shard
 
-    def flaky(index, *args, **kwargs):
+    def flaky(inputs, cfg, index, *args, **kwargs):
         calls.append(index)
         if index == 2 and calls.count(2) == 1:
             raise KeyboardInterrupt
-        return real(index, *args, **kwargs)
+        return real(inputs, cfg, index, *args, **kwargs)
 
     monkeypatch.setattr(patching, "build_shard", flaky)
-    kw = dict(activations="none", shard_size=4, data_dir=data_dir, handle=handle, charts=False)
+    kw = dict(activations="none", shard_size=4, data_dir=data_dir, models=models)
     with pytest.raises(KeyboardInterrupt):
         pipeline.build_patching(("resid_pre",), **kw)
     assert not Store(data_dir).versions("patching")  # nothing looks complete
@@ -178,8 +275,8 @@ def test_interrupted_patching_resumes_without_recomputing(handle, data_dir, monk
     assert len(Store(data_dir).load("patching", ref.version)) == N_PAIRS
 
 
-def test_shards_split_across_jobs_then_join(handle, data_dir):
-    kw = dict(activations="none", shard_size=4, data_dir=data_dir, handle=handle, charts=False)
+def test_shards_split_across_jobs_then_join(data_dir, models):
+    kw = dict(activations="none", shard_size=4, data_dir=data_dir, models=models)
     assert pipeline.build_patching(("resid_pre",), shard=(0, 2), **kw) is None
     joined = pipeline.build_patching(("resid_pre",), shard=(1, 2), **kw)
     assert joined is not None
@@ -188,24 +285,158 @@ def test_shards_split_across_jobs_then_join(handle, data_dir):
     assert joined.provenance["extra"]["n_shards"] == 3
 
 
-def test_patching_continues_from_an_exported_study(handle, data_dir, tmp_path):
+def test_patching_continues_from_an_exported_study(data_dir, models, tmp_path):
     """A collaborator patches from someone's exported pairs + activations without recomputing."""
     from seqpatch.hub import export_stage
 
-    pipeline.build_activations(("resid_pre",), data_dir=data_dir, handle=handle)
-    here = pipeline.build_patching(("resid_pre",), data_dir=data_dir, handle=handle, charts=False)
+    pipeline.build_activations(("resid_pre",), data_dir=data_dir, models=models)
+    here = pipeline.build_patching(("resid_pre",), data_dir=data_dir, models=models)
     study = tmp_path / "study"
     export_stage("pairs", study, data_dir=data_dir)
     export_stage("activations", study, data_dir=data_dir)
 
     elsewhere = tmp_path / "collaborator"
     there = pipeline.build_patching(
-        ("resid_pre",), data_dir=elsewhere, handle=handle, charts=False, from_source=str(study)
+        ("resid_pre",), data_dir=elsewhere, models=models, from_source=str(study)
     )
     assert there.version == here.version  # same pairs, same activations: same stage version
-    assert there.provenance["config"]["activations"] == here.provenance["config"]["activations"]
+    parents = lambda ref: {p["stage"]: p["version"] for p in ref.parents}  # noqa: E731
+    assert parents(there) == parents(here) and "activations" in parents(here)
     imported = Store(elsewhere).resolve("activations")
     assert imported.provenance["extra"]["imported_from"]["source"] == str(study)
     x = Store(data_dir).load("patching", here.version).with_format("numpy")["logits"]
     y = Store(elsewhere).load("patching", there.version).with_format("numpy")["logits"]
     np.testing.assert_array_equal(x, y)
+
+
+def head_hooked_logits(handle, src_ids, tgt_ids, layer, head, positions):
+    """Independent reference for head_z (Llama): o_proj's input split by head, one head of the
+    source written at ``positions`` of the target."""
+    o_proj = handle.hf_model.model.layers[layer].self_attn.o_proj
+    d_head = handle.hf_model.config.head_dim
+    captured = {}
+
+    def grab(_m, args):
+        captured["x"] = args[0].clone()
+
+    def put(_m, args):
+        x = args[0].clone()
+        cols = slice(head * d_head, (head + 1) * d_head)
+        for pos in positions:
+            x[0, pos, cols] = captured["x"][0, pos, cols]
+        return (x,)
+
+    with torch.no_grad():
+        h = o_proj.register_forward_pre_hook(grab)
+        handle.hf_model(input_ids=torch.tensor([src_ids]))
+        h.remove()
+        h = o_proj.register_forward_pre_hook(put)
+        logits = handle.hf_model(input_ids=torch.tensor([tgt_ids])).logits[0, -1]
+        h.remove()
+    return logits.float()
+
+
+@pytest.mark.parametrize("axes", [("layer", "head"), ("layer", "head", "pos")])
+def test_head_grids_are_stored_over_their_axes(handle, data_dir, models, axes):
+    ref = pipeline.build_patching(
+        ("head_z", "head_k"), axes=axes, data_dir=data_dir, models=models, activations="auto"
+    )
+    rows = Store(data_dir).load("patching", ref.version)
+    n_heads, n_kv = handle.n_heads, handle.hf_model.config.num_key_value_heads
+    assert n_kv < n_heads  # grouped-query attention: fewer k/v heads than query heads
+    width = max(rows["n_tokens"])
+    grid = (handle.n_layers, n_heads) + ((width,) if "pos" in axes else ())
+    assert rows.features["normalised"].shape == grid
+    assert rows.features["logits"].shape == (*grid, 10)
+    assert rows[0]["axes"] == list(axes) and rows[0]["span"] == ("" if "pos" in axes else "all")
+    by_id = {r["pair_id"]: r for r in Store(data_dir).load("pairs")}
+    numpy_rows = rows.with_format("numpy")
+    for i in (0, N_PAIRS + 1):
+        row = numpy_rows[i]
+        site = row["site"]
+        heads = n_heads if site == "head_z" else n_kv
+        assert list(row["heads"]) == list(range(heads))
+        assert np.isnan(row["lse"][:, heads:]).all() and not np.isnan(row["lse"][:, :heads]).any()
+        if site != "head_z":
+            continue
+        pair = by_id[row["pair_id"]]
+        n = int(row["n_tokens"])
+        for layer, head, pos in [(0, 0, n - 1), (handle.n_layers - 1, heads - 1, n - 1)]:
+            positions = [pos] if "pos" in axes else range(n)
+            want = hooked = head_hooked_logits(
+                handle, pair["input_ids_a"], pair["input_ids_b"], layer, head, positions
+            )
+            at = (layer, head, pos) if "pos" in axes else (layer, head)
+            np.testing.assert_allclose(row["logits"][at], want[pair["candidate_ids"]], atol=1e-5)
+            assert abs(row["lse"][at] - float(hooked.logsumexp(-1))) <= 1e-5
+    files = patching.heatmap_artifacts(rows)
+    index = json.loads(files[patching.HEATMAP_INDEX_FILE])
+    named = ["layer", "head", "position"][: len(axes)]
+    assert index["axes"] == ["site", "divergence_index", "statistic", *named]
+    assert index["heads"] == list(range(n_heads))
+    stats = np.load(io.BytesIO(files[patching.HEATMAP_FILE]))
+    assert stats.shape == (2, 2, 3, *grid)
+    assert (stats[1, :, 2, :, n_kv:] == 0).all()  # head_k has no heads beyond its k/v heads
+    pngs = list(ref.path.glob("heatmap-normalised.png"))
+    assert pngs and pngs[0].stat().st_size > 1000
+
+
+def test_whole_stream_patching_is_a_layer_grid(handle, data_dir, models):
+    everywhere = pipeline.build_patching(
+        ("resid_pre",), axes=("layer",), data_dir=data_dir, models=models, activations="none"
+    )
+    rows = Store(data_dir).load("patching", everywhere.version)
+    assert rows.features["lse"].length == handle.n_layers
+    assert rows.features["logits"].shape == (handle.n_layers, 10)
+    col = lambda name: np.asarray(rows.with_format("numpy")[name])  # noqa: E731
+    # all positions of layer 0's input patched: B's run is A's run
+    np.testing.assert_allclose(col("logits")[:, 0], col("baseline_logits_a"), atol=1e-5)
+    np.testing.assert_allclose(col("lse")[:, 0], col("baseline_lse_a"), atol=1e-5)
+    np.testing.assert_allclose(col("normalised")[:, 0], 1.0, atol=1e-3)
+    later = pipeline.build_patching(
+        ("resid_pre",),
+        axes=("layer",),
+        positions="from-divergence",
+        data_dir=data_dir,
+        models=models,
+        activations="none",
+    )
+    assert later.version != everywhere.version
+    rows = Store(data_dir).load("patching", later.version)
+    assert set(rows["span"]) == {"from-divergence"}
+    by_id = {r["pair_id"]: r for r in Store(data_dir).load("pairs")}
+    row = rows.with_format("numpy")[3]
+    pair = by_id[row["pair_id"]]
+    first, n = int(row["diff_positions"][0]), int(row["n_tokens"])
+    layer_module = handle.hf_model.model.layers[1]
+    captured = {}
+
+    def grab(_m, args, kwargs):
+        captured["x"] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+    def put(_m, args, kwargs):
+        x = (args[0] if args else kwargs["hidden_states"]).clone()
+        x[0, first:n] = captured["x"][0, first:n]
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    with torch.no_grad():
+        h = layer_module.register_forward_pre_hook(grab, with_kwargs=True)
+        handle.hf_model(input_ids=torch.tensor([pair["input_ids_a"]]))
+        h.remove()
+        h = layer_module.register_forward_pre_hook(put, with_kwargs=True)
+        want = handle.hf_model(input_ids=torch.tensor([pair["input_ids_b"]])).logits[0, -1]
+        h.remove()
+    np.testing.assert_allclose(row["logits"][1], want[pair["candidate_ids"]], atol=1e-5)
+    index = json.loads(patching.heatmap_artifacts(rows)[patching.HEATMAP_INDEX_FILE])
+    assert index["axes"] == ["site", "divergence_index", "statistic", "layer"]
+    assert index["positions"] == "from-divergence"
+    assert list(later.path.glob("layers-normalised.png"))
+
+
+def test_bad_axes_are_refused_before_building():
+    with pytest.raises(patching.PatchingStageError, match="axes"):
+        patching.PatchingConfig(axes=("pos", "layer"))
+    with pytest.raises(Exception, match="head site"):
+        patching.PatchingConfig(sites=("resid_pre",), axes=("layer", "head"))
+    with pytest.raises(patching.PatchingStageError, match="positions"):
+        patching.PatchingConfig(positions="from-divergence")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
+from datasets import Dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.executor import execute
 from seqpatch.programs import (
     FAMILIES,
     RENDERERS,
@@ -18,14 +21,9 @@ from seqpatch.programs import (
     make_sequence,
     program_rng,
 )
-from seqpatch.stages.programs import (
-    FEATURES,
-    ProgramsConfig,
-    build,
-    fingerprint,
-    parse_seq_lens,
-    program_id,
-)
+from seqpatch.stages.base import StageError
+from seqpatch.stages.programs import FEATURES, ProgramsConfig, parse_seq_lens, program_id
+from seqpatch.store import Store
 
 FAMILY_NAMES = sorted(FAMILIES)
 MAX_LEN = 20
@@ -50,6 +48,31 @@ def _family_property(test):  # type: ignore[no-untyped-def]
     run.__name__ = test.__name__
     run.__doc__ = test.__doc__
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# What a family promises about its answers
+
+
+@_family_property
+def test_one_digit_families_answer_one_digit(
+    family: str, program: Program, data: st.DataObject
+) -> None:
+    """The pairs stage scores only the ten digit tokens for these families: a promise broken
+    here would mis-score pairs."""
+    if get_family(family).one_digit_answers:
+        assert 0 <= program.answer <= 9
+        assert all(v is None or 0 <= v <= 9 for step in program.intermediates for v in step)
+
+
+def test_one_digit_answers_is_false_where_answers_can_leave_0_to_9() -> None:
+    assert [name for name, fam in sorted(FAMILIES.items()) if fam.one_digit_answers] == [
+        "binding",
+        "modular",
+    ]
+    answers = {make_sequence("arithmetic", 6, random.Random(s)).answer for s in range(300)}
+    assert min(answers) < 0 and max(answers) > 9  # so arithmetic must not claim one digit
+    assert not type(get_family("binding"))(max_operand=12).one_digit_answers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,13 +284,19 @@ def test_config_normalises_lengths() -> None:
     assert ProgramsConfig("binding", (5, 1, 3), 2).seq_lens == (1, 3, 5)
 
 
+def build(cfg: ProgramsConfig, data_dir: Path) -> tuple[str, Dataset]:
+    """The stage built (or found) by the executor: its version and stored rows."""
+    ref = execute("programs", cfg, store=Store(data_dir), progress=False)
+    return ref.version, Store(data_dir).load("programs", ref.version)
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_build_rows(family: str) -> None:
+def test_build_rows(family: str, tmp_path) -> None:
     cfg = ProgramsConfig(family, (1, 4, 7), n_per_len=6, seed=3)
-    rows = build(None, cfg)
+    _, rows = build(cfg, tmp_path)
     assert rows.features == FEATURES
     assert rows.num_rows == 18
-    table = rows.to_list() if hasattr(rows, "to_list") else list(rows)
+    table = list(rows)
     assert [r["program_id"] for r in table] == [
         program_id(family, n, i) for n in (1, 4, 7) for i in range(6)
     ]
@@ -281,23 +310,22 @@ def test_build_rows(family: str) -> None:
         assert Program.parse(row["text"], family) == program
 
 
-def test_intermediates_keep_nulls() -> None:
-    rows = build(None, ProgramsConfig("binding", (MAX_LEN,), n_per_len=20, seed=0))
+def test_intermediates_keep_nulls(tmp_path) -> None:
+    _, rows = build(ProgramsConfig("binding", (MAX_LEN,), n_per_len=20, seed=0), tmp_path)
     firsts = [r["intermediates"][0] for r in rows]
     assert any(None in step for step in firsts)  # variables not yet assigned stay null
 
 
-def test_build_fingerprint_is_a_function_of_the_config() -> None:
+def test_same_config_same_version_and_rows(tmp_path) -> None:
     cfg = ProgramsConfig("modular", (2, 3), n_per_len=4, seed=1)
-    first, second = build(None, cfg), build(None, cfg)
-    assert first._fingerprint == second._fingerprint == fingerprint(cfg)
+    (v1, first), (v2, second) = build(cfg, tmp_path / "a"), build(cfg, tmp_path / "b")
+    assert v1 == v2 and first._fingerprint == second._fingerprint
     assert first.to_dict() == second.to_dict()
-    other = ProgramsConfig("modular", (2, 3), n_per_len=4, seed=2)
-    assert fingerprint(other) != fingerprint(cfg)
-    assert build(None, other)["text"] != first["text"]
+    v3, other = build(ProgramsConfig("modular", (2, 3), n_per_len=4, seed=2), tmp_path / "a")
+    assert v3 != v1 and other["text"] != first["text"]
 
 
-def test_build_refuses_a_parent() -> None:
+def test_build_refuses_a_parent(tmp_path) -> None:
     cfg = ProgramsConfig("binding", (1,), n_per_len=1)
-    with pytest.raises(ProgramError, match="first stage"):
-        build(build(None, cfg), cfg)
+    with pytest.raises(StageError, match="has no parent 'benchmark'"):
+        execute("programs", cfg, {"benchmark": "latest"}, store=Store(tmp_path), progress=False)

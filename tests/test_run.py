@@ -11,12 +11,19 @@ from seqpatch.cli import app
 from seqpatch.pipeline import RunConfig, run
 from seqpatch.store import Store
 
+SMALL = ["--n-pairs", "12", "--sites", "resid_pre,mlp_out", "--min-accuracy", "0"]
 
-def test_run_builds_every_stage_and_the_charts(tmp_path):
-    cfg = RunConfig(
+
+def small_config() -> RunConfig:
+    return RunConfig(
         seq_lens="1-8", n_per_len=8, min_accuracy=0.0, n_pairs=12, sites=("resid_pre", "mlp_out")
     )
-    report = run(cfg, tmp_path, echo=lambda _: None)
+
+
+def test_run_builds_every_stage_and_the_charts(tmp_path):
+    cfg = small_config()
+    lines: list[str] = []
+    report = run(cfg, tmp_path, echo=lines.append)
     assert [name for name, _, _ in report.steps] == [
         "programs",
         "benchmark",
@@ -28,19 +35,62 @@ def test_run_builds_every_stage_and_the_charts(tmp_path):
     store = Store(tmp_path)
     patching = store.resolve("patching")
     assert patching.provenance["row_count"] == 2 * 12
-    assert patching.provenance["config"]["activations"] == store.resolve("activations").version
+    parents = {p["stage"]: p["version"] for p in patching.provenance["parents"]}
+    assert parents == {
+        "pairs": store.resolve("pairs").version,
+        "activations": store.resolve("activations").version,
+    }
     chosen = json.loads((tmp_path / "chosen_model.json").read_text())
     assert chosen["model_spec"] == "builtin"
     pairs = store.load("pairs")
-    assert set(pairs["seq_len"]) == {min(chosen["seq_len"], cfg.max_seq_len)}
-    stats = np.load(patching.path / "heatmap.npy")
+    studied = min(chosen["seq_len"], cfg.max_seq_len)
+    assert set(pairs["seq_len"]) == {studied}
+    assert any(f"seq_len {studied}" in line for line in lines)  # the terminal says what it studies
+    index = json.loads((patching.path / "heatmap.json").read_text())
+    stats = np.load(patching.path / index["metrics"]["normalised"]["file"])
     assert stats.shape[0] == 2 and np.nanmax(stats[:, :, 2]) <= 12
-    for name in ("heatmap.png", "heatmap.html", "traces.png", "traces.html"):
-        assert (patching.path / name).stat().st_size > 1000
-    assert {p.name for p in report.charts} >= {"heatmap.png", "accuracy.png", "results_summary.csv"}
+    first_pair = store.load("pairs")[0]["pair_id"]
+    for name in ("heatmap-normalised", f"traces-{first_pair}-normalised"):
+        for suffix in (".png", ".html"):
+            assert (patching.path / f"{name}{suffix}").stat().st_size > 1000
+    assert {p.name for p in report.charts} >= {"heatmap-normalised.png", "accuracy.png"}
+    accuracy = next(p for p in report.charts if p.name == "accuracy.png")
+    assert store.resolve("benchmark").path not in accuracy.parents  # never inside a version
 
     again = run(cfg, tmp_path, echo=lambda _: None)  # everything is reused
     assert all(what.startswith(("reused", "chose")) for _, what, _ in again.steps)
+
+
+def test_run_says_when_it_caps_the_chosen_length(tmp_path):
+    lines: list[str] = []
+    cfg = RunConfig(
+        seq_lens="2-4",
+        n_per_len=6,
+        min_accuracy=0.0,
+        min_seq_len=2,
+        max_seq_len=3,
+        n_pairs=4,
+        sites=("resid_pre",),
+    )
+    run(cfg, tmp_path, echo=lines.append)
+    chosen = json.loads((tmp_path / "chosen_model.json").read_text())
+    assert chosen["seq_len"] == 4
+    assert any("capped by --max-seq-len 3" in line for line in lines)
+    assert set(Store(tmp_path).load("pairs")["seq_len"]) == {3}
+
+
+def test_run_output_fits_one_screen_and_ends_with_the_charts(tmp_path):
+    result = CliRunner().invoke(app, ["run", *SMALL, "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) <= 40, result.output
+    done = next(i for i, line in enumerate(lines) if line.startswith("done in"))
+    charts = lines[done + 1 :]
+    assert charts and all(line.strip().endswith((".png", ".html")) for line in charts)
+    for noise in ("Map", "Saving the dataset", "Loading weights", "Casting"):
+        assert noise not in result.output
+    quiet = CliRunner().invoke(app, ["run", *SMALL, "--quiet", "--data-dir", str(tmp_path)])
+    assert quiet.exit_code == 0 and "▶" not in quiet.output and "━" not in quiet.output
 
 
 def test_run_cli_reports_a_bad_option_in_one_line(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +100,8 @@ def test_any_input_change_makes_a_new_version(tmp_path: Path) -> None:
         "config": store.version_for("toy", 1, ToyConfig(4)),
         "default field": store.version_for("toy", 1, ToyConfig(3, label="other")),
         "schema": store.version_for("toy", 2, ToyConfig(3)),
-        "parent": store.version_for("toy", 1, ToyConfig(3), parent=parent),
-        "other parent": store.version_for("toy", 1, ToyConfig(3), parent=other_parent),
+        "parent": store.version_for("toy", 1, ToyConfig(3), parents=[parent]),
+        "other parent": store.version_for("toy", 1, ToyConfig(3), parents=[other_parent]),
         "model": store.version_for("toy", 1, ToyConfig(3), model={"id": "m", "revision": "a"}),
         "revision": store.version_for("toy", 1, ToyConfig(3), model={"id": "m", "revision": "b"}),
     }
@@ -157,7 +158,8 @@ def test_crash_while_writing_leaves_nothing_complete(tmp_path: Path, monkeypatch
         patch.setattr(store_module, "_write_json", fail)
         with pytest.raises(OSError, match="disk full"):
             store.get_or_build("toy", 1, ToyConfig(3), Builder(3))
-    assert list((tmp_path / "toy").iterdir()) == []  # the temp folder is cleaned up too
+    left = [p for p in (tmp_path / "toy").iterdir() if not p.name.endswith(".lock")]
+    assert left == []  # the temp folder is cleaned up too
     assert store.get_or_build("toy", 1, ToyConfig(3), Builder(3)).provenance["row_count"] == 3
 
 
@@ -283,7 +285,7 @@ def test_provenance_records_inputs_and_outputs(tmp_path: Path) -> None:
         return Built(Dataset.from_dict({"x": [1, 2, 3]}), {"rejected": {"wrong_answer": 4}})
 
     ref = store.get_or_build(
-        "toy", 2, ToyConfig(3), build, parent=parent, model={"id": "org/m", "revision": "abc"}
+        "toy", 2, ToyConfig(3), build, parents=[parent], model={"id": "org/m", "revision": "abc"}
     )
     prov = json.loads((ref.path / PROVENANCE_FILE).read_text())
     assert prov == dict(ref.provenance)
@@ -292,7 +294,9 @@ def test_provenance_records_inputs_and_outputs(tmp_path: Path) -> None:
         "version",
         "schema_version",
         "config",
-        "parent",
+        "parents",
+        "files",
+        "checksum",
         "model",
         "seqpatch_version",
         "row_count",
@@ -303,11 +307,13 @@ def test_provenance_records_inputs_and_outputs(tmp_path: Path) -> None:
     assert prov["stage"] == "toy" and prov["version"] == ref.version
     assert prov["schema_version"] == 2
     assert prov["config"] == {"n": 3, "label": "toy"}
-    assert prov["parent"] == {
-        "stage": "parent",
-        "version": parent.version,
-        "fingerprint": parent.fingerprint,
-    }
+    assert prov["parents"] == [
+        {"stage": "parent", "version": parent.version, "fingerprint": parent.fingerprint}
+    ]
+    assert set(prov["files"]) == {"data-00000-of-00001.arrow", "dataset_info.json", "state.json"}
+    for name, record in prov["files"].items():
+        data = (ref.path / name).read_bytes()
+        assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert prov["model"] == {"id": "org/m", "revision": "abc"}
     assert prov["seqpatch_version"] == seqpatch.__version__
     assert prov["row_count"] == 3
@@ -325,11 +331,11 @@ def test_parent_may_be_a_published_provenance(tmp_path: Path) -> None:
         "published_source": {"kind": "hub", "source": "user/name", "revision": "deadbeef"},
     }
     store = Store(tmp_path)
-    ref = store.get_or_build("toy", 1, ToyConfig(1), Builder(1), parent=published)
-    assert ref.provenance["parent"]["source"]["source"] == "user/name"
-    assert ref.version == store.version_for("toy", 1, ToyConfig(1), parent=published)
+    ref = store.get_or_build("toy", 1, ToyConfig(1), Builder(1), parents=[published])
+    assert ref.provenance["parents"][0]["source"]["source"] == "user/name"
+    assert ref.version == store.version_for("toy", 1, ToyConfig(1), parents=[published])
     with pytest.raises(StoreError, match="neither a version nor a fingerprint"):
-        store.version_for("toy", 1, ToyConfig(1), parent={"stage": "programs"})
+        store.version_for("toy", 1, ToyConfig(1), parents=[{"stage": "programs"}])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +374,7 @@ def test_corrupt_provenance_is_a_clear_error(tmp_path: Path) -> None:
     store = Store(tmp_path)
     ref = store.get_or_build("toy", 1, ToyConfig(1), Builder(1))
     (ref.path / PROVENANCE_FILE).write_text("{not json")
-    with pytest.raises(StoreError, match=r"unreadable.*delete"):
+    with pytest.raises(StoreError, match=rf"toy/{ref.version}.*damaged.*unreadable.*verify toy --clean"):
         store.load("toy")
 
 

@@ -16,6 +16,7 @@ from seqpatch.interventions import (
     get_activations,
     sweep,
 )
+from seqpatch.metrics import prob_delta, prob_delta_candidates
 from seqpatch.models import load_model
 from seqpatch.testing import TINY_ARCHITECTURES, save_tiny_model, tiny_config
 
@@ -46,8 +47,8 @@ def _site_tensor(value):
 
 
 def reference_patch(handle, src, tgt, site, layer, pos):
-    """Candidate logits ``[B, C]`` of targets ``[B, T]`` with (site, layer, pos) taken from the
-    sources, by plain hooks (one cell, a batch of pairs)."""
+    """Next-token logits ``[B, vocab]`` of targets ``[B, T]`` with (site, layer, pos) taken from
+    the sources, by plain hooks (one cell, a batch of pairs)."""
     ref = handle.module(site, layer)
     module, is_input = ref.module, ref.kind == "input"
     donated = {}
@@ -78,16 +79,18 @@ def reference_patch(handle, src, tgt, site, layer, pos):
         with torch.no_grad():
             logits = handle.hf_model(input_ids=tgt).logits[:, -1]
         hook.remove()
-    return logits[:, CANDIDATES].float()
+    return logits.float()
 
 
 def assert_matches_reference(handle, src, tgt, site, result, cells, layers=None, positions=None):
+    """Candidate logits and the full-vocabulary log-normaliser of each cell equal the hooks'."""
     layers = list(range(handle.n_layers)) if layers is None else layers
     positions = list(range(tgt.shape[1])) if positions is None else positions
     for layer, pos in cells:
         want = reference_patch(handle, src, tgt, site, layer, pos)
-        got = result[:, layers.index(layer), positions.index(pos)]
-        assert (got - want).abs().max().item() <= TOL, (site, layer, pos)
+        at = (slice(None), layers.index(layer), positions.index(pos))
+        assert (result.logits[at] - want[:, CANDIDATES]).abs().max().item() <= TOL, (site, layer)
+        assert (result.lse[at] - want.logsumexp(-1)).abs().max().item() <= TOL, (site, layer, pos)
 
 
 @pytest.mark.parametrize(
@@ -103,10 +106,44 @@ def test_sweep_equals_hook_patches(handles, arch, method):
     for site in SWEEP_SITES:
         stats = []
         result = sweep(handle, src, tgt, site, CANDIDATES, method=method, min_rows=4, stats=stats)
-        assert result.shape == (3, handle.n_layers, length, len(CANDIDATES))
-        assert result.dtype == torch.float32 and not result.isnan().any()
+        assert result.logits.shape == (3, handle.n_layers, length, len(CANDIDATES))
+        assert result.lse.shape == (3, handle.n_layers, length)
+        for part in result:
+            assert part.dtype == torch.float32 and not part.isnan().any()
         assert stats[0].method == method
         assert_matches_reference(handle, src, tgt, site, result, cells)
+
+
+@pytest.mark.parametrize(("arch", "method"), [("llama", "cached"), ("gpt2", "full")])
+def test_full_vocabulary_delta_equals_a_hook_patch(handles, arch, method):
+    """The roadmap's Δ from the readout equals a softmax over the whole vocabulary of a hook
+    patch, on the compute-floor path (Llama) and on the generic path (GPT-2)."""
+    handle = handles[arch]
+    length, k = 10, 4
+    src, tgt = random_pairs(seed=8, n=3, length=length, diverge=k)
+    last = handle.n_layers - 1
+    base = candidate_logits(handle, tgt, CANDIDATES)
+    answer = base.logits.argmax(-1)  # per pair: the target's preferred candidate
+    token = torch.tensor(CANDIDATES)[answer]
+    with torch.no_grad():
+        clean_p = handle.hf_model(input_ids=tgt).logits[:, -1].float().softmax(-1)
+    for site in ("resid_pre", "mlp_out"):
+        stats = []
+        readout = sweep(handle, src, tgt, site, CANDIDATES, stats=stats)
+        assert stats[0].method == method
+        delta = prob_delta(
+            readout.logits, base.logits, answer, patched_lse=readout.lse, baseline_lse=base.lse
+        )
+        by_candidates = prob_delta_candidates(readout.logits, base.logits, answer)
+        for layer, pos in [(0, k), (last, k), (0, length - 1), (last, length - 1)]:
+            patched_p = reference_patch(handle, src, tgt, site, layer, pos).softmax(-1)
+            rows = torch.arange(3)
+            want = patched_p[rows, token] - clean_p[rows, token]
+            assert (delta[:, layer, pos] - want).abs().max() <= 1e-6, (site, layer, pos)
+            if pos == length - 1 or layer == 0:
+                assert want.abs().max() > 1e-5  # the patch changed the answer's probability
+                # ... and the candidate-only softmax is not the roadmap's Δ
+                assert (by_candidates[:, layer, pos] - want).abs().max() > 1e-5
 
 
 def test_sliding_window_attention_is_exact(tmp_path):
@@ -132,13 +169,15 @@ def test_patching_the_only_differing_token_reproduces_the_source(handles, arch):
     length, k = 12, 5
     src, tgt = random_pairs(seed=3, n=4, length=length, diverge=k)
     tgt[:, k + 1 :] = src[:, k + 1 :]  # the pair differs at token k only
-    source_logits = candidate_logits(handle, src, CANDIDATES)
-    target_logits = candidate_logits(handle, tgt, CANDIDATES)
+    source = candidate_logits(handle, src, CANDIDATES)
+    target = candidate_logits(handle, tgt, CANDIDATES)
     pre = sweep(handle, src, tgt, "resid_pre", CANDIDATES, layers=[0])
-    assert (pre[:, 0, k] - source_logits).abs().max() <= TOL
-    assert (pre[:, 0, :k] - target_logits[:, None]).abs().max() <= TOL
     post = sweep(handle, src, tgt, "resid_post", CANDIDATES, layers=[-1], positions=[-1])
-    assert (post[:, 0, 0] - source_logits).abs().max() <= TOL
+    for part in range(2):  # logits [n, L', P', C], then lse [n, L', P']
+        assert (pre[part][:, 0, k] - source[part]).abs().max() <= TOL
+        assert (pre[part][:, 0, :k] - target[part][:, None]).abs().max() <= TOL
+        assert (post[part][:, 0, 0] - source[part]).abs().max() <= TOL
+    assert (source.lse - target.lse).abs().max() > 1e-3  # the comparisons above can fail
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -159,14 +198,17 @@ def test_random_grids_agree_across_methods_and_with_hooks(handles, seed):
     kwargs = {"layers": layers, "positions": positions}
     cached = sweep(handle, src, tgt, site, CANDIDATES, method="cached", min_rows=3, **kwargs)
     full = sweep(handle, src, tgt, site, CANDIDATES, method="full", max_rows=7, **kwargs)
-    assert cached.shape == (5, len(layers), len(positions), len(CANDIDATES))
-    assert torch.equal(cached.isnan(), full.isnan())
-    assert (cached - full).nan_to_num().abs().max() <= TOL
+    assert cached.logits.shape == (5, len(layers), len(positions), len(CANDIDATES))
+    for got, other in zip(cached, full, strict=True):
+        assert torch.equal(got.isnan(), other.isnan())
+        assert (got - other).nan_to_num().abs().max() <= TOL
+    assert torch.equal(cached.lse.isnan(), cached.logits.isnan().all(-1))
     for p, length in enumerate(lengths):
-        assert cached[p, :, 3].isnan().all() == (length <= 9)
+        assert cached.logits[p, :, 3].isnan().all() == (length <= 9)
         for li, layer in enumerate(layers):
-            want = reference_patch(handle, src[p][None], tgt[p][None], site, layer % 2, -1)
-            assert (cached[p, li, 1] - want[0]).abs().max() <= TOL
+            want = reference_patch(handle, src[p][None], tgt[p][None], site, layer % 2, -1)[0]
+            assert (cached.logits[p, li, 1] - want[CANDIDATES]).abs().max() <= TOL
+            assert (cached.lse[p, li, 1] - want.logsumexp(-1)).abs() <= TOL
 
 
 def test_cached_source_activations_give_the_same_grid(handles):
@@ -177,9 +219,11 @@ def test_cached_source_activations_give_the_same_grid(handles):
     assert acts.shape == (3, 2, 3, handle.d_model)
     given = sweep(handle, src, tgt, "mlp_out", CANDIDATES, layers, positions, acts)
     computed = sweep(handle, src, tgt, "mlp_out", CANDIDATES, layers, positions)
-    assert (given - computed).abs().max() <= TOL
+    for got, want in zip(given, computed, strict=True):
+        assert (got - want).abs().max() <= TOL
     half = sweep(handle, src, tgt, "mlp_out", CANDIDATES, layers, positions, acts.half())
-    assert 0 < (half - computed).abs().max() < 1e-2  # float16 sources are used, after a cast
+    diff = (half.logits - computed.logits).abs().max()
+    assert 0 < diff < 1e-2  # float16 sources are used, after a cast
     with pytest.raises(InterventionError, match="swept grid"):
         sweep(handle, src, tgt, "mlp_out", CANDIDATES, [0], positions, acts)
 
@@ -208,7 +252,8 @@ def test_identical_prefix_cells_are_skipped_and_still_exact(handles):
     unreachable = 4 * 9  # layer 1 (the last), positions before the last: attn_out can't reach
     assert stats[0].skipped_cells == identical + unreachable
     assert stats[1].skipped_cells == 0
-    assert (fast - slow).abs().max() <= TOL
+    for got, want in zip(fast, slow, strict=True):
+        assert (got - want).abs().max() <= TOL
 
 
 def test_bad_requests_say_what_to_change(handles):

@@ -1,8 +1,12 @@
 """Interventions: read activations, patch one cell, and sweep every cell in bulk.
 
 - ``blocks`` — ``get_activations`` and ``patch_and_run``, the exact building blocks (nnsight);
-- ``sweep`` — ``sweep`` and ``candidate_logits``, the batched patching engine;
-- ``sites`` — shared errors and site names; ``_layers`` — the compute-floor layer runner.
+- ``sweep`` — the batched patching engine: ``patch_grid`` runs a ``PatchSpec`` (site, named
+  axes ``layer``/``head``/``pos``/``span``) into a ``GridResult``; ``sweep`` (the
+  ``(layer, pos)`` grid) and ``candidate_logits`` return a ``Readout`` (candidate logits + the
+  full vocabulary's log-normaliser);
+- ``sites`` — shared errors, site names and head sites (``head_z``, ``head_q/k/v``);
+  ``_layers`` — the compute-floor layer runner.
 
 Conventions: the *source* donates activations, the *target* is patched and scored; sites mean
 what ``docs/architecture.md`` says; positions are unpadded token indices.
@@ -15,18 +19,39 @@ from seqpatch.interventions.blocks import (
     get_activations,
     patch_and_run,
 )
-from seqpatch.interventions.sites import SWEEP_SITES, InterventionError
-from seqpatch.interventions.sweep import SweepStats, candidate_logits, sweep
+from seqpatch.interventions.sites import (
+    GRID_SITES,
+    HEAD_SITES,
+    SWEEP_SITES,
+    InterventionError,
+)
+from seqpatch.interventions.sweep import (
+    GRID_AXES,
+    GridResult,
+    PatchSpec,
+    Readout,
+    SweepStats,
+    candidate_logits,
+    patch_grid,
+    sweep,
+)
 
 __all__ = [
     "DIGITS",
+    "GRID_AXES",
+    "GRID_SITES",
+    "HEAD_SITES",
     "SWEEP_SITES",
+    "GridResult",
     "InterventionError",
     "PatchResult",
+    "PatchSpec",
+    "Readout",
     "SweepStats",
     "candidate_logits",
     "first_token_ids",
     "get_activations",
     "patch_and_run",
+    "patch_grid",
     "sweep",
 ]

@@ -14,14 +14,14 @@ of the supported architectures only ever call ``cache.update(keys, values, layer
 here returns the clean prefix concatenated with the new keys/values (and, for the clean run,
 records them).
 
-Supported: the architectures in ``LAYER_CALLS`` with ``eager`` or ``sdpa`` attention. Anything
-else (GPT-2, whose attention keeps its own cache layout; flash attention, whose masks differ)
-goes through the sweep's generic path.
+Supported: the architectures whose ``ArchitectureAdapter`` names a ``rotary`` module (and the
+keyword its layers take the cache under), with ``eager`` or ``sdpa`` attention. Anything else
+(GPT-2, whose attention keeps its own cache layout; flash attention, whose masks differ) goes
+through the sweep's generic path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,21 +30,6 @@ if TYPE_CHECKING:
     from seqpatch.models import ModelHandle
 
 
-@dataclass(frozen=True)
-class LayerCall:
-    """How one architecture's model forward calls its decoder layers."""
-
-    rotary: str  # path of the rotary embedding module from the *ForCausalLM root
-    cache_kwarg: str = "cache"  # keyword under which a layer receives the cache
-
-
-LAYER_CALLS: dict[str, LayerCall] = {
-    **{
-        arch: LayerCall("model.rotary_emb")
-        for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "phi")
-    },
-    "gpt_neox": LayerCall("gpt_neox.rotary_emb", cache_kwarg="layer_past"),
-}
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 
@@ -53,7 +38,7 @@ def supports_layer_runner(handle: ModelHandle) -> bool:
     config = handle.hf_model.config
     return (
         not handle.remote
-        and handle.adapter.model_type in LAYER_CALLS
+        and handle.adapter.rotary is not None
         and getattr(config, "_attn_implementation", None) in SUPPORTED_ATTENTION
         and not getattr(config, "use_bidirectional_attention", False)
     )
@@ -101,9 +86,9 @@ class LayerRunner:
                 f"{getattr(handle.hf_model.config, '_attn_implementation', None)!r} attention"
             )
         self.handle = handle
-        self.call = LAYER_CALLS[handle.adapter.model_type]
+        self.cache_kwarg = handle.adapter.cache_kwarg
         self.layers = [handle.layer(i) for i in range(handle.n_layers)]
-        self.rotary = handle.submodule(self.call.rotary)
+        self.rotary = handle.submodule(handle.adapter.rotary)  # type: ignore[arg-type]
         config = handle.hf_model.config
         layer_types = getattr(config, "layer_types", None)
         window = getattr(config, "sliding_window", None)
@@ -163,7 +148,7 @@ class LayerRunner:
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
                 use_cache=True,
-                **{self.call.cache_kwarg: cache},
+                **{self.cache_kwarg: cache},
             )
         return hidden
 

@@ -5,11 +5,13 @@ handle); the sweep engine (``seqpatch.interventions.sweep``) computes the same p
 
 - ``get_activations(handle, prompts, sites)`` — site tensors stacked ``[layers, positions, d]``
   per prompt; a batch of prompts adds a leading batch axis. Positions are unpadded indices
-  (0 = first real token), also in left-padded batches.
+  (0 = first real token), also in left-padded batches: a list, a ``range`` or a ``slice``
+  (``positions=slice(0, 5)``).
 - ``patch_and_run(handle, src, tgt, layer, token_idx, site)`` — the target run with the site
   tensor of one (layer, position) replaced by the source's, scored as the original roadmap's
   Δ = P(target answer | patched) − P(target answer | clean target), probabilities over the full
-  vocabulary at the last position, on the answer's first token.
+  vocabulary at the last position, on the answer's first token. ``float(result)`` is Δ; the
+  original experiments' keyword ``act_key=`` is accepted for ``site``.
 """
 
 from __future__ import annotations
@@ -58,21 +60,43 @@ def _reads(handle: ModelHandle, keys: Sequence[tuple[Site, int]]) -> list[tuple[
     return reads
 
 
+def _positions_of(positions: list[int] | slice | None, length: int) -> list[int]:
+    """The positions a prompt of ``length`` tokens is read at, in output order (may be out of
+    range: those columns stay NaN). ``None`` is every position; a slice is applied to the
+    prompt's own positions, so ``slice(-3, None)`` is each prompt's last three tokens."""
+    if positions is None:
+        return list(range(length))
+    if isinstance(positions, slice):
+        return list(range(length))[positions]
+    return positions
+
+
 def get_activations(
     handle: ModelHandle,
     prompts: str | Sequence[str] | torch.Tensor,
     sites: Site | Iterable[Site],
-    positions: Sequence[int] | None = None,
+    positions: Iterable[int] | slice | None = None,
     layers: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Site tensors of ``prompts``: ``{site: [layers, positions, d_model]}`` per prompt.
 
     ``prompts`` is one string (no batch axis in the result), a list of strings (a left-padded
     batch: ``[batch, layers, positions, d_model]``) or token ids ``[B, T]`` without padding.
-    ``positions`` are unpadded indices, negative ones counting from each prompt's end; by default
-    all positions, and prompts shorter than the longest have NaN beyond their end. ``head`` gives
-    ``[..., n_heads, d_head]`` in place of ``d_model``. Values are in the model's dtype.
+    ``positions`` are unpadded indices, negative ones counting from each prompt's end: a list
+    (or ``range``), or a ``slice`` applied to each prompt's own positions (``slice(0, 5)``: the
+    first five tokens); by default all positions. Prompts shorter than the widest selection
+    have NaN beyond their end. ``head`` gives ``[..., n_heads, d_head]`` in place of
+    ``d_model``. Values are in the model's dtype.
     """
+    if isinstance(positions, int | str) or not (
+        positions is None or isinstance(positions, slice | Iterable)
+    ):
+        raise InterventionError(
+            f"positions must be a list of indices, a range or a slice, got {positions!r}; "
+            "for one position write [t]"
+        )
+    if positions is not None and not isinstance(positions, slice):
+        positions = [int(p) for p in positions]
     single = isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and prompts.ndim == 1)
     sites = check_sites([sites] if isinstance(sites, str) else sites, SITES)
     layer_idx = resolve_indices(layers, handle.n_layers, "layer")
@@ -93,14 +117,14 @@ def get_activations(
             value = value[0] if isinstance(value, tuple) else value
             values.append(value if n_heads is None else value.unflatten(-1, (n_heads, -1)))
     saved = dict(zip(keys, values, strict=True))
-    n_pos = int(lengths.max()) if positions is None else len(positions)
+    wanted = [_positions_of(positions, length) for length in lengths.tolist()]
+    n_pos = max(len(cols) for cols in wanted)
     result = {}
     for site in sites:
         stacked = torch.stack([saved[(site, layer)] for layer in layer_idx], dim=1)
         out = stacked.new_full((*stacked.shape[:2], n_pos, *stacked.shape[3:]), float("nan"))
         for row, length in enumerate(lengths.tolist()):
-            wanted = list(range(length)) if positions is None else list(positions)
-            for col, pos in enumerate(wanted):
+            for col, pos in enumerate(wanted[row]):
                 if -length <= pos < length:
                     out[row, :, col] = stacked[row, :, padded_len - length + pos % length]
         result[site] = out[0] if single else out
@@ -133,6 +157,10 @@ class PatchResult:
         """P(target answer | patched) − P(target answer | clean target): < 0 when the patch hurts."""
         return self.p_tgt_patched - self.p_tgt_baseline
 
+    def __float__(self) -> float:
+        """Δ as a number, as the original experiments used it: ``float(patch_and_run(...))``."""
+        return self.delta
+
 
 def first_token_ids(handle: ModelHandle, values: Sequence[int], prompt: str) -> list[int]:
     """The first answer token of each value after ``prompt``; distinct, or an error saying why."""
@@ -151,16 +179,25 @@ def patch_and_run(
     prompt_tgt: str,
     layer: int,
     token_idx: int,
-    site: Site = "resid_pre",
+    site: Site | None = None,
     answers: tuple[int, int] | None = None,
     candidates: Sequence[int] = DIGITS,
+    *,
+    act_key: Site | None = None,
 ) -> PatchResult:
     """Run ``prompt_tgt`` with ``site`` at (``layer``, ``token_idx``) taken from ``prompt_src``.
 
-    ``answers`` = (source answer, target answer) values; by default the clean runs' top
-    candidates. ``token_idx`` may be negative (from the end). Both prompts must tokenize to the
-    same length, so that a position means the same token slot in both.
+    ``site`` (default ``resid_pre``; ``act_key`` is the original experiments' name for it) is
+    one of ``SWEEP_SITES``. ``answers`` = (source answer, target answer) values; by default the
+    clean runs' top candidates. ``token_idx`` may be negative (from the end). Both prompts must
+    tokenize to the same length, so that a position means the same token slot in both.
     """
+    if site is not None and act_key is not None and site != act_key:
+        raise InterventionError(
+            f"site={site!r} and act_key={act_key!r} name different sites; act_key is another "
+            "name for site: give one of them"
+        )
+    site = site or act_key or "resid_pre"
     check_sites([site], SWEEP_SITES)
     src, tgt = _encode(handle, prompt_src), _encode(handle, prompt_tgt)
     length = tgt["input_ids"].shape[1]

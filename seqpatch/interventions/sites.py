@@ -1,10 +1,28 @@
-"""Shared pieces of the interventions: errors, site names, index resolution, hook capture."""
+"""Shared pieces of the interventions: errors, site names, head sites, index resolution, hooks.
+
+Head sites (``HEAD_SITES``) are per-head tensors ``[batch, tokens, heads, d_head]``:
+
+- ``head_z`` — each head's output before the output projection: the input of ``o_proj``
+  (``c_proj``, ``dense``) split by head, ``num_attention_heads`` heads. TransformerLens'
+  ``hook_z``.
+- ``head_q``, ``head_k``, ``head_v`` — the query/key/value projections' outputs split by head,
+  *before* rotary embeddings (and before Qwen3's q/k norms), as TransformerLens' ``hook_q``,
+  ``hook_k``, ``hook_v`` (its rotated ones are ``hook_rot_q/k``). ``head_q`` has
+  ``num_attention_heads`` heads; ``head_k``/``head_v`` have ``num_key_value_heads`` (grouped-query
+  attention: a k/v head is shared by several query heads, and is patched as one head).
+
+Where the architecture fuses the projections (GPT-2 ``c_attn`` as ``[q | k | v]``, Phi-3
+``qkv_proj`` as ``[q | k | v]`` with fewer k/v heads, GPT-NeoX ``query_key_value`` as per-head
+``[q k v]`` triples) the head tensor is a view into the fused output, so reading and patching it
+means exactly the same as for separate projections. ``HEAD_LAYOUTS`` says where each lives.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -16,6 +34,8 @@ if TYPE_CHECKING:
     from seqpatch.models import ModelHandle, Site
 
 SWEEP_SITES: tuple[Site, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+HEAD_SITES: tuple[str, ...] = ("head_z", "head_q", "head_k", "head_v")
+GRID_SITES: tuple[str, ...] = (*SWEEP_SITES, *HEAD_SITES)
 # Execution order inside one decoder layer: nnsight must read modules in this order.
 SITE_ORDER: tuple[Site, ...] = ("resid_pre", "head", "attn_out", "mlp_out", "resid_post")
 
@@ -47,10 +67,170 @@ def resolve_indices(indices: Iterable[int] | None, size: int, what: str) -> list
     return resolved
 
 
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where one head site lives, relative to a decoder layer.
+
+    ``module`` is read at its input (``kind="input"``) or output. Its last dimension holds
+    ``blocks`` blocks of ``heads`` consecutive heads (``[block 0 heads | block 1 heads | …]``),
+    or, when ``interleaved``, ``heads`` groups of ``blocks`` consecutive head vectors
+    (GPT-NeoX: per head ``[q k v]``); the site is block ``block``. ``heads`` is ``"q"``
+    (``num_attention_heads``) or ``"kv"`` (``num_key_value_heads``); ``offset`` counts heads
+    before the block (Phi-3: k starts after the q heads).
+    """
+
+    module: str
+    kind: Literal["input", "output"] = "output"
+    heads: Literal["q", "kv"] = "q"
+    offset: Literal["", "q", "q+kv"] = ""
+    interleaved: int = 0  # >0: heads are groups of this many d_head vectors; block = index
+
+
+_SEPARATE = {
+    "head_q": HeadLayout("{attn}.q_proj"),
+    "head_k": HeadLayout("{attn}.k_proj", heads="kv"),
+    "head_v": HeadLayout("{attn}.v_proj", heads="kv"),
+}
+HEAD_LAYOUTS: dict[str, dict[str, HeadLayout]] = {
+    **{arch: _SEPARATE for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
+    "phi": _SEPARATE,
+    "phi3": {
+        "head_q": HeadLayout("{attn}.qkv_proj"),
+        "head_k": HeadLayout("{attn}.qkv_proj", heads="kv", offset="q"),
+        "head_v": HeadLayout("{attn}.qkv_proj", heads="kv", offset="q+kv"),
+    },
+    "gpt2": {
+        "head_q": HeadLayout("{attn}.c_attn"),
+        "head_k": HeadLayout("{attn}.c_attn", offset="q"),
+        "head_v": HeadLayout("{attn}.c_attn", offset="q+kv"),
+    },
+    "gpt_neox": {
+        name: HeadLayout("{attn}.query_key_value", interleaved=3, offset=off)  # type: ignore[arg-type]
+        for name, off in (("head_q", ""), ("head_k", "q"), ("head_v", "q+kv"))
+    },
+}
+"""q/k/v layouts per ``model_type``; ``head_z`` (the ``attn_o_proj`` input) works everywhere."""
+
+
+def n_kv_heads(handle: ModelHandle) -> int:
+    config = handle.hf_model.config.get_text_config()
+    return int(getattr(config, "num_key_value_heads", None) or handle.n_heads)
+
+
+def site_heads(handle: ModelHandle, site: str) -> int | None:
+    """How many heads ``site`` splits into (``None`` for residual-stream sites)."""
+    if site not in HEAD_SITES:
+        return None
+    return n_kv_heads(handle) if site in ("head_k", "head_v") else handle.n_heads
+
+
+@dataclass(frozen=True, eq=False)
+class HeadRef:
+    """A head site of one layer: ``get`` views the raw module tensor as ``[..., heads, d_head]``;
+    ``hook(fn)`` lets ``fn(site_tensor) -> replacement | None`` rewrite it (other heads, and the
+    fused parts of the tensor that are not this site, are left as they were)."""
+
+    site: str
+    layer: int
+    path: str
+    module: torch.nn.Module
+    kind: Literal["input", "output"]
+    n_heads: int
+    d_head: int
+    start: int  # first head vector of the site in the last dimension (in units of d_head)
+    stride: int  # >1: interleaved groups of ``stride`` vectors, the site's at index ``start``
+
+    def view(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            groups = raw.unflatten(-1, (self.n_heads, self.stride * self.d_head))
+            return groups[..., self.start * self.d_head : (self.start + 1) * self.d_head]
+        block = raw[..., self.start * self.d_head : (self.start + self.n_heads) * self.d_head]
+        return block.unflatten(-1, (self.n_heads, self.d_head))
+
+    def get(self, value: Any) -> torch.Tensor:
+        return self.view(value[0] if isinstance(value, tuple) else value)
+
+    def put(self, value: Any, site_tensor: torch.Tensor) -> Any:
+        raw = value[0] if isinstance(value, tuple) else value
+        new = raw.clone()
+        self.view(new).copy_(site_tensor)
+        return (new, *value[1:]) if isinstance(value, tuple) else new
+
+    def hook(self, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Any:
+        if self.kind == "output":
+
+            def output_hook(_module: torch.nn.Module, _args: tuple, output: Any) -> Any:
+                new = fn(self.get(output))
+                return None if new is None else self.put(output, new)
+
+            return self.module.register_forward_hook(output_hook)
+
+        def input_hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args:
+                new = fn(self.get(args[0]))
+                return None if new is None else ((self.put(args[0], new), *args[1:]), kwargs)
+            key = next(iter(kwargs))
+            new = fn(self.get(kwargs[key]))
+            return None if new is None else (args, {**kwargs, key: self.put(kwargs[key], new)})
+
+        return self.module.register_forward_pre_hook(input_hook, with_kwargs=True)
+
+
+def head_ref(handle: ModelHandle, site: str, layer: int) -> HeadRef:
+    """Where head site ``site`` of ``layer`` lives in this model; ``InterventionError`` if the
+    architecture has no known q/k/v layout (``head_z`` works for every supported one)."""
+    adapter = handle.adapter
+    base = f"{adapter.layers}.{layer}"
+    if site == "head_z":
+        layout = HeadLayout(f"{adapter.attn_o_proj}", kind="input")
+    elif site in HEAD_SITES:
+        layouts = HEAD_LAYOUTS.get(adapter.model_type)
+        if layouts is None:
+            known = ", ".join(sorted(HEAD_LAYOUTS))
+            raise InterventionError(
+                f"{site} is not supported for {adapter.model_type!r} (its q/k/v projection "
+                f"layout is unknown); head_z works for every architecture, head_q/k/v for: {known}"
+            )
+        layout = layouts[site]
+    else:
+        raise InterventionError(f"{site!r} is not a head site; head sites: {', '.join(HEAD_SITES)}")
+    path = f"{base}.{layout.module.format(attn=adapter.attn)}"
+    heads = n_kv_heads(handle) if layout.heads == "kv" else handle.n_heads
+    offsets = (
+        {"": 0, "q": 1, "q+kv": 2}
+        if layout.interleaved
+        else {
+            "": 0,
+            "q": handle.n_heads,
+            "q+kv": handle.n_heads + n_kv_heads(handle),
+        }
+    )
+    return HeadRef(
+        site,
+        layer,
+        path,
+        handle.submodule(path),
+        layout.kind,
+        heads,
+        handle.d_head,
+        offsets[layout.offset],
+        layout.interleaved,
+    )
+
+
+def site_ref(handle: ModelHandle, site: str, layer: int) -> Any:
+    """``handle.module(site, layer)`` for the model's own sites, ``head_ref`` for head sites."""
+    if site in HEAD_SITES:
+        return head_ref(handle, site, handle._layer_index(layer))
+    return handle.module(site, layer)  # type: ignore[arg-type]
+
+
 @contextmanager
 def hooked(handle: ModelHandle, hooks: dict[tuple[Site, int], Callable]) -> Iterator[None]:
-    """Plain torch hooks on site modules for the duration of the block (removed even on error)."""
-    handles = [handle.module(site, layer).hook(fn) for (site, layer), fn in hooks.items()]
+    """Plain torch hooks on site modules for the duration of the block (removed even on error).
+
+    Keys are ``(site, layer)`` of any site, head sites included (``site_ref``)."""
+    handles = [site_ref(handle, site, layer).hook(fn) for (site, layer), fn in hooks.items()]
     try:
         yield
     finally:

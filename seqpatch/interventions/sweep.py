@@ -1,27 +1,52 @@
-"""The batched activation-patching sweep: every (layer, position) cell of one site, many pairs.
+"""The batched activation-patching engine: every cell of a grid of patches, many pairs at once.
+
+A patch is described by data (``PatchSpec``), as TransformerLens'
+``generic_activation_patch(index_axis_names=..., patch_setter=...)`` describes it, but run in
+batches:
+
+- its **site** — ``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out`` (``[tokens, d_model]``
+  per prompt) or a head site ``head_z``, ``head_q``, ``head_k``, ``head_v``
+  (``[tokens, heads, d_head]``, see ``seqpatch.interventions.sites``);
+- its named **axes**, in this order: ``layer`` (always), then ``head`` (head sites only), then
+  at most one of ``pos`` (one position per cell) or ``span`` (a set of positions patched
+  together per cell: ``"all"``, ``"from-divergence"`` — every position from a pair's first
+  differing token on — or explicit positions). Without ``pos`` or ``span`` every cell patches
+  ``PatchSpec.spans[0]`` (default all positions) as a whole: ``("layer",)`` is whole-stream
+  patching, ``("layer", "head")`` patches one head at every position. Without ``head`` a head
+  site is patched for all its heads;
+- its **setter** — write the donor's values at the cell's (positions, head) of the site tensor,
+  nothing else (``_row_setter``);
+- its **donor** — today the source run of the pair (its activations are captured in one forward,
+  or given as ``source_activations``).
 
 Conventions (the same as ``seqpatch.metrics``):
 
 - A pair is ``(source, target)`` token ids of equal length ``T``. The *source* (clean, program A)
   donates activations; the *target* (program B) is the run being patched and scored.
-- Cell ``(l, t)`` of ``site``: the target runs with the site tensor of layer ``l`` at position
-  ``t`` replaced by the source's tensor at the same ``(l, t)`` — one cell per patched run.
-- The result is ``[n_pairs, layers, positions, n_candidates]`` float32: the next-token logits of
-  the answer candidates at the target's last position, in the order ``layers`` and ``positions``
-  were given. Metrics are views of these logits (``seqpatch.metrics``).
+- The result (``GridResult``) holds ``logits`` ``[n_pairs, *axes, n_candidates]`` float32, the
+  next-token logits of the answer candidates at the target's last position, in the order the
+  axis values were given; and ``lse`` ``[n_pairs, *axes]`` float32, the log-sum-exp of the
+  *whole vocabulary's* logits there (the log-normaliser), taken in float32 inside the same
+  forward. ``logits - lse[..., None]`` are full-vocabulary log-probabilities, so the roadmap's
+  Δ = P(answer | patched) − P(answer | baseline) over the whole vocabulary is a view. Metrics
+  are views of these two arrays (``seqpatch.metrics``). ``sweep`` is the ``("layer", "pos")``
+  grid returned as a ``Readout``.
 
 Two exact strategies, chosen by ``method``:
 
-- ``"cached"`` — the compute floor. A patch at ``(l, t)`` changes nothing below layer ``l`` or
-  before position ``t``, so the run restarts at layer ``l`` from the target's clean residual
-  stream and computes positions ``t..T-1`` only, attending to the clean keys/values of positions
-  ``< t`` (``_layers.LayerRunner``). Each (cell) forward batches that cell across many pairs; when
-  there are few pairs, neighbouring positions share a forward (starting at the smallest). Work per
-  cell is ``(L - l)(T - t)`` token-layers instead of ``L·T``: about a quarter of the naive sweep.
-  The last layer's MLP runs on the last position only (the only one read). Cells whose patch
-  provably changes nothing take the clean logits without running (``skip_noops``): the source
-  activation equals the target's bit for bit (every position before a pair's divergence), or
-  the patch sits after the last layer's attention at an earlier position.
+- ``"cached"`` — the compute floor. A patch at layer ``l`` whose first patched position is ``t``
+  changes nothing below layer ``l`` or before position ``t`` (a head's q/k/v at ``t`` only
+  reaches positions ``>= t``), so the run restarts at layer ``l`` from the target's clean
+  residual stream and computes positions ``t..T-1`` only, attending to the clean keys/values of
+  positions ``< t`` (``_layers.LayerRunner``). Each forward batches cells across many pairs and
+  the heads of a cell (the head axis is folded into rows); when there are few pairs,
+  neighbouring positions share a forward (starting at the smallest). Work per cell is
+  ``(L - l)(T - t)`` token-layers instead of ``L·T``. The last layer's MLP runs on the last
+  position only (the only one read). Cells whose patch provably changes nothing take the clean
+  logits without running (``skip_noops``): the source activation equals the target's bit for
+  bit at every patched coordinate (every position before a pair's divergence), or the patch
+  sits after the last layer's attention mixing (``attn_out``, ``mlp_out``, ``resid_post``,
+  ``head_z``, ``head_q`` of layer L-1) at positions before the last.
 - ``"full"`` — the generic path for any architecture: full forwards of target copies, each copy
   with one cell patched by a plain hook, many copies per forward.
 
@@ -33,13 +58,15 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 
 from seqpatch.interventions._layers import LayerRunner, PrefixCache, supports_layer_runner
 from seqpatch.interventions.sites import (
+    GRID_SITES,
+    HEAD_SITES,
     SWEEP_SITES,
     InterventionError,
     as_id_rows,
@@ -47,6 +74,7 @@ from seqpatch.interventions.sites import (
     check_sites,
     hooked,
     resolve_indices,
+    site_heads,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +83,38 @@ if TYPE_CHECKING:
     from seqpatch.models import ModelHandle, Site
 
 Method = Literal["auto", "cached", "full"]
+Span = str | Sequence[int]
+"""A set of positions patched together: ``"all"``, ``"from-divergence"`` or explicit positions
+(negative ones count from each pair's end; positions beyond a pair's length are left out)."""
+AXIS_ORDER = ("layer", "head", "pos", "span")
+GRID_AXES: tuple[tuple[str, ...], ...] = (
+    ("layer", "pos"),
+    ("layer",),
+    ("layer", "span"),
+    ("layer", "head"),
+    ("layer", "head", "pos"),
+    ("layer", "head", "span"),
+)
+"""The axes a grid may have (``head`` only for head sites)."""
+# After the last layer's attention has mixed positions, these sites at an earlier position
+# cannot reach the last position's logits.
+_LOCAL_AFTER_MIXING = ("attn_out", "mlp_out", "resid_post", "head_z", "head_q")
+
+
+class Readout(NamedTuple):
+    """What a run is scored on: the candidates' logits and the full vocabulary's log-normaliser.
+
+    ``logits`` is ``[..., n_candidates]`` and ``lse`` is ``[...]`` (the same leading axes), both
+    float32: ``[n, C]`` / ``[n]`` for ``candidate_logits``, ``[n, L', P', C]`` / ``[n, L', P']``
+    for ``sweep``. Unpack it (``logits, lse = sweep(...)``) or read the fields.
+    """
+
+    logits: torch.Tensor
+    lse: torch.Tensor
+
+    def log_probs(self) -> torch.Tensor:
+        """Full-vocabulary log-probabilities of the candidates: ``logits - lse``."""
+        return self.logits - self.lse[..., None]
 
 
 @dataclass(frozen=True)
@@ -89,8 +149,8 @@ class _Stats:
 
 def candidate_logits(
     handle: ModelHandle, input_ids: Any, candidate_ids: Sequence[int] | torch.Tensor
-) -> torch.Tensor:
-    """Unpatched logits of the candidates at each prompt's last position: ``[n, n_candidates]``.
+) -> Readout:
+    """Unpatched readout at each prompt's last position: logits ``[n, C]`` and lse ``[n]``.
 
     ``input_ids`` as for ``sweep`` (``[n, T]`` or rows of any lengths); these are the baselines
     of the metrics (run on the targets and on the sources).
@@ -98,12 +158,81 @@ def candidate_logits(
     rows = as_id_rows(input_ids, "input_ids")
     cand = _candidates(candidate_ids, len(rows), handle)
     out = torch.empty(len(rows), cand.shape[1], dtype=torch.float32)
+    lse = torch.empty(len(rows), dtype=torch.float32)
     for members in _by_length(rows).values():
         ids = torch.stack([rows[i] for i in members]).to(handle.device)
         with torch.no_grad():
             logits = handle.hf_model(input_ids=ids, logits_to_keep=1).logits[:, -1]
-        out[members] = _gather(logits, cand[members]).cpu()
-    return out
+        out[members], lse[members] = _read(logits, cand[members])
+    return Readout(out, lse)
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """One grid of patches, as data: the site, its named axes and each axis's values.
+
+    ``layers``/``heads``/``positions`` ``None`` = all of them (negative indices count from the
+    end; positions from each pair's end). ``spans`` are the ``span`` axis's values; without a
+    ``pos`` or ``span`` axis, ``spans[0]`` is the position set every cell patches.
+    """
+
+    site: str
+    axes: tuple[str, ...] = ("layer", "pos")
+    layers: Sequence[int] | None = None
+    heads: Sequence[int] | None = None
+    positions: Sequence[int] | None = None
+    spans: tuple[Span, ...] = ("all",)
+
+    def __post_init__(self) -> None:
+        check_sites([self.site], GRID_SITES)
+        check_axes(self.axes, self.site)
+        if not self.spans:
+            raise InterventionError("spans must name at least one position set, e.g. ('all',)")
+        for span in self.spans:
+            if isinstance(span, str) and span not in ("all", "from-divergence"):
+                raise InterventionError(
+                    f"unknown span {span!r}; use 'all', 'from-divergence' or a list of positions"
+                )
+
+
+def check_axes(axes: Sequence[str], site: str) -> tuple[str, ...]:
+    """``axes`` as a tuple if the engine can sweep them for ``site``, else an actionable error."""
+    axes = tuple(axes)
+    if axes not in GRID_AXES:
+        choices = "; ".join(",".join(a) for a in GRID_AXES)
+        raise InterventionError(
+            f"axes {','.join(axes) or '(none)'} are not a grid the engine sweeps; choose one of: "
+            f"{choices}"
+        )
+    if "head" in axes and site not in HEAD_SITES:
+        raise InterventionError(
+            f"axis 'head' needs a head site ({', '.join(HEAD_SITES)}); {site!r} has no heads"
+        )
+    return axes
+
+
+@dataclass(frozen=True)
+class GridResult:
+    """What a grid sweep returns.
+
+    ``logits`` ``[n_pairs, *sizes, n_candidates]`` and ``lse`` ``[n_pairs, *sizes]`` (float32,
+    NaN where a ``pos`` lies beyond a pair's length), with ``sizes`` the lengths of ``axes``;
+    ``index[axis]`` lists the axis's values (layers and heads resolved; positions as given, or
+    ``0..max_len-1``; spans as given); ``clean`` and ``source`` are the unpatched target's and
+    source's readouts ``[n_pairs, C]`` / ``[n_pairs]``.
+    """
+
+    axes: tuple[str, ...]
+    index: dict[str, list[Any]]
+    logits: torch.Tensor
+    lse: torch.Tensor
+    clean: Readout
+    source: Readout
+    stats: SweepStats
+
+    @property
+    def readout(self) -> Readout:
+        return Readout(self.logits, self.lse)
 
 
 def sweep(
@@ -121,29 +250,61 @@ def sweep(
     min_rows: int = 32,
     skip_noops: bool = True,
     stats: list[SweepStats] | None = None,
-) -> torch.Tensor:
-    """Patch one cell at a time, for every cell and pair; candidate logits ``[n, L', P', C]``.
+) -> Readout:
+    """Patch one (layer, position) cell at a time: logits ``[n, L', P', C]``, lse ``[n, L', P']``.
+
+    The ``("layer", "pos")`` grid of ``patch_grid`` for a residual-stream site (``resid_pre``,
+    ``resid_post``, ``attn_out`` or ``mlp_out``); see ``patch_grid`` for the arguments.
+    ``source_activations``: the sources' site tensors, one ``[len(layers), len(positions), d]``
+    per pair (the swept grid, in order), any float dtype; computed when omitted.
+    """
+    check_sites([site], SWEEP_SITES)
+    result = patch_grid(
+        handle,
+        src_ids,
+        tgt_ids,
+        PatchSpec(site, ("layer", "pos"), layers=layers, positions=positions),
+        candidate_ids,
+        source_activations=source_activations,
+        method=method,
+        max_rows=max_rows,
+        min_rows=min_rows,
+        skip_noops=skip_noops,
+    )
+    if stats is not None:
+        stats.append(result.stats)
+    return result.readout
+
+
+def patch_grid(
+    handle: ModelHandle,
+    src_ids: Any,
+    tgt_ids: Any,
+    spec: PatchSpec,
+    candidate_ids: Sequence[int] | torch.Tensor,
+    *,
+    source_activations: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    method: Method = "auto",
+    max_rows: int = 256,
+    min_rows: int = 32,
+    skip_noops: bool = True,
+) -> GridResult:
+    """Patch every cell of ``spec``'s grid into every target, the source donating.
 
     Args:
         src_ids, tgt_ids: source and target token ids, unpadded: ``[n_pairs, T]`` tensors or
             sequences of 1-D rows (a pair's two rows have equal length; pairs may differ).
-        site: ``resid_pre``, ``resid_post``, ``attn_out`` or ``mlp_out``.
+        spec: site, axes and axis values (``PatchSpec``).
         candidate_ids: the answer candidates' token ids, ``[C]`` shared or ``[n_pairs, C]``.
-        layers: layer indices to sweep (default all; negative count from the end).
-        positions: positions to sweep (default all); unpadded indices, negative ones count from
-            each pair's end. Cells beyond a shorter pair's length are NaN.
-        source_activations: the sources' site tensors, one ``[len(layers), len(positions), d]``
-            per pair (the swept grid, in order), any float dtype; computed when omitted.
+        source_activations: only for a residual-stream site on ``("layer", "pos")``: one
+            ``[len(layers), len(positions), d_model]`` grid per pair; computed when omitted.
         method: ``auto``, ``cached`` (compute floor, Llama-like models) or ``full`` (any model).
         max_rows: most patched copies in one forward (memory bound).
-        min_rows: with fewer pairs than this, neighbouring positions share a forward.
-        skip_noops: take the clean logits, without running, for cells whose patch provably
-            changes nothing: the source activation equals the target's bit for bit (positions
-            before the divergence), or the patch lands after the last layer's attention at a
-            position before the last (``attn_out``/``mlp_out``/``resid_post`` of layer L-1).
-        stats: if given, a ``SweepStats`` is appended to it.
+        min_rows: with fewer rows than this in a cell, neighbouring positions share a forward.
+        skip_noops: take the clean readout, without running, for cells whose patch provably
+            changes nothing (see the module docstring).
     """
-    check_sites([site], SWEEP_SITES)
+    site, axes = spec.site, spec.axes
     src_rows, tgt_rows = as_id_rows(src_ids, "src_ids"), as_id_rows(tgt_ids, "tgt_ids")
     if len(src_rows) != len(tgt_rows):
         raise InterventionError(f"{len(src_rows)} source rows but {len(tgt_rows)} target rows")
@@ -155,54 +316,144 @@ def sweep(
             )
     if handle.remote:
         raise InterventionError("the sweep runs locally; load the model with remote=False")
-    layer_idx = resolve_indices(layers, handle.n_layers, "layer")
+    layer_idx = resolve_indices(spec.layers, handle.n_layers, "layer")
+    n_site_heads = site_heads(handle, site)
+    head_idx: list[int | None] = [None]
+    if "head" in axes:
+        head_idx = list(resolve_indices(spec.heads, n_site_heads or 0, "head"))
     max_len = max(row.numel() for row in tgt_rows)
-    n_pos = max_len if positions is None else len(list(positions))
-    if method == "auto":
-        method = "cached" if supports_layer_runner(handle) else "full"
-    elif method == "cached" and not supports_layer_runner(handle):
-        raise InterventionError(
-            f"method='cached' does not support {handle.adapter.model_type!r} with "
-            f"{handle.hf_model.config._attn_implementation!r} attention; use method='full'"
-        )
-    elif method not in ("cached", "full"):
-        raise InterventionError(f"unknown method {method!r}; use 'auto', 'cached' or 'full'")
-    if source_activations is not None and len(source_activations) != len(src_rows):
-        raise InterventionError(
-            f"source_activations has {len(source_activations)} entries for {len(src_rows)} pairs"
-        )
+    if "pos" in axes:
+        n_pos = max_len if spec.positions is None else len(list(spec.positions))
+    else:
+        n_pos = len(spec.spans) if "span" in axes else 1
+    method = _choose_method(handle, method)
+    if source_activations is not None:
+        if axes != ("layer", "pos") or site in HEAD_SITES:
+            raise InterventionError(
+                "source_activations are only taken for a residual-stream site on axes layer,pos; "
+                "omit them (the sources are then captured in one forward)"
+            )
+        if len(source_activations) != len(src_rows):
+            raise InterventionError(
+                f"source_activations has {len(source_activations)} entries for "
+                f"{len(src_rows)} pairs"
+            )
     cand = _candidates(candidate_ids, len(tgt_rows), handle)
-    out = torch.full((len(tgt_rows), len(layer_idx), n_pos, cand.shape[1]), float("nan"))
+    n, n_cand = len(tgt_rows), cand.shape[1]
+    shape = (n, len(layer_idx), len(head_idx), n_pos)
+    out = torch.full((*shape, n_cand), float("nan"))
+    lse = torch.full(shape, float("nan"))
+    clean = Readout(torch.empty(n, n_cand), torch.empty(n))
+    source = Readout(torch.empty(n, n_cand), torch.empty(n))
     run_group = _CachedGroup if method == "cached" else _FullGroup
     counters = _Stats()
     with torch.no_grad():
         for length, members in _by_length(tgt_rows).items():
-            pos_idx = _positions_for(positions, length)
+            src = torch.stack([src_rows[i] for i in members]).to(handle.device)
+            tgt = torch.stack([tgt_rows[i] for i in members]).to(handle.device)
+            if "pos" in axes:
+                plan = _Plan.single(_positions_for(spec.positions, length), len(members))
+            else:
+                spans = spec.spans if "span" in axes else spec.spans[:1]
+                plan = _Plan.sets(spans, src, tgt)
             group = run_group(
                 handle,
-                torch.stack([src_rows[i] for i in members]).to(handle.device),
-                torch.stack([tgt_rows[i] for i in members]).to(handle.device),
+                src,
+                tgt,
                 site,
                 cand[members].to(handle.device),
                 layer_idx,
-                pos_idx,
-                _source_grid(source_activations, members, len(layer_idx), len(pos_idx), handle),
+                head_idx,
+                plan,
+                _source_grid(
+                    source_activations, members, len(layer_idx), len(plan.positions), handle
+                ),
                 counters,
             )
-            grid = group.run(max_rows, min_rows, skip_noops)
-            out[members, :, : len(pos_idx)] = grid.float().cpu()
-    if stats is not None:
-        stats.append(
-            SweepStats(
-                method,
-                counters.cells,
-                counters.skipped,
-                counters.forwards,
-                counters.token_layers,
-                counters.naive,
-            )
+            group.run(max_rows, min_rows, skip_noops)
+            out[members, :, :, : group.n_entries] = group.out
+            lse[members, :, :, : group.n_entries] = group.lse
+            clean.logits[members], clean.lse[members] = group.clean, group.clean_lse
+            source.logits[members], source.lse[members] = group.source_readout
+    keep = [0, 1] + ([2] if "head" in axes else []) + ([3] if {"pos", "span"} & set(axes) else [])
+    sizes = [shape[d] for d in keep]
+    index: dict[str, list[Any]] = {"layer": layer_idx}
+    if "head" in axes:
+        index["head"] = head_idx
+    if "pos" in axes:
+        index["pos"] = list(range(max_len)) if spec.positions is None else list(spec.positions)
+    if "span" in axes:
+        index["span"] = list(spec.spans)
+    stats = SweepStats(
+        method,
+        counters.cells,
+        counters.skipped,
+        counters.forwards,
+        counters.token_layers,
+        counters.naive,
+    )
+    return GridResult(
+        axes,
+        index,
+        out.reshape(*sizes, n_cand),
+        lse.reshape(*sizes),
+        clean,
+        source,
+        stats,
+    )
+
+
+def _choose_method(handle: ModelHandle, method: str) -> str:
+    if method == "auto":
+        return "cached" if supports_layer_runner(handle) else "full"
+    if method == "cached" and not supports_layer_runner(handle):
+        raise InterventionError(
+            f"method='cached' does not support {handle.adapter.model_type!r} with "
+            f"{handle.hf_model.config._attn_implementation!r} attention; use method='full'"
         )
-    return out
+    if method not in ("cached", "full"):
+        raise InterventionError(f"unknown method {method!r}; use 'auto', 'cached' or 'full'")
+    return method
+
+
+@dataclass
+class _Plan:
+    """The position entries of one group of equal-length pairs.
+
+    ``positions[e]`` is entry ``e``'s single position (``-1``: beyond the pairs, NaN) when
+    ``masks`` is ``None``; else ``masks[e]`` ``[n, T]`` says which positions entry ``e`` patches
+    in each pair. ``first``/``last`` ``[entries, n]`` are the smallest/largest patched position
+    (``first == T`` for an empty set: nothing to patch, the clean readout).
+    """
+
+    positions: list[int]
+    first: torch.Tensor
+    last: torch.Tensor
+    masks: torch.Tensor | None = None
+
+    @classmethod
+    def single(cls, positions: list[int], n: int) -> _Plan:
+        at = torch.tensor(positions, dtype=torch.long)[:, None].expand(-1, n)
+        return cls(positions, at, at)
+
+    @classmethod
+    def sets(cls, spans: Sequence[Span], src: torch.Tensor, tgt: torch.Tensor) -> _Plan:
+        n, length = tgt.shape
+        grid = torch.arange(length)
+        masks = torch.zeros(len(spans), n, length, dtype=torch.bool)
+        differs = (src != tgt).cpu()
+        diverge = torch.where(differs.any(-1), differs.long().argmax(-1), length)
+        for e, span in enumerate(spans):
+            if span == "all":
+                masks[e] = True
+            elif span == "from-divergence":
+                masks[e] = grid[None] >= diverge[:, None]
+            else:
+                chosen = [int(p) % length for p in span if -length <= int(p) < length]  # type: ignore[union-attr]
+                masks[e][:, chosen] = True
+        first = torch.where(masks.any(-1), masks.long().argmax(-1), length)
+        last = torch.where(masks.any(-1), length - 1 - masks.flip(-1).long().argmax(-1), -1)
+        return cls(list(range(len(spans))), first, last, masks)
 
 
 def _positions_for(positions: Sequence[int] | None, length: int) -> list[int]:
@@ -237,8 +488,11 @@ def _candidates(
     return cand
 
 
-def _gather(logits: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    return logits.gather(-1, cand.to(logits.device)).float()
+def _read(logits: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate logits ``[rows, C]`` and the full-vocabulary log-normaliser ``[rows]`` of
+    next-token logits ``[rows, vocab]``, both float32 on the CPU."""
+    picked = logits.gather(-1, cand.to(logits.device)).float()
+    return picked.cpu(), logits.float().logsumexp(-1).cpu()
 
 
 def _source_grid(
@@ -262,6 +516,21 @@ def _source_grid(
     return torch.stack(grids).to(device=handle.device, dtype=handle.dtype)
 
 
+Row = tuple[int, int, int]  # (head index, entry index, pair) of one patched copy at one layer
+
+
+@dataclass
+class _Patch:
+    """Where a batch of patched copies is written: ``value[i]`` at ``(rows[i], pos[i])`` of the
+    site tensor (and head ``heads[i]``), positions counted from the forward's first position."""
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    heads: torch.Tensor | None
+    value: torch.Tensor
+    pairs: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+
 class _Group:
     """The sweep of one group of equal-length pairs (both strategies share the bookkeeping)."""
 
@@ -270,99 +539,164 @@ class _Group:
         handle: ModelHandle,
         src: torch.Tensor,
         tgt: torch.Tensor,
-        site: Site,
+        site: str,
         cand: torch.Tensor,
         layers: list[int],
-        positions: list[int],
+        heads: list[int | None],
+        plan: _Plan,
         source_grid: torch.Tensor | None,
         counters: _Stats,
     ) -> None:
         self.handle, self.site, self.cand = handle, site, cand
-        self.layers, self.positions = layers, positions
+        self.layers, self.heads, self.plan = layers, heads, plan
         self.n, self.length = tgt.shape
+        self.n_entries = len(plan.positions)
         self.counters = counters
         self.tgt = tgt
         needed = sorted(set(layers))
-        captured, _ = capture_sites(handle, torch.cat([src, tgt]), [site], needed)
+        captured, logits = capture_sites(handle, torch.cat([src, tgt]), [site], needed)  # type: ignore[list-item]
+        self.source_readout = _read(logits[: self.n], cand)
         self.tgt_acts = {layer: captured[(site, layer)][self.n :] for layer in needed}
-        src_acts = {layer: captured[(site, layer)][: self.n] for layer in needed}
-        # source[p, li, pi]: the donated activation of pair p at (layers[li], positions[pi]).
-        valid = [max(pos, 0) for pos in positions]
-        if source_grid is None:
-            source_grid = torch.stack([src_acts[layer][:, valid] for layer in layers], dim=1)
-        self.source = source_grid
-        self.out = torch.full((self.n, len(layers), len(positions), cand.shape[1]), float("nan"))
+        self.src_acts = {layer: captured[(site, layer)][: self.n] for layer in needed}
+        self.source = source_grid  # [n, L', P', d]: given donated values of (layer, position)
+        shape = (self.n, len(layers), len(heads), self.n_entries)
+        self.out = torch.full((*shape, cand.shape[1]), float("nan"))
+        self.lse = torch.full(shape, float("nan"))
 
-    def cells(self, skip_noops: bool) -> list[tuple[int, int, list[int]]]:
-        """``(layer_index, position_index, pairs to run)`` for every cell that must be computed."""
+    def donated(self, li: int, pi: int, pairs: torch.Tensor) -> torch.Tensor:
+        """Single-position entries: the donor's site vectors ``[len(pairs), ...]`` at entry ``pi``."""
+        if self.source is not None:
+            return self.source[pairs, li, pi]
+        return self.src_acts[self.layers[li]][pairs, self.plan.positions[pi]]
+
+    def same(self, li: int, hi: int, pi: int) -> torch.Tensor:
+        """``[n]`` bool: the donor equals the target bit for bit at every patched coordinate."""
+        layer, head = self.layers[li], self.heads[hi]
+        if self.plan.masks is None:
+            pos = self.plan.positions[pi]
+            src = self.donated(li, pi, torch.arange(self.n, device=self.tgt.device))
+            tgt = self.tgt_acts[layer][:, pos]
+            if head is not None:
+                src, tgt = src[:, head], tgt[:, head]
+            return (src == tgt).flatten(1).all(-1).cpu()
+        eq = self.src_acts[layer] == self.tgt_acts[layer]  # [n, T, d] or [n, T, heads, d_head]
+        if head is not None:
+            eq = eq[:, :, head]
+        eq = eq.flatten(2).all(-1).cpu()
+        return (eq | ~self.plan.masks[pi]).all(-1)
+
+    def cells(self, skip_noops: bool) -> list[tuple[int, int, int, list[int]]]:
+        """``(layer index, head index, entry index, pairs to run)`` for every cell to compute."""
         todo = []
         for li, layer in enumerate(self.layers):
-            for pi, pos in enumerate(self.positions):
-                if pos < 0:
-                    continue
-                pairs = list(range(self.n))
-                self.counters.cells += self.n
-                self.counters.naive += self.n * self.handle.n_layers * self.length
-                if skip_noops and self.unreachable(layer, pos):
-                    self.out[:, li, pi] = self.clean
-                    self.counters.skipped += self.n
-                    continue
-                if skip_noops:
-                    same = (self.source[:, li, pi] == self.tgt_acts[layer][:, pos]).all(-1)
-                    pairs = [p for p in pairs if not bool(same[p])]
-                    self.out[same.cpu(), li, pi] = self.clean[same.cpu()]
-                    self.counters.skipped += self.n - len(pairs)
-                if pairs:
-                    todo.append((li, pi, pairs))
+            for hi in range(len(self.heads)):
+                for pi in range(self.n_entries):
+                    if self.plan.masks is None and self.plan.positions[pi] < 0:
+                        continue
+                    run = torch.ones(self.n, dtype=torch.bool)
+                    self.counters.cells += self.n
+                    self.counters.naive += self.n * self.handle.n_layers * self.length
+                    run &= self.plan.first[pi] < self.length  # an empty set patches nothing
+                    if skip_noops:
+                        run &= ~self.unreachable(layer, self.plan.last[pi])
+                        if bool(run.any()):
+                            run &= ~self.same(li, hi, pi)
+                    keep = ~run
+                    self.out[keep, li, hi, pi] = self.clean[keep]
+                    self.lse[keep, li, hi, pi] = self.clean_lse[keep]
+                    self.counters.skipped += int(keep.sum())
+                    pairs = run.nonzero().squeeze(-1).tolist()
+                    if pairs:
+                        todo.append((li, hi, pi, pairs))
         return todo
 
-    def unreachable(self, layer: int, pos: int) -> bool:
-        """A patch after the last layer's attention at an earlier position cannot reach the
-        last position's logits (nothing mixes positions after it): the result is the clean run."""
-        last = layer == self.handle.n_layers - 1 and pos < self.length - 1
-        return last and self.site in ("attn_out", "mlp_out", "resid_post")
+    def unreachable(self, layer: int, last: torch.Tensor) -> torch.Tensor:
+        """``[n]`` bool: a patch after the last layer's attention at positions before the last
+        cannot reach the last position's logits (nothing mixes positions after it)."""
+        if layer != self.handle.n_layers - 1 or self.site not in _LOCAL_AFTER_MIXING:
+            return torch.zeros(self.n, dtype=torch.bool)
+        return last < self.length - 1
+
+    def patch(self, li: int, rows: list[Row], start_pos: int) -> _Patch:
+        """The coordinates and donated values of ``rows`` (one copy each) in a forward whose
+        first position is ``start_pos``."""
+        device = self.handle.device
+        layer = self.layers[li]
+        if self.plan.masks is None:
+            at = torch.arange(len(rows), device=device)
+            pairs = torch.tensor([r[2] for r in rows], device=device)
+            pos = torch.tensor([self.plan.positions[r[1]] for r in rows], device=device)
+            pi = torch.tensor([r[1] for r in rows], device=device)
+            if self.source is not None:
+                value = self.source[pairs, li, pi]
+            else:
+                value = self.src_acts[layer][pairs, pos]
+            heads = [self.heads[r[0]] for r in rows]
+        else:
+            at_l, pos_l, heads = [], [], []
+            for i, (hi, pi, p) in enumerate(rows):
+                chosen = self.plan.masks[pi][p].nonzero().squeeze(-1).tolist()
+                at_l += [i] * len(chosen)
+                pos_l += chosen
+                heads += [self.heads[hi]] * len(chosen)
+            at = torch.tensor(at_l, dtype=torch.long, device=device)
+            pos = torch.tensor(pos_l, dtype=torch.long, device=device)
+            pairs = torch.tensor([rows[i][2] for i in at_l], dtype=torch.long, device=device)
+            value = self.src_acts[layer][pairs, pos]
+        head_t = None
+        if heads and heads[0] is not None:
+            head_t = torch.tensor(heads, device=device)
+            value = value[torch.arange(len(heads), device=device), head_t]
+        return _Patch(at, pos - start_pos, head_t, value, pairs)
 
     clean: torch.Tensor  # [n, C] float32, the target's unpatched candidate logits
+    clean_lse: torch.Tensor  # [n] float32, their full-vocabulary log-normaliser
 
 
 class _FullGroup(_Group):
     """Generic path: full forwards of target copies, one patched cell per copy, by plain hooks."""
 
-    def run(self, max_rows: int, min_rows: int, skip_noops: bool) -> torch.Tensor:
+    def run(self, max_rows: int, min_rows: int, skip_noops: bool) -> None:
         del min_rows
         with torch.no_grad():
             logits = self.handle.hf_model(input_ids=self.tgt, logits_to_keep=1).logits[:, -1]
-        self.clean = _gather(logits, self.cand).cpu()
+        self.clean, self.clean_lse = _read(logits, self.cand)
         self.counters.forwards += 1
-        rows = [(li, pi, p) for li, pi, pairs in self.cells(skip_noops) for p in pairs]
+        rows = [(li, hi, pi, p) for li, hi, pi, pairs in self.cells(skip_noops) for p in pairs]
         for start in range(0, len(rows), max_rows):
             self._forward(rows[start : start + max_rows])
-        return self.out
 
-    def _forward(self, rows: list[tuple[int, int, int]]) -> None:
-        li = torch.tensor([r[0] for r in rows], device=self.handle.device)
-        pi = torch.tensor([r[1] for r in rows], device=self.handle.device)
-        pair = torch.tensor([r[2] for r in rows], device=self.handle.device)
-        pos = torch.tensor(self.positions, device=self.handle.device)[pi]
-        value = self.source[pair, li, pi]
-        hooks: dict[tuple[Site, int], Callable] = {}
-        for layer_index, layer in enumerate(self.layers):
-            chosen = (li == layer_index).nonzero().squeeze(-1)
-            if chosen.numel():
-                hooks[(self.site, layer)] = _row_setter(chosen, pos[chosen], value[chosen])
-        with hooked(self.handle, hooks):
+    def _forward(self, rows: list[tuple[int, int, int, int]]) -> None:
+        device = self.handle.device
+        pair = torch.tensor([r[3] for r in rows], device=device)
+        hooks: dict[tuple[str, int], Callable] = {}
+        for li, layer in enumerate(self.layers):
+            chosen = [i for i, r in enumerate(rows) if r[0] == li]
+            if chosen:
+                patch = self.patch(li, [rows[i][1:] for i in chosen], 0)  # type: ignore[misc]
+                at = torch.tensor(chosen, device=device)[patch.rows]
+                hooks[(self.site, layer)] = _row_setter(at, patch.pos, patch.value, patch.heads)
+        with hooked(self.handle, hooks):  # type: ignore[arg-type]
             logits = self.handle.hf_model(input_ids=self.tgt[pair], logits_to_keep=1).logits
-        self.out[pair.cpu(), li.cpu(), pi.cpu()] = _gather(logits[:, -1], self.cand[pair]).cpu()
+        li_t, hi_t, pi_t = (torch.tensor([r[k] for r in rows]) for k in range(3))
+        at = (pair.cpu(), li_t, hi_t, pi_t)
+        self.out[at], self.lse[at] = _read(logits[:, -1], self.cand[pair])
         self.counters.forwards += 1
         self.counters.token_layers += len(rows) * self.handle.n_layers * self.length
 
 
-def _row_setter(rows: torch.Tensor, pos: torch.Tensor, value: torch.Tensor) -> Callable:
-    """A hook function that writes ``value[i]`` at ``(rows[i], pos[i])`` of the site tensor."""
+def _row_setter(
+    rows: torch.Tensor, pos: torch.Tensor, value: torch.Tensor, heads: torch.Tensor | None = None
+) -> Callable:
+    """A hook function that writes ``value[i]`` at ``(rows[i], pos[i])`` (and head ``heads[i]``)
+    of the site tensor."""
 
     def set_rows(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
-        x[rows, pos] = value.to(x.dtype)
+        if heads is None:
+            x[rows, pos] = value.to(x.dtype)
+        else:
+            x[rows, pos, heads] = value.to(x.dtype)
         return x
 
     return set_rows
@@ -371,25 +705,39 @@ def _row_setter(rows: torch.Tensor, pos: torch.Tensor, value: torch.Tensor) -> C
 class _CachedGroup(_Group):
     """Compute-floor path: restart at the patched layer and position from the clean run's state."""
 
-    def run(self, max_rows: int, min_rows: int, skip_noops: bool) -> torch.Tensor:
+    def run(self, max_rows: int, min_rows: int, skip_noops: bool) -> None:
         handle = self.handle
         self.runner = LayerRunner(handle)
         self._clean_run()
-        by_layer: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
-        for li, pi, pairs in self.cells(skip_noops):
-            by_layer[li].append((pi, pairs))
-        for li, cells in by_layer.items():
-            cells.sort(key=lambda cell: self.positions[cell[0]])
-            block: list[tuple[int, int]] = []  # (position index, pair) rows sharing one forward
-            for pi, pairs in cells:
-                rows = [(pi, p) for p in pairs]
-                if block and len(block) + len(rows) > max(min_rows, 1):
-                    self._forward(li, block, max_rows)
-                    block = []
-                block += rows
+        by_layer: dict[int, list[tuple[int, Row]]] = defaultdict(list)
+        for li, hi, pi, pairs in self.cells(skip_noops):
+            for p in pairs:
+                by_layer[li].append((int(self.plan.first[pi, p]), (hi, pi, p)))
+        for li, rows in by_layer.items():
+            # stable: at one start, heads and then pairs stay in grid order
+            rows.sort(key=lambda row: row[0])
+            block: list[Row] = []  # rows sharing one forward
+            cell: list[Row] = []
+            key = None
+            for start, row in rows:
+                if (start, row[0], row[1]) != key and cell:
+                    block = self._add(li, block, cell, min_rows, max_rows)
+                    cell = []
+                key = (start, row[0], row[1])
+                cell.append(row)
+            block = self._add(li, block, cell, min_rows, max_rows)
             if block:
                 self._forward(li, block, max_rows)
-        return self.out
+
+    def _add(
+        self, li: int, block: list[Row], cell: list[Row], min_rows: int, max_rows: int
+    ) -> list[Row]:
+        """Add one cell's rows to the open block, running the block first if it would grow past
+        ``min_rows``; returns the open block."""
+        if block and len(block) + len(cell) > max(min_rows, 1):
+            self._forward(li, block, max_rows)
+            block = []
+        return block + cell
 
     def _clean_run(self) -> None:
         """The target's clean run through the runner: residual stream per layer, keys/values."""
@@ -398,50 +746,51 @@ class _CachedGroup(_Group):
         resid = [first]
         hooks = {("resid_post", i): _collect(resid) for i in range(handle.n_layers)}
         cache = PrefixCache(record=True)
-        with hooked(handle, hooks):
+        with hooked(handle, hooks):  # type: ignore[arg-type]
             final = self.runner.run(first, 0, 0, cache)
         self.resid = resid  # resid[l]: clean input of layer l; resid[L]: the last layer's output
         self.kv = cache.recorded
-        self.clean = _gather(handle.logits_from_resid(final[:, -1]), self.cand).cpu()
+        self.clean, self.clean_lse = _read(handle.logits_from_resid(final[:, -1]), self.cand)
         self.counters.forwards += 1
 
-    def _forward(self, li: int, rows: list[tuple[int, int]], max_rows: int) -> None:
-        layer = self.layers[li]
-        start_pos = min(self.positions[pi] for pi, _ in rows)
+    def _forward(self, li: int, rows: list[Row], max_rows: int) -> None:
+        start_pos = min(int(self.plan.first[pi, p]) for _, pi, p in rows)
         width = self.length - start_pos
         chunk = max(1, max_rows * self.length // width)  # a budget of max_rows full copies
         for begin in range(0, len(rows), chunk):
-            self._forward_chunk(layer, li, start_pos, rows[begin : begin + chunk])
+            self._forward_chunk(li, start_pos, rows[begin : begin + chunk])
 
-    def _forward_chunk(
-        self, layer: int, li: int, start_pos: int, rows: list[tuple[int, int]]
-    ) -> None:
+    def _forward_chunk(self, li: int, start_pos: int, rows: list[Row]) -> None:
         handle = self.handle
         device = handle.device
-        pi = torch.tensor([r[0] for r in rows], device=device)
-        pair = torch.tensor([r[1] for r in rows], device=device)
-        rel = torch.tensor(self.positions, device=device)[pi] - start_pos
-        value = self.source[pair, li, pi]
+        layer = self.layers[li]
+        pair = torch.tensor([r[2] for r in rows], device=device)
+        patch = self.patch(li, rows, start_pos)
         # resid_post[l] is resid_pre[l + 1]: patch it as the next layer's input.
         start_layer = layer + 1 if self.site == "resid_post" else layer
         hidden = self.resid[start_layer][pair, start_pos:]
-        rows_here = torch.arange(len(rows), device=device)
-        hooks: dict[tuple[Site, int], Callable] = {}
+        hooks: dict[tuple[str, int], Callable] = {}
         if self.site in ("resid_pre", "resid_post"):
             hidden = hidden.clone()
-            hidden[rows_here, rel] = value
+            hidden[patch.rows, patch.pos] = patch.value
         else:
-            hooks[(self.site, layer)] = _row_setter(rows_here, rel, value)
+            hooks[(self.site, layer)] = _row_setter(patch.rows, patch.pos, patch.value, patch.heads)
         prefix = {
             j: (keys[pair, :, :start_pos], values[pair, :, :start_pos])
             for j, (keys, values) in self.kv.items()
             if j >= start_layer and start_pos > 0
         }
-        with hooked(handle, hooks):
+        with hooked(handle, hooks):  # type: ignore[arg-type]
             last_only = not (self.site == "mlp_out" and layer == handle.n_layers - 1)
             final = self.runner.run(hidden, start_layer, start_pos, PrefixCache(prefix), last_only)
         logits = handle.logits_from_resid(final[:, -1])
-        self.out[pair.cpu(), li, pi.cpu()] = _gather(logits, self.cand[pair]).cpu()
+        at = (
+            pair.cpu(),
+            li,
+            torch.tensor([r[0] for r in rows]),
+            torch.tensor([r[1] for r in rows]),
+        )
+        self.out[at], self.lse[at] = _read(logits, self.cand[pair])
         self.counters.forwards += 1
         self.counters.token_layers += (
             len(rows) * (handle.n_layers - start_layer) * (self.length - start_pos)

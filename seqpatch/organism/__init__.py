@@ -73,9 +73,3 @@ def organism_family(weights_dir: str | Path | None = None) -> Family:
         return _shipped_family()
     family = training_record(weights_dir)["family"]
     return family_from_params(family["name"], family["params"])
-
-
-def __getattr__(name: str) -> Any:
-    if name == "ORGANISM_FAMILY":
-        return _shipped_family()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

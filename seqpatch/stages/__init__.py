@@ -1,18 +1,16 @@
-"""The pipeline's stages: one module per stage, registered here by name.
+"""The pipeline's stages: one module per stage, registered here by name, in pipeline order.
 
-Every stage module exposes ``SCHEMA_VERSION: int``, a frozen dataclass config, ``FEATURES`` (or a
-function of the config returning them) and ``build(parent, cfg, ...) -> Dataset | Built``. Stage
-code never writes files: ``build_stage`` hands it to the store, which versions and saves the rows.
-
-To add a stage: write ``seqpatch/stages/<name>.py`` and add one ``StageInfo`` to ``STAGES`` (in
-pipeline order). Modules are imported only when a stage is used, so the registry stays cheap.
+A stage module declares its schema version, config, parents and models and builds its rows
+(``seqpatch.stages.base`` states the contract); ``seqpatch.executor.execute`` is the only code
+that chains stages. To add a stage: write ``seqpatch/stages/<name>.py``, add one ``StageInfo``
+to ``STAGES`` and a card template ``datasets_cards/<name>.md``. Modules are imported only when a
+stage is used, so the registry stays cheap.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -21,9 +19,7 @@ from typing import TYPE_CHECKING, Any
 from seqpatch.errors import SeqpatchError
 
 if TYPE_CHECKING:
-    from datasets import Dataset
-
-    from seqpatch.store import StageRef, Store
+    from seqpatch.store import StageRef
 
 
 @dataclass(frozen=True)
@@ -69,6 +65,18 @@ STAGES: dict[str, StageInfo] = {
             "effect of patching A into B at every (layer, position), per site",
             "--sites resid_pre",
         ),
+        StageInfo(
+            "tracing",
+            "seqpatch.stages.tracing",
+            "ROME causal trace per program: corrupt the changed statement, restore each state",
+            "--corrupt changed --n-programs 100",
+        ),
+        StageInfo(
+            "das",
+            "seqpatch.stages.das",
+            "distributed alignment search at the heatmap's top cells: IIA by subspace dimension",
+            "--top-n 3 --ks 1,2,4,8,16,32,64,128",
+        ),
     )
 }
 
@@ -95,39 +103,8 @@ def build_command(stage: str, data_dir: str | os.PathLike[str] | None = None) ->
     return " ".join(parts)
 
 
-def build_stage(
-    stage: str,
-    cfg: Any,
-    *,
-    store: Store | None = None,
-    data_dir: str | os.PathLike[str] | None = None,
-    parent: StageRef | tuple[Dataset, Mapping[str, Any]] | None = None,
-    model: Any = None,
-    **build_kwargs: Any,
-) -> StageRef:
-    """Build stage ``stage`` from ``cfg`` into the store, or find it already stored.
+def build_stage(stage: str, cfg: Any, **kwargs: Any) -> StageRef | None:
+    """``seqpatch.executor.execute``, importable beside the registry for notebooks."""
+    from seqpatch.executor import execute
 
-    ``parent`` is a stored ``StageRef`` (its rows are loaded from the store) or a
-    ``(dataset, provenance)`` pair such as ``seqpatch.hub.resolve_parent`` returns. ``model`` is
-    recorded in provenance and in the version; ``build_kwargs`` go to the stage's ``build``.
-    """
-    from seqpatch.store import StageRef, Store
-
-    module = get_stage(stage)
-    store = store if store is not None else Store(data_dir)
-    parent_rows: Dataset | None = None
-    parent_identity: StageRef | Mapping[str, Any] | None = None
-    if isinstance(parent, StageRef):
-        parent_identity = parent
-    elif parent is not None:
-        parent_rows, parent_identity = parent
-
-    def build() -> Any:
-        rows = parent_rows
-        if rows is None and isinstance(parent, StageRef):
-            rows = store.load(parent.stage, parent.version)
-        return module.build(rows, cfg, **build_kwargs)
-
-    return store.get_or_build(
-        stage, module.SCHEMA_VERSION, cfg, build, parent=parent_identity, model=model
-    )
+    return execute(stage, cfg, **kwargs)

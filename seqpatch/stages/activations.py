@@ -12,20 +12,21 @@ values, so patching from them differs from a recomputed sweep by that rounding.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from datasets import Array3D, Features, List, Value
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.stages.base import Built, Inputs, ParentSpec
 
 if TYPE_CHECKING:
-    from datasets import Dataset
+    from collections.abc import Mapping, Sequence
 
     from seqpatch.models import ModelHandle
+    from seqpatch.store import StageRef
 
 STAGE = "activations"
 SCHEMA_VERSION = 1
@@ -45,6 +46,7 @@ class ActivationsConfig:
     dtype: str = "float32"  # exact patching; float16 halves the size for sharing
     layers: tuple[int, ...] = ()
     batch_size: int = 64
+    shard_size: int = 250  # pairs per resumable shard: an interrupt loses seconds, not the stage
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -56,7 +58,15 @@ class ActivationsConfig:
                 )
         if self.dtype not in DTYPES:
             raise ActivationsStageError(f"unknown dtype {self.dtype!r}; use {', '.join(DTYPES)}")
+        if len(set(self.layers)) != len(self.layers):
+            raise ActivationsStageError(f"layers lists a layer twice: {list(self.layers)}")
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ActivationsStageError("batch_size and shard_size must be >= 1")
         object.__setattr__(self, "sites", tuple(dict.fromkeys(self.sites)))
+
+
+CONFIG = ActivationsConfig
+PARENTS = (ParentSpec("pairs"),)
 
 
 def features(cfg: ActivationsConfig, n_layers: int, n_positions: int, d_model: int) -> Features:
@@ -118,37 +128,47 @@ def _cache(
     return out
 
 
-def build(parent: Dataset, cfg: ActivationsConfig, handle: ModelHandle) -> Dataset:
-    """Cache ``cfg.sites`` of both programs of every pair in ``parent`` (the pairs stage)."""
-    if parent is None:
-        raise ActivationsStageError("the activations stage needs a pairs stage as parent")
-    layers = list(cfg.layers) if cfg.layers else list(range(handle.n_layers))
-    bad = [layer for layer in layers if not 0 <= layer < handle.n_layers]
+def model_specs(cfg: ActivationsConfig, parents: Mapping[str, StageRef]) -> tuple[str, ...]:
+    """The model that built the pairs is the model whose activations are cached."""
+    return (pairs_model_spec(parents["pairs"]),)
+
+
+def pairs_model_spec(pairs: StageRef) -> str:
+    return str(pairs.provenance["config"]["model"])
+
+
+def prepare(inputs: Inputs, cfg: ActivationsConfig) -> None:
+    check_layers(cfg.layers, inputs.model.n_layers, ActivationsStageError)
+
+
+def check_layers(layers: Sequence[int], n_layers: int, error: type[SeqpatchError]) -> None:
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
-        raise ActivationsStageError(
-            f"layer {bad[0]} does not exist; the model has layers 0..{handle.n_layers - 1}"
-        )
+        raise error(f"layer {bad[0]} does not exist; the model has layers 0..{n_layers - 1}")
+
+
+def n_shards(inputs: Inputs, cfg: ActivationsConfig) -> int:
+    return max(1, math.ceil(inputs.rows("pairs").num_rows / cfg.shard_size))
+
+
+def build_shard(inputs: Inputs, cfg: ActivationsConfig, index: int) -> Built:
+    """Cache ``cfg.sites`` of both programs of pairs ``[index * shard_size, …)`` of the parent.
+
+    Every shard pads positions to the longest pair of the whole parent, so shards concatenate.
+    """
+    parent = inputs.rows("pairs")
+    handle = inputs.model
+    layers = list(cfg.layers) if cfg.layers else list(range(handle.n_layers))
     width = max(parent["n_tokens"])
-    feats = features(cfg, len(layers), width, handle.d_model)
-    key = json.dumps(
-        [STAGE, SCHEMA_VERSION, asdict(cfg), parent._fingerprint, handle.describe()],
-        sort_keys=True,
-        default=str,
-    )
-    return parent.select_columns(["pair_id", "n_tokens", "input_ids_a", "input_ids_b"]).map(
+    start = index * cfg.shard_size
+    shard = parent.select(range(start, min(start + cfg.shard_size, parent.num_rows)))
+    rows = shard.select_columns(["pair_id", "n_tokens", "input_ids_a", "input_ids_b"]).map(
         _cache,
         batched=True,
         batch_size=cfg.batch_size,
         fn_kwargs={"cfg": cfg, "handle": handle, "layers": layers, "width": width},
-        features=feats,
-        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16],
+        features=features(cfg, len(layers), width, handle.d_model),
+        new_fingerprint=inputs.fingerprint(STAGE, index),
         desc="caching activations",
     )
-
-
-def source_activations(rows: dict[str, Any], site: str, n_tokens: list[int]) -> list[Any]:
-    """The source (A) grids of ``site`` for a batch of activation rows, cut to each pair's length."""
-    return [
-        np.asarray(grid)[:, :length]
-        for grid, length in zip(rows[f"{site}_a"], n_tokens, strict=True)
-    ]
+    return Built(rows)

@@ -13,23 +13,22 @@ and three measurements are taken, all under ``torch.no_grad()`` on left-padded b
 - ``answer_rank``: the rank of the answer's first token among the whole vocabulary at the
   position where the answer starts (1 = the model's top choice; ties count in its favour).
 
-Both passes go through nnsight (``handle.trace`` and ``handle.model.generate``), so the same code runs
-here or, with ``remote=True`` (``seqpatch build benchmark --remote``), on NDIF's hosted copy of a
-Hub model; locally it gives exactly what a direct ``transformers`` forward and ``generate`` give.
+Generation goes through nnsight (``handle.model.generate``); teacher forcing is one plain
+forward locally (``seqpatch.models.teacher_forced``) and one nnsight trace for a remote handle,
+so with ``remote=True`` (``seqpatch build benchmark --remote``) the same measurements run on
+NDIF's hosted copy of a Hub model.
 
-Resumable model by model: the store builds one shard per model (``Store.build_sharded``), so a
-rerun after an interruption skips the models already finished. Every model is loaded, and every
-answer checked to be representable by its tokenizer, before anything is written.
+Resumable model by model: one shard per model, so a rerun after an interruption skips the
+models already finished. Every model is loaded, and every answer checked to be representable by
+its tokenizer (``prepare``), before anything is written.
 
-``summarize(rows)`` gives accuracy per (model, family, seq_len) with Wilson 95% intervals;
-``write_summary`` and ``write_accuracy_chart`` put ``results_summary.csv`` and
-``accuracy.html/.png`` next to a stored version (the CLI calls them after a build).
+``summarize(rows)`` gives accuracy per (model, family, seq_len) with Wilson 95% intervals; the
+stage's artifacts ``results_summary.csv`` and ``accuracy.html/.png`` are written into the version
+at its commit; ``write_summary``/``write_accuracy_chart`` redraw them elsewhere.
 """
 
 from __future__ import annotations
 
-import gc
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,15 +38,14 @@ from typing import TYPE_CHECKING, Any
 from datasets import Features, Value
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec, chart_artifacts
 
 if TYPE_CHECKING:
-    import os
-
     import polars as pl
     from datasets import Dataset
 
     from seqpatch.models import ModelHandle
-    from seqpatch.store import StageRef, Store
+    from seqpatch.store import StageRef
 
 STAGE = "benchmark"
 PARENT_STAGE = "programs"
@@ -55,7 +53,6 @@ SCHEMA_VERSION = 1
 SUMMARY_CSV = "results_summary.csv"
 CHART_NAME = "accuracy"
 WILSON_Z = 1.959963984540054  # two-sided 95% normal quantile
-FORMAT_SEPARATOR = ":"
 
 FEATURES = Features(
     {
@@ -117,14 +114,8 @@ def parse_models(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(","))
 
 
-def split_spec(spec: str) -> tuple[str, str | None]:
-    """``"path:compact"`` → ``("path", "compact")``; a suffix that is no format name stays."""
-    from seqpatch.prompts import PROMPT_FORMATS
-
-    head, sep, tail = spec.rpartition(FORMAT_SEPARATOR)
-    if sep and head and tail in (*PROMPT_FORMATS, "code-chat"):
-        return head, tail
-    return spec, None
+CONFIG = BenchmarkConfig
+PARENTS = (ParentSpec(PARENT_STAGE),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,8 +126,8 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 class ModelInfo:
     """The identity of one benchmarked model, as stored in rows and provenance.
 
-    ``remote`` says where its forward passes run (NDIF or here); it is not part of the identity
-    (see ``build_benchmark``).
+    ``remote`` says where its forward passes run (NDIF or here); it is not part of the identity:
+    the same nnsight code on the same weights gives the same rows wherever it runs.
     """
 
     spec: str
@@ -146,20 +137,16 @@ class ModelInfo:
     description: Mapping[str, Any]
     remote: bool = False
 
-
-def open_model(spec: str, remote: bool = False) -> ModelHandle:
-    """Load ``spec`` (with its optional ``:format``), turning load failures into ``BenchmarkError``.
-
-    ``remote=True`` opens NDIF's copy of a Hub model (``load_model(..., remote=True)``).
-    """
-    from seqpatch.models import ModelLoadError, load_model
-    from seqpatch.prompts import PromptFormatError
-
-    name, fmt = split_spec(spec)
-    try:
-        return load_model(name, prompt_format=fmt, remote=remote)
-    except (ModelLoadError, PromptFormatError) as err:
-        raise BenchmarkError(f"cannot benchmark model {spec!r}: {err}") from err
+    @classmethod
+    def of(cls, spec: str, handle: ModelHandle) -> ModelInfo:
+        return cls(
+            spec,
+            handle.model_id,
+            handle.revision,
+            handle.n_params,
+            handle.describe(),
+            handle.remote,
+        )
 
 
 def _programs(rows: Dataset | Mapping[str, Sequence[Any]]) -> list[Any]:
@@ -180,105 +167,19 @@ def check_model(handle: ModelHandle, programs: Dataset) -> None:
             raise BenchmarkError(f"model {handle.spec!r} cannot be benchmarked: {err}") from err
 
 
-def check_models(specs: Sequence[str], programs: Dataset, remote: bool = False) -> list[ModelInfo]:
-    """Load every model and check it can be scored on ``programs``; returns their identities.
+def _open(inputs: Inputs, spec: str) -> ModelHandle:
+    """The model of ``spec`` (with its optional ``:format``); load failures name the spec."""
+    from seqpatch.models import ModelLoadError
+    from seqpatch.prompts import PromptFormatError
 
-    Models are released after the check (they are loaded again, one at a time, when built), so
-    several large models never sit in memory together. ``remote=True``: every model runs on
-    NDIF (only their meta skeletons and tokenizers are loaded here).
-    """
-    infos = []
-    for spec in specs:
-        handle = open_model(spec, remote)
-        check_model(handle, programs)
-        infos.append(
-            ModelInfo(
-                spec,
-                handle.model_id,
-                handle.revision,
-                handle.n_params,
-                handle.describe(),
-                remote,
-            )
-        )
-        device = handle.device
-        del handle
-        _free_memory(device)
-    return infos
-
-
-def _free_memory(device: Any) -> None:
-    """Return a released model's memory (the caller has dropped its last reference)."""
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    try:
+        return inputs.models.get(spec)
+    except (ModelLoadError, PromptFormatError) as err:
+        raise BenchmarkError(f"cannot benchmark model {spec!r}: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------
 # Running one model
-
-
-def _pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, Any, Any]:
-    """``input_ids, attention_mask, position_ids`` of left-padded ``seqs`` (positions count from
-    each row's first real token, so padding shifts nothing)."""
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        if seq:
-            ids[i, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
-            mask[i, width - len(seq) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
-
-
-def _pad_id(handle: ModelHandle) -> int:
-    tok = handle.tokenizer
-    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-def _teacher_forced(
-    handle: ModelHandle, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]]
-) -> tuple[list[float], list[int]]:
-    """Summed log-probability of each answer after its prompt, and its first token's rank.
-
-    One nnsight trace, on NDIF for a remote handle. Only small results leave it: the
-    log-probability of each of the last ``keep - 1`` tokens and each row's rank, never the
-    ``[batch, keep, vocab]`` logits (a large download from NDIF). The trace body names only the
-    nnsight model, ``torch`` and tensors, so it ships to NDIF without seqpatch.
-    """
-    import torch
-
-    seqs = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
-    ids, mask, positions = _pad_left(seqs, _pad_id(handle))
-    keep = max(len(a) for a in answer_ids) + 1  # logits only where answers are predicted
-    targets = ids[:, ids.shape[1] - keep + 1 :]  # the token that logit column i predicts
-    starts = [keep - 1 - len(a) for a in answer_ids]  # column whose logits predict answer[0]
-    start_cols = torch.tensor(starts)
-    first_ids = torch.tensor([a[0] for a in answer_ids])
-    model = handle.model
-    # nnsight moves the inputs to the model's device (the server's GPU when remote)
-    with handle.trace(
-        input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
-    ):
-        logits = model.output.logits.float()  # [batch, keep, vocab]; column keep-1: last token
-        device = logits.device
-        token_logprobs = torch.log_softmax(logits, dim=-1)[:, :-1]
-        token_logprobs = token_logprobs.gather(-1, targets.to(device)[..., None])[..., 0].save()
-        first = logits[torch.arange(logits.shape[0], device=device), start_cols.to(device)]
-        ranks = ((first > first.gather(-1, first_ids.to(device)[:, None])).sum(-1) + 1).save()
-    logprobs = [
-        float(token_logprobs[row, start : start + len(answer)].sum())
-        for row, (start, answer) in enumerate(zip(starts, answer_ids, strict=True))
-    ]
-    return logprobs, [int(rank) for rank in ranks.tolist()]
 
 
 def _greedy(handle: ModelHandle, prompt_ids: Sequence[list[int]], max_new_tokens: int) -> list[str]:
@@ -287,16 +188,19 @@ def _greedy(handle: ModelHandle, prompt_ids: Sequence[list[int]], max_new_tokens
     nnsight's ``generate`` (on NDIF for a remote handle); the generated ids are read off
     ``tracer.result``, the whole prompt followed by the new tokens.
     """
-    ids, mask, _ = _pad_left(prompt_ids, _pad_id(handle))
+    from seqpatch.models import pad_left
+
     tok = handle.tokenizer
+    batch = pad_left(tok, prompt_ids)
+    ids = batch["input_ids"]
     model = handle.model  # `with` must call model.generate itself (nnsight finds the block there)
     with model.generate(
         input_ids=ids,
-        attention_mask=mask,
+        attention_mask=batch["attention_mask"],
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
-        pad_token_id=_pad_id(handle),
+        pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         remote=handle.remote,
     ) as tracer:
@@ -315,6 +219,8 @@ def _run_batch(
 ) -> dict[str, list[Any]]:
     import torch
 
+    from seqpatch.models import teacher_forced
+
     fmt = handle.prompt_format
     programs = _programs(batch)
     prompts = [fmt.prompt(p) for p in programs]
@@ -324,7 +230,7 @@ def _run_batch(
         for a, p in zip(batch["answer"], prompts, strict=True)
     ]
     with torch.no_grad():
-        logprobs, ranks = _teacher_forced(handle, prompt_ids, answer_ids)
+        forced = teacher_forced(handle, prompt_ids, answer_ids)
         limit = min(cfg.max_new_tokens, handle.max_answer_tokens or cfg.max_new_tokens)
         continuations = _greedy(handle, prompt_ids, limit)
     predictions = [fmt.parse_prediction(c) for c in continuations]
@@ -342,52 +248,9 @@ def _run_batch(
         "continuation": continuations,
         "prediction": predictions,
         "correct": [p == a for p, a in zip(predictions, batch["answer"], strict=True)],
-        "answer_logprob": logprobs,
-        "answer_rank": ranks,
+        "answer_logprob": forced.logprobs,
+        "answer_rank": forced.ranks,
     }
-
-
-def model_fingerprint(parent_fingerprint: str | None, cfg: BenchmarkConfig, info: ModelInfo) -> str:
-    """The fingerprint of one model's rows: config, parent rows and model identity."""
-    from seqpatch.store import canonical_json
-
-    key = canonical_json(
-        {
-            "stage": STAGE,
-            "schema_version": SCHEMA_VERSION,
-            "config": cfg,
-            "parent": parent_fingerprint,
-            "model": info.description,
-        }
-    )
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def run_model(parent: Dataset, cfg: BenchmarkConfig, info: ModelInfo) -> Dataset:
-    """The benchmark rows of one model over every program of ``parent`` (on NDIF when
-    ``info.remote``)."""
-    handle = open_model(info.spec, info.remote)
-    if handle.revision != info.revision:
-        raise BenchmarkError(
-            f"model {info.spec!r} changed while benchmarking (revision {info.revision} became "
-            f"{handle.revision}); rerun the benchmark"
-        )
-    device = handle.device
-    try:
-        return parent.map(
-            _run_batch,
-            batched=True,
-            batch_size=cfg.batch_size,
-            fn_kwargs={"handle": handle, "info": info, "cfg": cfg},
-            remove_columns=parent.column_names,
-            features=FEATURES,
-            keep_in_memory=True,  # never write cache files into the parent's version folder
-            new_fingerprint=model_fingerprint(parent._fingerprint, cfg, info),
-            desc=f"benchmark {info.model_id}",
-        )
-    finally:
-        del handle
-        _free_memory(device)
 
 
 def _shard_extra(rows: Dataset, info: ModelInfo) -> dict[str, Any]:
@@ -405,76 +268,58 @@ def _shard_extra(rows: Dataset, info: ModelInfo) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage
+# The stage: one resumable shard per model
 
 
-def build(parent: Dataset, cfg: BenchmarkConfig, remote: bool = False) -> Any:
-    """Every model's rows over ``parent`` (the programs), in memory, with summary statistics.
+def model_specs(cfg: BenchmarkConfig, parents: Mapping[str, StageRef]) -> tuple[str, ...]:
+    return cfg.models
 
-    The stage contract's entry point; ``build_benchmark`` is the resumable, stored variant.
-    ``remote=True`` runs every model on NDIF.
+
+def prepare(inputs: Inputs, cfg: BenchmarkConfig) -> None:
+    """Load every model and check it can score every program, before anything is written.
+
+    Models after the first are released again, so several large models never sit in memory
+    together; the first stays loaded for the first shard.
     """
-    from datasets import concatenate_datasets
-
-    from seqpatch.store import Built, merge_extra
-
-    infos = check_models(cfg.models, parent, remote)
-    parts = [run_model(parent, cfg, info) for info in infos]
-    extras = [_shard_extra(rows, info) for rows, info in zip(parts, infos, strict=True)]
-    return Built(concatenate_datasets(parts), merge_extra(extras))
+    programs = inputs.rows(PARENT_STAGE)
+    for index, spec in enumerate(cfg.models):
+        check_model(_open(inputs, spec), programs)
+        if index:
+            inputs.models.release(spec)
 
 
-def models_identity(infos: Sequence[ModelInfo]) -> dict[str, str]:
-    """One ``{"id", "revision"}`` record for several models (versions depend on every weight)."""
-    from seqpatch.store import canonical_json
-
-    revisions = canonical_json([[i.spec, i.model_id, i.revision] for i in infos])
-    return {
-        "id": ",".join(i.model_id for i in infos),
-        "revision": "sha256:" + hashlib.sha256(revisions.encode()).hexdigest()[:16],
-    }
+def n_shards(inputs: Inputs, cfg: BenchmarkConfig) -> int:
+    return len(cfg.models)
 
 
-def build_benchmark(
-    cfg: BenchmarkConfig,
-    *,
-    programs: str = "latest",
-    store: Store | None = None,
-    data_dir: str | os.PathLike[str] | None = None,
-    remote: bool = False,
-) -> StageRef:
-    """Benchmark ``cfg.models`` on a stored ``programs`` version, one resumable shard per model.
-
-    Every model is loaded and checked before anything is written; a stored version with the same
-    config, programs and model weights is reused without running any model.
-
-    ``remote=True`` runs the forward passes and generation on NDIF through nnsight (Hub ids
-    only; needs ``NDIF_API_KEY`` and the network). It is deliberately not part of
-    ``BenchmarkConfig`` and so not of the version: the rows are the same computation, the same
-    nnsight code on the same weights (model id and revision), wherever it runs, just as the
-    device is not part of the version. A version built remotely is reused by a local run and
-    the other way round; its provenance says ``"remote": true`` per model.
-    """
-    from seqpatch.store import Built, Store
-
-    store = store if store is not None else Store(data_dir)
-    parent_ref = store.resolve(PARENT_STAGE, programs)
-    parent = store.load(PARENT_STAGE, parent_ref.version)
-    infos = check_models(cfg.models, parent, remote)
-
-    def build_shard(index: int) -> Built:
-        rows = run_model(parent, cfg, infos[index])
-        return Built(rows, _shard_extra(rows, infos[index]))
-
-    return store.build_sharded(
-        STAGE,
-        SCHEMA_VERSION,
-        cfg,
-        len(infos),
-        build_shard,
-        parent=parent_ref,
-        model=models_identity(infos),
+def build_shard(inputs: Inputs, cfg: BenchmarkConfig, index: int) -> Built:
+    """The rows of model ``index`` over every program (on NDIF when the models are remote)."""
+    spec = cfg.models[index]
+    handle = _open(inputs, spec)
+    info = ModelInfo.of(spec, handle)
+    parent = inputs.rows(PARENT_STAGE)
+    rows = parent.map(
+        _run_batch,
+        batched=True,
+        batch_size=cfg.batch_size,
+        fn_kwargs={"handle": handle, "info": info, "cfg": cfg},
+        remove_columns=parent.column_names,
+        features=FEATURES,
+        new_fingerprint=inputs.fingerprint(STAGE, spec),
+        desc=f"benchmark {info.model_id}",
     )
+    del handle
+    inputs.models.release(spec)
+    return Built(rows, _shard_extra(rows, info))
+
+
+def artifacts(rows: Dataset, cfg: BenchmarkConfig, inputs: Inputs) -> dict[str, Artifact]:
+    """``results_summary.csv`` and the accuracy chart, written into the version at commit."""
+    from seqpatch.charts import accuracy_figure
+
+    summary = summarize(rows)
+    chart = accuracy_figure(summary, version=inputs.version)
+    return {SUMMARY_CSV: summary.write_csv, **chart_artifacts(chart, CHART_NAME)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,23 +388,33 @@ def load_summary(ref: StageRef) -> pl.DataFrame:
     return summarize(Dataset.load_from_disk(str(ref.path)))
 
 
-def write_summary(ref: StageRef, out_dir: Path | None = None) -> Path:
-    """Write ``results_summary.csv`` into the version folder (or ``out_dir``); returns its path."""
-    out = Path(out_dir) if out_dir is not None else ref.path
+def write_summary(ref: StageRef, out_dir: Path) -> Path:
+    """Write ``results_summary.csv`` of a stored version into ``out_dir``; returns its path."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / SUMMARY_CSV
-    tmp = out / f".{SUMMARY_CSV}.tmp"
-    load_summary(ref).write_csv(tmp)
-    tmp.replace(path)
+    load_summary(ref).write_csv(path)
     return path
 
 
 def write_accuracy_chart(
-    ref: StageRef, out_dir: Path | None = None, formats: Sequence[str] = ("html", "png")
+    ref: StageRef,
+    out_dir: Path,
+    formats: Sequence[str] = ("html", "png"),
+    chosen: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """Draw accuracy by length (one line per model) into the version folder or ``out_dir``."""
-    from seqpatch.charts import accuracy_chart, save_chart
+    """Draw accuracy by length (one line per model) of a stored version into ``out_dir``.
 
-    out = Path(out_dir) if out_dir is not None else ref.path
-    chart = accuracy_chart(load_summary(ref), title=f"Accuracy by program length ({ref.version})")
-    return save_chart(chart, out, CHART_NAME, formats)
+    ``chosen`` (``chosen_model.json``'s contents) marks the choice and its threshold when it
+    was made from this version.
+    """
+    from seqpatch.charts import accuracy_figure, save_chart
+
+    mark = chosen if chosen and chosen.get("benchmark_version") == ref.version else None
+    chart = accuracy_figure(
+        load_summary(ref),
+        threshold=mark["min_accuracy"] if mark else None,
+        chosen=(mark["model_id"], mark["seq_len"]) if mark else None,
+        version=ref.version,
+    )
+    return save_chart(chart, Path(out_dir), CHART_NAME, formats)

@@ -6,23 +6,48 @@ Candidates are numbered ``0, 1, 2, …``; candidate ``i`` diverges at
 can be regenerated alone. Candidates are generated and scored in rounds of ``.map`` calls
 (batched forward passes on both programs); a candidate becomes a row only if the model answers
 both programs correctly, and the first ``n_pairs`` accepted candidates (in candidate order) are
-kept. Every rejection is counted by reason and stored in the provenance.
+kept. Every rejection is counted by reason and stored in the provenance (``REJECTIONS``; the
+stored ``rejections`` dict is the one source of these counts).
 
 Scoring: the model reads ``prompt(program)`` followed by the *common prefix* of the two answers'
 token ids; the scored position is the last token, where the first differing answer token is
 predicted (for single-token answers — the organism's digits — the prefix is empty). A program is
 answered correctly when greedy decoding would produce every token of its answer (teacher-forced
-argmax at each answer position). ``model_logits_a/b`` are the logits of the ten digit tokens
-(``candidate_ids``, labels ``0``…``9``) at the scored position; a pair whose first differing
-answer tokens are not digit tokens (e.g. ``-3`` vs ``4``) is rejected as ``not_digit_scored``.
+argmax at each answer position). Two cases are special:
+
+- equal answers (``allow_equal_answers``): both programs have the same answer tokens, nothing
+  differs, so the scored position is the answer's *first* token (prefix empty) and
+  ``answer_index_a == answer_index_b``;
+- one answer's tokens are a proper prefix of the other's (``1`` vs ``19`` when ``19`` is read
+  as ``1``, ``9``): one program's first differing "token" is the end of its answer, which no
+  candidate token stands for, so the candidate is rejected as ``answer_is_prefix``.
+
+Candidates (``candidate_ids``, ``candidate_labels``): ``model_logits_a/b`` hold their logits at
+the scored position, and every row of a stage has the same number of them, because downstream
+stages store logits as a fixed-size array over candidates:
+
+- slots ``0..9`` are the ten digit tokens as they are tokenized at the scored position (labels
+  ``0``…``9``) — the digit's answer text after the prompt when the prefix is empty, the bare
+  digit tokens after a shared answer prefix;
+- when the family can produce answers other than one digit (``Family.one_digit_answers`` is
+  false: ``arithmetic``, with negative and multi-digit answers), two more slots follow: slot
+  ``10`` is A's first differing answer token and slot ``11`` is B's (labels: the decoded token,
+  stripped), so ``-3`` vs ``4`` is scored on ``-`` vs ``4`` and ``12`` vs ``7`` on ``12`` vs ``7``
+  when the tokenizer reads ``12`` as one token. These slots are filled on every row, even when
+  they repeat a digit slot.
+
+``answer_index_a/b`` is the *first* slot holding that program's scored token, so for digit
+answers it is the digit itself (the organism's stored rows are unchanged: ten candidates, index
+= answer). A candidate-softmax over the slots must count each distinct token id once (slots 10 and
+11 may repeat a digit or each other); metrics that read only the two answer slots and the
+full-vocabulary normaliser are unaffected.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,16 +56,30 @@ from datasets import Features, List, Value
 from seqpatch.errors import SeqpatchError
 from seqpatch.pairs import PairError, RejectionCounts, make_counterfactual_pair
 from seqpatch.programs import Family, Program, derive_seed, get_family
+from seqpatch.stages.base import Built, Inputs, ParentSpec
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from datasets import Dataset
 
     from seqpatch.models import ModelHandle
+    from seqpatch.store import StageRef
 
 STAGE = "pairs"
 SCHEMA_VERSION = 1
-N_CANDIDATES = 10  # the ten digit tokens
-MODEL_REJECTIONS = ("a_wrong", "b_wrong", "not_digit_scored")
+N_DIGITS = 10  # candidate slots 0..9: the ten digit tokens
+N_ANSWER_SLOTS = 2  # slots 10, 11 (families with other answers): A's and B's first differing token
+MODEL_REJECTIONS = ("a_wrong", "b_wrong", "answer_is_prefix")
+REJECTIONS = (
+    "token_length",
+    "equal_answers",
+    *MODEL_REJECTIONS,
+    "no_valid_change",
+)
+"""Every reason the stored ``rejections`` count (besides ``changes_drawn``): ``token_length``
+and ``equal_answers`` count redrawn changes inside candidate generation, the others whole
+candidates."""
 
 FEATURES = Features(
     {
@@ -78,8 +117,9 @@ FEATURES = Features(
     }
 )
 """``tokens`` are the target (B) prompt's token strings, ``tokens_a`` the source's (they differ
-at ``diff_positions``). ``answer_index_a/b`` index ``candidate_ids`` (the digit of the answers'
-first differing token)."""
+at ``diff_positions``). ``candidate_ids`` has ``n_candidates(family)`` entries on every row (see
+the module docstring); ``answer_index_a/b`` index the first slot holding each answer's first
+differing token (its first token when the answers are equal)."""
 
 
 class PairsStageError(SeqpatchError):
@@ -117,6 +157,10 @@ class PairsConfig:
             )
 
 
+CONFIG = PairsConfig
+PARENTS = (ParentSpec("benchmark", optional=True),)
+
+
 def parse_divergence_indices(text: str, seq_len: int) -> tuple[int, ...]:
     """``all``, ``3`` or ``0,2,5`` → indices (validated by ``PairsConfig``)."""
     if text.strip() == "all":
@@ -136,11 +180,6 @@ def family_for(cfg: PairsConfig) -> Family:
 
         fam = family_from_params(cfg.family, cfg.family_params)
     return fam
-
-
-def _fingerprint(*parts: Any) -> str:
-    payload = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _generate(batch: dict[str, list], cfg: PairsConfig, handle: ModelHandle) -> dict[str, list]:
@@ -177,17 +216,30 @@ def _generate(batch: dict[str, list], cfg: PairsConfig, handle: ModelHandle) -> 
     return out
 
 
-def _digit_ids(handle: ModelHandle, prompt: str) -> list[int]:
-    return [ids[0] for ids in handle.answer_token_ids(range(10), prompt=prompt)]
+def n_candidates(fam: Family) -> int:
+    """Candidate slots per row: the ten digits, plus A's and B's answer tokens unless every
+    answer of ``fam`` is one digit."""
+    return N_DIGITS if fam.one_digit_answers else N_DIGITS + N_ANSWER_SLOTS
+
+
+def _digit_ids(handle: ModelHandle, prompt: str, prefix: int) -> list[int]:
+    """The ten digit tokens as predicted at the scored position (see the module docstring)."""
+    if prefix == 0:
+        return [ids[0] for ids in handle.answer_token_ids(range(10), prompt=prompt)]
+    return [handle.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
 
 
 def _score(batch: dict[str, list], cfg: PairsConfig, handle: ModelHandle) -> dict[str, list]:
     """Run the model on both programs of each candidate; fill logits and correctness."""
-    import torch
+    from seqpatch.models import teacher_forced
 
     fam = family_for(cfg)
+    answer_slots = n_candidates(fam) > N_DIGITS
     rows: list[dict[str, Any]] = []
-    sequences: list[list[int]] = []
+    prompts: list[list[int]] = []  # two per scored candidate (a, b), as are the three below
+    answers: list[list[int]] = []
+    read: list[list[int]] = []
+    offsets: list[int] = []
     for text_a, text_b, k in zip(
         batch["program_a"], batch["program_b"], batch["divergence_index"], strict=True
     ):
@@ -201,17 +253,26 @@ def _score(batch: dict[str, list], cfg: PairsConfig, handle: ModelHandle) -> dic
         ans_a = handle.answer_token_ids([a.answer], prompt=prompt_a)[0]
         ans_b = handle.answer_token_ids([b.answer], prompt=prompt_b)[0]
         prefix = 0
-        while prefix < min(len(ans_a), len(ans_b)) and ans_a[prefix] == ans_b[prefix]:
-            prefix += 1
-        if prefix == 0:
-            digits = _digit_ids(handle, prompt_b)
-        else:  # the first differing token continues a shared answer prefix: bare digits
-            digits = [handle.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
-        scored_a = ans_a[prefix] if prefix < len(ans_a) else None
-        scored_b = ans_b[prefix] if prefix < len(ans_b) else None
-        if scored_a not in digits or scored_b not in digits or scored_a == scored_b:
-            row["status"] = "not_digit_scored"
-            continue
+        if ans_a != ans_b:  # equal answers are scored on their first token
+            while ans_a[prefix] == ans_b[prefix]:
+                prefix += 1
+                if prefix == min(len(ans_a), len(ans_b)):
+                    row["status"] = "answer_is_prefix"
+                    break
+            if row["status"] != "ok":
+                continue
+        scored_a, scored_b = ans_a[prefix], ans_b[prefix]
+        candidates = _digit_ids(handle, prompt_b, prefix)
+        labels = [str(d) for d in range(10)]
+        if answer_slots:
+            candidates += [scored_a, scored_b]
+            labels += [handle.tokenizer.decode([t]).strip() for t in (scored_a, scored_b)]
+        elif scored_a not in candidates or scored_b not in candidates:
+            raise PairsStageError(
+                f"the {fam.name} family has one-digit answers, but {a.answer} or {b.answer} is "
+                f"not read as a digit token by this tokenizer ({ans_a} vs {ans_b}); use a model "
+                "whose tokenizer has digit tokens"
+            )
         row.update(
             a=a,
             b=b,
@@ -221,21 +282,26 @@ def _score(batch: dict[str, list], cfg: PairsConfig, handle: ModelHandle) -> dic
             input_a=ids_a + ans_a[:prefix],
             input_b=ids_b + ans_b[:prefix],
             prefix=prefix,
-            digits=digits,
-            index_a=digits.index(scored_a),
-            index_b=digits.index(scored_b),
-            seq_a=len(sequences),
+            candidates=candidates,
+            labels=labels,
+            index_a=candidates.index(scored_a),
+            index_b=candidates.index(scored_b),
+            seq_a=len(prompts),
         )
-        sequences += [ids_a + ans_a, ids_b + ans_b]
-        row["n_prompt"] = (len(ids_a), len(ids_b))
-    logits_at, correct = _teacher_forced(handle, sequences, rows) if sequences else ({}, {})
+        prompts += [ids_a, ids_b]
+        answers += [ans_a, ans_b]
+        read += [candidates, candidates]
+        offsets += [prefix, prefix]
+    forced = teacher_forced(handle, prompts, answers, read, offsets) if prompts else None
+    greedy = forced.greedy if forced else []
+    logits = forced.candidate_logits if forced else None  # [len(prompts), n_candidates]
     out: dict[str, list] = {name: [] for name in (*FEATURES, "status")}
     for candidate, row in zip(batch["candidate"], rows, strict=True):
         if row["status"] == "ok":
             s = row["seq_a"]
-            if not correct[s]:
+            if not greedy[s]:
                 row["status"] = "a_wrong"
-            elif not correct[s + 1]:
+            elif not greedy[s + 1]:
                 row["status"] = "b_wrong"
         out["status"].append(row["status"])
         if row["status"] != "ok":
@@ -244,7 +310,6 @@ def _score(batch: dict[str, list], cfg: PairsConfig, handle: ModelHandle) -> dic
             continue
         a, b, k = row["a"], row["b"], row["k"]
         s = row["seq_a"]
-        digits = torch.tensor(row["digits"])
         tokens_b = handle.tokenizer.convert_ids_to_tokens(row["input_b"])
         tokens_a = handle.tokenizer.convert_ids_to_tokens(row["input_a"])
         values = {
@@ -277,73 +342,35 @@ def _score(batch: dict[str, list], cfg: PairsConfig, handle: ModelHandle) -> dic
                 if x != y
             ],
             "answer_prefix_len": row["prefix"],
-            "candidate_ids": row["digits"],
-            "candidate_labels": [str(d) for d in range(10)],
+            "candidate_ids": row["candidates"],
+            "candidate_labels": row["labels"],
             "answer_index_a": row["index_a"],
             "answer_index_b": row["index_b"],
-            "model_logits_a": logits_at[s][digits].numpy(),
-            "model_logits_b": logits_at[s + 1][digits].numpy(),
+            "model_logits_a": logits[s].numpy(),  # type: ignore[index]
+            "model_logits_b": logits[s + 1].numpy(),  # type: ignore[index]
         }
         for name in FEATURES:
             out[name].append(values[name])
     return out
 
 
-def _teacher_forced(
-    handle: ModelHandle, sequences: list[list[int]], rows: list[dict[str, Any]]
-) -> tuple[dict[int, Any], dict[int, bool]]:
-    """For each full sequence (prompt + answer): logits at the scored position and whether the
-    argmax reproduces every answer token (greedy decoding would emit the answer)."""
-    import torch
-
-    n_prompt: dict[int, int] = {}
-    scored: dict[int, int] = {}
-    for row in rows:
-        if "seq_a" in row:
-            s = row["seq_a"]
-            n_prompt[s], n_prompt[s + 1] = row["n_prompt"]
-            scored[s] = n_prompt[s] + row["prefix"] - 1
-            scored[s + 1] = n_prompt[s + 1] + row["prefix"] - 1
-    width = max(len(seq) for seq in sequences)
-    pad = handle.tokenizer.pad_token_id or 0
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, seq in enumerate(sequences):
-        ids[i, width - len(seq) :] = torch.tensor(seq)
-        mask[i, width - len(seq) :] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits = handle.hf_model(
-            input_ids=ids.to(handle.device),
-            attention_mask=mask.to(handle.device),
-            position_ids=position_ids.to(handle.device),
-        ).logits.float()
-    logits_at: dict[int, Any] = {}
-    correct: dict[int, bool] = {}
-    for i, seq in enumerate(sequences):
-        offset = width - len(seq)
-        predicted = logits[i, offset + n_prompt[i] - 1 : offset + len(seq) - 1].argmax(-1).cpu()
-        correct[i] = predicted.tolist() == seq[n_prompt[i] :]
-        logits_at[i] = logits[i, offset + scored[i]].cpu()
-    return logits_at, correct
+def model_specs(cfg: PairsConfig, parents: Mapping[str, StageRef]) -> tuple[str, ...]:
+    return (cfg.model,)
 
 
-def build(
-    parent: Dataset | None, cfg: PairsConfig, handle: ModelHandle, progress: bool = True
-) -> Any:
+def build(inputs: Inputs, cfg: PairsConfig) -> Built:
     """Generate, score and filter candidates until ``cfg.n_pairs`` pairs are accepted.
 
-    Returns a ``Built`` whose ``extra`` holds the rejection counts. Raises ``PairsStageError``
-    when ``n_pairs * max_candidates_factor`` candidates are not enough, naming the reasons.
+    The optional ``benchmark`` parent records which benchmark (and ``seqpatch choose``) the
+    studied model, family and length came from; the rows do not depend on it. Returns a
+    ``Built`` whose ``stats`` hold the rejection counts. Raises ``PairsStageError`` when
+    ``n_pairs * max_candidates_factor`` candidates are not enough, naming the reasons.
     """
     from datasets import Dataset, concatenate_datasets
 
     from seqpatch.progress import progress_bar
-    from seqpatch.store import Built
 
-    if parent is not None:
-        raise PairsStageError("the pairs stage draws its own programs and takes no parent stage")
-    key = _fingerprint(STAGE, SCHEMA_VERSION, asdict(cfg), handle.describe())
+    handle, progress = inputs.model, inputs.progress
     counts = RejectionCounts()
     model_counts = dict.fromkeys(MODEL_REJECTIONS, 0)
     exhausted = 0
@@ -370,7 +397,7 @@ def build(
                 batched=True,
                 batch_size=cfg.batch_size,
                 fn_kwargs={"cfg": cfg, "handle": handle},
-                new_fingerprint=f"{key}-gen-{start}",
+                new_fingerprint=inputs.fingerprint("generate", start),
             )
             scored = drawn.map(
                 _score,
@@ -379,7 +406,7 @@ def build(
                 fn_kwargs={"cfg": cfg, "handle": handle},
                 remove_columns=drawn.column_names,
                 features=Features({**FEATURES, "status": Value("string")}),
-                new_fingerprint=f"{key}-score-{start}",
+                new_fingerprint=inputs.fingerprint("score", start),
             )
             for raw in drawn["counts"]:
                 parsed = json.loads(raw)
@@ -404,80 +431,11 @@ def build(
 
 
 def _rejections(counts: RejectionCounts, model_counts: dict[str, int], exhausted: int) -> dict:
-    """Rejections by reason. ``token_length``/``equal_answers`` count redrawn changes inside
-    candidate generation; ``a_wrong``/``b_wrong``/``not_digit_scored`` count whole candidates."""
+    """Rejections by reason (``REJECTIONS``) and ``changes_drawn``: ``token_length`` and
+    ``equal_answers`` count redrawn changes inside candidate generation, the model's reasons
+    (``MODEL_REJECTIONS``) and ``no_valid_change`` count whole candidates."""
     out = counts.as_dict()
-    out.pop("a_wrong"), out.pop("b_wrong")
     out["changes_drawn"] = out.pop("drawn")
     out.update(model_counts)
     out["no_valid_change"] = exhausted
     return out
-
-
-def resolve_model_spec(model: str, data_dir: Any = None) -> str:
-    """``chosen`` → the model spec in ``<data_dir>/chosen_model.json``; anything else as is."""
-    if model != "chosen":
-        return model
-    from seqpatch.choose import read_chosen
-
-    return read_chosen(data_dir)["model_spec"]
-
-
-def default_family(model: str) -> tuple[str, dict[str, Any]]:
-    """The family (name, non-stock parameters) to draw pairs from for ``model``.
-
-    The organism is asked about the family it was trained on; other models default to
-    ``binding``.
-    """
-    if model != "builtin":
-        return "binding", {}
-    from seqpatch.organism import organism_family, training_record
-
-    fam = organism_family()
-    stock = get_family(fam.name)
-    params = training_record()["family"]["params"]
-    return fam.name, ({} if fam is stock else dict(params))
-
-
-def build_pairs(
-    model: str = "builtin",
-    seq_len: int = 8,
-    divergence: str = "all",
-    n_pairs: int = 2000,
-    seed: int = 0,
-    family: str | None = None,
-    allow_equal_answers: bool = False,
-    data_dir: Any = None,
-    progress: bool = True,
-    handle: ModelHandle | None = None,
-):
-    """Load the model and build (or reuse) the pairs stage; returns the ``StageRef``."""
-    from seqpatch.stages import build_stage
-
-    spec = resolve_model_spec(model, data_dir)
-    if family is None:
-        family, params = default_family(spec)
-    else:
-        params = {}
-    cfg = PairsConfig(
-        model=spec,
-        seq_len=seq_len,
-        n_pairs=n_pairs,
-        divergence_indices=parse_divergence_indices(divergence, seq_len),
-        family=family,
-        seed=seed,
-        allow_equal_answers=allow_equal_answers,
-        family_params=params,
-    )
-    if handle is None:
-        from seqpatch.models import load_model
-
-        handle = load_model(spec)
-    return build_stage(
-        STAGE,
-        cfg,
-        data_dir=data_dir,
-        model=handle.describe(),
-        handle=handle,
-        progress=progress,
-    )

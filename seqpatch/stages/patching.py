@@ -1,12 +1,41 @@
-"""Stage ``patching``: the effect of patching A into B at every (layer, position), per site.
+"""Stage ``patching``: the effect of patching A into B at every cell of a grid, per site.
 
-One row per (pair, site). ``logits[l, t, c]`` are the target's (B's) next-token logits of the
-answer candidates (the ten digits, ``candidate_labels``) at its scored position when cell
-``(l, t)`` of ``site`` carries the source's (A's) activation — computed by the batched sweep
-engine (``seqpatch.interventions.sweep``). ``baseline_logits_a/b`` are the unpatched runs. The
-metric grids ``prob_delta``, ``logit_diff`` and ``normalised`` (``[layers, positions]``, see
-``seqpatch.metrics``) are stored as views of those logits, so another metric never needs a
-rerun. Positions beyond a shorter pair's ``n_tokens`` are NaN.
+The grid's named axes are the config's ``axes`` (``PatchingConfig``), recorded in every row's
+``axes`` column, and every grid column is an array over them:
+
+- ``layer,pos`` (default) — one (layer, position) per cell, ``[layers, positions]``;
+- ``layer,head`` — one head of a head site (``head_z``, ``head_q/k/v``) at every position at
+  once, ``[layers, heads]`` (the row's ``heads`` lists them: k/v sites have the model's k/v
+  heads, NaN beyond them when a query-head site shares the stage);
+- ``layer,head,pos`` — one head at one position, ``[layers, heads, positions]``;
+- ``layer`` — whole-stream patching: every position of the config's ``positions`` set (``all``,
+  or ``from-divergence``: from the pair's first differing token on; the row's ``span``) at
+  once, ``[layers]``.
+
+One row per (pair, site). ``logits[..., c]`` are the target's (B's) next-token logits of the
+answer candidates (the ten digits, ``candidate_labels``) at its scored position when a cell of
+``site`` carries the source's (A's) activation — computed by the batched patching engine
+(``seqpatch.interventions.sweep.patch_grid``). ``lse[...]`` is the log-sum-exp of that run's
+logits over the model's *whole vocabulary* (its log-normaliser, float32, from the same forward),
+so ``logits - lse`` are full-vocabulary log-probabilities. ``baseline_logits_a/b`` and
+``baseline_lse_a/b`` are the unpatched runs. The metric grids (over the axes, see
+``seqpatch.metrics``) are stored as views of those numbers, so another metric never needs a
+rerun:
+
+- ``prob_delta`` — the roadmap's Δ = P(B's answer | patched) − P(B's answer | B), exactly,
+  probabilities over the whole vocabulary;
+- ``prob_delta_candidates`` — the same with a softmax over the candidates only (schema 1's
+  ``prob_delta``);
+- ``logit_diff`` and ``normalised``.
+
+Positions beyond a shorter pair's ``n_tokens`` are NaN.
+
+Heatmap artifacts (``heatmap_artifacts``): one array per metric, named by it —
+``heatmap_<metric>.npy``, ``[sites, divergence indices, (mean, std, count), *grid axes]``
+float64 over pairs (``layer, position`` by default) — and ``heatmap.json``, which names the
+axes, the sites, divergence indices, layers, heads and token labels they share, and maps each
+metric to its file. One file per metric, and
+never a bare ``heatmap.npy``, so that an array read without its index still says what it holds.
 
 The stage is built in shards of ``shard_size`` pairs (``Store.build_sharded``): an interrupted
 build resumes without recomputing finished shards, and ``--shard i/n`` lets ``n`` jobs share the
@@ -17,27 +46,47 @@ are recomputed in the sweep.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from datasets import Array2D, Array3D, Features, List, Value
+from datasets import Array2D, Array3D, Array4D, Features, List, Value
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec
+from seqpatch.store import StageRef
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from datasets import Dataset
 
     from seqpatch.models import ModelHandle
 
 STAGE = "patching"
-SCHEMA_VERSION = 1
-METRICS = ("normalised", "prob_delta", "logit_diff")
-HEATMAP_FILE = "heatmap.npy"
+SCHEMA_VERSION = 4  # 2: full-vocabulary lse; 3: `method` (exact/attribution); 4: named axes
+DEFAULT_AXES = ("layer", "pos")
+STAGE_AXES = (("layer", "pos"), ("layer", "head"), ("layer", "head", "pos"), ("layer",))
+POSITION_SETS = ("all", "from-divergence")
+# The name each engine axis has in heatmap.json and the charts.
+AXIS_NAMES = {"layer": "layer", "head": "head", "pos": "position"}
+METRICS = ("normalised", "prob_delta", "logit_diff", "prob_delta_candidates")
+# What each metric grid measures (heatmap.json repeats it beside the arrays).
+METRIC_MEANINGS = {
+    "normalised": "(LD_patched − LD_B) / (LD_A − LD_B), LD = logit(A's answer) − logit(B's "
+    "answer): 0 = no effect, 1 = B prefers A's answer as much as A does",
+    "prob_delta": "P(B's answer | patched) − P(B's answer | B), probabilities over the whole "
+    "vocabulary (the roadmap's Δ)",
+    "logit_diff": "logit(A's answer) − logit(B's answer) in the patched run",
+    "prob_delta_candidates": "P(B's answer | patched) − P(B's answer | B), softmax over the "
+    "answer candidates only",
+}
+# Exact engine strategies (auto/cached/full: rows record "exact") and attribution patching.
+METHODS = ("auto", "cached", "full", "attribution")
 HEATMAP_INDEX_FILE = "heatmap.json"
+HEATMAP_FILE = "heatmap_normalised.npy"  # the default metric's array, as heatmap_file() names it
 
 
 class PatchingStageError(SeqpatchError):
@@ -46,35 +95,74 @@ class PatchingStageError(SeqpatchError):
 
 @dataclass(frozen=True)
 class PatchingConfig:
-    """Which sweeps to run. ``layers``/``positions`` empty = all of them."""
+    """Which sweeps to run. ``layers`` empty = all of them.
+
+    ``axes`` name the grid (``STAGE_AXES``); ``positions`` is the position set a grid without a
+    ``pos`` axis patches at once (``all`` or ``from-divergence``).
+    """
 
     sites: tuple[str, ...] = ("resid_pre",)
     layers: tuple[int, ...] = ()
     method: str = "auto"  # the engine picks its compute-floor path where the architecture allows
+    # (or "attribution": first-order estimates, see seqpatch.interventions.attribution)
     shard_size: int = 250  # pairs per resumable shard: a lost shard costs seconds, not minutes
-    activations: str | None = None  # version of the activations stage the sources come from
+    axes: tuple[str, ...] = DEFAULT_AXES
+    positions: str = "all"  # only for grids without a pos axis (whole-stream, layer × head)
 
     def __post_init__(self) -> None:
-        from seqpatch.interventions import SWEEP_SITES
+        from seqpatch.interventions import GRID_SITES
+        from seqpatch.interventions.sweep import check_axes
 
         if not self.sites:
             raise PatchingStageError("give at least one site, e.g. --sites resid_pre")
         for site in self.sites:
-            if site not in SWEEP_SITES:
+            if site not in GRID_SITES:
                 raise PatchingStageError(
-                    f"unknown site {site!r}; sweepable sites: {', '.join(SWEEP_SITES)}"
+                    f"unknown site {site!r}; sweepable sites: {', '.join(GRID_SITES)}"
                 )
+        axes = tuple(self.axes)
+        if axes not in STAGE_AXES:
+            choices = " | ".join(",".join(a) for a in STAGE_AXES)
+            raise PatchingStageError(f"unknown axes {','.join(axes)!r}; use one of {choices}")
+        for site in self.sites:
+            check_axes(axes, site)
+        if self.positions not in POSITION_SETS:
+            raise PatchingStageError(
+                f"unknown positions {self.positions!r}; use one of {', '.join(POSITION_SETS)}"
+            )
+        if "pos" in axes and self.positions != "all":
+            raise PatchingStageError(
+                "--positions chooses the set patched at once on grids without a pos axis; "
+                "drop it or use --axes layer (whole-stream) or layer,head"
+            )
+        if self.method == "attribution" and axes != DEFAULT_AXES:
+            raise PatchingStageError("--method attribution estimates layer,pos grids only")
+        object.__setattr__(self, "axes", axes)
+        if self.method not in METHODS:
+            raise PatchingStageError(
+                f"unknown method {self.method!r}; use one of {', '.join(METHODS)}"
+            )
         if self.shard_size < 1:
             raise PatchingStageError(f"shard_size must be >= 1, got {self.shard_size}")
+        if len(set(self.layers)) != len(self.layers):
+            raise PatchingStageError(f"layers lists a layer twice: {list(self.layers)}")
         object.__setattr__(self, "sites", tuple(dict.fromkeys(self.sites)))
 
 
-def features(n_layers: int, n_positions: int, n_candidates: int) -> Features:
-    grid = Array2D(shape=(n_layers, n_positions), dtype="float32")
+CONFIG = PatchingConfig
+PARENTS = (ParentSpec("pairs"), ParentSpec("activations", optional=True))
+
+
+def features(*shape: int) -> Features:
+    """The rows' schema for grids of ``shape[:-1]`` (the axes' sizes) and ``shape[-1]``
+    candidates: ``features(layers, positions, candidates)`` is the default ``layer,pos`` grid."""
+    *sizes, n_candidates = shape
+    grid = _array(tuple(sizes))
     return Features(
         {
             "pair_id": Value("string"),
             "site": Value("string"),
+            "method": Value("string"),
             "divergence_index": Value("int32"),
             "affects_query": Value("bool"),
             "n_tokens": Value("int32"),
@@ -82,6 +170,9 @@ def features(n_layers: int, n_positions: int, n_candidates: int) -> Features:
             "tokens_a": List(Value("string")),
             "diff_positions": List(Value("int32")),
             "layers": List(Value("int32")),
+            "axes": List(Value("string")),
+            "heads": List(Value("int32")),
+            "span": Value("string"),
             "ground_truth_a": Value("int64"),
             "ground_truth_b": Value("int64"),
             "candidate_labels": List(Value("string")),
@@ -89,12 +180,36 @@ def features(n_layers: int, n_positions: int, n_candidates: int) -> Features:
             "answer_index_b": Value("int32"),
             "baseline_logits_a": List(Value("float32")),
             "baseline_logits_b": List(Value("float32")),
-            "logits": Array3D(shape=(n_layers, n_positions, n_candidates), dtype="float32"),
+            "baseline_lse_a": Value("float32"),
+            "baseline_lse_b": Value("float32"),
+            "logits": _array((*sizes, n_candidates)),
+            "lse": grid,
             "prob_delta": grid,
             "logit_diff": grid,
             "normalised": grid,
+            "prob_delta_candidates": grid,
         }
     )
+
+
+def _array(shape: tuple[int, ...]) -> Any:
+    """A float32 array feature of ``shape`` (1-D: a fixed-length list)."""
+    if len(shape) == 1:
+        return List(Value("float32"), length=shape[0])
+    kinds = {2: Array2D, 3: Array3D, 4: Array4D}
+    return kinds[len(shape)](shape=shape, dtype="float32")
+
+
+def grid_shape(cfg: PatchingConfig, handle: ModelHandle, n_layers: int, width: int) -> list[int]:
+    """The stored grid's shape: the size of each axis (heads: the most any site has)."""
+    from seqpatch.interventions.sites import site_heads
+
+    sizes = {
+        "layer": n_layers,
+        "head": max(site_heads(handle, site) or 0 for site in cfg.sites),
+        "pos": width,
+    }
+    return [sizes[axis] for axis in cfg.axes]
 
 
 def _patch(
@@ -108,36 +223,41 @@ def _patch(
     import torch
 
     from seqpatch import metrics
-    from seqpatch.interventions import candidate_logits, sweep
+    from seqpatch.interventions import PatchSpec, candidate_logits, patch_grid
+    from seqpatch.interventions.attribution import attribution_sweep
+    from seqpatch.interventions.sites import site_heads
 
     src = [torch.tensor(ids) for ids in batch["input_ids_a"]]
     tgt = [torch.tensor(ids) for ids in batch["input_ids_b"]]
     cand = torch.tensor(batch["candidate_ids"])
-    base_a = candidate_logits(handle, src, cand).numpy()
-    base_b = candidate_logits(handle, tgt, cand).numpy()
+    base_a, base_lse_a = (x.numpy() for x in candidate_logits(handle, src, cand))
+    base_b, base_lse_b = (x.numpy() for x in candidate_logits(handle, tgt, cand))
     ans_a = np.asarray(batch["answer_index_a"])
     ans_b = np.asarray(batch["answer_index_b"])
-    cached = _cached_sources(activations, batch, cfg.sites, layers)
+    cached = _cached_sources(activations, batch, cfg.sites, layers) if _cacheable(cfg) else {}
+    shape = grid_shape(cfg, handle, len(layers), width)
     out: dict[str, list] = {name: [] for name in features(1, 1, 1)}
     for site in cfg.sites:
-        logits = sweep(
-            handle,
-            src,
-            tgt,
-            site,
-            cand,
-            layers=layers,
-            source_activations=cached.get(site),
-            method=cfg.method,
-        ).numpy()
-        if logits.shape[2] < width:
-            pad = np.full((*logits.shape[:2], width - logits.shape[2], logits.shape[3]), np.nan)
-            logits = np.concatenate([logits, pad.astype(np.float32)], axis=2)
+        if cfg.method == "attribution":  # first-order estimates, one backward per batch
+            readout = attribution_sweep(handle, src, tgt, site, cand, ans_a, ans_b, layers=layers)
+        else:
+            spec = PatchSpec(site, cfg.axes, layers=layers, spans=(cfg.positions,))
+            readout = patch_grid(
+                handle, src, tgt, spec, cand, source_activations=cached.get(site), method=cfg.method
+            ).readout
+        logits, lse = (_pad(x.numpy(), shape) for x in readout)
+        heads = list(range(site_heads(handle, site) or 0)) if "head" in cfg.axes else []
         grids = {
-            "prob_delta": metrics.prob_delta(logits, base_b, ans_b),
+            "lse": lse,
+            "prob_delta": metrics.prob_delta(
+                logits, base_b, ans_b, patched_lse=lse, baseline_lse=base_lse_b
+            ),
             "logit_diff": metrics.logit_diff(logits, ans_a, ans_b),
             "normalised": metrics.normalised(logits, base_b, base_a, ans_a, ans_b),
+            "prob_delta_candidates": metrics.prob_delta_candidates(logits, base_b, ans_b),
         }
+        if cfg.method == "attribution":  # only LD is estimated: no probabilities (NaN lse)
+            grids["prob_delta_candidates"] = np.full_like(lse, np.nan)
         for i in range(len(src)):
             for name in (
                 "pair_id",
@@ -155,13 +275,37 @@ def _patch(
             ):
                 out[name].append(batch[name][i])
             out["site"].append(site)
+            out["method"].append("attribution" if cfg.method == "attribution" else "exact")
             out["layers"].append(layers)
+            out["axes"].append(list(cfg.axes))
+            out["heads"].append(heads)
+            out["span"].append("" if "pos" in cfg.axes else cfg.positions)
             out["baseline_logits_a"].append(base_a[i])
             out["baseline_logits_b"].append(base_b[i])
+            out["baseline_lse_a"].append(float(base_lse_a[i]))
+            out["baseline_lse_b"].append(float(base_lse_b[i]))
             out["logits"].append(logits[i])
             for name, grid in grids.items():
                 out[name].append(np.asarray(grid[i], dtype=np.float32))
     return out
+
+
+def _pad(values: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``values`` ``[n, *grid, (C)]`` NaN-padded to the stored grid ``shape`` (positions beyond a
+    shorter batch, heads beyond a site with fewer)."""
+    grid = values.shape[1 : 1 + len(shape)]
+    if tuple(grid) == tuple(shape):
+        return values
+    padded = np.full((values.shape[0], *shape, *values.shape[1 + len(shape) :]), np.nan)
+    padded[(slice(None), *(slice(0, g) for g in grid))] = values
+    return padded.astype(np.float32)
+
+
+def _cacheable(cfg: PatchingConfig) -> bool:
+    """Whether cached source activations can feed the sweep (residual sites, layer × pos)."""
+    from seqpatch.interventions import SWEEP_SITES
+
+    return cfg.axes == DEFAULT_AXES and all(site in SWEEP_SITES for site in cfg.sites)
 
 
 def _cached_sources(
@@ -195,35 +339,46 @@ def _cached_sources(
     return out
 
 
-def shard_count(n_pairs: int, cfg: PatchingConfig) -> int:
-    return max(1, math.ceil(n_pairs / cfg.shard_size))
+def model_specs(cfg: PatchingConfig, parents: Mapping[str, StageRef]) -> tuple[str, ...]:
+    """The model that built the pairs is the model that is patched."""
+    return (str(parents["pairs"].provenance["config"]["model"]),)
 
 
-def build_shard(
-    index: int,
-    parent: Dataset,
-    cfg: PatchingConfig,
-    handle: ModelHandle,
-    activations: Dataset | None = None,
-    batch_pairs: int = 250,
-) -> Dataset:
+def prepare(inputs: Inputs, cfg: PatchingConfig) -> None:
+    """Reject layers the model lacks and sites the activations parent lacks, before any shard."""
+    from seqpatch.stages.activations import check_layers
+
+    check_layers(cfg.layers, inputs.model.n_layers, PatchingStageError)
+    if inputs.has("activations") and _cacheable(cfg):
+        cached = inputs.parents["activations"].provenance["config"]
+        missing = [site for site in cfg.sites if site not in cached["sites"]]
+        if missing:
+            raise PatchingStageError(
+                f"the activations stage has no {missing[0]!r}; cache it with "
+                f"`seqpatch build activations --sites {missing[0]}` or pass --activations none"
+            )
+        if cached.get("layers"):
+            raise PatchingStageError(
+                "the activations stage caches only some layers; patch from one with every layer "
+                "or pass --activations none"
+            )
+
+
+def n_shards(inputs: Inputs, cfg: PatchingConfig) -> int:
+    return max(1, math.ceil(inputs.rows("pairs").num_rows / cfg.shard_size))
+
+
+def build_shard(inputs: Inputs, cfg: PatchingConfig, index: int, batch_pairs: int = 250) -> Built:
     """Rows of shard ``index``: pairs ``[index * shard_size, (index + 1) * shard_size)``."""
+    parent = inputs.rows("pairs")
+    handle = inputs.model
+    activations = inputs.rows("activations") if inputs.has("activations") else None
     layers = list(cfg.layers) if cfg.layers else list(range(handle.n_layers))
-    bad = [layer for layer in layers if not 0 <= layer < handle.n_layers]
-    if bad:
-        raise PatchingStageError(
-            f"layer {bad[0]} does not exist; the model has layers 0..{handle.n_layers - 1}"
-        )
     width = max(parent["n_tokens"])
     n_candidates = len(parent[0]["candidate_ids"])
     start = index * cfg.shard_size
     rows = parent.select(range(start, min(start + cfg.shard_size, len(parent))))
-    key = json.dumps(
-        [STAGE, SCHEMA_VERSION, asdict(cfg), parent._fingerprint, handle.describe(), index],
-        sort_keys=True,
-        default=str,
-    )
-    return rows.map(
+    patched = rows.map(
         _patch,
         batched=True,
         batch_size=batch_pairs,
@@ -235,23 +390,46 @@ def build_shard(
             "width": width,
             "activations": activations,
         },
-        features=features(len(layers), width, n_candidates),
-        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16],
+        features=features(*grid_shape(cfg, handle, len(layers), width), n_candidates),
+        new_fingerprint=inputs.fingerprint(STAGE, index),
         desc=f"patching shard {index}",
     )
+    return Built(patched)
+
+
+def artifacts(rows: Dataset, cfg: PatchingConfig, inputs: Inputs) -> dict[str, Artifact]:
+    """The heatmap array with its axis file, and the heatmap and trace charts."""
+    from seqpatch import plots
+
+    if grid_axes(rows) != DEFAULT_AXES:
+        return {**heatmap_artifacts(rows), **plots.grid_chart_artifacts(rows)}
+    return {
+        **heatmap_artifacts(rows),
+        **plots.patching_chart_artifacts(rows, inputs.rows("pairs")),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Views of a stored patching dataset: the aggregate heatmap and the frames charts draw
 
 
-def aggregate(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
-    """Mean, std and count over pairs per (site, divergence index, layer, position).
+def grid_axes(dataset: Dataset) -> tuple[str, ...]:
+    """The engine axes of a patching dataset's grids (``layer, pos`` for rows without them)."""
+    if "axes" in dataset.column_names and len(dataset):
+        return tuple(dataset[0]["axes"]) or DEFAULT_AXES
+    return DEFAULT_AXES
 
-    Returns ``{"sites", "divergence_indices", "layers", "labels", "stats"}`` where ``stats`` is
-    ``[sites, divergence_indices, 3 (mean, std, count), layers, positions]`` float64 and
-    ``labels[k]`` are the token labels of the first pair diverging at ``k`` (starred where A
-    and B differ). NaN cells (beyond a pair's length, or undefined normalisation) are skipped.
+
+def aggregate(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
+    """Mean, std and count over pairs per (site, divergence index, grid cell).
+
+    Returns ``{"metric", "axes", "sites", "divergence_indices", "layers", "heads", "span",
+    "labels", "stats"}`` where ``stats`` is ``[sites, divergence_indices, 3 (mean, std, count),
+    *grid]`` float64 (``grid``: ``layers, positions`` by default, the sizes of ``axes``),
+    ``heads`` the head axis's values (empty without one), ``span`` the position set of a grid
+    without a position axis, and ``labels[k]`` the token labels of the first pair diverging at
+    ``k`` (starred where A and B differ). NaN cells (beyond a pair's length, a k/v site's
+    missing heads, or undefined normalisation) are skipped.
     """
     if metric not in METRICS:
         raise PatchingStageError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -261,8 +439,7 @@ def aggregate(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
     site_col = np.asarray(dataset["site"])
     k_col = np.asarray(dataset["divergence_index"])
     values = np.asarray(cols[metric], dtype=np.float64)
-    _, n_layers, n_pos = values.shape
-    stats = np.full((len(sites), len(ks), 3, n_layers, n_pos), np.nan)
+    stats = np.full((len(sites), len(ks), 3, *values.shape[1:]), np.nan)
     for si, site in enumerate(sites):
         for ki, k in enumerate(ks):
             chunk = values[(site_col == site) & (k_col == k)]
@@ -281,11 +458,16 @@ def aggregate(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
         row = dataset[i]
         diff = set(row["diff_positions"])
         labels[k] = [tok + ("*" if t in diff else "") for t, tok in enumerate(row["tokens"])]
+    axes = grid_axes(dataset)
+    heads = max((row for row in dataset["heads"]), key=len) if "head" in axes else []
     return {
         "metric": metric,
+        "axes": axes,
         "sites": sites,
         "divergence_indices": ks,
         "layers": list(dataset[0]["layers"]),
+        "heads": list(heads),
+        "span": dataset[0]["span"] if "span" in dataset.column_names else "",
         "labels": labels,
         "stats": stats,
     }
@@ -306,9 +488,14 @@ class _quiet:
 
 
 def effect_cells(agg: dict[str, Any]) -> Any:
-    """The aggregate as a tidy polars frame for ``charts.heatmap_chart``."""
+    """The aggregate as a tidy polars frame: ``site, divergence_index``, one column per axis
+    (``layer``, ``head``, ``position`` with its ``label``) and ``mean, std, count``; cells no
+    pair covers are left out. The default grid's frame is what ``charts.heatmap_chart`` draws."""
     import polars as pl
 
+    axes = tuple(agg.get("axes", DEFAULT_AXES))
+    if axes != DEFAULT_AXES:
+        return pl.DataFrame(_axis_cells(agg, axes))
     rows = []
     for si, site in enumerate(agg["sites"]):
         for ki, k in enumerate(agg["divergence_indices"]):
@@ -332,14 +519,48 @@ def effect_cells(agg: dict[str, Any]) -> Any:
     return pl.DataFrame(rows)
 
 
+def _axis_cells(agg: dict[str, Any], axes: tuple[str, ...]) -> list[dict[str, Any]]:
+    values = {"layer": agg["layers"], "head": agg.get("heads", []), "pos": None}
+    rows = []
+    for si, site in enumerate(agg["sites"]):
+        for ki, k in enumerate(agg["divergence_indices"]):
+            block = agg["stats"][si, ki]
+            for cell in np.ndindex(*block.shape[1:]):
+                mean, std, count = block[(slice(None), *cell)]
+                if not count > 0:
+                    continue
+                row: dict[str, Any] = {"site": site, "divergence_index": k}
+                for axis, i in zip(axes, cell, strict=True):
+                    if axis == "pos":
+                        row["position"] = i
+                        labels = agg["labels"][k]
+                        row["label"] = labels[i] if i < len(labels) else ""
+                    else:
+                        row[axis] = int(values[axis][i])
+                row.update(mean=float(mean), std=float(std), count=int(count))
+                rows.append(row)
+    return rows
+
+
 def example_frame(dataset: Dataset, metric: str, pair_id: str | None = None) -> tuple[Any, dict]:
-    """One pair's grid of ``metric`` for every site, tidy (``charts.trace_chart``), and the row."""
+    """One pair's grid of ``metric`` for every site, tidy (``charts.trace_chart``), and the row.
+
+    Only for ``layer,pos`` grids (a trace is effect by layer per token)."""
     import polars as pl
 
+    if grid_axes(dataset) != DEFAULT_AXES:
+        raise PatchingStageError(
+            f"traces are drawn from layer,pos grids; this stage's axes are "
+            f"{','.join(grid_axes(dataset))} (draw its heatmap instead)"
+        )
     ids = dataset["pair_id"]
     target = pair_id if pair_id is not None else ids[0]
     if target not in ids:
-        raise PatchingStageError(f"no pair {target!r} in this patching stage")
+        known = list(dict.fromkeys(ids))
+        more = f" and {len(known) - 5} more" if len(known) > 5 else ""
+        raise PatchingStageError(
+            f"no pair {target!r} in this patching stage; its pairs: {', '.join(known[:5])}{more}"
+        )
     rows = []
     first = None
     for i, pid in enumerate(ids):
@@ -362,21 +583,60 @@ def example_frame(dataset: Dataset, metric: str, pair_id: str | None = None) -> 
     return pl.DataFrame(rows), first
 
 
-def write_heatmap(folder: Any, dataset: Dataset, metric: str = "normalised") -> list[Any]:
-    """Save the aggregate beside the stage: ``heatmap.npy`` (stats) + ``heatmap.json`` (axes)."""
+def heatmap_file(metric: str) -> str:
+    """The file holding ``metric``'s aggregate: ``heatmap_<metric>.npy``."""
+    return f"heatmap_{metric}.npy"
+
+
+def heatmap_artifacts(dataset: Dataset, metrics: Sequence[str] = METRICS) -> dict[str, bytes | str]:
+    """The aggregate of each metric as ``heatmap_<metric>.npy`` and their index ``heatmap.json``.
+
+    Each array is ``aggregate(dataset, metric)["stats"]``; the index names the axes and their
+    values (shared by every array), maps each metric to its file and says what it measures.
+    """
+    import io
+
+    files: dict[str, bytes | str] = {}
+    index: dict[str, Any] = {}
+    for metric in metrics:
+        agg = aggregate(dataset, metric)
+        buffer = io.BytesIO()
+        np.save(buffer, agg["stats"], allow_pickle=False)
+        files[heatmap_file(metric)] = buffer.getvalue()
+        index = index or {
+            "axes": [
+                "site",
+                "divergence_index",
+                "statistic",
+                *(AXIS_NAMES[axis] for axis in agg["axes"]),
+            ],
+            "statistic": ["mean", "std", "count"],
+            "sites": agg["sites"],
+            "divergence_indices": agg["divergence_indices"],
+            "layers": agg["layers"],
+            **({"heads": agg["heads"]} if "head" in agg["axes"] else {}),
+            **({"positions": agg["span"]} if "pos" not in agg["axes"] else {}),
+            "labels": {str(k): v for k, v in agg["labels"].items()},
+        }
+    index["metrics"] = {
+        metric: {"file": heatmap_file(metric), "meaning": METRIC_MEANINGS[metric]}
+        for metric in metrics
+    }
+    files[HEATMAP_INDEX_FILE] = json.dumps(index, indent=2, ensure_ascii=False) + "\n"
+    return files
+
+
+def write_heatmap(folder: Any, dataset: Dataset, metrics: Sequence[str] = METRICS) -> list[Any]:
+    """Write ``heatmap_artifacts`` into ``folder``; returns the paths written."""
     from pathlib import Path
 
-    agg = aggregate(dataset, metric)
     folder = Path(folder)
-    np.save(folder / HEATMAP_FILE, agg["stats"])
-    index = {
-        "metric": metric,
-        "axes": ["site", "divergence_index", "statistic", "layer", "position"],
-        "statistic": ["mean", "std", "count"],
-        "sites": agg["sites"],
-        "divergence_indices": agg["divergence_indices"],
-        "layers": agg["layers"],
-        "labels": {str(k): v for k, v in agg["labels"].items()},
-    }
-    (folder / HEATMAP_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return [folder / HEATMAP_FILE, folder / HEATMAP_INDEX_FILE]
+    written = []
+    for name, content in heatmap_artifacts(dataset, metrics).items():
+        path = folder / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+        written.append(path)
+    return written

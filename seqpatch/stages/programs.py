@@ -3,23 +3,20 @@
 One row per sampled program: ``n_per_len`` programs for each length in ``seq_lens``, all of one
 family. Row ``(seq_len, index)`` is drawn from its own RNG (``program_rng(seed, family, seq_len,
 index)``), so any row can be regenerated alone and adding lengths never changes existing rows.
-The dataset fingerprint is derived from the config and ``SCHEMA_VERSION``: the same config gives
-the same fingerprint on any machine.
+The dataset fingerprint is derived from the version (config and ``SCHEMA_VERSION``): the same
+config gives the same fingerprint on any machine.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from datasets import Features, List, Value
 
 from seqpatch.programs import ProgramError, get_family, make_sequence, program_rng
-
-if TYPE_CHECKING:
-    from datasets import Dataset
+from seqpatch.stages.base import Built, Inputs
 
 STAGE = "programs"
 SCHEMA_VERSION = 1
@@ -74,6 +71,10 @@ class ProgramsConfig:
         object.__setattr__(self, "seq_lens", tuple(sorted(lens)))
 
 
+CONFIG = ProgramsConfig
+PARENTS = ()
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -109,12 +110,6 @@ def program_id(family: str, seq_len: int, index: int) -> str:
     return f"{family}-L{seq_len}-{index:05d}"
 
 
-def fingerprint(cfg: ProgramsConfig) -> str:
-    """The dataset fingerprint of ``build(None, cfg)``: a function of config and schema only."""
-    key = f"{STAGE}|{SCHEMA_VERSION}|{cfg.family}|{cfg.seq_lens}|{cfg.n_per_len}|{cfg.seed}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
 def _rows(batch: dict[str, list], cfg: ProgramsConfig) -> dict[str, list]:
     out: dict[str, list] = {name: [] for name in FEATURES}
     for seq_len, index in zip(batch["seq_len"], batch["index"], strict=True):
@@ -131,23 +126,22 @@ def _rows(batch: dict[str, list], cfg: ProgramsConfig) -> dict[str, list]:
     return out
 
 
-def build(parent: Dataset | None, cfg: ProgramsConfig) -> Dataset:
-    """Sample the programs of ``cfg`` (``parent`` must be ``None``: this is the first stage)."""
+def build(inputs: Inputs, cfg: ProgramsConfig) -> Built:
+    """Sample the programs of ``cfg`` (the first stage: no parent, no model)."""
     from datasets import Dataset
 
-    if parent is not None:
-        raise ProgramError("the programs stage is the first stage and takes no parent")
     keys = Dataset.from_dict(
         {
             "seq_len": [n for n in cfg.seq_lens for _ in range(cfg.n_per_len)],
             "index": [i for _ in cfg.seq_lens for i in range(cfg.n_per_len)],
         }
     )
-    return keys.map(
+    rows = keys.map(
         _rows,
         batched=True,
         fn_kwargs={"cfg": cfg},
         features=FEATURES,
-        new_fingerprint=fingerprint(cfg),
+        new_fingerprint=inputs.fingerprint("programs"),
         desc=f"sampling {cfg.family} programs",
     )
+    return Built(rows)

@@ -1,0 +1,206 @@
+"""The one place that chains stages: parents → version → (reuse | load models, build, commit).
+
+``execute(stage, cfg, parents)`` does for every stage what a stage module must not do itself:
+
+1. resolves the stage's declared parents (``PARENTS``) to stored versions — ``latest`` for a
+   required parent unless told otherwise, an optional parent only when given;
+2. computes the version from the stage's schema version, its config, every parent's version and
+   the identities of the models it runs (``seqpatch.models.identify``: no weights loaded);
+3. returns the stored version if there is one — no model is loaded for a reused stage;
+4. otherwise loads the models once (a shared ``ModelCache``), runs the stage's ``build`` (or its
+   shards, resumably), and has the store write rows, artifacts and provenance (every parent's
+   ``{stage, version, fingerprint}``) in a temporary folder renamed into place.
+
+``datasets`` caching is off while a stage builds, so ``.map`` over a parent's rows never writes
+cache files into the parent's version folder, and a rebuilt version never reuses stale cached
+rows: the store's versions are the only cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from seqpatch.progress import progress_bar, quiet_libraries
+from seqpatch.stages import get_stage
+from seqpatch.stages.base import Inputs, ModelCache, StageError, split_model_spec
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from seqpatch.store import StageRef, Store
+
+
+@contextmanager
+def datasets_caching_off() -> Iterator[None]:
+    """Disable ``datasets``' cache files for the block (maps write to a temporary folder)."""
+    from datasets import fingerprint
+
+    was = fingerprint.is_caching_enabled()
+    fingerprint.disable_caching()
+    try:
+        yield
+    finally:
+        if was:
+            fingerprint.enable_caching()
+
+
+def resolve_parents(
+    module: ModuleType, store: Store, given: Mapping[str, Any]
+) -> dict[str, StageRef]:
+    """The stage's parents as stored versions, in ``PARENTS`` order."""
+    from seqpatch.store import LATEST, StageRef
+
+    declared = {spec.stage: spec for spec in getattr(module, "PARENTS", ())}
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise StageError(
+            f"stage {module.STAGE!r} has no parent {unknown[0]!r}; its parents: "
+            f"{', '.join(declared) or 'none'}"
+        )
+    refs: dict[str, StageRef] = {}
+    for name, spec in declared.items():
+        value = given.get(name, None if spec.optional else LATEST)
+        if value is None:
+            continue
+        refs[name] = value if isinstance(value, StageRef) else store.resolve(name, value)
+    return refs
+
+
+def model_identity(specs: tuple[str, ...], models: ModelCache) -> dict[str, str] | None:
+    """``{"id", "revision"}`` of the models a stage runs (several models: one combined record)."""
+    if not specs:
+        return None
+    records = [_identify(spec, models) for spec in specs]
+    if len(records) == 1:
+        return records[0]
+    from seqpatch.store import canonical_json
+
+    key = canonical_json(
+        [[spec, r["id"], r["revision"]] for spec, r in zip(specs, records, strict=True)]
+    )
+    return {
+        "id": ",".join(r["id"] for r in records),
+        "revision": "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:16],
+    }
+
+
+def _identify(spec: str, models: ModelCache) -> dict[str, str]:
+    from seqpatch.store import model_record
+
+    name, _ = split_model_spec(spec)
+    if spec in models or models.remote:
+        return model_record(models.get(spec))
+    from seqpatch import models as model_api
+
+    identify = getattr(model_api, "identify", None)
+    if identify is None:  # no cheap identity for this kind of model: load it (kept in the cache)
+        return model_record(models.get(spec))
+    return model_record(identify(name))
+
+
+def execute(
+    stage: str,
+    cfg: Any,
+    parents: Mapping[str, Any] | None = None,
+    *,
+    store: Store | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    models: ModelCache | None = None,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+    executor: str | Any = "local",
+    ray_address: str | None = None,
+) -> StageRef | None:
+    """Build stage ``stage`` from ``cfg`` (or find it stored) and return its ``StageRef``.
+
+    ``parents`` maps parent stage names to a ``StageRef``, a version (prefix or ``latest``) or
+    ``None`` (leave an optional parent out). ``models`` shares loaded models between calls.
+    ``shard=(i, n)`` builds only shards ``i, i+n, …`` of a sharded stage and returns ``None``
+    until every shard exists (then a call without ``shard`` commits the version).
+    ``executor="ray"`` computes a sharded stage's missing shards on Ray (``ray_address``: an
+    existing cluster) before this process commits them (``seqpatch.ray_executor``); an object
+    with that ``run`` method (a configured ``RayExecutor``) may be passed instead.
+    """
+    from seqpatch.store import Store
+
+    module = get_stage(stage)
+    store = store if store is not None else Store(data_dir)
+    models = models if models is not None else ModelCache()
+    refs = resolve_parents(module, store, parents or {})
+    specs_fn = getattr(module, "model_specs", None)
+    specs = tuple(specs_fn(cfg, refs)) if specs_fn is not None else ()
+    model = model_identity(specs, models)
+    version = store.version_for(stage, module.SCHEMA_VERSION, cfg, refs.values(), model)
+    found = store.find(stage, version)
+    if found is not None:
+        return dataclasses.replace(found, reused=True)
+    inputs = Inputs(refs, models, specs, progress, version)
+    prepare = getattr(module, "prepare", None)
+    artifacts = getattr(module, "artifacts", None)
+    common = {
+        "parents": list(refs.values()),
+        "model": model,
+        "finish": lambda rows: artifacts(rows, cfg, inputs) if artifacts is not None else {},
+        "runtime": _runtime,
+    }
+    with datasets_caching_off(), quiet_libraries():
+        if hasattr(module, "build_shard"):
+            n_shards = module.n_shards(inputs, cfg)
+            only = None if shard is None else range(shard[0], n_shards, shard[1])
+            total = n_shards if only is None else len(only)
+            remote = _shard_executor(executor, ray_address)
+            if remote is not None:
+                remote.run(store, module, cfg, inputs, n_shards, only, progress)
+            local_bar = progress and remote is None
+            with progress_bar(total, f"{stage} (shards)", enabled=local_bar) as bar:
+
+                def build_shard(index: int) -> Any:
+                    built = module.build_shard(inputs, cfg, index)
+                    bar.update()
+                    return built
+
+                return store.build_sharded(
+                    stage,
+                    module.SCHEMA_VERSION,
+                    cfg,
+                    n_shards,
+                    build_shard,
+                    only_shards=only,
+                    before=None if prepare is None else lambda: prepare(inputs, cfg),
+                    **common,
+                )
+        if shard is not None:
+            raise StageError(f"stage {stage!r} is not built in shards; drop --shard")
+        if executor != "local":
+            raise StageError(f"stage {stage!r} is not built in shards; drop --executor")
+
+        if prepare is not None:
+            prepare(inputs, cfg)  # before the store creates anything
+        return store.get_or_build(
+            stage, module.SCHEMA_VERSION, cfg, lambda: module.build(inputs, cfg), **common
+        )
+
+
+def _shard_executor(executor: str | Any, ray_address: str | None) -> Any:
+    """``None`` for in-process shards, else the object whose ``run`` computes them elsewhere."""
+    if executor == "local":
+        return None
+    if executor == "ray":
+        from seqpatch.ray_executor import RayExecutor
+
+        return RayExecutor(address=ray_address)
+    if isinstance(executor, str):
+        raise StageError(f"unknown executor {executor!r}; use local or ray")
+    return executor
+
+
+def _runtime() -> dict[str, Any]:
+    """How the build ran, for provenance (not part of the version: results do not depend on it)."""
+    import torch
+
+    return {"torch_threads": torch.get_num_threads(), "device_count": torch.cuda.device_count()}

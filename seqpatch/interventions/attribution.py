@@ -1,0 +1,411 @@
+"""Attribution patching (AtP): a first-order estimate of every patched cell from one backward.
+
+Conventions are the sweep engine's (``seqpatch.interventions.sweep``): the *source* (program A)
+donates activations, the *target* (program B) is patched and scored, cell ``(l, t)`` of a site is
+the site tensor of layer ``l`` at position ``t``.
+
+**The metric differentiated** is the logit difference at the target's scored (last) position,
+
+    LD = logit(A's answer) − logit(B's answer),
+
+the same number ``seqpatch.metrics.logit_diff`` reads from stored logits. Attribution patching
+(Nanda 2023, "Attribution patching"; AtP, Kramár et al. 2024) replaces each patched run by its
+first-order Taylor expansion around the target run:
+
+    LD(patched at cell) ≈ LD(target) + Σ_d (a_src − a_tgt)[d] · ∂LD/∂a[d]  (at the target run),
+
+the sum running over the cell's feature dimension ``d`` (the last axis of the site tensor). One
+forward of the sources (their activations), one forward of the targets with a zero ``delta``
+added at every swept layer's site tensor (``x + delta`` keeps the value bit for bit and makes
+``∂LD/∂delta = ∂LD/∂a``), and one backward of ``Σ_pairs LD`` give every cell of every layer of
+the site for a whole batch of pairs. Pairs never interact inside a forward, so the summed
+backward is each pair's own gradient. The model's weights never receive a gradient: their
+``requires_grad`` flags are off during the backward and restored after, as is training mode
+(the model runs in eval mode, so dropout never perturbs the estimate).
+
+**What ``attribution_sweep`` returns**, shaped like the exact sweep so the patching stage stores
+it as its own rows (``method="attribution"``) and compares cell by cell: a ``Readout`` whose
+``logits[..., c]`` are the target's unpatched candidate logits with the estimated change Δ̂ of LD
+split evenly, ``+Δ̂/2`` on answer A's logit and ``−Δ̂/2`` on answer B's. Hence
+
+- ``logit_diff`` (LD_target + Δ̂) and ``normalised`` (Δ̂ / (LD_source − LD_target)) read from
+  those logits are the attribution estimates — the meaningful metrics;
+- the individual candidate logits are *not* estimates (only their difference is), so
+  ``prob_delta`` and ``prob_delta_candidates`` mean nothing for attribution rows: ``lse`` is NaN,
+  which makes ``prob_delta`` NaN, and the stage stores ``prob_delta_candidates`` as NaN too.
+
+Sites: any site ``ModelHandle.module`` knows, with a site tensor of any trailing shape: for
+``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out`` (``[batch, tokens, d_model]``) the result
+is ``[n, L', P', C]``; for a site split by head (``[batch, tokens, heads, d_head]``) each head is
+its own cell and the result is ``[n, L', P', heads, C]`` (``estimates`` returns the Δ̂ grid alone).
+Because the estimate is linear in the patch, patching several cells at once (a whole layer, all
+positions of a head) is estimated by the sum of their cells.
+
+Where it is exact: when LD is linear in the patched activation (say ``resid_post`` of the last
+layer without a final norm) the estimate equals the exact patch. Where it fails: the expansion
+is local, so a patch that moves an attention softmax out of its linear regime (AtP's
+"attention saturation") or a norm far from the target's scale is under- or over-estimated;
+``compare_methods`` measures that against exact rows, and ``docs/benchmarks.md`` reports it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from seqpatch.interventions.sites import (
+    InterventionError,
+    as_id_rows,
+    capture_sites,
+    hooked,
+    resolve_indices,
+)
+from seqpatch.interventions.sweep import Readout
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from seqpatch.models import ModelHandle, Site
+
+METRIC = "logit(A) - logit(B) at the target's last position"
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """The attribution grid and the target baselines it is added to.
+
+    ``delta`` ``[n, L', P', *extra]`` float32: the estimated change of LD per cell (NaN beyond a
+    shorter pair's length; ``extra`` are the site tensor's axes between position and feature,
+    e.g. ``[heads]``). ``clean`` ``[n, C]`` and ``clean_lse`` ``[n]``: the targets' unpatched
+    readout from the same forward.
+    """
+
+    delta: torch.Tensor
+    clean: torch.Tensor
+    clean_lse: torch.Tensor
+
+
+def attribution_sweep(
+    handle: ModelHandle,
+    src_ids: Any,
+    tgt_ids: Any,
+    site: Site,
+    candidate_ids: Sequence[int] | torch.Tensor,
+    answer_a: int | Sequence[int] | torch.Tensor,
+    answer_b: int | Sequence[int] | torch.Tensor,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    *,
+    max_pairs: int = 64,
+) -> Readout:
+    """The attribution estimate of every cell, as a ``Readout`` shaped like ``sweep``'s.
+
+    ``logits`` ``[n, L', P', *extra, C]`` hold the target's candidate logits with Δ̂/2 added to
+    answer A's and subtracted from answer B's (so ``logit_diff`` is the estimate); ``lse`` is
+    NaN (full-vocabulary probabilities are not estimated). Arguments as for ``sweep``;
+    ``answer_a``/``answer_b`` are indices into the candidate axis (an int, or one per pair), as in
+    ``seqpatch.metrics``; ``max_pairs`` bounds the pairs in one forward and backward.
+    """
+    est = estimates(
+        handle,
+        src_ids,
+        tgt_ids,
+        site,
+        candidate_ids,
+        answer_a,
+        answer_b,
+        layers,
+        positions,
+        max_pairs=max_pairs,
+    )
+    n, n_cand = est.clean.shape
+    cells = est.delta.shape[1:]
+    logits = est.clean.reshape(n, *([1] * len(cells)), n_cand).expand(n, *cells, n_cand).clone()
+    half = (est.delta / 2)[..., None]
+    idx_a = _answer_index(answer_a, n, n_cand, "answer_a").reshape(n, *([1] * len(cells)), 1)
+    idx_b = _answer_index(answer_b, n, n_cand, "answer_b").reshape(n, *([1] * len(cells)), 1)
+    logits.scatter_add_(-1, idx_a.expand(n, *cells, 1), half)
+    logits.scatter_add_(-1, idx_b.expand(n, *cells, 1), -half)
+    return Readout(logits, torch.full(logits.shape[:-1], float("nan")))
+
+
+def estimates(
+    handle: ModelHandle,
+    src_ids: Any,
+    tgt_ids: Any,
+    site: Site,
+    candidate_ids: Sequence[int] | torch.Tensor,
+    answer_a: int | Sequence[int] | torch.Tensor,
+    answer_b: int | Sequence[int] | torch.Tensor,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    *,
+    max_pairs: int = 64,
+) -> Estimates:
+    """Δ̂ = (a_src − a_tgt) · ∂LD/∂a per cell, with the targets' clean readout (``Estimates``)."""
+    src_rows, tgt_rows = as_id_rows(src_ids, "src_ids"), as_id_rows(tgt_ids, "tgt_ids")
+    if len(src_rows) != len(tgt_rows):
+        raise InterventionError(f"{len(src_rows)} source rows but {len(tgt_rows)} target rows")
+    for i, (s, t) in enumerate(zip(src_rows, tgt_rows, strict=True)):
+        if s.shape != t.shape:
+            raise InterventionError(
+                f"pair {i}: source has {s.numel()} tokens and target {t.numel()}; a patched cell "
+                "needs the same position in both, so pairs must have equal token lengths"
+            )
+    if handle.remote:
+        raise InterventionError("attribution runs locally; load the model with remote=False")
+    if max_pairs < 1:
+        raise InterventionError(f"max_pairs must be >= 1, got {max_pairs}")
+    handle.module(site, 0)  # an unknown site raises SiteError, naming the known ones
+    n = len(tgt_rows)
+    layer_idx = resolve_indices(layers, handle.n_layers, "layer")
+    cand = _candidates(candidate_ids, n, handle)
+    idx_a = _answer_index(answer_a, n, cand.shape[1], "answer_a")
+    idx_b = _answer_index(answer_b, n, cand.shape[1], "answer_b")
+    max_len = max(row.numel() for row in tgt_rows)
+    n_pos = max_len if positions is None else len(list(positions))
+    clean = torch.empty(n, cand.shape[1])
+    clean_lse = torch.empty(n)
+    delta: torch.Tensor | None = None
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, row in enumerate(tgt_rows):
+        groups[row.numel()].append(i)
+    with _frozen(handle.hf_model):
+        for length, group in groups.items():
+            pos_idx = _positions_for(positions, length)
+            for start in range(0, len(group), max_pairs):
+                members = group[start : start + max_pairs]
+                grid, logits, lse = _batch(
+                    handle,
+                    torch.stack([src_rows[i] for i in members]).to(handle.device),
+                    torch.stack([tgt_rows[i] for i in members]).to(handle.device),
+                    site,
+                    cand[members].to(handle.device),
+                    idx_a[members].to(handle.device),
+                    idx_b[members].to(handle.device),
+                    layer_idx,
+                    pos_idx,
+                )
+                if delta is None:
+                    delta = torch.full((n, len(layer_idx), n_pos, *grid.shape[3:]), float("nan"))
+                delta[members, :, : len(pos_idx)] = grid
+                clean[members], clean_lse[members] = logits, lse
+    assert delta is not None  # at least one pair: as_id_rows rejects none
+    return Estimates(delta, clean, clean_lse)
+
+
+def _batch(
+    handle: ModelHandle,
+    src: torch.Tensor,
+    tgt: torch.Tensor,
+    site: Site,
+    cand: torch.Tensor,
+    idx_a: torch.Tensor,
+    idx_b: torch.Tensor,
+    layers: list[int],
+    positions: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch of equal-length pairs: Δ̂ ``[b, L', P', *extra]`` and the clean readout."""
+    needed = sorted(set(layers))
+    captured, _ = capture_sites(handle, src, [site], needed)
+    deltas: dict[int, torch.Tensor] = {}
+    acts: dict[int, torch.Tensor] = {}
+
+    def add_delta(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            acts[layer] = x.detach()
+            deltas[layer] = torch.zeros_like(x, requires_grad=True)
+            return x + deltas[layer]
+
+        return fn
+
+    with torch.enable_grad(), hooked(handle, {(site, layer): add_delta(layer) for layer in needed}):
+        logits = handle.hf_model(input_ids=tgt, logits_to_keep=1).logits[:, -1]
+        picked = logits.gather(-1, cand)
+        ld = picked.gather(-1, idx_a[:, None]) - picked.gather(-1, idx_b[:, None])
+        grads = torch.autograd.grad(ld.sum(), [deltas[layer] for layer in needed])
+    grad = dict(zip(needed, grads, strict=True))
+    valid = [max(pos, 0) for pos in positions]
+    per_layer = []
+    for layer in layers:
+        diff = captured[(site, layer)].float() - acts[layer].float()
+        cells = (diff * grad[layer].float()).sum(-1)  # [b, T, *extra]
+        per_layer.append(cells[:, valid])
+    grid = torch.stack(per_layer, dim=1).cpu()  # [b, L', P', *extra]
+    grid[:, :, [i for i, pos in enumerate(positions) if pos < 0]] = float("nan")
+    return grid, picked.detach().float().cpu(), logits.detach().float().logsumexp(-1).cpu()
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients for the block; flags and modes restored after."""
+    modes = {m: m.training for m in model.modules()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _positions_for(positions: Sequence[int] | None, length: int) -> list[int]:
+    """Unpadded positions of pairs of length ``length``; ``-1`` marks one beyond the pairs."""
+    if positions is None:
+        return list(range(length))
+    return [int(p) % length if -length <= int(p) < length else -1 for p in positions]
+
+
+def _candidates(
+    candidate_ids: Sequence[int] | torch.Tensor, n_pairs: int, handle: ModelHandle
+) -> torch.Tensor:
+    cand = torch.as_tensor(candidate_ids, dtype=torch.long)
+    if cand.ndim == 1:
+        cand = cand.expand(n_pairs, -1)
+    if cand.ndim != 2 or cand.shape[0] != n_pairs or cand.shape[1] == 0:
+        raise InterventionError(
+            f"candidate_ids must be [n_candidates] or [n_pairs={n_pairs}, n_candidates], got "
+            f"shape {list(cand.shape)}"
+        )
+    vocab = handle.hf_model.config.get_text_config().vocab_size
+    if bool((cand < 0).any() or (cand >= vocab).any()):
+        raise InterventionError(f"candidate_ids must be token ids in [0, {vocab})")
+    return cand
+
+
+def _answer_index(index: Any, n_pairs: int, n_cand: int, what: str) -> torch.Tensor:
+    """An answer's index into the candidate axis, one per pair ``[n]`` (from an int or ``[n]``)."""
+    idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
+    if idx.ndim == 0:
+        idx = idx.expand(n_pairs)
+    if idx.shape != (n_pairs,) or bool((idx < 0).any() or (idx >= n_cand).any()):
+        raise InterventionError(
+            f"{what} must be an index into the {n_cand} candidates, as an int or one per pair "
+            f"({n_pairs}); got {index!r}"
+        )
+    return idx.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Attribution against exact patching, cell by cell
+
+
+def spearman(x: Any, y: Any) -> float:
+    """Spearman's rank correlation of two equal-length samples (ties get their mean rank)."""
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape or x.size < 2:
+        raise ValueError(f"spearman needs two samples of the same size >= 2, got {x.size}, {y.size}")
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = np.sqrt((rx**2).sum() * (ry**2).sum())
+    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    upper = np.cumsum(counts)
+    return (upper - (counts - 1) / 2)[inverse]
+
+
+def top_k_recall(exact: np.ndarray, estimate: np.ndarray, k: int = 20) -> float:
+    """Share of the exact top cells that the estimate also ranks in its top ``k``.
+
+    The exact top cells are the ``k`` of largest ``|exact|`` among the non-zero ones (fewer if
+    fewer move); the estimate's are its ``k`` of largest ``|estimate|``. NaN cells never count;
+    NaN when no exact cell moves.
+    """
+    exact, estimate = np.asarray(exact, np.float64).ravel(), np.asarray(estimate, np.float64).ravel()
+    ok = ~(np.isnan(exact) | np.isnan(estimate))
+    exact, estimate = np.abs(exact[ok]), np.abs(estimate[ok])
+    top_exact = np.argsort(-exact, kind="stable")[: min(k, int((exact > 0).sum()))]
+    if top_exact.size == 0:
+        return float("nan")
+    top_est = np.argsort(-estimate, kind="stable")[:k]
+    return len(set(top_exact.tolist()) & set(top_est.tolist())) / top_exact.size
+
+
+def ld_change(row: Mapping[str, Any]) -> np.ndarray:
+    """A patching row's effect grid: LD(patched) − LD(target), ``[layers, positions]``.
+
+    This is the quantity attribution estimates (Δ̂); for exact rows it is the true change.
+    """
+    base = np.asarray(row["baseline_logits_b"], np.float64)
+    ld_target = base[row["answer_index_a"]] - base[row["answer_index_b"]]
+    return np.asarray(row["logit_diff"], np.float64) - ld_target
+
+
+def compare_methods(
+    exact_rows: Iterable[Mapping[str, Any]],
+    attribution_rows: Iterable[Mapping[str, Any]],
+    k: int = 20,
+    atol: float = 1e-4,
+) -> dict[str, dict[str, float]]:
+    """Per site, how well attribution rows reproduce exact rows of the same pairs.
+
+    Rows are patching-stage rows (a ``Dataset`` or dicts with ``pair_id``, ``site``,
+    ``logit_diff``, ``baseline_logits_b``, ``answer_index_a/b``), matched by (pair, site). The
+    compared value is each cell's change of LD (``ld_change``), with changes below ``atol``
+    logits set to 0: the stored baseline and each method's own clean run are different
+    forwards, so an untouched cell reads as float32 noise (~1e-6) that would otherwise be ranked.
+    Per site:
+
+    - ``spearman`` — rank correlation over every (pair, layer, position) cell;
+    - ``spearman_moved`` — the same over cells that either method moves (|change| ≥ ``atol``);
+      cells before a pair's divergence are 0 in both and inflate the first number;
+    - ``recall_pairs`` — top-``k`` recall of each pair's exact top cells by |effect|, averaged;
+    - ``recall_mean`` — top-``k`` recall on the grid averaged over pairs per divergence index
+      (the stored heatmap's cells: divergence index × layer × position);
+    - ``pairs`` and ``cells`` — how many were compared.
+    """
+    exact = {(r["pair_id"], r["site"]): r for r in exact_rows}
+    result: dict[str, dict[str, float]] = {}
+    by_site: dict[str, list[tuple[np.ndarray, np.ndarray, int]]] = defaultdict(list)
+    for row in attribution_rows:
+        key = (row["pair_id"], row["site"])
+        if key not in exact:
+            raise InterventionError(
+                f"pair {key[0]} site {key[1]} has attribution rows but no exact rows: compare "
+                "stages built from the same pairs and sites"
+            )
+        by_site[row["site"]].append(
+            (ld_change(exact[key]), ld_change(row), int(row["divergence_index"]))
+        )
+    for site, grids in by_site.items():
+        ex = np.stack([g[0] for g in grids])
+        at = np.stack([g[1] for g in grids])
+        with np.errstate(invalid="ignore"):
+            ex = np.where(np.abs(ex) < atol, 0.0, ex)
+            at = np.where(np.abs(at) < atol, 0.0, at)
+        ok = ~(np.isnan(ex) | np.isnan(at))
+        moved = ok & ((ex != 0) | (at != 0))
+        means_ex, means_at = [], []
+        ks = np.asarray([g[2] for g in grids])
+        for div in sorted(set(ks.tolist())):
+            with np.errstate(invalid="ignore"):
+                means_ex.append(_nanmean(ex[ks == div]))
+                means_at.append(_nanmean(at[ks == div]))
+        result[site] = {
+            "spearman": spearman(ex[ok], at[ok]),
+            "spearman_moved": spearman(ex[moved], at[moved]) if moved.sum() > 1 else float("nan"),
+            "recall_pairs": float(np.nanmean([top_k_recall(e, a, k) for e, a in zip(ex, at)])),
+            "recall_mean": top_k_recall(np.stack(means_ex), np.stack(means_at), k),
+            "pairs": float(len(grids)),
+            "cells": float(ok.sum()),
+        }
+    return result
+
+
+def _nanmean(x: np.ndarray) -> np.ndarray:
+    count = (~np.isnan(x)).sum(0)
+    total = np.nansum(x, 0)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)

@@ -1,0 +1,357 @@
+"""Distributed alignment search (DAS): find the subspace of one activation that carries a variable.
+
+Geiger, Wu, Icard, Potts, Goodman (2024), "Finding Alignments Between Interpretable Causal
+Variables and Distributed Neural Representations"; Wu et al. (2023), "Interpretability at Scale".
+
+Conventions (those of ``sweep``): the *source* (program A) donates, the *target* (program B) is
+run and scored. At one cell ``(site, layer, position)`` an interchange intervention with an
+orthonormal basis ``W`` (``[k, d]``, orthonormal rows) replaces the target's activation ``b``
+with ``b + (s - b) Wᵀ W``: the component of ``b`` inside ``span(W)`` becomes the source's, the
+rest stays the target's. Any complete basis (``k = d``) gives the full-vector patch.
+
+The causal variable is the value the program's answer holds, so the intervention's
+counterfactual label is the *source's* answer (``answer_index_a`` among the candidates).
+Interchange-intervention accuracy (IIA) is the fraction of pairs whose argmax over the candidate
+logits after the intervention equals that label.
+
+Training (``train_bases``): ``W`` is the orthogonal parametrization
+(``torch.nn.utils.parametrizations.orthogonal``) of a ``[d, k]`` matrix (orthonormal columns,
+stored transposed), initialised from a seeded Gaussian; the loss is the cross-entropy of the
+candidate logits toward the label; Adam; the model is frozen (no weight receives a gradient).
+Each basis keeps its epoch with the best validation IIA (ties: lower validation loss). Several
+bases (different ``k``, or different labels — the shuffled-label control) train together, one
+batched forward per step, each with its own parameters and optimizer state, so joint training
+equals separate training on the same batches.
+
+What DAS trains against is an ``Interchange``: the base and source activations of ``n`` pairs
+at one cell, and a differentiable map from a value written into that cell to the target's
+candidate logits. ``SiteInterchange`` is that map for a loaded model (it restarts at the cell's
+layer and position from the target's clean run, as the sweep's compute-floor path does); tests
+pass small synthetic ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import nn
+
+from seqpatch.interventions._layers import LayerRunner, PrefixCache, supports_layer_runner
+from seqpatch.interventions.sites import (
+    SWEEP_SITES,
+    InterventionError,
+    capture_sites,
+    check_sites,
+    hooked,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from seqpatch.models import ModelHandle, Site
+
+
+class Interchange(Protocol):
+    """One cell of ``n`` pairs: what DAS swaps and how the target responds.
+
+    ``base`` and ``source`` are ``[n, d]`` (the target's and the source's activation at the
+    cell); ``logits(rows, value)`` is the target's candidate logits ``[m, C]`` for pairs
+    ``rows`` (``[m]`` indices) when the cell holds ``value`` (``[m, d]``), differentiable in
+    ``value``.
+    """
+
+    base: torch.Tensor
+    source: torch.Tensor
+
+    def logits(self, rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor: ...
+
+
+def swap(base: torch.Tensor, source: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``base + (source - base) Wᵀ W``: the span of ``basis`` (``[k, d]``) taken from ``source``."""
+    return base + ((source - base) @ basis.T) @ basis
+
+
+def random_basis(d: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random orthonormal basis ``[k, d]`` (QR of a Gaussian, signs fixed)."""
+    gauss = torch.randn(d, k, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    q = q * torch.sign(torch.diagonal(r))[None]
+    return q.T.float().contiguous()
+
+
+def full_basis(d: int) -> torch.Tensor:
+    """The identity ``[d, d]``: swapping its span is the full-vector patch."""
+    return torch.eye(d)
+
+
+@torch.no_grad()
+def predictions(
+    model: Interchange, basis: torch.Tensor, rows: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """Argmax candidate ``[m]`` of each pair in ``rows`` after the interchange with ``basis``."""
+    out = []
+    basis = basis.to(model.base)
+    for chunk in rows.split(batch_size):
+        value = swap(model.base[chunk], model.source[chunk], basis)
+        out.append(model.logits(chunk, value).argmax(-1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def interchange_accuracy(
+    model: Interchange,
+    basis: torch.Tensor,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 256,
+) -> float:
+    """IIA: the fraction of ``rows`` whose prediction after the interchange equals ``labels[rows]``."""
+    if rows.numel() == 0:
+        return math.nan
+    predicted = predictions(model, basis, rows, batch_size)
+    return float((predicted == labels[rows].cpu()).float().mean())
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How each basis is trained (defaults measured on the organism: see ``docs/das.md``)."""
+
+    epochs: int = 20
+    lr: float = 1e-2  # Adam; d ≤ a few hundred converges in a few hundred steps
+    batch_size: int = 16  # pairs per step (each basis sees the same batches)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BasisSpec:
+    """One basis to train: its dimension, labels ``[n]`` (per pair) and initialisation seed."""
+
+    k: int
+    labels: torch.Tensor
+    seed: int
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A trained basis ``[k, d]`` with its validation IIA and loss at the kept epoch."""
+
+    basis: torch.Tensor
+    val_iia: float
+    val_loss: float
+    best_epoch: int  # 0: the initialisation was never beaten
+    steps: int
+
+
+class _Basis(nn.Module):
+    """``[d, k]`` with orthonormal columns via ``parametrizations.orthogonal``; ``rows()`` is ``[k, d]``."""
+
+    def __init__(self, d: int, k: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.proj = nn.Linear(k, d, bias=False)  # weight [d, k]
+        with torch.no_grad():
+            self.proj.weight.copy_(random_basis(d, k, generator).T)
+        nn.utils.parametrizations.orthogonal(self.proj)
+
+    def rows(self) -> torch.Tensor:
+        return self.proj.weight.T
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` on every parameter of ``module`` for the block (then restore)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def train_bases(
+    model: Interchange,
+    specs: Sequence[BasisSpec],
+    train_rows: torch.Tensor,
+    val_rows: torch.Tensor,
+    cfg: TrainConfig = TrainConfig(),
+) -> list[Trained]:
+    """Train one basis per spec on ``train_rows``, keep each one's best epoch on ``val_rows``.
+
+    Every step runs one forward of ``len(specs) × batch`` rows (each spec's interchange of the
+    same batch). Labels of a spec may be anything per pair (the shuffled control permutes them).
+    """
+    if not specs:
+        return []
+    d = model.base.shape[-1]
+    for spec in specs:
+        if not 1 <= spec.k <= d:
+            raise InterventionError(f"subspace dimension k={spec.k} must be in 1..{d}")
+    bases = [_Basis(d, spec.k, torch.Generator().manual_seed(spec.seed)) for spec in specs]
+    bases = [b.to(model.base.device) for b in bases]
+    optimizers = [torch.optim.Adam(b.parameters(), lr=cfg.lr) for b in bases]
+    order = torch.Generator().manual_seed(cfg.seed)
+    best = [
+        _evaluate(model, b.rows().detach(), spec.labels, val_rows)
+        for b, spec in zip(bases, specs, strict=True)
+    ]
+    kept = [(b.rows().detach().clone(), 0) for b in bases]
+    steps = 0
+    for epoch in range(1, cfg.epochs + 1):
+        perm = train_rows[torch.randperm(len(train_rows), generator=order)]
+        for batch in perm.split(cfg.batch_size):
+            base, source = model.base[batch], model.source[batch]
+            values = torch.cat([swap(base, source, b.rows()) for b in bases])
+            logits = model.logits(batch.repeat(len(bases)), values).float()
+            logits = logits.view(len(bases), len(batch), -1)
+            loss = sum(
+                nn.functional.cross_entropy(logits[j], spec.labels[batch].to(logits.device))
+                for j, spec in enumerate(specs)
+            )
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[union-attr]
+            for opt in optimizers:
+                opt.step()
+            steps += 1
+        for j, (b, spec) in enumerate(zip(bases, specs, strict=True)):
+            score = _evaluate(model, b.rows().detach(), spec.labels, val_rows)
+            if (score[0], -score[1]) > (best[j][0], -best[j][1]):
+                best[j] = score
+                kept[j] = (b.rows().detach().clone(), epoch)
+    return [
+        Trained(basis.cpu(), iia, loss, epoch, steps)
+        for (basis, epoch), (iia, loss) in zip(kept, best, strict=True)
+    ]
+
+
+@torch.no_grad()
+def _evaluate(
+    model: Interchange, basis: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
+) -> tuple[float, float]:
+    """(IIA, mean cross-entropy) of ``basis`` on ``rows`` toward ``labels``."""
+    if rows.numel() == 0:
+        return math.nan, math.nan
+    hits, loss = 0.0, 0.0
+    for chunk in rows.split(256):
+        value = swap(model.base[chunk], model.source[chunk], basis)
+        logits = model.logits(chunk, value).float()
+        target = labels[chunk].to(logits.device)
+        hits += float((logits.argmax(-1) == target).sum())
+        loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+    return hits / len(rows), loss / len(rows)
+
+
+class SiteInterchange:
+    """The ``Interchange`` of one cell ``(site, layer, pos)`` of a loaded model, ``n`` pairs.
+
+    ``src_ids``/``tgt_ids`` are ``[n, T]`` (one token length: positions must mean the same token
+    in every pair); ``candidate_ids`` ``[C]`` or ``[n, C]``. Where ``_layers.LayerRunner``
+    supports the model (Llama-like, eager/sdpa attention), ``logits`` reruns only layers ≥
+    ``layer`` at positions ≥ ``pos`` against the target's clean keys/values — exact, and the
+    only part of the run the intervention can change. Otherwise it runs full forwards with a
+    plain hook. Construct it under ``torch.no_grad`` or not: the clean run never tracks grads.
+    """
+
+    def __init__(
+        self,
+        handle: ModelHandle,
+        site: Site,
+        layer: int,
+        pos: int,
+        src_ids: torch.Tensor,
+        tgt_ids: torch.Tensor,
+        candidate_ids: Sequence[int] | torch.Tensor,
+        method: str = "auto",
+    ) -> None:
+        check_sites([site], SWEEP_SITES)
+        if src_ids.shape != tgt_ids.shape or src_ids.ndim != 2:
+            raise InterventionError(
+                f"src_ids and tgt_ids must be [n, T] of one shape, got {list(src_ids.shape)} "
+                f"and {list(tgt_ids.shape)}"
+            )
+        n, length = tgt_ids.shape
+        if not 0 <= pos < length:
+            raise InterventionError(f"position {pos} is out of range for {length} tokens")
+        if not 0 <= layer < handle.n_layers:
+            raise InterventionError(f"layer {layer} is out of range for {handle.n_layers} layers")
+        self.handle, self.site, self.layer, self.pos = handle, site, layer, pos
+        device = handle.device
+        self.tgt = tgt_ids.to(device)
+        cand = torch.as_tensor(candidate_ids, dtype=torch.long)
+        self.cand = (cand.expand(n, -1) if cand.ndim == 1 else cand).to(device)
+        if method == "auto":
+            method = "cached" if supports_layer_runner(handle) else "full"
+        if method not in ("cached", "full"):
+            raise InterventionError(f"unknown method {method!r}; use 'auto', 'cached' or 'full'")
+        self.method = method
+        with torch.no_grad():
+            captured, _ = capture_sites(
+                handle, torch.cat([src_ids.to(device), self.tgt]), [site], [layer]
+            )
+            acts = captured[(site, layer)][:, pos].float()
+            self.source, self.base = acts[:n].contiguous(), acts[n:].contiguous()
+            if method == "cached":
+                self._clean_run()
+
+    def _clean_run(self) -> None:
+        from seqpatch.interventions.sweep import _collect, _layer0_input
+
+        handle = self.handle
+        self.runner = LayerRunner(handle)
+        first = _layer0_input(handle, self.tgt)
+        resid = [first]
+        cache = PrefixCache(record=True)
+        with hooked(handle, {("resid_post", i): _collect(resid) for i in range(handle.n_layers)}):
+            self.runner.run(first, 0, 0, cache)
+        # resid_post[l] is resid_pre[l + 1]: the run restarts at the next layer's input.
+        self.start_layer = self.layer + 1 if self.site == "resid_post" else self.layer
+        self.hidden = resid[self.start_layer][:, self.pos :]
+        kv = cache.recorded or {}
+        self.prefix = {
+            j: (keys[:, :, : self.pos], values[:, :, : self.pos])
+            for j, (keys, values) in kv.items()
+            if j >= self.start_layer and self.pos > 0
+        }
+
+    def logits(self, rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(self.handle.device)
+        value = value.to(self.handle.dtype)
+        with frozen(self.handle.hf_model):
+            if self.method == "full":
+                return self._full(rows, value)
+            return self._cached(rows, value)
+
+    def _cached(self, rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        handle = self.handle
+        hooks: dict[tuple[Site, int], Callable] = {}
+        hidden = self.hidden[rows]
+        if self.site in ("resid_pre", "resid_post"):
+            hidden = torch.cat([value[:, None], hidden[:, 1:]], dim=1)
+        else:
+            hooks[(self.site, self.layer)] = _setter(0, value)
+        prefix = {j: (k[rows], v[rows]) for j, (k, v) in self.prefix.items()}
+        last_only = not (self.site == "mlp_out" and self.layer == handle.n_layers - 1)
+        with hooked(handle, hooks):
+            final = self.runner.run(
+                hidden, self.start_layer, self.pos, PrefixCache(prefix), last_only
+            )
+        return handle.logits_from_resid(final[:, -1]).gather(-1, self.cand[rows])
+
+    def _full(self, rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        with hooked(self.handle, {(self.site, self.layer): _setter(self.pos, value)}):
+            logits = self.handle.hf_model(input_ids=self.tgt[rows], logits_to_keep=1).logits
+        return logits[:, -1].gather(-1, self.cand[rows])
+
+
+def _setter(pos: int, value: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A site hook writing ``value`` ``[rows, d]`` at position ``pos`` (differentiably)."""
+
+    def put(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :pos], value[:, None].to(x.dtype), x[:, pos + 1 :]], dim=1)
+
+    return put

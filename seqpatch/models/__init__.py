@@ -1,0 +1,58 @@
+"""Load a model once, and name the places ("sites") where its activations are read and patched.
+
+``load_model(spec)`` returns a ``ModelHandle``: the ``transformers`` model (eval mode), the nnsight
+wrapper around that same module, its tokenizer, a prompt format, and an ``ArchitectureAdapter``
+that knows where each architecture keeps its embeddings, decoder layers, attention, MLP, final
+norm and unembedding. ``spec`` is ``"builtin"`` (the shipped organism), a local folder, or a Hub
+id; ``identify(spec)`` gives the identity ``load_model`` would record, without loading weights.
+
+- ``sites`` — site names (``resid_pre`` … ``head``, their meaning) and ``SiteRef``;
+- ``adapters`` — one ``ArchitectureAdapter`` per architecture (supporting one more is one entry);
+- ``handle`` — ``ModelHandle``: modules by site, traces, tokenization of prompts and answers;
+- ``loading`` — ``load_model``, ``load_tokenizer``, ``identify``, Hub and NDIF handling;
+- ``batching`` — left-padded batches and teacher forcing of answers after prompts;
+- ``errors`` — what loading and reading can fail with, each saying what to do.
+"""
+
+from seqpatch.models.adapters import ADAPTERS, ArchitectureAdapter, adapter_for
+from seqpatch.models.batching import TeacherForced, pad_left, teacher_forced
+from seqpatch.models.errors import (
+    AnswerTokenizationError,
+    ModelLoadError,
+    UnsupportedArchitectureError,
+)
+from seqpatch.models.handle import ModelHandle
+from seqpatch.models.loading import (
+    BUILTIN,
+    ORGANISM_ID,
+    identify,
+    load_model,
+    load_tokenizer,
+    require_ndif_key,
+    resolve_device,
+)
+from seqpatch.models.sites import SITES, Site, SiteError, SiteRef
+
+__all__ = [
+    "ADAPTERS",
+    "BUILTIN",
+    "ORGANISM_ID",
+    "SITES",
+    "AnswerTokenizationError",
+    "ArchitectureAdapter",
+    "ModelHandle",
+    "ModelLoadError",
+    "Site",
+    "SiteError",
+    "SiteRef",
+    "TeacherForced",
+    "UnsupportedArchitectureError",
+    "adapter_for",
+    "identify",
+    "load_model",
+    "load_tokenizer",
+    "pad_left",
+    "require_ndif_key",
+    "resolve_device",
+    "teacher_forced",
+]

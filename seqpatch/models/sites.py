@@ -1,0 +1,103 @@
+"""Site names, and ``SiteRef``: where one site of one layer lives in a loaded model.
+
+Sites — one meaning everywhere (``docs/architecture.md``), per prompt at layer ``l``:
+
+=============  ==============================================  ====================================
+site           tensor                                          read at
+=============  ==============================================  ====================================
+``resid_pre``  hidden state entering decoder layer ``l``       input of ``layers[l]``
+``resid_post`` hidden state leaving decoder layer ``l``        output of ``layers[l]``
+``attn_out``   attention module's output, before the residual  ``layers[l].<attn>`` output ``[0]``
+``mlp_out``    MLP module's output, before the residual        output of ``layers[l].<mlp>``
+``head``       per-head attention output, before ``o_proj``    input of ``<attn_o_proj>``, split
+=============  ==============================================  ====================================
+
+``resid_pre`` is read as the *input* of the layer, never as the embedding module's output, so it
+is exactly what the layer receives: Gemma's ``sqrt(d_model)`` embedding scale and GPT-2's
+position embeddings are included. Hence ``resid_post[l] == resid_pre[l + 1]`` exactly. Shapes are
+``[batch, tokens, d_model]``; ``head`` is ``[batch, tokens, n_heads, d_head]`` where ``d_head``
+comes from the config (``n_heads * d_head`` may differ from ``d_model``, as in Gemma and Qwen3).
+
+Caveats, per architecture: GPT-NeoX (``use_parallel_residual``) and Phi run attention and MLP in
+parallel from the same input; Gemma 2 applies a norm to ``attn_out`` and ``mlp_out`` before they
+join the residual and soft-caps its logits (``ModelHandle.logits_from_resid`` does both ends).
+
+Every layer of every supported architecture returns a bare tensor in transformers 5, and every
+attention module a tuple whose first element is its output; ``SiteRef`` hides both facts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from seqpatch.errors import SeqpatchError
+
+Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out", "head"]
+SITES: tuple[Site, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head")
+
+
+class SiteError(SeqpatchError, ValueError):
+    """An unknown site name or a layer index out of range."""
+
+
+@dataclass(frozen=True, eq=False)
+class SiteRef:
+    """Where one site of one layer lives: a module, and whether it is that module's input or output.
+
+    ``get``/``put`` convert between the module's raw input/output and the site tensor (first
+    element of a tuple output; ``head`` split into ``[..., n_heads, d_head]``); ``hook`` registers
+    a plain torch hook that sees, and may replace, the site tensor.
+    """
+
+    site: Site
+    layer: int
+    path: str  # dotted path from the *ForCausalLM root
+    module: nn.Module
+    kind: Literal["input", "output"]
+    n_heads: int | None = None  # set for ``head``: the last dim splits into (n_heads, d_head)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.n_heads is None else x.unflatten(-1, (self.n_heads, -1))
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.n_heads is None else x.flatten(-2)
+
+    def get(self, value: Any) -> torch.Tensor:
+        """The site tensor from the module's first input (``kind="input"``) or its output."""
+        if isinstance(value, tuple):
+            value = value[0]
+        return self._split(value)
+
+    def put(self, value: Any, site_tensor: torch.Tensor) -> Any:
+        """``value`` (first input or output) with the site tensor replaced by ``site_tensor``."""
+        new = self._merge(site_tensor)
+        return (new, *value[1:]) if isinstance(value, tuple) else new
+
+    def hook(self, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Any:
+        """Register ``fn(site_tensor) -> replacement | None`` on the module; returns the handle."""
+        if self.kind == "output":
+
+            def output_hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+                new = fn(self.get(output))
+                return None if new is None else self.put(output, new)
+
+            return self.module.register_forward_hook(output_hook)
+
+        def input_hook(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args:
+                new = fn(self.get(args[0]))
+                return None if new is None else ((self.put(args[0], new), *args[1:]), kwargs)
+            key = next(iter(kwargs))
+            new = fn(self.get(kwargs[key]))
+            return None if new is None else (args, {**kwargs, key: self.put(kwargs[key], new)})
+
+        return self.module.register_forward_pre_hook(input_hook, with_kwargs=True)
+
+    def read(self, envoy: Any) -> torch.Tensor:
+        """Inside an nnsight trace: the site tensor of ``envoy`` (the envoy of ``self.module``)."""
+        return self.get(envoy.input if self.kind == "input" else envoy.output)

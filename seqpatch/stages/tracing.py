@@ -1,0 +1,510 @@
+"""Stage ``tracing``: ROME's causal trace of one program of each pair (Meng et al. 2022, §2.1).
+
+One row per traced program (program B of each pair by default). The program reads its prompt
+(``input_ids`` without any answer prefix); the target is the first token of its correct answer,
+read at the last position over the full vocabulary. The embeddings of the corrupted tokens
+(``corrupt``, below) get Gaussian noise of σ = ν × std(embeddings) in each of ``n_samples``
+draws, each from a recorded seed (``seeds``); then each state is restored in turn
+(``seqpatch.interventions.tracing``): the residual stream entering a layer at one position
+(kind ``resid``), and windows of ``w`` consecutive layers of MLP outputs (``mlp``) and
+attention outputs (``attn``) at one position.
+
+Stored per program: ``clean_prob``, ``corrupted_prob`` (mean over samples) and the per-sample
+``corrupted_probs``; ``restored`` ``[kinds, layers, positions]`` (mean over samples) and
+``indirect_effect = restored − corrupted_prob``. Positions beyond a program's ``n_tokens`` are
+NaN (programs of one stage may differ in length). The artifacts hold the average indirect effect
+(AIE) per kind: by raw position for each divergence index (``aie.npy``), and by token role
+relative to the corrupted tokens as in ROME's Figure 2 (``aie_roles.npy``); ``aie.json``
+describes both arrays' axes.
+
+What ``corrupt`` names (token positions of the traced program's statements, found through the
+tokenizer's character offsets):
+
+- ``changed`` (default) — the whole statement at the pair's divergence index, e.g. ``b=4``:
+  the binding whose value the pair changes;
+- ``diff`` — only the tokens where A and B differ (the value being bound itself);
+- ``chain`` — every statement of the query's reference chain (``dependencies``);
+- ``<i>`` — statement ``i`` (0-based, preamble excluded).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from datasets import Array3D, Features, List, Value
+
+from seqpatch.errors import SeqpatchError
+from seqpatch.interventions.tracing import (
+    KINDS,
+    ROME_NOISE_SCALE,
+    ROME_SAMPLES,
+    Corruption,
+    default_window,
+    embedding_std,
+    noise_seeds,
+    trace,
+)
+from seqpatch.stages.base import Built, ParentSpec
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from seqpatch.models import ModelHandle
+    from seqpatch.programs import Family, Program
+    from seqpatch.stages.base import Artifact, Inputs
+    from seqpatch.store import StageRef
+
+STAGE = "tracing"
+SCHEMA_VERSION = 1
+PARENTS = (ParentSpec("pairs"),)
+AIE_FILE, AIE_ROLES_FILE, AIE_INDEX_FILE = "aie.npy", "aie_roles.npy", "aie.json"
+ROLES = (
+    "before",
+    "first_corrupted",
+    "middle_corrupted",
+    "last_corrupted",
+    "between",
+    "first_after",
+    "further_after",
+    "last",
+)
+"""Token roles relative to the corrupted tokens (ROME Figure 2's, plus ``before`` and
+``between``, which ROME's subject-first prompts rarely have). ``last`` wins over every other."""
+
+
+METHODS = ("auto", "cached", "full")  # the engine's strategies (seqpatch.interventions.tracing)
+
+
+class TracingStageError(SeqpatchError):
+    """Bad tracing config, or a program whose corrupted tokens cannot be found."""
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """ROME's parameters (defaults are the paper's) and which programs and tokens to trace."""
+
+    corrupt: str = "changed"  # changed | diff | chain | <statement index>
+    program: str = "b"  # which program of each pair: "a" (source) or "b" (target)
+    noise_scale: float = ROME_NOISE_SCALE  # ν: σ = ν · std(embeddings); ROME §2.1 uses 3
+    n_samples: int = ROME_SAMPLES  # noise draws per program (ROME: 10)
+    window: int | None = None  # MLP/attn window; None: max(1, round(10·L/48)), ROME's 10 of 48
+    sigma_basis: str = "vocab"  # std over the whole embedding matrix; "corrupted": over the
+    # corrupted tokens of every traced program (ROME's choice; depends on the pairs traced)
+    kinds: tuple[str, ...] = KINDS
+    n_programs: int = 100  # first N pairs (0: all); each costs 3·L·T restorations × samples
+    seed: int = 0
+    shard_size: int = 25  # programs per resumable shard
+    method: str = "auto"
+
+    def __post_init__(self) -> None:
+        corrupt = str(self.corrupt)
+        if corrupt not in ("changed", "diff", "chain") and not corrupt.isdigit():
+            raise TracingStageError(
+                f"unknown corrupt target {corrupt!r}; use changed, diff, chain or a statement "
+                "index such as 0"
+            )
+        object.__setattr__(self, "corrupt", corrupt)
+        if self.program not in ("a", "b"):
+            raise TracingStageError(f"program must be 'a' or 'b', got {self.program!r}")
+        if self.noise_scale <= 0:
+            raise TracingStageError(f"noise_scale must be > 0, got {self.noise_scale}")
+        if self.n_samples < 1:
+            raise TracingStageError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.window is not None and self.window < 1:
+            raise TracingStageError(
+                f"window must be >= 1 (or None for the rule), got {self.window}"
+            )
+        if self.sigma_basis not in ("vocab", "corrupted"):
+            raise TracingStageError(
+                f"sigma_basis must be 'vocab' or 'corrupted', got {self.sigma_basis!r}"
+            )
+        kinds = tuple(dict.fromkeys(self.kinds))
+        if not kinds or any(k not in KINDS for k in kinds):
+            raise TracingStageError(f"kinds must be a non-empty subset of {', '.join(KINDS)}")
+        object.__setattr__(self, "kinds", kinds)
+        if self.n_programs < 0 or self.shard_size < 1:
+            raise TracingStageError("n_programs must be >= 0 and shard_size >= 1")
+        if self.method not in METHODS:
+            raise TracingStageError(
+                f"unknown tracing method {self.method!r}; use one of {', '.join(METHODS)}"
+            )
+
+
+CONFIG = TracingConfig
+
+
+def features(n_kinds: int, n_layers: int, n_positions: int) -> Features:
+    grid = Array3D(shape=(n_kinds, n_layers, n_positions), dtype="float32")
+    return Features(
+        {
+            "pair_id": Value("string"),
+            "program": Value("string"),
+            "divergence_index": Value("int32"),
+            "affects_query": Value("bool"),
+            "n_tokens": Value("int32"),
+            "input_ids": List(Value("int32")),
+            "tokens": List(Value("string")),
+            "corrupt": Value("string"),
+            "corrupted_positions": List(Value("int32")),
+            "target_id": Value("int64"),
+            "target_label": Value("string"),
+            "sigma": Value("float64"),
+            "window": Value("int32"),
+            "kinds": List(Value("string")),
+            "layers": List(Value("int32")),
+            "seeds": List(Value("int64")),
+            "clean_prob": Value("float64"),
+            "corrupted_prob": Value("float64"),
+            "corrupted_probs": List(Value("float64")),
+            "restored": grid,
+            "indirect_effect": grid,
+        }
+    )
+
+
+def model_specs(cfg: TracingConfig, parents: dict[str, StageRef]) -> tuple[str, ...]:
+    """The model the pairs were solved by."""
+    return (str(parents["pairs"].provenance["config"]["model"]),)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which tokens to corrupt
+
+
+def statement_positions(handle: ModelHandle, program: Program, prompt: str) -> list[list[int]]:
+    """Token positions of each statement of ``program`` in ``prompt`` (preamble excluded).
+
+    The program's rendering (``compact`` for the compact format, ``code`` otherwise) is found as
+    the last occurrence in the prompt (few-shot examples come before it); a token belongs to a
+    statement when its character span overlaps the statement's.
+    """
+    from seqpatch.prompts import CompactFormat
+
+    renderer = "compact" if isinstance(handle.prompt_format, CompactFormat) else "code"
+    sep = ";" if renderer == "compact" else "\n"
+    lines = [s.render(renderer) for s in (*program.preamble, *program.statements)]
+    body = sep.join(lines)
+    start = prompt.rfind(body)
+    if start < 0:
+        raise TracingStageError(
+            f"cannot find the program's {renderer} rendering in its prompt; the prompt format "
+            "must contain the program's statements verbatim"
+        )
+    spans = []
+    offset = start
+    for line in lines:
+        spans.append((offset, offset + len(line)))
+        offset += len(line) + len(sep)
+    spans = spans[len(program.preamble) :]
+    enc = handle.tokenizer(prompt, return_offsets_mapping=True)
+    result: list[list[int]] = []
+    for begin, end in spans:
+        result.append(
+            [t for t, (a, b) in enumerate(enc["offset_mapping"]) if a < b and a < end and b > begin]
+        )
+    return result
+
+
+def corrupted_positions(
+    corrupt: str, row: dict[str, Any], program: Program, statements: list[list[int]], side: str
+) -> list[int]:
+    """Positions named by ``corrupt`` (see the module docstring) for one pairs row."""
+    k = int(row["divergence_index"])
+    if corrupt == "changed":
+        chosen = statements[k]
+    elif corrupt == "diff":
+        chosen = list(row["diff_positions"])
+    elif corrupt == "chain":
+        chosen = [t for i in row[f"dependencies_{side}"] for t in statements[i]]
+    else:
+        index = int(corrupt)
+        if index >= program.seq_len:
+            raise TracingStageError(
+                f"statement {index} does not exist: the programs have {program.seq_len} "
+                f"statements (0..{program.seq_len - 1})"
+            )
+        chosen = statements[index]
+    if not chosen:
+        raise TracingStageError(f"pair {row['pair_id']}: no tokens to corrupt for {corrupt!r}")
+    return sorted(set(int(t) for t in chosen))
+
+
+@dataclass(frozen=True)
+class _Program:
+    row: dict[str, Any]
+    ids: list[int]
+    tokens: list[str]
+    target: int
+    positions: list[int]
+
+
+def prepare_program(
+    handle: ModelHandle, cfg: TracingConfig, row: dict[str, Any], family: Family
+) -> _Program:
+    """What one pairs row's traced program needs: prompt ids, target token, corrupted positions."""
+    from seqpatch.programs import Program
+
+    side = cfg.program
+    program = Program.parse(row[f"program_{side}"], family)
+    prompt = row[f"prompt_{side}"]
+    ids = list(row[f"input_ids_{side}"])[: int(row["n_tokens"]) - int(row["answer_prefix_len"])]
+    if list(handle.tokenizer(prompt)["input_ids"]) != ids:
+        raise TracingStageError(
+            f"pair {row['pair_id']}: the model's tokenizer no longer reads the stored prompt as "
+            "the stored input ids; rebuild the pairs stage with this model"
+        )
+    truth = int(row[f"ground_truth_{side}"])
+    target = handle.answer_token_ids([truth], prompt=prompt)[0][0]
+    statements = statement_positions(handle, program, prompt)
+    positions = corrupted_positions(cfg.corrupt, row, program, statements, side)
+    tokens = handle.tokenizer.convert_ids_to_tokens(ids)
+    return _Program(row, ids, tokens, int(target), positions)
+
+
+def pairs_family(pairs_config: Mapping[str, Any]) -> Family:
+    """The family the pairs were drawn from (with its non-stock settings), from their config."""
+    from seqpatch.programs import get_family
+
+    params = pairs_config.get("family_params") or {}
+    if params:
+        from seqpatch.organism.train import family_from_params
+
+        return family_from_params(pairs_config["family"], dict(params))
+    return get_family(pairs_config["family"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def _selected(inputs: Inputs, cfg: TracingConfig) -> Dataset:
+    pairs = inputs.rows("pairs")
+    n = len(pairs) if cfg.n_programs == 0 else min(cfg.n_programs, len(pairs))
+    return pairs.select(range(n))
+
+
+def sigma_for(handle: ModelHandle, cfg: TracingConfig, programs: list[_Program]) -> float:
+    """σ = ν × std: of the whole embedding matrix (``vocab``), or of the corrupted tokens of
+    every traced program (``corrupted``)."""
+    if cfg.sigma_basis == "vocab":
+        return cfg.noise_scale * embedding_std(handle)
+    ids = [p.ids[t] for p in programs for t in p.positions]
+    return cfg.noise_scale * embedding_std(handle, ids)
+
+
+def n_shards(inputs: Inputs, cfg: TracingConfig) -> int:
+    return max(1, -(-len(_selected(inputs, cfg)) // cfg.shard_size))
+
+
+def build_shard(inputs: Inputs, cfg: TracingConfig, index: int) -> Built:
+    """Rows of programs ``[index · shard_size, (index + 1) · shard_size)``."""
+    from datasets import Dataset
+
+    from seqpatch.progress import progress_bar
+
+    handle = inputs.model
+    family = pairs_family(inputs.parents["pairs"].provenance["config"])
+    selected = _selected(inputs, cfg)
+    width = max(selected["n_tokens"]) if len(selected) else 1
+    window = cfg.window if cfg.window is not None else default_window(handle.n_layers)
+    if cfg.sigma_basis == "vocab":
+        sigma = sigma_for(handle, cfg, [])
+    else:  # σ depends on every traced program, so each shard reads them all
+        traced = [prepare_program(handle, cfg, row, family) for row in selected]
+        sigma = sigma_for(handle, cfg, traced)
+    begin = index * cfg.shard_size
+    rows = selected.select(range(begin, min(begin + cfg.shard_size, len(selected))))
+    out: dict[str, list] = {name: [] for name in features(1, 1, 1)}
+    with progress_bar(len(rows), f"tracing shard {index}", enabled=inputs.progress) as bar:
+        for row in rows:
+            prog = prepare_program(handle, cfg, row, family)
+            _append(out, trace_program(handle, cfg, prog, sigma, window, width))
+            bar.update(1)
+    dataset = Dataset.from_dict(out, features=features(len(cfg.kinds), handle.n_layers, width))
+    return Built(dataset, {"sigma": sigma, "window": window, "programs": len(rows)})
+
+
+def build(inputs: Inputs, cfg: TracingConfig) -> Built:
+    """All programs in one go (the executor uses the shards; this is for direct calls)."""
+    from datasets import concatenate_datasets
+
+    shards = [build_shard(inputs, cfg, i) for i in range(n_shards(inputs, cfg))]
+    rows = concatenate_datasets([s.rows for s in shards])
+    return Built(rows, {**shards[0].stats, "programs": len(rows)})
+
+
+def trace_program(
+    handle: ModelHandle,
+    cfg: TracingConfig,
+    prog: _Program,
+    sigma: float,
+    window: int,
+    width: int,
+) -> dict[str, Any]:
+    """One row: the program's causal trace, grids padded with NaN to ``width`` positions."""
+    row = prog.row
+    seeds = noise_seeds(cfg.seed, f"{row['pair_id']}/{cfg.program}", cfg.n_samples)
+    corruption = Corruption(tuple(prog.positions), tuple(seeds), sigma)
+    result = trace(
+        handle,
+        prog.ids,
+        prog.target,
+        corruption,
+        kinds=cfg.kinds,
+        window=window,
+        method=cfg.method,  # type: ignore[arg-type]
+    )
+    grid = np.full((len(cfg.kinds), handle.n_layers, width), np.nan, dtype=np.float32)
+    restored, effect = grid.copy(), grid.copy()
+    restored[:, :, : len(prog.ids)] = result.restored_prob
+    effect[:, :, : len(prog.ids)] = result.indirect_effect
+    return {
+        "pair_id": row["pair_id"],
+        "program": cfg.program,
+        "divergence_index": row["divergence_index"],
+        "affects_query": row["affects_query"],
+        "n_tokens": len(prog.ids),
+        "input_ids": prog.ids,
+        "tokens": prog.tokens,
+        "corrupt": cfg.corrupt,
+        "corrupted_positions": prog.positions,
+        "target_id": prog.target,
+        "target_label": handle.tokenizer.convert_ids_to_tokens([prog.target])[0],
+        "sigma": sigma,
+        "window": window,
+        "kinds": list(cfg.kinds),
+        "layers": result.layers,
+        "seeds": seeds,
+        "clean_prob": result.clean_prob,
+        "corrupted_prob": result.corrupted_prob,
+        "corrupted_probs": result.corrupted_probs.tolist(),
+        "restored": restored,
+        "indirect_effect": effect,
+    }
+
+
+def _append(out: dict[str, list], values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        out[name].append(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries: the average indirect effect
+
+
+def roles(n_tokens: int, corrupted: list[int]) -> list[str]:
+    """The role (``ROLES``) of each position relative to the corrupted tokens."""
+    first, last = min(corrupted), max(corrupted)
+    out = []
+    for t in range(n_tokens):
+        if t == n_tokens - 1:
+            role = "last"
+        elif t < first:
+            role = "before"
+        elif t == first:
+            role = "first_corrupted"
+        elif t == last:
+            role = "last_corrupted"
+        elif t < last:
+            role = "middle_corrupted" if t in corrupted else "between"
+        elif t == last + 1:
+            role = "first_after"
+        else:
+            role = "further_after"
+        out.append(role)
+    return out
+
+
+def aie(rows: Dataset) -> dict[str, Any]:
+    """AIE by divergence index and raw position, and by token role.
+
+    Returns ``by_position`` ``[divergence_indices, kinds, layers, positions]`` (NaN where no
+    program has that position), ``by_role`` ``[kinds, layers, roles]`` (each program's mean over
+    its tokens of a role, then the mean over programs; NaN for a role no program has) and the
+    axes.
+    """
+    data = rows.select_columns(["divergence_index", "indirect_effect"]).with_format("numpy")
+    effect = np.asarray(data["indirect_effect"], dtype=np.float64)  # [programs, K, L, W]
+    ks = sorted(set(rows["divergence_index"]))
+    k_col = np.asarray(rows["divergence_index"])
+    by_position = np.full((len(ks), *effect.shape[1:]), np.nan)
+    with np.errstate(invalid="ignore"), _quiet():
+        for i, k in enumerate(ks):
+            by_position[i] = np.nanmean(effect[k_col == k], axis=0)
+        per_role = np.full((len(rows), *effect.shape[1:3], len(ROLES)), np.nan)
+        for p, (n, positions) in enumerate(
+            zip(rows["n_tokens"], rows["corrupted_positions"], strict=True)
+        ):
+            labels = np.asarray(roles(n, positions))
+            for r, role in enumerate(ROLES):
+                mask = labels == role
+                if mask.any():
+                    per_role[p, :, :, r] = effect[p][:, :, :n][:, :, mask].mean(-1)
+        by_role = np.nanmean(per_role, axis=0)
+    first = rows[0]
+    return {
+        "kinds": list(first["kinds"]),
+        "layers": list(first["layers"]),
+        "divergence_indices": ks,
+        "roles": list(ROLES),
+        "by_position": by_position,
+        "by_role": by_role,
+    }
+
+
+class _quiet:
+    """Silence numpy's all-NaN-slice warnings (those cells stay NaN by design)."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def artifacts(rows: Dataset, cfg: TracingConfig, inputs: Inputs) -> dict[str, Artifact]:
+    """``aie.npy`` (by position), ``aie_roles.npy`` (by role), ``aie.json`` (their axes) and the
+    three-panel causal-trace chart (``causal-trace.html/.png``, ``plots.tracing_chart``)."""
+    import io
+
+    from seqpatch.plots import tracing_chart_artifacts
+
+    summary = aie(rows)
+
+    def npy(array: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    first = rows[0]
+    index = {
+        "metric": "indirect_effect (P_restored - P_corrupted), mean over programs",
+        AIE_FILE: ["divergence_index", "kind", "layer", "position"],
+        AIE_ROLES_FILE: ["kind", "layer", "role"],
+        "kinds": summary["kinds"],
+        "layers": summary["layers"],
+        "divergence_indices": summary["divergence_indices"],
+        "roles": summary["roles"],
+        "corrupt": cfg.corrupt,
+        "program": cfg.program,
+        "window": int(first["window"]),
+        "sigma": float(first["sigma"]),
+        "n_samples": cfg.n_samples,
+        "n_programs": len(rows),
+        "clean_prob_mean": float(np.mean(rows["clean_prob"])),
+        "corrupted_prob_mean": float(np.mean(rows["corrupted_prob"])),
+    }
+    return {
+        AIE_FILE: npy(summary["by_position"]),
+        AIE_ROLES_FILE: npy(summary["by_role"]),
+        AIE_INDEX_FILE: json.dumps(index, indent=2) + "\n",
+        **tracing_chart_artifacts(rows, inputs.specs[0] if inputs.specs else None, cfg.noise_scale),
+    }

@@ -1,0 +1,318 @@
+"""Bad options and interruptions: one line on stderr, exit 2 (130 for Ctrl-C), no work done.
+
+Each case here once crashed with a traceback, ran for minutes before failing, or printed a
+misleading hint (the store issue's table of bad inputs). Every check runs while the options
+are parsed, so these tests need no model and no stored stage unless they say so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from seqpatch.cli import app
+from seqpatch.cli._common import INTERRUPTED_MESSAGE, MAX_SEQ_LEN
+from tests.cli_output import error_line, snapshot
+
+runner = CliRunner()
+
+
+def invoke(*args: str | Path):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def user_error(*args: str | Path) -> str:
+    """Run a command that must fail as a user error; its one error line."""
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    return error_line(result.stderr)
+
+
+@pytest.fixture
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a-file"
+    path.write_text("keep me\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Options checked while parsing: nothing is read or written
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["plot", "traces", "--metric", "foo"], "unknown --metric 'foo'; use one of normalised"),
+        (["plot", "heatmap", "--metric", "foo"], "unknown --metric 'foo'"),
+        (["build", "activations", "--layers", "0,0"], "repeats layer 0; give each layer once"),
+        (["build", "patching", "--layers", "1,0,1"], "repeats layer 1"),
+        (["merge", "--layers", "2,2"], "repeats layer 2"),
+        (["build", "pairs", "--seed", "-1"], "seed must be an integer in 0..2**63-1, got -1"),
+        (["build", "pairs", "--seed", str(2**64)], f"got {2**64}"),
+        (["run", "--seed", "-1"], "seed must be an integer"),
+        (["build", "pairs", "--seq-len", "1000000"], "'--seq-len'"),
+        (["build", "pairs", "--n-pairs", "0"], "'--n-pairs'"),
+        (["build", "pairs", "--n-pairs", "abc"], "'--n-pairs'"),
+        (["build", "patching", "--shard-size", "0"], "'--shard-size'"),
+        (["export", "programs", "--to", "x", "--max-shard-size", "abc"], "--max-shard-size 'abc'"),
+        (["export", "programs", "--to", "x", "--max-shard-size", "0"], "--max-shard-size '0'"),
+        (["push", "programs", "--repo-id", "a/b", "--max-shard-size", "0MB"], "positive size"),
+        (["export", "foo", "--to", "x"], "unknown stage 'foo'; known stages: programs, benchmark"),
+        (["import", "foo", "--from", "x"], "unknown stage 'foo'"),
+        (["choose", "--min-accuracy", "2"], "'--min-accuracy'"),
+    ],
+)
+def test_bad_option_is_one_line_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = user_error(*args, "--data-dir", tmp_path / "data")
+    assert message in line
+    assert "seqpatch build foo" not in line
+    assert snapshot(tmp_path) == []  # no data dir, no export folder
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--n-pairs", "0"],
+        ["--max-seq-len", "0"],
+        ["--max-seq-len", str(MAX_SEQ_LEN + 1)],
+        ["--min-accuracy", "2"],
+        ["--min-accuracy", "-0.1"],
+    ],
+)
+def test_run_checks_every_option_before_building_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    def no_work(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the pipeline started")
+
+    monkeypatch.setattr("seqpatch.pipeline.run", no_work)
+    line = user_error("run", *args, "--data-dir", tmp_path / "data")
+    assert args[0] in line
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--threads", "0"], ["--steps", "1", "--lr", "-1"], ["--lr", "0"], ["--batch-size", "0"]],
+)
+def test_organism_train_checks_options_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    def no_training(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("training started")
+
+    monkeypatch.setattr("seqpatch.organism.train_organism", no_training)
+    line = user_error("organism", "train", "--out", tmp_path / "out", *args)
+    assert args[-2] in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_seq_lens_above_the_bound_are_refused_at_once(tmp_path: Path) -> None:
+    line = user_error(
+        "build", "programs", "--seq-lens", "1000000", "--n-per-len", "1", "--data-dir", tmp_path
+    )
+    assert f"at most {MAX_SEQ_LEN} statements" in line and "1000000" in line
+    assert snapshot(tmp_path) == []
+    assert f"at most {MAX_SEQ_LEN}" in invoke("build", "programs", "--help").stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders: the data dir, --out and --to
+
+
+def test_empty_data_dir_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = user_error("build", "programs", "--n-per-len", "1", "--data-dir", "")
+    assert "--data-dir is empty" in line
+    assert snapshot(tmp_path) == []  # nothing written into the current folder
+
+
+@pytest.mark.parametrize("command", [["list"], ["build", "programs"], ["plot", "heatmap"]])
+def test_data_dir_that_is_a_file_is_refused(a_file: Path, command: list[str]) -> None:
+    line = user_error(*command, "--data-dir", a_file)
+    assert f"data dir {a_file} is a file" in line
+    assert a_file.read_text() == "keep me\n"
+
+
+def test_list_refuses_a_file_from_the_environment(
+    a_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEQPATCH_DATA", str(a_file))
+    assert "is a file" in user_error("list")
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["plot", "heatmap"], "--out"),
+        (["plot", "accuracy"], "--out"),
+        (["plot", "traces"], "--out"),
+        (["export", "programs"], "--to"),
+    ],
+)
+@pytest.mark.parametrize("below", [False, True])
+def test_output_folder_that_is_a_file_is_refused(
+    tmp_path: Path, a_file: Path, command: list[str], option: str, below: bool
+) -> None:
+    target = a_file / "sub" if below else a_file
+    line = user_error(*command, option, target, "--data-dir", tmp_path / "data")
+    assert f"{option} {target}" in line
+    assert ("inside" in line) == below and "give a folder" in line
+    assert a_file.read_text() == "keep me\n"
+    assert not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+def test_interrupt_exits_130_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("seqpatch.stages.build_stage", interrupted)
+    result = invoke("build", "programs", "--data-dir", tmp_path)
+    assert result.exit_code == 130
+    assert result.stdout == ""
+    assert result.stderr == INTERRUPTED_MESSAGE + "\n"
+
+
+def test_a_real_sigint_exits_130_with_one_line(tmp_path: Path) -> None:
+    """The process signals itself mid-command: Python's own SIGINT handling, no timing."""
+    code = (
+        "import os, signal, sys\n"
+        "import seqpatch.stages\n"
+        "def build(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "seqpatch.stages.build_stage = build\n"
+        "from seqpatch.cli import app\n"
+        "sys.argv = ['seqpatch', 'build', 'programs', '--data-dir', sys.argv[1]]\n"
+        "app()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 128 + signal.SIGINT, out.stderr
+    assert out.stderr == "interrupted; rerun the same command to resume\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages that used to mislead
+
+
+def test_custom_code_error_names_no_missing_option(tmp_path: Path) -> None:
+    from seqpatch.errors import SeqpatchError
+    from seqpatch.models import load_model
+
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.X"}
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "custom_thing", "auto_map": auto_map})
+    )
+    (folder / "configuration_x.py").write_text("raise SystemExit('custom code ran')\n")
+    with pytest.raises(SeqpatchError) as err:
+        load_model(str(folder))
+    message = str(err.value)
+    assert "custom code" in message and "trust_remote_code=True" in message
+    assert "--trust-remote-code" not in message  # no such option exists
+    assert "--trust-remote-code" not in invoke("build", "benchmark", "--help").stdout
+
+
+def test_empty_version_is_called_empty(tmp_path: Path) -> None:
+    built = invoke(
+        "build", "programs", "--seq-lens", "2", "--n-per-len", "1", "--data-dir", tmp_path
+    )
+    assert built.exit_code == 0, built.output
+    line = user_error("export", "programs", "--version", "", "--to", tmp_path / "x",
+                      "--data-dir", tmp_path)  # fmt: skip
+    assert "empty" in line and "several" not in line
+
+
+def test_unknown_pair_id_lists_valid_ones() -> None:
+    from datasets import Dataset
+
+    from seqpatch.errors import SeqpatchError
+    from seqpatch.stages.patching import example_frame
+
+    ids = [f"binding-L4-k{k}-{i:07d}" for k in (1, 2) for i in range(4)]
+    rows = Dataset.from_dict({"pair_id": [pid for pid in ids for _ in range(3)]})  # 3 sites
+    with pytest.raises(SeqpatchError) as err:
+        example_frame(rows, "normalised", "binding-L8-k3-0000042")
+    message = str(err.value)
+    assert "binding-L8-k3-0000042" in message
+    assert ", ".join(ids[:5]) + " and 3 more" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminal layout: list at 80 columns, help texts
+
+
+def _fake_refs() -> list[SimpleNamespace]:
+    config = {
+        "allow_equal_answers": False,
+        "batch_size": 512,
+        "divergence_indices": [0, 1, 2],
+        "family": "binding",
+        "family_params": {},
+        "max_candidates_factor": 10,
+        "model": "builtin",
+        "n_pairs": 2000,
+        "seed": 0,
+        "seq_len": 8,
+    }
+    prov = {
+        "row_count": 2000,
+        "created": "2026-12-02T02:05:11",
+        "parents": [
+            {"stage": "benchmark", "version": "12391349b577", "fingerprint": "f"},
+            {"stage": "programs", "version": "39ba05e4f767", "fingerprint": "g"},
+        ],
+        "model": {"id": "seqpatch/organism-binding-4l"},
+        "config": config,
+    }
+    programs = {"row_count": 15, "created": "2026-12-02T02:04", "config": {"family": "binding"}}
+    return [
+        SimpleNamespace(stage="pairs", version="adf449b69ed9", provenance=prov),
+        SimpleNamespace(stage="programs", version="39ba05e4f767", provenance=programs),
+    ]
+
+
+@pytest.mark.parametrize("columns", [80, 60, 400])
+def test_list_never_wraps_a_config_one_character_per_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, columns: int
+) -> None:
+    monkeypatch.setattr("seqpatch.store.Store.refs", lambda self: _fake_refs())
+    monkeypatch.setenv("COLUMNS", str(columns))
+    result = invoke("list", "--data-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= columns for line in lines)
+    cells = [cell.strip() for line in lines for cell in line.strip("│┃ ").split("│")]
+    assert not [c for c in cells if len(c) == 1 and not c.isdigit()], result.stdout
+    for item in ("divergence_indices=[0,1,2]", "max_candidates_factor=10", "family=binding"):
+        assert item in result.stdout  # never broken across lines
+    for name in ("adf449b69ed9", "benchmark/12391349b577", "seqpatch/organism-binding-4l"):
+        assert name in result.stdout
+
+
+def test_run_help_wraps_sentences_at_the_terminal_not_the_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    result = invoke("run", "--help")
+    assert result.exit_code == 0
+    assert "Every step reuses a stored version with the same config, so a rerun" in result.stdout

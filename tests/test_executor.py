@@ -1,0 +1,203 @@
+"""The executor: one place chains stages; parents stay untouched; lineage is complete."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from seqpatch import pipeline
+from seqpatch.choose import choose
+from seqpatch.executor import execute
+from seqpatch.stages import STAGES, get_stage
+from seqpatch.stages.base import ModelCache
+from seqpatch.stages.benchmark import BenchmarkConfig
+from seqpatch.stages.programs import ProgramsConfig
+from seqpatch.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """Every file below ``folder`` (hidden ones too) with the SHA-256 of its bytes."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """programs → benchmark → choose → pairs → activations → patching on the organism, small."""
+    data_dir = tmp_path_factory.mktemp("study")
+    models = ModelCache()
+    programs = pipeline.build_programs(ProgramsConfig("binding", (2, 3), 10), data_dir)
+    bench = pipeline.build_benchmark(
+        BenchmarkConfig(("builtin",)), programs=programs.version, data_dir=data_dir, models=models
+    )
+    choose(0.5, 2, bench.version, data_dir)
+    pairs = pipeline.build_pairs("chosen", None, "0,1", 8, data_dir=data_dir, models=models)
+    before = folder_digest(pairs.path)
+    acts = pipeline.build_activations(
+        ("resid_pre",), pairs=pairs.version, data_dir=data_dir, models=models
+    )
+    patch = pipeline.build_patching(
+        ("resid_pre",), pairs=pairs.version, data_dir=data_dir, models=models
+    )
+    return {
+        "data_dir": data_dir,
+        "models": models,
+        "refs": {"programs": programs, "benchmark": bench, "pairs": pairs},
+        "acts": acts,
+        "patch": patch,
+        "pairs_before": before,
+    }
+
+
+def test_child_builds_leave_the_parent_folder_byte_identical(study: dict) -> None:
+    assert folder_digest(study["refs"]["pairs"].path) == study["pairs_before"]
+    assert sorted(p.name for p in study["refs"]["pairs"].path.iterdir()) == [
+        "data-00000-of-00001.arrow",
+        "dataset_info.json",
+        "seqpatch.json",
+        "state.json",
+    ]
+
+
+def test_provenance_lists_every_parent(study: dict) -> None:
+    refs = study["refs"]
+    pairs_parents = refs["pairs"].provenance["parents"]
+    assert [(p["stage"], p["version"]) for p in pairs_parents] == [
+        ("benchmark", refs["benchmark"].version)
+    ]
+    assert [(p["stage"], p["version"]) for p in study["patch"].provenance["parents"]] == [
+        ("pairs", refs["pairs"].version),
+        ("activations", study["acts"].version),
+    ]
+
+
+def test_pairs_from_chosen_study_the_chosen_family_and_length(study: dict) -> None:
+    import json
+
+    chosen = json.loads((study["data_dir"] / "chosen_model.json").read_text())
+    config = study["refs"]["pairs"].provenance["config"]
+    assert (config["model"], config["family"], config["seq_len"]) == (
+        chosen["model_spec"],
+        chosen["family"],
+        chosen["seq_len"],
+    )
+
+
+def test_artifacts_are_part_of_the_committed_version(study: dict) -> None:
+    patch = study["patch"]
+    files = patch.provenance["files"]
+    for name in ("heatmap_prob_delta.npy", "heatmap.json", "heatmap-normalised.png"):
+        assert name in files, name
+        assert (patch.path / name).stat().st_size == files[name]["size"]
+    bench = study["refs"]["benchmark"]
+    assert {"results_summary.csv", "accuracy.png"} <= set(bench.provenance["files"])
+
+
+def test_a_stored_stage_is_reused_without_loading_any_model(study: dict, monkeypatch) -> None:
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a reused stage must not load a model")
+
+    monkeypatch.setattr("seqpatch.models.load_model", no_loading)
+    monkeypatch.setattr(ModelCache, "get", no_loading)
+    again = pipeline.build_patching(
+        ("resid_pre",), pairs=study["refs"]["pairs"].version, data_dir=study["data_dir"]
+    )
+    assert again.reused and again.version == study["patch"].version
+
+
+def test_rebuilding_a_deleted_child_recomputes_it(study: dict, monkeypatch) -> None:
+    from seqpatch.stages import activations
+
+    calls = []
+    real = activations._cache
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "_cache", counting)
+    acts = study["acts"]
+    rows_before = Store(study["data_dir"]).load("activations", acts.version)["resid_pre_a"]
+    shutil.rmtree(acts.path)
+    rebuilt = pipeline.build_activations(
+        ("resid_pre",),
+        pairs=study["refs"]["pairs"].version,
+        data_dir=study["data_dir"],
+        models=study["models"],
+    )
+    assert not rebuilt.reused and rebuilt.version == acts.version
+    assert calls, "the rows were taken from a stale cache instead of being recomputed"
+    assert Store(study["data_dir"]).load("activations", acts.version)["resid_pre_a"] == rows_before
+
+
+def test_an_unknown_parent_is_refused(tmp_path: Path) -> None:
+    from seqpatch.errors import SeqpatchError
+
+    with pytest.raises(SeqpatchError, match="has no parent 'pairs'"):
+        execute(
+            "programs", ProgramsConfig("binding", (1,), 2), {"pairs": "latest"}, data_dir=tmp_path
+        )
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_registered_stage_follows_the_contract(stage: str) -> None:
+    module = get_stage(stage)
+    assert stage == module.STAGE
+    assert isinstance(module.SCHEMA_VERSION, int)
+    assert hasattr(module, "CONFIG") and hasattr(module, "PARENTS")
+    assert hasattr(module, "build") or hasattr(module, "build_shard")
+    assert all(spec.stage in STAGES for spec in module.PARENTS)
+    assert (ROOT / "datasets_cards" / f"{stage}.md").is_file()
+
+
+def test_stage_modules_hold_no_wiring() -> None:
+    """Stage modules neither resolve parents, nor load models, nor write files: the executor
+    and the store do. (The one chaining place is ``seqpatch.executor``.)"""
+    forbidden = {"Store", "load_model", "save_to_disk", "execute", "resolve", "build_stage"}
+    for path in sorted((ROOT / "seqpatch" / "stages").glob("*.py")):
+        if path.name in ("__init__.py", "base.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        called = {
+            node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+        }
+        assert not called & forbidden, f"{path.name} calls {sorted(called & forbidden)}"
+
+
+def test_thread_count_changes_no_stored_result(tmp_path: Path, monkeypatch) -> None:
+    import numpy as np
+    import torch
+
+    from seqpatch.threads import THREADS_ENV
+
+    built = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            monkeypatch.setenv(THREADS_ENV, str(threads))
+            data_dir = tmp_path / str(threads)
+            models = ModelCache()
+            pairs = pipeline.build_pairs(
+                "builtin", 4, "1,3", 6, data_dir=data_dir, models=models, progress=False
+            )
+            ref = pipeline.build_patching(
+                ("resid_pre",), pairs=pairs.version, data_dir=data_dir, models=models
+            )
+            assert ref.provenance["runtime"]["torch_threads"] == threads
+            built[threads] = (ref.version, Store(data_dir).load("patching", ref.version))
+    finally:
+        torch.set_num_threads(before)
+    assert built[1][0] == built[2][0]  # the version does not depend on the thread count
+    one, two = (np.asarray(built[t][1]["logits"], dtype=np.float64) for t in (1, 2))
+    np.testing.assert_allclose(one, two, rtol=0, atol=1e-5)
