@@ -205,7 +205,9 @@ def main() -> None:
     labels = {}
     for i, k in enumerate(pairs["divergence_index"]):
         diff = set(pairs["diff_positions"][i])
-        labels.setdefault(k, [t + ("*" if j in diff else "") for j, t in enumerate(pairs["tokens"][i])])
+        labels.setdefault(
+            k, [t + ("*" if j in diff else "") for j, t in enumerate(pairs["tokens"][i])]
+        )
 
     table, miss_rows = [], []
     frozen = FrozenAttention(handle)

@@ -9,6 +9,20 @@ a divergence index, one token changed there, the same suffix after it.
     python scripts/bench_patching.py                      # ~1 minute on 2 CPU cores
     python scripts/bench_patching.py --model builtin --pairs 64 --append
 
+``--transformerlens`` instead compares, in one run, the naive loop, the engine and
+TransformerLens 4.x (``pip install 'seqpatch[bench]'``) on the same pairs and cells: ``resid_pre``
+over (layer, position), and ``head_z`` over (layer, head) with every position patched at once and
+over (layer, head, position) — on the organism and on a random-weight model of SmolLM2-135M's
+shape (30 layers, d_model 576, 9 query / 3 key-value heads, d_ff 1536, vocabulary 49152).
+TransformerLens runs as its users run it: ``TransformerBridge.boot_transformers`` on its own
+copy of the model, ``run_with_cache`` of the sources (only the patched hook kept),
+``get_act_patch_resid_pre`` / ``get_act_patch_attn_head_out_all_pos`` /
+``get_act_patch_attn_head_out_by_pos`` with all pairs as one batch per cell, under
+``torch.no_grad()``. Its metric (the candidates' logits and the full-vocabulary log-normaliser
+at the last position, reduced to a logit difference) is checked against the engine's.
+
+    python scripts/bench_patching.py --transformerlens --threads 1   # ~6 minutes
+
 ``--append`` adds the table, and the command that made it, to ``docs/benchmarks.md``.
 """
 
@@ -21,15 +35,20 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from seqpatch.interventions import SweepStats, first_token_ids, get_activations, sweep
+from seqpatch.interventions import SweepStats, first_token_ids, sweep
+from seqpatch.interventions.sites import HEAD_SITES, capture_sites, head_ref, site_heads
+from seqpatch.interventions.sweep import PatchSpec, patch_grid
 from seqpatch.models import ModelHandle, load_model
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Patching sweep"
+TL_SECTION = "## Patching sweep against TransformerLens (resid_pre and attention heads)"
 
 
 def organism_sized_llama(folder: Path, seed: int) -> ModelHandle:
@@ -70,25 +89,51 @@ def make_pairs(handle: ModelHandle, n: int, length: int, seed: int) -> tuple[tor
     return src, tgt
 
 
-def naive_loop(handle, src, tgt, site, cand_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """The original roadmap's loop: for each pair, layer and position, one patched trace.
+def naive_loop(
+    handle: ModelHandle,
+    src: torch.Tensor,
+    tgt: torch.Tensor,
+    site: str,
+    cand_ids: list[int],
+    axes: tuple[str, ...] = ("layer", "pos"),
+    layers: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original roadmap's loop: for each pair and cell, one patched nnsight trace.
 
-    Returns the candidates' logits ``[n, L, T, C]`` and the log-normaliser ``[n, L, T]``.
+    ``axes`` as in ``PatchSpec`` (``layer,pos``; ``layer,head`` with every position patched at
+    once; ``layer,head,pos``). Returns the candidates' logits ``[n, L', H', P', C]`` and the
+    log-normaliser ``[n, L', H', P']`` (``H'`` = 1 without a head axis, ``P'`` = 1 without a
+    position axis).
     """
     n, length = tgt.shape
-    out = torch.empty(n, handle.n_layers, length, len(cand_ids))
-    lse = torch.empty(n, handle.n_layers, length)
+    layers = list(range(handle.n_layers)) if layers is None else layers
+    heads: list[int | None] = list(range(site_heads(handle, site) or 0)) or [None]
+    heads = heads if "head" in axes else [None]
+    positions: list[slice | int] = list(range(length)) if "pos" in axes else [slice(None)]
+    shape = (n, len(layers), len(heads), len(positions))
+    out = torch.empty(*shape, len(cand_ids))
+    lse = torch.empty(shape)
     unembed = handle.envoy(handle.adapter.unembed)
     with torch.no_grad():
         for p in range(n):
-            donor = get_activations(handle, src[p], site)[site]  # [layers, positions, d]
-            for layer in range(handle.n_layers):
-                for pos in range(length):
-                    with handle.trace(input_ids=tgt[p : p + 1]):
-                        handle.read(site, layer)[:, pos] = donor[layer, pos]
-                        logits = unembed.output[:, -1].save()
-                    out[p, layer, pos] = logits[0, cand_ids].float()
-                    lse[p, layer, pos] = logits[0].float().logsumexp(-1)
+            captured, _ = capture_sites(handle, src[p : p + 1], [site], layers)  # type: ignore[list-item]
+            for li, layer in enumerate(layers):
+                donor = captured[(site, layer)][0]  # [T, d] or [T, heads, d_head]
+                ref = head_ref(handle, site, layer) if site in HEAD_SITES else None
+                for hi, head in enumerate(heads):
+                    for pi, pos in enumerate(positions):
+                        with handle.trace(input_ids=tgt[p : p + 1]):
+                            if ref is None:
+                                handle.read(site, layer)[:, pos] = donor[pos]  # type: ignore[arg-type]
+                            else:  # the o_proj input, heads side by side
+                                dh = ref.d_head
+                                cols = slice(head * dh, (head + 1) * dh)  # type: ignore[operator]
+                                handle.envoy(ref.path).input[:, pos, cols] = donor[pos, head]
+                            logits = unembed.output[:, -1].save()
+                        out[p, li, hi, pi] = logits[0, cand_ids].float()
+                        lse[p, li, hi, pi] = logits[0].float().logsumexp(-1)
+    if axes == ("layer", "pos"):  # the layer,pos benchmark's historical shape
+        return out[:, :, 0], lse[:, :, 0]
     return out, lse
 
 
@@ -96,6 +141,290 @@ def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison with TransformerLens (--transformerlens)
+
+GRIDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("resid_pre", ("layer", "pos")),
+    ("head_z", ("layer", "head")),
+    ("head_z", ("layer", "head", "pos")),
+)
+# TransformerLens' function, hook name and axis order for each grid.
+TL_SWEEPS = {
+    ("resid_pre", ("layer", "pos")): ("get_act_patch_resid_pre", "resid_pre", ("layer", "pos")),
+    ("head_z", ("layer", "head")): ("get_act_patch_attn_head_out_all_pos", "z", ("layer", "head")),
+    ("head_z", ("layer", "head", "pos")): (
+        "get_act_patch_attn_head_out_by_pos",
+        "z",
+        ("layer", "pos", "head"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One model's share of the comparison: its pairs, prompt length and swept layers.
+
+    The SmolLM2-shaped model sweeps a spread of layers (the same ones for every method), so
+    that TransformerLens' one forward per cell fits the run in minutes on two CPU cores.
+    """
+
+    model: str  # "builtin" or "smollm2-shape"
+    pairs: int
+    length: int
+    layers: tuple[int, ...] | None  # None: every layer
+    naive_pairs: int  # pairs timed in the naive loop; its cells/s extrapolate
+
+
+WORKLOADS = {
+    "builtin": Workload("builtin", pairs=16, length=36, layers=None, naive_pairs=2),
+    "smollm2-shape": Workload(
+        "smollm2-shape", pairs=4, length=16, layers=(0, 9, 19, 29), naive_pairs=1
+    ),
+}
+
+
+def smollm2_shaped_llama(folder: Path, seed: int) -> ModelHandle:
+    """A random Llama of SmolLM2-135M's shape (134.5M parameters), saved and loaded like a
+    local checkpoint, with the small word-level tokenizer (pairs use only its ids)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from seqpatch.testing import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer("wordlevel", add_bos=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return load_model(str(folder), device="cpu")
+
+
+def transformer_lens_bridge(handle: ModelHandle, folder: str) -> Any:
+    """TransformerLens' bridge over its own copy of the model (booting switches the copy to
+    eager attention in place)."""
+    import copy
+
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError as err:
+        raise SystemExit(
+            "--transformerlens needs TransformerLens 4.x: pip install 'seqpatch[bench]'"
+        ) from err
+    bridge = TransformerBridge.boot_transformers(
+        folder, hf_model=copy.deepcopy(handle.hf_model), tokenizer=handle.tokenizer, device="cpu"
+    )
+    bridge.eval()
+    return bridge
+
+
+def tl_grid(
+    bridge: Any,
+    src: torch.Tensor,
+    tgt: torch.Tensor,
+    site: str,
+    axes: tuple[str, ...],
+    layers: list[int],
+    n_heads: int,
+    cand_ids: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TransformerLens' sweep of the same cells: logits ``[n, L', H', P', C]``, lse, and its
+    metric per cell ``[L', H', P']`` (mean over pairs of logit(cand 0) − logit(cand 1)).
+
+    All pairs form one batch per cell, as TransformerLens' patching functions run; the cells
+    are given as an ``index_df`` (the swept layers only). The metric records the candidates'
+    logits and the full-vocabulary log-normaliser of every patched forward.
+    """
+    import itertools
+
+    import pandas as pd
+    from transformer_lens import patching
+
+    name, hook, tl_axes = TL_SWEEPS[(site, axes)]
+    n, length = tgt.shape
+    values = {"layer": layers, "head": list(range(n_heads)), "pos": list(range(length))}
+    index_df = pd.DataFrame(
+        list(itertools.product(*(values[a] for a in tl_axes))), columns=list(tl_axes)
+    )
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        last = logits[:, -1].float()
+        seen.append((last[:, cand_ids], last.logsumexp(-1)))
+        return (last[:, cand_ids[0]] - last[:, cand_ids[1]]).mean()
+
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(src, names_filter=lambda key: key.endswith(f"hook_{hook}"))
+        flat = getattr(patching, name)(
+            bridge, tgt, cache, metric, index_axis_names=None, index_df=index_df
+        )
+    n_h = n_heads if "head" in axes else 1
+    n_p = length if "pos" in axes else 1
+    out = torch.empty(n, len(layers), n_h, n_p, len(cand_ids))
+    lse = torch.empty(n, len(layers), n_h, n_p)
+    tl_metric = torch.empty(len(layers), n_h, n_p)
+    for row, (logits, norm), value in zip(
+        index_df.itertuples(index=False), seen, flat, strict=True
+    ):
+        cell = row._asdict()
+        at = (layers.index(cell["layer"]), cell.get("head", 0), cell.get("pos", 0))
+        out[(slice(None), *at)], lse[(slice(None), *at)] = logits, norm
+        tl_metric[at] = value
+    return out, lse, tl_metric
+
+
+def engine_grid(
+    handle: ModelHandle,
+    src: torch.Tensor,
+    tgt: torch.Tensor,
+    site: str,
+    axes: tuple[str, ...],
+    layers: list[int],
+    cand_ids: list[int],
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, SweepStats]:
+    """The engine's sweep as ``[n, L', H', P', C]`` logits and ``[n, L', H', P']`` lse."""
+    result = patch_grid(handle, src, tgt, PatchSpec(site, axes, layers=layers), cand_ids, **kwargs)
+    logits, lse = result.logits, result.lse
+    if "head" not in axes:
+        logits, lse = logits.unsqueeze(2), lse.unsqueeze(2)
+    if "pos" not in axes:
+        logits, lse = logits.unsqueeze(3), lse.unsqueeze(3)
+    return logits, lse, result.stats
+
+
+def max_diff(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+def grid_label(site: str, axes: tuple[str, ...]) -> str:
+    if site == "head_z":
+        return (
+            "`head_z` (layer, head, position)"
+            if "pos" in axes
+            else "`head_z` (layer, head), all positions"
+        )
+    return f"`{site}` (layer, position)"
+
+
+def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float, float]:
+    """Naive loop, engine and TransformerLens on each workload's grids: the report, and the
+    engine's largest disagreement with the naive loop and with TransformerLens."""
+    lines = [
+        f"Torch threads {torch.get_num_threads()}; {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}; TransformerLens {_tl_version()}. Pairs are random token "
+        "sequences shaped like counterfactual pairs (one token changed); every method sweeps "
+        "the same pairs and cells; a cell = one (pair, grid cell) patched; the naive loop "
+        "times its first pairs and its cells/s extrapolate. Speed-ups are ratios inside this run.",
+        "",
+        "| model | grid | pair-cells | method | time (s) | cells/s | × naive | × TransformerLens | max abs diff vs TL (logits, lse) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    worst_naive, worst_tl = 0.0, 0.0
+    for name in args.models.split(","):
+        work = WORKLOADS[name]
+        pairs = args.tl_pairs or work.pairs
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / name
+            if name == "builtin":
+                handle = load_model("builtin", device="cpu")
+                from seqpatch.models.loading import _builtin_dir
+
+                folder = _builtin_dir()
+                label = "organism (4 layers, d 128, 8 heads)"
+            else:
+                handle = smollm2_shaped_llama(folder, args.seed)
+                label = "SmolLM2-135M shape, random (30 layers, d 576, 9 q / 3 kv heads)"
+            bridge = transformer_lens_bridge(handle, str(folder))
+            src, tgt = make_pairs(handle, pairs, work.length, args.seed)
+            cand_ids = first_token_ids(handle, range(10), handle.prompt_format.reference_prompt())
+            layers = list(work.layers) if work.layers is not None else list(range(handle.n_layers))
+            naive_n = min(work.naive_pairs, pairs)
+            for site, axes in GRIDS:
+                n_heads = site_heads(handle, site) or 1
+                per_pair = len(layers) * (n_heads if "head" in axes else 1)
+                per_pair *= work.length if "pos" in axes else 1
+                cells = pairs * per_pair
+                engine_grid(handle, src[:2], tgt[:2], site, axes, layers, cand_ids)  # warm-up
+                (tl_logits, tl_lse, tl_metric), t_tl = timed(
+                    tl_grid, bridge, src, tgt, site, axes, layers, n_heads, cand_ids
+                )
+                naive, t_naive = timed(
+                    naive_loop, handle, src[:naive_n], tgt[:naive_n], site, cand_ids, axes, layers
+                )
+                if axes == ("layer", "pos"):
+                    naive = (naive[0].unsqueeze(2), naive[1].unsqueeze(2))
+                tl_rate = cells / t_tl
+                naive_rate = naive_n * per_pair / t_naive
+                grid = grid_label(site, axes)
+                rows = [
+                    (
+                        f"naive loop, one nnsight trace per cell ({naive_n} pair{'s' if naive_n > 1 else ''})",
+                        t_naive,
+                        naive_rate,
+                        None,
+                    ),
+                    ("TransformerLens, one batched forward per cell", t_tl, tl_rate, 0.0),
+                ]
+                naive_vs_tl = max_diff(naive, (tl_logits[:naive_n], tl_lse[:naive_n]))
+                rows[0] = (*rows[0][:3], naive_vs_tl)
+                for engine_label, kwargs in [
+                    ("engine, compute floor", {"skip_noops": False}),
+                    ("engine, compute floor + skip no-op cells", {}),
+                ]:
+                    (logits, lse, stats), seconds = timed(
+                        engine_grid, handle, src, tgt, site, axes, layers, cand_ids, **kwargs
+                    )
+                    assert stats.cells == cells, (stats.cells, cells)
+                    worst_naive = max(
+                        worst_naive, max_diff((logits[:naive_n], lse[:naive_n]), naive)
+                    )
+                    tl_diff = max_diff((logits, lse), (tl_logits, tl_lse))
+                    ours = (logits[..., 0] - logits[..., 1]).mean(0)
+                    tl_diff = max(tl_diff, (ours - tl_metric).abs().max().item())
+                    worst_tl = max(worst_tl, tl_diff)
+                    rows.append((engine_label, seconds, cells / seconds, tl_diff))
+                for method, seconds, rate, diff in rows:
+                    lines.append(
+                        f"| {label} | {grid} | {cells} | {method} | {seconds:.2f} | {rate:,.0f} | "
+                        f"{rate / naive_rate:.1f}× | {rate / tl_rate:.1f}× | "
+                        f"{'—' if diff == 0.0 else f'{diff:.1e}'} |"
+                    )
+                print(lines[-1], flush=True)
+            del bridge
+    lines += [
+        "",
+        f"Agreement: engine vs naive loop max |Δlogit|, |Δlse| = {worst_naive:.1e} (must be "
+        f"≤ 1e-5); engine vs TransformerLens (logits, lse and its metric per cell) = "
+        f"{worst_tl:.1e} (must be ≤ 1e-4: TransformerLens runs eager attention, the engine "
+        "the model's default).",
+    ]
+    return "\n".join(lines), worst_naive, worst_tl
+
+
+def _tl_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformer-lens")
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,9 +450,33 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--append", action="store_true", help=f"append the results to {DOCS}")
+    parser.add_argument(
+        "--transformerlens",
+        action="store_true",
+        help="compare naive loop, engine and TransformerLens on resid_pre and head_z grids",
+    )
+    parser.add_argument(
+        "--models",
+        default="builtin,smollm2-shape",
+        help=f"with --transformerlens: comma-separated, of {', '.join(WORKLOADS)}",
+    )
+    parser.add_argument(
+        "--tl-pairs", type=int, default=None, help="with --transformerlens: pairs per model"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.transformerlens:
+        unknown = set(args.models.split(",")) - set(WORKLOADS)
+        if unknown:
+            parser.error(f"unknown --models {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
+        report, worst_naive, worst_tl = compare_transformerlens(args)
+        print(report)
+        if worst_naive > 1e-5 or worst_tl > 1e-4:
+            raise SystemExit("the engine disagrees with the naive loop or with TransformerLens")
+        if args.append:
+            append(report, TL_SECTION)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
@@ -188,12 +541,18 @@ def main(argv: list[str] | None = None) -> None:
     if worst > 1e-5:
         raise SystemExit("the engine disagrees with the naive loop by more than 1e-5")
     if args.append:
-        command = "python scripts/bench_patching.py " + shlex.join(sys.argv[1:])
-        text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-        if SECTION not in text:
-            text = text.rstrip() + f"\n\n{SECTION}\n"
-        text = text.rstrip() + f"\n\n`{command}` ({time.strftime('%Y-%m-%d')}):\n\n{report}\n"
-        DOCS.write_text(text)
+        append(report, SECTION)
+
+
+def append(report: str, section: str) -> None:
+    """Add ``report`` and the command that made it at the end of ``docs/benchmarks.md`` (under
+    ``section``, opened at the end when the file has none)."""
+    command = "python scripts/bench_patching.py " + shlex.join(sys.argv[1:])
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    if section not in text:
+        text = text.rstrip() + f"\n\n{section}\n"
+    text = text.rstrip() + f"\n\n`{command}` ({time.strftime('%Y-%m-%d')}):\n\n{report}\n"
+    DOCS.write_text(text)
 
 
 if __name__ == "__main__":

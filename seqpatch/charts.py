@@ -1165,7 +1165,7 @@ def head_heatmap_figure(
             ),
             tooltip=tooltip,
         )
-        .properties(width=cell * len(layers), height=cell * len(heads))
+        .properties(width=max(90, cell * len(layers)), height=cell * len(heads))
         .facet(
             row=alt.Row(
                 "site_title:N",

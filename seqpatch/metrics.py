@@ -11,7 +11,8 @@ Conventions — the same as the sweep engine (``seqpatch.interventions.sweep``):
   ``[n_pairs, n_candidates]``.
 - ``answer_a`` / ``answer_b`` are *indices into the candidate axis* (not token ids). An int
   applies to every cell; an array applies per leading index: its shape is a prefix of the logits'
-  leading shape (one per pair, say), broadcast over the remaining axes (layers, positions).
+  leading shape (one per pair, say), broadcast over the remaining axes (the grid's: layers,
+  heads, positions).
   Baselines broadcast the same way: their leading shape is a prefix of the patched one's.
 - ``*_lse`` are log-normalisers: the log-sum-exp of the model's logits over its **whole
   vocabulary** at the same position, shaped like the logits without the candidate axis

@@ -587,11 +587,25 @@ def build_das(
     progress: bool = True,
 ) -> StageRef | None:
     """Build (or reuse) the ``das`` stage on a stored patching version; ``pairs`` defaults to the
-    pairs that patching version was built from."""
+    pairs that patching version was built from.
+
+    ``patching="latest"`` takes the newest version DAS can rank: exact patching of whole site
+    vectors over (layer, position) — not a head grid, a whole-stream grid or attribution.
+    """
     from seqpatch.executor import execute
+    from seqpatch.stages.das import rankable
 
     store = _store(data_dir)
-    patching_ref = store.resolve("patching", patching)
+    if patching == "latest":
+        usable = [ref for ref in store.versions("patching") if rankable(ref.provenance["config"])]
+        if not usable:
+            raise PipelineError(
+                "no stored patching version DAS can rank; build one with "
+                "`seqpatch build patching --sites resid_pre,attn_out,mlp_out`"
+            )
+        patching_ref = usable[-1]
+    else:
+        patching_ref = store.resolve("patching", patching)
     if pairs is None:
         pairs = next(
             (p["version"] for p in patching_ref.parents if p.get("stage") == "pairs"), "latest"

@@ -40,18 +40,30 @@ def random_pairs(seed, n, length, diverge, vocab=300):
     return src, tgt
 
 
+# Where each site lives in a Llama, written out here (not taken from the library):
+# (module path under the decoder layer, input or output, heads it splits into or None).
+def site_location(handle, site):
+    cfg = handle.hf_model.config
+    return {
+        "resid_post": ("", False, None),
+        "mlp_out": ("mlp", False, None),
+        "attn_out": ("self_attn", False, None),
+        "head_z": ("self_attn.o_proj", True, cfg.num_attention_heads),
+        "head_v": ("self_attn.v_proj", False, cfg.num_key_value_heads),
+    }[site]
+
+
 def hook_patch_ld(handle, src, tgt, site, layer, pos, head=None):
-    """LD = logit(A) − logit(B) of targets with one cell taken from the sources, by plain hooks
-    on the module ``handle.module`` names (``head``: one head of the ``o_proj`` input)."""
-    ref = handle.module(site, layer)
-    is_input = ref.kind == "input"
-    register = (
-        ref.module.register_forward_pre_hook if is_input else ref.module.register_forward_hook
-    )
+    """LD = logit(A) − logit(B) of targets with one cell (one head of it, for head sites) taken
+    from the sources, by plain hooks on the Llama module that holds ``site``."""
+    path, is_input, n_heads = site_location(handle, site)
+    module = handle.hf_model.model.layers[layer]
+    module = module.get_submodule(path) if path else module
+    register = module.register_forward_pre_hook if is_input else module.register_forward_hook
 
     def view(x):
         x = x[0] if isinstance(x, tuple) else x
-        return x if head is None else x.unflatten(-1, (handle.n_heads, -1))[:, :, head]
+        return x if head is None else x.unflatten(-1, (n_heads, -1))[:, :, head]
 
     donated = {}
 
@@ -79,14 +91,16 @@ def hook_patch_ld(handle, src, tgt, site, layer, pos, head=None):
 @contextmanager
 def linear_readout(handle, site):
     """The last layer made linear up to the logits: final norm → identity, and for sites read
-    before the MLP (``attn_out``, ``head``) the last MLP → zero.
+    before the MLP the last MLP → zero.
 
-    Then LD is an affine function of ``site`` at the last layer, and a first-order estimate of a
-    patch there is the patch itself."""
-    patched = [handle.submodule(handle.adapter.final_norm)]
+    Then LD is an affine function of ``site`` at the last layer (``head_v`` too: the attention
+    pattern depends on q and k only), and a first-order estimate of a patch there is the patch
+    itself."""
+    layer = handle.hf_model.model.layers[-1]
+    patched = [handle.hf_model.model.norm]
     patched[0].forward = lambda x: x
-    if site in ("attn_out", "head"):
-        patched.append(handle.module("mlp_out", handle.n_layers - 1).module)
+    if site in ("attn_out", "head_z", "head_v"):
+        patched.append(layer.mlp)
         patched[1].forward = lambda x: torch.zeros_like(x)
     try:
         yield
@@ -95,27 +109,50 @@ def linear_readout(handle, site):
             del module.forward
 
 
-@pytest.mark.parametrize("site", ["resid_post", "mlp_out", "attn_out", "head"])
+@pytest.mark.parametrize("site", ["resid_post", "mlp_out", "attn_out", "head_z", "head_v"])
 def test_equals_exact_patch_when_the_metric_is_linear(llama, site):
     src, tgt = random_pairs(seed=1, n=3, length=9, diverge=3)
     last = llama.n_layers - 1
+    n_heads = site_location(llama, site)[2]
+    axes = ("layer", "head", "pos") if n_heads else ("layer", "pos")
     with linear_readout(llama, site):
         result = attribution_sweep(
-            llama, src, tgt, site, CANDIDATES, ANSWER_A, ANSWER_B, layers=[last]
+            llama, src, tgt, site, CANDIDATES, ANSWER_A, ANSWER_B, layers=[last], axes=axes
         )
-        estimate = logit_diff(result.logits, ANSWER_A, ANSWER_B)  # [n, 1, T(, heads)]
-        heads = range(llama.n_heads) if site == "head" else [None]
+        estimate = logit_diff(result.logits, ANSWER_A, ANSWER_B)  # [n, 1, (heads,) T]
+        heads = range(n_heads) if n_heads else [None]
         checked = 0
         for pos in range(tgt.shape[1]):
             for head in heads:
                 want = hook_patch_ld(llama, src, tgt, site, last, pos, head)
-                got = estimate[:, 0, pos] if head is None else estimate[:, 0, pos, head]
+                got = estimate[:, 0, pos] if head is None else estimate[:, 0, head, pos]
                 assert (got - want).abs().max().item() <= 1e-4, (site, pos, head)
                 checked += 1
         # the last position moves the answer: the check is not only of zeros
-        assert (estimate[:, 0, -1] - estimate[:, 0, 0]).abs().max() > 1e-2
+        assert (estimate[..., -1] - estimate[..., 0]).abs().max() > 1e-2
     assert checked == tgt.shape[1] * len(heads)
     assert result.lse.isnan().all()
+
+
+def test_axes_are_sums_of_finer_cells(llama):
+    """First order is linear: all heads at once is the sum over heads, all positions at once
+    the sum over positions (every other entry of the grid is the same estimate)."""
+    src, tgt = random_pairs(seed=6, n=2, length=7, diverge=2)
+
+    def grid(site, axes):
+        return estimates(
+            llama, src, tgt, "head_z" if site else "mlp_out", CANDIDATES, 0, 1, axes=axes
+        ).delta
+
+    by_head_pos = grid(True, ("layer", "head", "pos"))
+    assert by_head_pos.shape == (2, llama.n_layers, llama.n_heads, 7)
+    torch.testing.assert_close(grid(True, ("layer", "pos")), by_head_pos.sum(2))
+    torch.testing.assert_close(grid(True, ("layer", "head")), by_head_pos.sum(3))
+    torch.testing.assert_close(grid(False, ("layer",)), grid(False, ("layer", "pos")).sum(2))
+    with pytest.raises(InterventionError, match="head site"):
+        grid(False, ("layer", "head"))
+    with pytest.raises(InterventionError, match="axes"):
+        grid(False, ("pos",))
 
 
 def test_is_only_first_order_where_the_model_is_not_linear(llama):
@@ -147,7 +184,7 @@ def test_readout_layout(llama):
     with torch.no_grad():
         clean = llama.hf_model(input_ids=tgt).logits[:, -1, CANDIDATES]
     torch.testing.assert_close(full.clean[:2], clean, atol=1e-5, rtol=0)
-    for i, (a, b) in enumerate(zip(answers_a, answers_b)):
+    for i, (a, b) in enumerate(zip(answers_a, answers_b, strict=True)):
         others = [c for c in range(len(CANDIDATES)) if c not in (a, b)]
         got = result.logits[i, :, :5][..., others]
         assert (got == full.clean[i, others]).all()
@@ -156,7 +193,15 @@ def test_readout_layout(llama):
             ld_clean = full.clean[i, a] - full.clean[i, b]
             torch.testing.assert_close(ld - ld_clean, full.delta[i, :, :5], atol=1e-5, rtol=0)
     subset = estimates(
-        llama, srcs, tgts, "mlp_out", CANDIDATES, answers_a, answers_b, layers=[1], positions=[-1, 3]
+        llama,
+        srcs,
+        tgts,
+        "mlp_out",
+        CANDIDATES,
+        answers_a,
+        answers_b,
+        layers=[1],
+        positions=[-1, 3],
     )
     torch.testing.assert_close(subset.delta[:2, 0], full.delta[:2, 1][:, [7, 3]])
     torch.testing.assert_close(subset.delta[2, 0], full.delta[2, 1][[4, 3]])
@@ -190,7 +235,7 @@ def test_bad_inputs_say_what_to_change(llama):
         attribution_sweep(llama, src, tgt, "resid_pre", CANDIDATES, 10, 1)
     with pytest.raises(InterventionError, match="equal token lengths"):
         attribution_sweep(llama, [src[0]], [tgt[0, :5]], "resid_pre", CANDIDATES, 0, 1)
-    with pytest.raises(ValueError, match="unknown site"):
+    with pytest.raises(InterventionError, match="unknown or missing site"):
         attribution_sweep(llama, src, tgt, "nope", CANDIDATES, 0, 1)
 
 
@@ -223,8 +268,8 @@ MIN_RECALL = 0.85
 @pytest.fixture(scope="module")
 def organism_stages(tmp_path_factory):
     from seqpatch.executor import execute
-    from seqpatch.stages.base import ModelCache
     from seqpatch.pipeline import pairs_config
+    from seqpatch.stages.base import ModelCache
     from seqpatch.stages.patching import PatchingConfig
     from seqpatch.store import Store
 
@@ -247,6 +292,15 @@ def organism_stages(tmp_path_factory):
         )
         for method in ("auto", "attribution")
     }
+    heads = PatchingConfig(sites=("head_z",), axes=("layer", "head"), method="attribution")
+    built["heads"] = store.load(
+        "patching",
+        execute(
+            "patching", heads, {"pairs": pairs}, store=store, models=models, progress=False
+        ).version,
+    )
+    built["pairs"] = store.load("pairs", pairs.version)
+    built["handle"] = models.get("builtin")
     return built
 
 
@@ -276,3 +330,28 @@ def test_attribution_ranks_cells_like_exact_patching(organism_stages):
     same = compare_methods(organism_stages["auto"], organism_stages["auto"])
     assert all(v["spearman"] == pytest.approx(1.0) for v in same.values())
     assert all(v["recall_pairs"] == 1.0 for v in same.values())
+
+
+def test_stage_estimates_head_grids(organism_stages):
+    """``--sites head_z --axes layer,head --method attribution`` stores the estimate of each
+    head patched at every position, as ``estimates`` computes it for the same pairs."""
+    from seqpatch.interventions.attribution import ld_change
+
+    rows, pairs, handle = (organism_stages[k] for k in ("heads", "pairs", "handle"))
+    by_id = {pid: i for i, pid in enumerate(pairs["pair_id"])}
+    picked = pairs.select([by_id[pid] for pid in rows["pair_id"][:5]])
+    want = estimates(
+        handle,
+        [torch.tensor(ids) for ids in picked["input_ids_a"]],
+        [torch.tensor(ids) for ids in picked["input_ids_b"]],
+        "head_z",
+        torch.tensor(picked["candidate_ids"]),
+        picked["answer_index_a"],
+        picked["answer_index_b"],
+        axes=("layer", "head"),
+    ).delta.numpy()
+    assert set(rows["method"]) == {"attribution"}
+    for i, row in enumerate(rows.select(range(5))):
+        got = ld_change(row)
+        assert got.shape == (handle.n_layers, handle.n_heads)
+        np.testing.assert_allclose(got, want[i], atol=1e-4)

@@ -69,6 +69,8 @@ def a_file(tmp_path: Path) -> Path:
         (["export", "foo", "--to", "x"], "unknown stage 'foo'; known stages: programs, benchmark"),
         (["import", "foo", "--from", "x"], "unknown stage 'foo'"),
         (["choose", "--min-accuracy", "2"], "'--min-accuracy'"),
+        (["--threads", "0", "list"], "'--threads'"),  # the root's own option
+        (["build", "programs", "--bogus"], "No such option: --bogus"),
     ],
 )
 def test_bad_option_is_one_line_before_any_work(

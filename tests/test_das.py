@@ -283,3 +283,24 @@ def test_exported_bases_reproduce_stored_iia(organism_study, tmp_path):
         assert math.isclose(iia, float(row["iia"]), abs_tol=1e-6)
         checked += 1
     assert checked == 4
+
+
+def test_das_refuses_a_patching_parent_it_cannot_rank(tmp_path) -> None:
+    """Head grids and attribution estimates have no (site, layer, position) cells to rotate."""
+    from seqpatch.stages import das
+    from seqpatch.stages.base import Inputs, ModelCache
+    from seqpatch.store import StageRef
+
+    def ref(stage: str, config: dict, parents: list) -> StageRef:
+        return StageRef(stage, stage[:4], tmp_path, {"config": config, "parents": parents})
+
+    pairs = ref("pairs", {"model": "builtin"}, [])
+    for config in (
+        {"sites": ["head_z"], "axes": ["layer", "head"], "method": "auto"},
+        {"sites": ["resid_pre"], "axes": ["layer", "pos"], "method": "attribution"},
+        {"sites": ["head_z"], "axes": ["layer", "pos"], "method": "auto"},
+    ):
+        patching_ref = ref("patching", config, [{"stage": "pairs", "version": pairs.version}])
+        inputs = Inputs({"pairs": pairs, "patching": patching_ref}, ModelCache(), ("builtin",))
+        with pytest.raises(DasStageError, match="pass"):
+            das.prepare(inputs, DasConfig())

@@ -200,13 +200,19 @@ def test_whole_stream_from_divergence_and_span_axis(handles, arch):
     src, tgt = random_pairs(seed=5, n=3, length=length, diverge=4)
     tgt[1, 4:7] = src[1, 4:7]  # pair 1 diverges later, at 7
     layer_module = handle.hf_model.transformer.h if arch == "gpt2" else handle.hf_model.model.layers
-    spec = PatchSpec("resid_pre", ("layer", "span"), spans=("all", "from-divergence", [0, -1]))
+    spans = ("all", "from-divergence", [0, -1], "before-last", "last")
+    spec = PatchSpec("resid_pre", ("layer", "span"), spans=spans)
     for method in methods(arch):
         result = patch_grid(handle, src, tgt, spec, CANDIDATES, method=method)
-        assert result.logits.shape == (3, handle.n_layers, 3, len(CANDIDATES))
+        assert result.logits.shape == (3, handle.n_layers, len(spans), len(CANDIDATES))
         for layer in range(handle.n_layers):
             for p, start in ((0, 4), (1, 7), (2, 4)):
-                for si, positions in ((1, range(start, length)), (2, [0, length - 1])):
+                for si, positions in (
+                    (1, range(start, length)),
+                    (2, [0, length - 1]),
+                    (3, range(start, length - 1)),
+                    (4, [length - 1]),
+                ):
                     want = _resid_reference(
                         handle, layer_module[layer], src[p : p + 1], tgt[p : p + 1], positions
                     )

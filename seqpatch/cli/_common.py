@@ -7,6 +7,8 @@ an option reads the same in every command that takes it. Nothing here imports a 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,19 +46,29 @@ class SeqpatchGroup(TyperGroup):
         super().__init__(*args, **kwargs)
         _reflow_help(self)
 
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _user_errors():
+            return super().make_context(*args, **kwargs)  # the root's own options
+
     def invoke(self, ctx: typer.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except SeqpatchError as err:
-            _fail(str(err))
-        except UsageError as err:
-            if type(err).__name__ == "NoArgsIsHelpError":  # the help text, shown by click
-                raise
-            where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
-            _fail(err.format_message() + where)
-        except KeyboardInterrupt:
-            typer.echo(INTERRUPTED_MESSAGE, err=True)
-            raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+        with _user_errors():
+            return super().invoke(ctx)  # every sub-command: its options, then its work
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except SeqpatchError as err:
+        _fail(str(err))
+    except UsageError as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # the help text, shown by click
+            raise
+        where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+        _fail(err.format_message() + where)
+    except KeyboardInterrupt:
+        typer.echo(INTERRUPTED_MESSAGE, err=True)
+        raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
 
 
 def _fail(message: str) -> None:
@@ -235,7 +247,9 @@ BenchmarkVersionOpt = Annotated[
 SitesOpt = Annotated[
     str,
     typer.Option(
-        "--sites", help="Comma-separated sites: resid_pre, resid_post, attn_out, mlp_out."
+        "--sites",
+        help="Comma-separated sites: resid_pre, resid_post, attn_out, mlp_out; for patching "
+        "also the attention heads head_z, head_q, head_k, head_v (with --axes layer,head).",
     ),
 ]
 PairsVersionOpt = Annotated[
@@ -246,7 +260,11 @@ PatchingVersionOpt = Annotated[
 ]
 MetricOpt = Annotated[
     str,
-    typer.Option("--metric", help="normalised, prob_delta (whole vocabulary), prob_delta_candidates or logit_diff.", callback=_check_metric),
+    typer.Option(
+        "--metric",
+        help="normalised, prob_delta (whole vocabulary), prob_delta_candidates or logit_diff.",
+        callback=_check_metric,
+    ),
 ]
 FromOpt = Annotated[
     str | None,

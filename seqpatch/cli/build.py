@@ -37,7 +37,7 @@ ExecutorOpt = Annotated[
     typer.Option(
         "--executor",
         help="Where the shards are computed: local (this process) or ray (Ray actors, one per "
-        "GPU or CPU slot; needs `pip install 'seqpatch[ray]'`). Same version either way.",
+        "GPU or CPU slot; needs `pip install 'seqpatch\\[ray]'`). Same version either way.",
         callback=_check_executor,
     ),
 ]
@@ -297,7 +297,8 @@ def build_patching(
         str,
         typer.Option(
             "--positions",
-            help="Without a pos axis, the positions patched at once: all or from-divergence.",
+            help="Without a pos axis, the positions patched at once: all, from-divergence, "
+            "before-last (from the divergence up to the last token) or last.",
         ),
     ] = "all",
     shard_size: Annotated[

@@ -19,6 +19,14 @@ from seqpatch.cli._common import (
 
 app = typer.Typer()
 
+LineageOpt = Annotated[
+    bool,
+    typer.Option(
+        "--lineage/--no-lineage",
+        help="Also write the exact stored versions the stage was built from.",
+    ),
+]
+
 
 @app.command(
     "push",
@@ -37,10 +45,14 @@ def push(
     private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
     data_dir: DataDirOpt = None,
     max_shard_size: ShardSizeOpt = "500MB",
+    lineage: LineageOpt = True,
 ) -> None:
     """Publish a stored stage as a config of a Hub dataset repo, in one commit.
 
-    Afterwards load_dataset("USER/NAME", "STAGE") works. Token: HF_TOKEN or `hf auth login`.
+    With it go the exact stored versions it was built from (its lineage), so the repo is
+    consistent. Afterwards load_dataset("USER/NAME", "STAGE") works. Token: HF_TOKEN or
+    `hf auth login`; every local check (token never written, card renders) runs before the
+    first Hub call.
     """
     from seqpatch.hub import push_stage
 
@@ -51,6 +63,7 @@ def push(
         private=private,
         data_dir=data_dir,
         max_shard_size=max_shard_size,
+        lineage=lineage,
     )
     typer.echo(f"published {stage} as config {stage!r} of {repo_id}: {url}")
 
@@ -78,22 +91,36 @@ def export(
         str | None, typer.Option("--repo-id", help="Repo id shown in the card's examples.")
     ] = None,
     max_shard_size: ShardSizeOpt = "500MB",
+    lineage: LineageOpt = True,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Also write into a non-empty folder that is not a seqpatch export (files "
+            "seqpatch did not write are never deleted).",
+        ),
+    ] = False,
 ) -> None:
-    """Write a stored stage to a folder in exactly the layout `seqpatch push` uploads.
+    """Write a stored stage, and the stored versions it was built from, to a folder in exactly
+    the layout `seqpatch push` uploads.
 
-    Afterwards load_dataset("FOLDER", "STAGE", split="train") works.
+    Refuses the data dir and any folder inside it, and a non-empty folder that is not an
+    export (unless --force). Afterwards load_dataset("FOLDER", "STAGE", split="train") works.
     """
     from seqpatch.hub import export_stage
 
-    folder = export_stage(
+    exported = export_stage(
         stage,
         to,
         version=version,
         data_dir=data_dir,
         repo_id=repo_id,
         max_shard_size=max_shard_size,
+        force=force,
+        lineage=lineage,
     )
-    typer.echo(f"exported {stage} to {folder} (load_dataset({str(folder)!r}, {stage!r}))")
+    typer.echo(exported.summary())
+    typer.echo(f"load it with load_dataset({str(to)!r}, {stage!r}, split='train')")
 
 
 @app.command(

@@ -34,18 +34,23 @@ split evenly, ``+Δ̂/2`` on answer A's logit and ``−Δ̂/2`` on answer B's. H
   ``prob_delta`` and ``prob_delta_candidates`` mean nothing for attribution rows: ``lse`` is NaN,
   which makes ``prob_delta`` NaN, and the stage stores ``prob_delta_candidates`` as NaN too.
 
-Sites: any site ``ModelHandle.module`` knows, with a site tensor of any trailing shape: for
-``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out`` (``[batch, tokens, d_model]``) the result
-is ``[n, L', P', C]``; for a site split by head (``[batch, tokens, heads, d_head]``) each head is
-its own cell and the result is ``[n, L', P', heads, C]`` (``estimates`` returns the Δ̂ grid alone).
-Because the estimate is linear in the patch, patching several cells at once (a whole layer, all
-positions of a head) is estimated by the sum of their cells.
+Sites: every site ``sites.hooked`` hooks, with a site tensor of any trailing shape — the
+residual-stream sites (``[batch, tokens, d_model]``) and the head sites ``head_z``,
+``head_q/k/v`` (``[batch, tokens, heads, d_head]``; k/v per k/v head). The grid's named ``axes``
+follow the engine's order (``sweep.GRID_AXES``): ``layer,pos`` (the default), ``layer`` (the
+``positions`` patched at once), and for head sites ``layer,head`` and ``layer,head,pos``; without
+``head`` a head site is patched for all its heads. Because the estimate is linear in the patch,
+a cell that patches several coordinates at once (all heads, a set of positions) is estimated by
+the sum of theirs — no extra pass. The result is ``[n_pairs, *axes, C]`` (``estimates`` returns
+the Δ̂ grid alone).
 
 Where it is exact: when LD is linear in the patched activation (say ``resid_post`` of the last
 layer without a final norm) the estimate equals the exact patch. Where it fails: the expansion
-is local, so a patch that moves an attention softmax out of its linear regime (AtP's
-"attention saturation") or a norm far from the target's scale is under- or over-estimated;
-``compare_methods`` measures that against exact rows, and ``docs/benchmarks.md`` reports it.
+is local, so a patch that flips the answer is underestimated. On the organism (300 pairs,
+``scripts/bench_attribution.py``) it ranks cells like exact patching (Spearman 0.92, ~96% top-20
+recall per pair) but recovers only 3–62% of the strongest cells' effect; freezing attention
+patterns keeps most of the exact effect there, so the miss is not mainly attention saturation
+and AtP*'s QK fix is not implemented. ``compare_methods`` measures agreement against exact rows.
 """
 
 from __future__ import annotations
@@ -60,9 +65,12 @@ import numpy as np
 import torch
 
 from seqpatch.interventions.sites import (
+    GRID_SITES,
+    HEAD_SITES,
     InterventionError,
     as_id_rows,
     capture_sites,
+    check_sites,
     hooked,
     resolve_indices,
 )
@@ -74,21 +82,28 @@ if TYPE_CHECKING:
     from seqpatch.models import ModelHandle, Site
 
 METRIC = "logit(A) - logit(B) at the target's last position"
+# The engine's grids (sweep.GRID_AXES) but ``span`` (one position set per cell is ``positions``).
+ATTRIBUTION_AXES: tuple[tuple[str, ...], ...] = (
+    ("layer", "pos"),
+    ("layer",),
+    ("layer", "head"),
+    ("layer", "head", "pos"),
+)
 
 
 @dataclass(frozen=True)
 class Estimates:
     """The attribution grid and the target baselines it is added to.
 
-    ``delta`` ``[n, L', P', *extra]`` float32: the estimated change of LD per cell (NaN beyond a
-    shorter pair's length; ``extra`` are the site tensor's axes between position and feature,
-    e.g. ``[heads]``). ``clean`` ``[n, C]`` and ``clean_lse`` ``[n]``: the targets' unpatched
-    readout from the same forward.
+    ``delta`` ``[n, *axes]`` float32: the estimated change of LD per cell (NaN at a ``pos``
+    beyond a shorter pair's length). ``clean`` ``[n, C]`` and ``clean_lse`` ``[n]``: the targets'
+    unpatched readout from the same forward.
     """
 
     delta: torch.Tensor
     clean: torch.Tensor
     clean_lse: torch.Tensor
+    axes: tuple[str, ...] = ("layer", "pos")
 
 
 def attribution_sweep(
@@ -102,15 +117,18 @@ def attribution_sweep(
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
     *,
+    axes: Sequence[str] = ("layer", "pos"),
     max_pairs: int = 64,
 ) -> Readout:
     """The attribution estimate of every cell, as a ``Readout`` shaped like ``sweep``'s.
 
-    ``logits`` ``[n, L', P', *extra, C]`` hold the target's candidate logits with Δ̂/2 added to
-    answer A's and subtracted from answer B's (so ``logit_diff`` is the estimate); ``lse`` is
-    NaN (full-vocabulary probabilities are not estimated). Arguments as for ``sweep``;
+    ``logits`` ``[n, *axes, C]`` hold the target's candidate logits with Δ̂/2 added to answer
+    A's and subtracted from answer B's (so ``logit_diff`` is the estimate); ``lse`` is NaN
+    (full-vocabulary probabilities are not estimated). Arguments as for ``sweep``;
     ``answer_a``/``answer_b`` are indices into the candidate axis (an int, or one per pair), as in
-    ``seqpatch.metrics``; ``max_pairs`` bounds the pairs in one forward and backward.
+    ``seqpatch.metrics``; ``positions`` are the ``pos`` axis's values, or on a grid without
+    ``pos`` the positions patched together (default all; NaN-free: positions beyond a pair's
+    length are left out); ``max_pairs`` bounds the pairs in one forward and backward.
     """
     est = estimates(
         handle,
@@ -122,6 +140,7 @@ def attribution_sweep(
         answer_b,
         layers,
         positions,
+        axes=axes,
         max_pairs=max_pairs,
     )
     n, n_cand = est.clean.shape
@@ -146,9 +165,18 @@ def estimates(
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
     *,
+    axes: Sequence[str] = ("layer", "pos"),
     max_pairs: int = 64,
 ) -> Estimates:
     """Δ̂ = (a_src − a_tgt) · ∂LD/∂a per cell, with the targets' clean readout (``Estimates``)."""
+    axes = tuple(axes)
+    if axes not in ATTRIBUTION_AXES:
+        choices = "; ".join(",".join(a) for a in ATTRIBUTION_AXES)
+        raise InterventionError(f"axes {','.join(axes)!r}: attribution estimates {choices}")
+    if "head" in axes and site not in HEAD_SITES:
+        raise InterventionError(
+            f"axis 'head' needs a head site ({', '.join(HEAD_SITES)}); {site!r} has no heads"
+        )
     src_rows, tgt_rows = as_id_rows(src_ids, "src_ids"), as_id_rows(tgt_ids, "tgt_ids")
     if len(src_rows) != len(tgt_rows):
         raise InterventionError(f"{len(src_rows)} source rows but {len(tgt_rows)} target rows")
@@ -162,7 +190,7 @@ def estimates(
         raise InterventionError("attribution runs locally; load the model with remote=False")
     if max_pairs < 1:
         raise InterventionError(f"max_pairs must be >= 1, got {max_pairs}")
-    handle.module(site, 0)  # an unknown site raises SiteError, naming the known ones
+    check_sites([site], GRID_SITES)
     n = len(tgt_rows)
     layer_idx = resolve_indices(layers, handle.n_layers, "layer")
     cand = _candidates(candidate_ids, n, handle)
@@ -192,12 +220,32 @@ def estimates(
                     layer_idx,
                     pos_idx,
                 )
+                grid = _to_axes(grid, axes, n_pos)
                 if delta is None:
-                    delta = torch.full((n, len(layer_idx), n_pos, *grid.shape[3:]), float("nan"))
-                delta[members, :, : len(pos_idx)] = grid
+                    delta = torch.full((n, *grid.shape[1:]), float("nan"))
+                delta[members] = grid
                 clean[members], clean_lse[members] = logits, lse
     assert delta is not None  # at least one pair: as_id_rows rejects none
-    return Estimates(delta, clean, clean_lse)
+    return Estimates(delta, clean, clean_lse, axes)
+
+
+def _to_axes(grid: torch.Tensor, axes: tuple[str, ...], n_pos: int) -> torch.Tensor:
+    """``[b, L', P, *extra]`` per-coordinate estimates as the ``axes`` grid (first order: a cell
+    patching several coordinates is their sum). ``pos`` grids are padded with NaN to ``n_pos``."""
+    extra = tuple(range(3, grid.ndim))
+    if "head" not in axes and extra:
+        grid = grid.sum(extra)
+    if "pos" not in axes:
+        return grid.nansum(2)  # [b, L'(, heads)]
+    if "head" in axes:
+        grid = grid.movedim(2, -1)  # [b, L', heads, P]
+    pad = n_pos - grid.shape[-1] if "head" in axes else n_pos - grid.shape[2]
+    if pad:
+        shape = list(grid.shape)
+        where = -1 if "head" in axes else 2
+        shape[where] = pad
+        grid = torch.cat([grid, torch.full(shape, float("nan"))], dim=where)
+    return grid
 
 
 def _batch(
@@ -304,7 +352,9 @@ def spearman(x: Any, y: Any) -> float:
     """Spearman's rank correlation of two equal-length samples (ties get their mean rank)."""
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     if x.shape != y.shape or x.size < 2:
-        raise ValueError(f"spearman needs two samples of the same size >= 2, got {x.size}, {y.size}")
+        raise ValueError(
+            f"spearman needs two samples of the same size >= 2, got {x.size}, {y.size}"
+        )
     rx, ry = _ranks(x), _ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denom = np.sqrt((rx**2).sum() * (ry**2).sum())
@@ -324,7 +374,10 @@ def top_k_recall(exact: np.ndarray, estimate: np.ndarray, k: int = 20) -> float:
     fewer move); the estimate's are its ``k`` of largest ``|estimate|``. NaN cells never count;
     NaN when no exact cell moves.
     """
-    exact, estimate = np.asarray(exact, np.float64).ravel(), np.asarray(estimate, np.float64).ravel()
+    exact, estimate = (
+        np.asarray(exact, np.float64).ravel(),
+        np.asarray(estimate, np.float64).ravel(),
+    )
     ok = ~(np.isnan(exact) | np.isnan(estimate))
     exact, estimate = np.abs(exact[ok]), np.abs(estimate[ok])
     top_exact = np.argsort(-exact, kind="stable")[: min(k, int((exact > 0).sum()))]
@@ -397,7 +450,9 @@ def compare_methods(
         result[site] = {
             "spearman": spearman(ex[ok], at[ok]),
             "spearman_moved": spearman(ex[moved], at[moved]) if moved.sum() > 1 else float("nan"),
-            "recall_pairs": float(np.nanmean([top_k_recall(e, a, k) for e, a in zip(ex, at)])),
+            "recall_pairs": float(
+                np.nanmean([top_k_recall(e, a, k) for e, a in zip(ex, at, strict=True)])
+            ),
             "recall_mean": top_k_recall(np.stack(means_ex), np.stack(means_at), k),
             "pairs": float(len(grids)),
             "cells": float(ok.sum()),

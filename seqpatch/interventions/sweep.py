@@ -84,8 +84,11 @@ if TYPE_CHECKING:
 
 Method = Literal["auto", "cached", "full"]
 Span = str | Sequence[int]
-"""A set of positions patched together: ``"all"``, ``"from-divergence"`` or explicit positions
+"""A set of positions patched together: ``"all"``, ``"from-divergence"`` (from a pair's first
+differing token on), ``"before-last"`` (from the divergence up to, not including, the last
+token, where the answer is read), ``"last"`` (the last token alone) or explicit positions
 (negative ones count from each pair's end; positions beyond a pair's length are left out)."""
+SPAN_NAMES = ("all", "from-divergence", "before-last", "last")
 AXIS_ORDER = ("layer", "head", "pos", "span")
 GRID_AXES: tuple[tuple[str, ...], ...] = (
     ("layer", "pos"),
@@ -189,9 +192,9 @@ class PatchSpec:
         if not self.spans:
             raise InterventionError("spans must name at least one position set, e.g. ('all',)")
         for span in self.spans:
-            if isinstance(span, str) and span not in ("all", "from-divergence"):
+            if isinstance(span, str) and span not in SPAN_NAMES:
                 raise InterventionError(
-                    f"unknown span {span!r}; use 'all', 'from-divergence' or a list of positions"
+                    f"unknown span {span!r}; use {', '.join(SPAN_NAMES)} or a list of positions"
                 )
 
 
@@ -448,6 +451,10 @@ class _Plan:
                 masks[e] = True
             elif span == "from-divergence":
                 masks[e] = grid[None] >= diverge[:, None]
+            elif span == "before-last":
+                masks[e] = (grid[None] >= diverge[:, None]) & (grid[None] < length - 1)
+            elif span == "last":
+                masks[e][:, length - 1] = True
             else:
                 chosen = [int(p) % length for p in span if -length <= int(p) < length]  # type: ignore[union-attr]
                 masks[e][:, chosen] = True

@@ -143,19 +143,34 @@ def prepare(inputs: Inputs, cfg: DasConfig) -> None:
     """The patching stage must be built from these pairs, and every ``k`` must fit the model."""
     pairs_version = inputs.parents["pairs"].version
     patched_from = [
-        p.get("version")
-        for p in inputs.parents["patching"].provenance.get("parents", [])
-        if p.get("stage") == "pairs"
+        p.get("version") for p in inputs.parents["patching"].parents if p.get("stage") == "pairs"
     ]
     if patched_from and pairs_version not in patched_from:
         raise DasStageError(
             f"the patching stage was built from pairs {patched_from[0]}, not {pairs_version}; "
             f"pass --pairs {patched_from[0]}"
         )
+    patching_cfg = inputs.parents["patching"].provenance["config"]
+    if not rankable(patching_cfg):
+        raise DasStageError(
+            "DAS ranks (site, layer, position) cells of an exact patching stage over whole site "
+            f"vectors; this one has sites {','.join(patching_cfg.get('sites', ()))}, axes "
+            f"{','.join(patching_cfg.get('axes', ('layer', 'pos')))} and method "
+            f"{patching_cfg.get('method', 'auto')}: pass --patching with a version built with "
+            "--sites resid_pre,attn_out,mlp_out (axes layer,pos)"
+        )
     d_model = inputs.model.d_model
     too_big = [k for k in cfg.ks if k > d_model]
     if too_big:
         raise DasStageError(f"k={too_big[0]} exceeds the model's d_model {d_model}")
+
+
+def rankable(patching_config: Mapping[str, Any]) -> bool:
+    """Whether DAS can rank a patching stage's cells: exact (not attribution) patching of whole
+    site vectors (no head sites) over (layer, position)."""
+    axes = tuple(patching_config.get("axes", ("layer", "pos")))
+    heads = any(str(site).startswith("head_") for site in patching_config.get("sites", ()))
+    return axes == ("layer", "pos") and patching_config.get("method") != "attribution" and not heads
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,12 @@ The grid's named axes are the config's ``axes`` (``PatchingConfig``), recorded i
   once, ``[layers, heads]`` (the row's ``heads`` lists them: k/v sites have the model's k/v
   heads, NaN beyond them when a query-head site shares the stage);
 - ``layer,head,pos`` — one head at one position, ``[layers, heads, positions]``;
-- ``layer`` — whole-stream patching: every position of the config's ``positions`` set (``all``,
-  or ``from-divergence``: from the pair's first differing token on; the row's ``span``) at
-  once, ``[layers]``.
+- ``layer`` — whole-stream patching: every position of the config's ``positions`` set at once
+  (``all``; ``from-divergence``: from the pair's first differing token on; ``before-last``: from
+  the divergence up to, not including, the last token; ``last``: the last token alone; the
+  row's ``span``), ``[layers]``. ``all`` switches B to A at every layer by construction;
+  ``before-last`` against ``last`` shows at which layer the value has left the other positions
+  for the token where the answer is read.
 
 One row per (pair, site). ``logits[..., c]`` are the target's (B's) next-token logits of the
 answer candidates (the ten digits, ``candidate_labels``) at its scored position when a cell of
@@ -69,7 +72,7 @@ STAGE = "patching"
 SCHEMA_VERSION = 4  # 2: full-vocabulary lse; 3: `method` (exact/attribution); 4: named axes
 DEFAULT_AXES = ("layer", "pos")
 STAGE_AXES = (("layer", "pos"), ("layer", "head"), ("layer", "head", "pos"), ("layer",))
-POSITION_SETS = ("all", "from-divergence")
+POSITION_SETS = ("all", "from-divergence", "before-last", "last")
 # The name each engine axis has in heatmap.json and the charts.
 AXIS_NAMES = {"layer": "layer", "head": "head", "pos": "position"}
 METRICS = ("normalised", "prob_delta", "logit_diff", "prob_delta_candidates")
@@ -98,7 +101,7 @@ class PatchingConfig:
     """Which sweeps to run. ``layers`` empty = all of them.
 
     ``axes`` name the grid (``STAGE_AXES``); ``positions`` is the position set a grid without a
-    ``pos`` axis patches at once (``all`` or ``from-divergence``).
+    ``pos`` axis patches at once (``POSITION_SETS``).
     """
 
     sites: tuple[str, ...] = ("resid_pre",)
@@ -135,9 +138,12 @@ class PatchingConfig:
                 "--positions chooses the set patched at once on grids without a pos axis; "
                 "drop it or use --axes layer (whole-stream) or layer,head"
             )
-        if self.method == "attribution" and axes != DEFAULT_AXES:
-            raise PatchingStageError("--method attribution estimates layer,pos grids only")
         object.__setattr__(self, "axes", axes)
+        if self.method == "attribution" and self.positions not in ("all", "from-divergence"):
+            raise PatchingStageError(
+                "attribution estimates position sets from the divergence on (all or "
+                f"from-divergence), not {self.positions!r}; use the exact method for it"
+            )
         if self.method not in METHODS:
             raise PatchingStageError(
                 f"unknown method {self.method!r}; use one of {', '.join(METHODS)}"
@@ -239,7 +245,11 @@ def _patch(
     out: dict[str, list] = {name: [] for name in features(1, 1, 1)}
     for site in cfg.sites:
         if cfg.method == "attribution":  # first-order estimates, one backward per batch
-            readout = attribution_sweep(handle, src, tgt, site, cand, ans_a, ans_b, layers=layers)
+            # every axes grid; a position set is summed whole ("from-divergence" = "all":
+            # positions before the divergence contribute exactly 0 to a first-order estimate)
+            readout = attribution_sweep(
+                handle, src, tgt, site, cand, ans_a, ans_b, layers=layers, axes=cfg.axes
+            )
         else:
             spec = PatchSpec(site, cfg.axes, layers=layers, spans=(cfg.positions,))
             readout = patch_grid(
