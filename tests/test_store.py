@@ -374,7 +374,9 @@ def test_corrupt_provenance_is_a_clear_error(tmp_path: Path) -> None:
     store = Store(tmp_path)
     ref = store.get_or_build("toy", 1, ToyConfig(1), Builder(1))
     (ref.path / PROVENANCE_FILE).write_text("{not json")
-    with pytest.raises(StoreError, match=rf"toy/{ref.version}.*damaged.*unreadable.*verify toy --clean"):
+    with pytest.raises(
+        StoreError, match=rf"toy/{ref.version}.*damaged.*unreadable.*verify toy --clean"
+    ):
         store.load("toy")
 
 
