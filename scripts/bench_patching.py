@@ -163,6 +163,11 @@ TL_SWEEPS = {
 }
 
 
+# An engine row for grids without a position axis: patching from a pair's first changed token
+# on is the same patch as every position (before it, A's and B's activations are equal).
+FROM_DIVERGENCE = "engine, span from-divergence (the same patch)"
+
+
 @dataclass(frozen=True)
 class Workload:
     """One model's share of the comparison: its pairs, prompt length and swept layers.
@@ -300,7 +305,9 @@ def engine_grid(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, SweepStats]:
     """The engine's sweep as ``[n, L', H', P', C]`` logits and ``[n, L', H', P']`` lse."""
-    result = patch_grid(handle, src, tgt, PatchSpec(site, axes, layers=layers), cand_ids, **kwargs)
+    spans = kwargs.pop("spans", ("all",))
+    spec = PatchSpec(site, axes, layers=layers, spans=spans)
+    result = patch_grid(handle, src, tgt, spec, cand_ids, **kwargs)
     logits, lse = result.logits, result.lse
     if "head" not in axes:
         logits, lse = logits.unsqueeze(2), lse.unsqueeze(2)
@@ -331,7 +338,11 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float, float
         f"torch {torch.__version__}; TransformerLens {_tl_version()}. Pairs are random token "
         "sequences shaped like counterfactual pairs (one token changed); every method sweeps "
         "the same pairs and cells; a cell = one (pair, grid cell) patched; the naive loop "
-        "times its first pairs and its cells/s extrapolate. Speed-ups are ratios inside this run.",
+        "times its first pairs and its cells/s extrapolate. Speed-ups are ratios inside this run. "
+        "*Span from-divergence*: the head patched from the pair's first changed token on "
+        "(`--positions from-divergence`), which is the all-positions patch, since A's and B's "
+        "activations are equal before that token (checked against TransformerLens' all-positions "
+        "values in the last column).",
         "",
         "| model | grid | pair-cells | method | time (s) | cells/s | × naive | × TransformerLens | max abs diff vs TL (logits, lse) |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|",
@@ -343,10 +354,10 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float, float
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / name
             if name == "builtin":
-                handle = load_model("builtin", device="cpu")
-                from seqpatch.models.loading import _builtin_dir
+                from seqpatch.organism import WEIGHTS_DIR
 
-                folder = _builtin_dir()
+                handle = load_model("builtin", device="cpu")
+                folder = WEIGHTS_DIR
                 label = "organism (4 layers, d 128, 8 heads)"
             else:
                 handle = smollm2_shaped_llama(folder, args.seed)
@@ -384,10 +395,13 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float, float
                 ]
                 naive_vs_tl = max_diff(naive, (tl_logits[:naive_n], tl_lse[:naive_n]))
                 rows[0] = (*rows[0][:3], naive_vs_tl)
-                for engine_label, kwargs in [
+                variants: list[tuple[str, dict[str, Any]]] = [
                     ("engine, compute floor", {"skip_noops": False}),
                     ("engine, compute floor + skip no-op cells", {}),
-                ]:
+                ]
+                if "pos" not in axes:  # the same patch: before it, A's and B's z are equal
+                    variants.append((FROM_DIVERGENCE, {"spans": ("from-divergence",)}))
+                for engine_label, kwargs in variants:
                     (logits, lse, stats), seconds = timed(
                         engine_grid, handle, src, tgt, site, axes, layers, cand_ids, **kwargs
                     )

@@ -191,3 +191,24 @@ def grid_chart_artifacts(rows: Any) -> dict[str, Artifact]:
 
     chart, name = grid_chart(rows)
     return chart_artifacts(chart, name)
+
+
+def top_heads_chart(rows: Any, metric: str = DEFAULT_METRIC, n_top: int = 6) -> Any:
+    """Per-position panels for the strongest heads of a ``layer,head,pos`` patching stage."""
+    from seqpatch import charts
+    from seqpatch.stages.patching import aggregate, effect_cells
+
+    agg = aggregate(rows, metric)
+    return charts.top_heads_figure(effect_cells(agg), agg, metric, charts.count_pairs(rows), n_top)
+
+
+def head_positions_chart_artifacts(rows: Any) -> dict[str, Artifact]:
+    """The top heads' per-position chart (HTML + PNG) of a ``layer,head,pos`` stage; nothing
+    for other grids."""
+    from seqpatch.charts import top_heads_name
+    from seqpatch.stages.base import chart_artifacts
+    from seqpatch.stages.patching import grid_axes
+
+    if grid_axes(rows) != ("layer", "head", "pos"):
+        return {}
+    return chart_artifacts(top_heads_chart(rows), top_heads_name(DEFAULT_METRIC))

@@ -48,6 +48,7 @@ TINY_ARCHITECTURES: tuple[str, ...] = (
     "mistral",
     "gemma",
     "gemma2",
+    "gemma3_text",
     "gpt2",
     "gpt_neox",
     "phi3",
@@ -176,6 +177,20 @@ def tiny_config(arch: str, vocab_size: int = 384) -> PretrainedConfig:
                 head_dim=8,
                 sliding_window=16,  # shorter than test prompts, so the local layers are exercised
                 query_pre_attn_scalar=8,
+                **common,
+            )
+        case "gemma3_text" | "gemma3":  # "gemma3" alone names the multimodal wrapper's config
+            return AutoConfig.for_model(
+                "gemma3_text",
+                **llama_like,
+                head_dim=8,
+                query_pre_attn_scalar=8,
+                sliding_window=4,  # far shorter than test prompts: the local layer's mask matters
+                layer_types=["sliding_attention", "full_attention"],  # one of each, as 5:1 in 270M
+                rope_parameters={  # distinct bases per layer type, as in the real checkpoints
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                    "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                },
                 **common,
             )
         case "gpt2":

@@ -19,7 +19,7 @@ from seqpatch.interventions import (
 from seqpatch.models import load_model
 from seqpatch.testing import save_tiny_model
 
-ARCHS = ("llama", "qwen2", "gemma2", "gpt2", "gpt_neox")
+ARCHS = ("llama", "qwen2", "gemma2", "gemma3_text", "gpt2", "gpt_neox")
 CANDIDATES = list(range(20, 30))
 TOL = 1e-5
 
@@ -127,7 +127,7 @@ def check(result_logits, result_lse, want):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_layer_head_grid_all_positions_equals_hook_patches(handles, arch):
     handle = handles[arch]
-    length = 18  # longer than gemma2's sliding window (16)
+    length = 18  # longer than the sliding windows of gemma2 (16) and gemma3_text (4)
     src, tgt = random_pairs(seed=1, n=3, length=length, diverge=5)
     n_kv = getattr(handle.hf_model.config, "num_key_value_heads", None) or handle.n_heads
     for method in methods(arch):
@@ -193,7 +193,7 @@ def test_whole_stream_at_layer_zero_gives_the_source(handles, arch):
         assert (source.logits - target.logits).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "gemma3_text"])
 def test_whole_stream_from_divergence_and_span_axis(handles, arch):
     handle = handles[arch]
     length = 12

@@ -35,6 +35,7 @@ from seqpatch.testing import (
     build_tiny_model,
     build_tiny_tokenizer,
     save_tiny_model,
+    tiny_config,
 )
 
 PROMPTS = ["x = 0\nx += 3\nx -= 2", "x = 0\nx -= 4\nx += 1"]  # equal token length: no padding
@@ -72,6 +73,16 @@ def test_every_supported_architecture_has_a_tiny_model():
     assert set(TINY_ARCHITECTURES) == set(ADAPTERS)
 
 
+def test_tiny_gemma3_has_local_and_global_layers_with_their_own_rope():
+    """The exactness tests rely on this: prompts longer than the window, both layer types."""
+    config = tiny_config("gemma3")
+    assert config.model_type == "gemma3_text" and config.num_hidden_layers == 2
+    assert sorted(config.layer_types) == ["full_attention", "sliding_attention"]
+    assert config.sliding_window == 4  # test prompts are 10-20 tokens
+    theta = {kind: config.rope_parameters[kind]["rope_theta"] for kind in config.layer_types}
+    assert theta["sliding_attention"] != theta["full_attention"]
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_sites_have_the_right_shapes_and_meaning(handles, arch):
     h = handles[arch]
@@ -93,7 +104,7 @@ def test_sites_have_the_right_shapes_and_meaning(handles, arch):
         with torch.no_grad():
             recomposed = o_proj(acts["head", layer].flatten(-2))
         torch.testing.assert_close(recomposed, acts["attn_out", layer])
-        if arch != "gemma2":  # Gemma 2 normalises attn_out and mlp_out before adding them
+        if arch not in ("gemma2", "gemma3_text"):  # these norm attn_out/mlp_out before adding
             parts = acts["resid_pre", layer] + acts["attn_out", layer] + acts["mlp_out", layer]
             torch.testing.assert_close(parts, acts["resid_post", layer])
     with torch.no_grad():
@@ -438,7 +449,7 @@ def test_pad_left_uses_the_tokenizer_and_counts_positions_from_each_row(handles)
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "gemma3_text"])
 def test_teacher_forcing_matches_unpadded_forwards(handles, arch):
     """Against one plain, unpadded forward per row; the remote path (nnsight's local
     simulation of NDIF) gives exactly the local result."""

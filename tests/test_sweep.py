@@ -99,7 +99,7 @@ def assert_matches_reference(handle, src, tgt, site, result, cells, layers=None,
 )
 def test_sweep_equals_hook_patches(handles, arch, method):
     handle = handles[arch]
-    length = 20  # longer than gemma2's sliding window (16): local layers are exercised
+    length = 20  # longer than the sliding windows of gemma2 (16) and gemma3_text (4)
     src, tgt = random_pairs(seed=1, n=3, length=length, diverge=6)
     last = handle.n_layers - 1
     cells = [(0, 0), (0, length - 1), (last, 0), (last, length - 1), (last, 11)]

@@ -254,6 +254,36 @@ def test_full_method_runs_architectures_without_the_layer_runner(tmp_path):
     assert abs(result.corrupted_prob - result.clean_prob) > 0
 
 
+@pytest.mark.parametrize("method", ["cached", "full"])
+def test_tracing_is_exact_on_sliding_window_and_global_layers(tmp_path, method):
+    """Gemma 3: layer 0 attends over a 4-token window with rope base 10k, layer 1 globally with
+    base 1M; the layer runner must give each layer its own mask and rotary embedding."""
+    from seqpatch.testing import save_tiny_model
+
+    folder = save_tiny_model("gemma3_text", tmp_path / "gemma3")
+    handle = load_model(str(folder), prompt_format="compact")
+    ids = list(range(3, 17))  # 14 tokens, far beyond the window
+    noised = [2, 3]
+    corr = corruption(handle, noised)
+    window = 1
+    stats: list = []
+    result = trace(handle, ids, 7, corr, window=window, method=method, stats=stats)
+    assert stats[0].method == method
+    noise = corr.noise(handle.d_model)
+    last = len(ids) - 1
+    cells = [("resid", 1, 3), ("resid", 1, 9), ("resid", 0, 2), ("mlp", 0, 3)]
+    cells += [("mlp", 1, last), ("attn", 1, last), ("attn", 0, 6), ("resid", 1, last)]
+    for kind, layer, t in cells:
+        if kind == "resid":
+            states = [(kind, layer, t)]
+        else:
+            states = [(kind, j, t) for j in window_layers(layer, window, handle.n_layers)]
+        expected = reference(handle, ids, 7, noised, noise, states)
+        got = result.restored[KINDS.index(kind), layer, t]
+        np.testing.assert_allclose(got, expected, atol=TOL, err_msg=f"{kind} {layer} {t}")
+    assert np.abs(result.indirect_effect).max() > 1e-4
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage's pieces
 

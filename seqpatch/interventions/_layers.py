@@ -9,10 +9,13 @@ keys and values of positions ``< t`` (a prefix cache), exactly as incremental de
 The decoder layers of ``transformers`` are called one by one with what the model's own forward
 would give them — rotary ``position_embeddings``, an explicit additive attention mask (causal,
 with the layer's sliding window) and a cache — so the arithmetic inside each layer is the
-library's own. The cache is a duck-typed stand-in for ``transformers.Cache``: attention modules
-of the supported architectures only ever call ``cache.update(keys, values, layer_idx)``, which
-here returns the clean prefix concatenated with the new keys/values (and, for the clean run,
-records them).
+library's own. Where layers differ by ``config.layer_types`` (Gemma 2/3: sliding-window and
+global layers), each layer gets its own type's mask and — where the rotary module is keyed by
+layer type (Gemma 3: rope base 10k on local layers, 1M on global ones) — its own type's rotary
+embedding, as the model's forward gives them. The cache is a duck-typed stand-in for
+``transformers.Cache``: attention modules of the supported architectures only ever call
+``cache.update(keys, values, layer_idx)``, which here returns the clean prefix concatenated with
+the new keys/values (and, for the clean run, records them).
 
 Supported: the architectures whose ``ArchitectureAdapter`` names a ``rotary`` module (and the
 keyword its layers take the cache under), with ``eager`` or ``sdpa`` attention. Anything else
@@ -31,16 +34,23 @@ if TYPE_CHECKING:
 
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
+SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})  # masks built here
 
 
 def supports_layer_runner(handle: ModelHandle) -> bool:
-    """Whether ``LayerRunner`` reproduces this model's forward (architecture and attention kernel)."""
+    """Whether ``LayerRunner`` reproduces this model's forward (architecture and attention kernel).
+
+    Layer types other than full and sliding-window attention (chunked, linear attention…) need
+    masks or caches the runner does not build, so such models take the generic path.
+    """
     config = handle.hf_model.config
+    layer_types = getattr(config, "layer_types", None) or ()
     return (
         not handle.remote
         and handle.adapter.rotary is not None
         and getattr(config, "_attn_implementation", None) in SUPPORTED_ATTENTION
         and not getattr(config, "use_bidirectional_attention", False)
+        and set(layer_types) <= SUPPORTED_LAYER_TYPES
     )
 
 
@@ -98,6 +108,11 @@ class LayerRunner:
         ]
         if getattr(config, "use_sliding_window", True) is False:
             self.windows = [None] * handle.n_layers
+        # A rotary module keyed by layer type (it lists them) takes the type on each call.
+        typed_rotary = isinstance(getattr(self.rotary, "layer_types", None), (list, tuple))
+        self.rope_keys: list[str | None] = [
+            layer_types[i] if typed_rotary and layer_types else None for i in range(handle.n_layers)
+        ]
         self._masks: dict[tuple[int, int, int | None], torch.Tensor] = {}
 
     def mask(self, start: int, length: int, window: int | None) -> torch.Tensor:
@@ -140,13 +155,16 @@ class LayerRunner:
                 trim.remove()
         length = start_pos + hidden.shape[1]
         position_ids = torch.arange(start_pos, length, device=hidden.device)[None]
-        position_embeddings = self.rotary(hidden, position_ids=position_ids)
+        position_embeddings = {
+            key: self.rotary(hidden, position_ids, *([key] if key else []))
+            for key in set(self.rope_keys[start_layer:])
+        }
         for index in range(start_layer, len(self.layers)):
             hidden = self.layers[index](
                 hidden,
                 attention_mask=self.mask(start_pos, length, self.windows[index]),
                 position_ids=position_ids,
-                position_embeddings=position_embeddings,
+                position_embeddings=position_embeddings[self.rope_keys[index]],
                 use_cache=True,
                 **{self.cache_kwarg: cache},
             )

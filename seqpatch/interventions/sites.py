@@ -92,7 +92,10 @@ _SEPARATE = {
     "head_v": HeadLayout("{attn}.v_proj", heads="kv"),
 }
 HEAD_LAYOUTS: dict[str, dict[str, HeadLayout]] = {
-    **{arch: _SEPARATE for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
+    **{
+        arch: _SEPARATE
+        for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+    },
     "phi": _SEPARATE,
     "phi3": {
         "head_q": HeadLayout("{attn}.qkv_proj"),

@@ -76,6 +76,10 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
         _llama_like("qwen3"),
         _llama_like("gemma"),
         _llama_like("gemma2"),
+        # Gemma 3 text models: attn_out/mlp_out are the attention/MLP outputs *before* the
+        # post-attention/post-feedforward norms, as for Gemma 2; the rotary module serves both
+        # layer types (a rope base each) and the layer runner asks it per layer type.
+        _llama_like("gemma3_text"),
         _llama_like("phi3"),
         _llama_like("phi", final_norm="model.final_layernorm", attn_o_proj="self_attn.dense"),
         ArchitectureAdapter(

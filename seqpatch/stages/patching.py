@@ -408,11 +408,16 @@ def build_shard(inputs: Inputs, cfg: PatchingConfig, index: int, batch_pairs: in
 
 
 def artifacts(rows: Dataset, cfg: PatchingConfig, inputs: Inputs) -> dict[str, Artifact]:
-    """The heatmap array with its axis file, and the heatmap and trace charts."""
+    """The heatmap array with its axis file, and the heatmap and trace charts (a
+    ``layer,head,pos`` grid adds the top heads' per-position panels)."""
     from seqpatch import plots
 
     if grid_axes(rows) != DEFAULT_AXES:
-        return {**heatmap_artifacts(rows), **plots.grid_chart_artifacts(rows)}
+        return {
+            **heatmap_artifacts(rows),
+            **plots.grid_chart_artifacts(rows),
+            **plots.head_positions_chart_artifacts(rows),
+        }
     return {
         **heatmap_artifacts(rows),
         **plots.patching_chart_artifacts(rows, inputs.rows("pairs")),
