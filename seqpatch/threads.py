@@ -1,11 +1,12 @@
 """How many CPU threads torch uses: chosen per model size, overridable, recorded in provenance.
 
-On a 2-core laptop with other processes busy, small matrices run 2.5–3× slower with two
-OpenMP threads than with one (each thread spins waiting for the other to be scheduled); large
-matrices gain from two. ``choose_threads`` takes one thread below ``SINGLE_THREAD_BELOW``
-parameters and up to ``MAX_THREADS`` above it — the crossover measured by
-``scripts/bench_threads.py`` (``docs/benchmarks.md``). ``--threads N`` or ``SEQPATCH_THREADS``
-override it. The thread count never changes a stored version: results agree to float
+Measured by ``scripts/bench_threads.py`` on a 2-core box (``docs/benchmarks.md``, "Threads"):
+on a quiet machine two threads run a forward 1.4–1.9× faster at every size, but with one other
+CPU-bound process they run it 2× (160 M parameters) to 20× (the organism) *slower* — each
+OpenMP thread spins waiting for the other to be scheduled. A laptop always has another process,
+so ``choose_threads`` takes one thread below ``SINGLE_THREAD_BELOW`` parameters (where the loss
+under load is 5–20×) and half the cores above it (one on a 2-core machine, leaving a core to
+the competitor; at most ``MAX_THREADS``). ``--threads N`` or ``SEQPATCH_THREADS`` override it. The thread count never changes a stored version: results agree to float
 tolerance (tested), and provenance records the count used.
 """
 
@@ -16,7 +17,7 @@ import os
 from seqpatch.errors import SeqpatchError
 
 THREADS_ENV = "SEQPATCH_THREADS"
-SINGLE_THREAD_BELOW = 50_000_000  # parameters; see docs/benchmarks.md "Threads"
+SINGLE_THREAD_BELOW = 10_000_000  # parameters; see docs/benchmarks.md "Threads"
 MAX_THREADS = 4  # past this a CPU forward of these models gains little and starves the laptop
 
 
@@ -41,7 +42,7 @@ def choose_threads(n_params: int | None) -> int:
         return requested
     if n_params is None or n_params < SINGLE_THREAD_BELOW:
         return 1
-    return max(1, min(MAX_THREADS, os.cpu_count() or 1))
+    return max(1, min(MAX_THREADS, (os.cpu_count() or 1) // 2))
 
 
 def use_threads(n_params: int | None) -> int:

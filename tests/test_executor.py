@@ -201,3 +201,20 @@ def test_thread_count_changes_no_stored_result(tmp_path: Path, monkeypatch) -> N
     assert built[1][0] == built[2][0]  # the version does not depend on the thread count
     one, two = (np.asarray(built[t][1]["logits"], dtype=np.float64) for t in (1, 2))
     np.testing.assert_allclose(one, two, rtol=0, atol=1e-5)
+
+
+def test_thread_choice_follows_model_size_and_the_override(monkeypatch) -> None:
+    from seqpatch.errors import SeqpatchError
+    from seqpatch.threads import SINGLE_THREAD_BELOW, THREADS_ENV, choose_threads
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert choose_threads(670_592) == 1  # the organism: one thread, whatever the machine
+    assert choose_threads(SINGLE_THREAD_BELOW) == 4  # large: half the cores
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert choose_threads(135_000_000) == 1  # a 2-core laptop keeps a core for the others
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert choose_threads(670_592) == 3
+    monkeypatch.setenv(THREADS_ENV, "zero")
+    with pytest.raises(SeqpatchError, match=THREADS_ENV):
+        choose_threads(1)
