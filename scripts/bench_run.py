@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -21,12 +20,9 @@ import time
 from datetime import date
 from pathlib import Path
 
+from _bench import command_line, competing_process, print_and_append
+
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-
-
-def _spin() -> None:
-    while True:
-        pass
 
 
 def _run(extra: list[str]) -> tuple[float, list[str]]:
@@ -44,16 +40,11 @@ def main() -> None:
     args = parser.parse_args()
     quiet, lines = _run(args.run_args)
     print(f"quiet: {quiet:.1f} s", flush=True)
-    spinner = multiprocessing.get_context("spawn").Process(target=_spin, daemon=True)
-    spinner.start()
-    try:
+    with competing_process():
         loaded, _ = _run(args.run_args)
-    finally:
-        spinner.terminate()
-        spinner.join()
     print(f"loaded: {loaded:.1f} s ({loaded / quiet:.2f}× quiet)")
     steps = [line.strip() for line in lines if line.startswith("  ") and "rows" in line]
-    command = "python " + " ".join(shlex.quote(a) for a in ["scripts/bench_run.py", *sys.argv[1:]])
+    command = command_line("scripts/bench_run.py")
     text = "\n".join(
         [
             "",
@@ -68,10 +59,7 @@ def main() -> None:
             "",
         ]
     )
-    print(text)
-    if args.append:
-        with DOCS.open("a") as out:
-            out.write(text)
+    print_and_append(text, DOCS, args.append)
 
 
 if __name__ == "__main__":

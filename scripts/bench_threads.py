@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import platform
-import shlex
 import statistics
-import sys
 import time
 from datetime import date
 from pathlib import Path
+
+from _bench import command_line, competing_process, print_and_append
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
@@ -30,11 +30,6 @@ SIZES = {  # name: (layers, d_model, heads, kv heads, d_ff, vocab)
     "medium (12 × 512)": (12, 512, 8, 8, 2048, 16384),
     "SmolLM2-135M-shaped (30 × 576)": (30, 576, 9, 3, 1536, 49152),
 }
-
-
-def _spin() -> None:
-    while True:
-        pass
 
 
 def _model(layers: int, d: int, heads: int, kv: int, d_ff: int, vocab: int):
@@ -83,13 +78,8 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters())
         ids = torch.randint(0, dims[-1], (args.batch, args.tokens))
         quiet = {t: _time(model, ids, t, args.repeats) for t in (1, 2)}
-        spinner = multiprocessing.get_context("spawn").Process(target=_spin, daemon=True)
-        spinner.start()
-        try:
+        with competing_process():
             loaded = {t: _time(model, ids, t, args.repeats) for t in (1, 2)}
-        finally:
-            spinner.terminate()
-            spinner.join()
         rows.append((name, n_params, quiet, loaded))
         print(
             f"{name}: {n_params:,} params; quiet 1t {quiet[1] * 1e3:.1f} ms, 2t "
@@ -97,9 +87,7 @@ def main() -> None:
             f"{loaded[2] * 1e3:.1f} ms",
             flush=True,
         )
-    command = "python " + " ".join(
-        shlex.quote(a) for a in ["scripts/bench_threads.py", *sys.argv[1:]]
-    )
+    command = command_line("scripts/bench_threads.py")
     lines = [
         "",
         "## Threads",
@@ -119,10 +107,7 @@ def main() -> None:
             f"{loaded[1] * 1e3:.1f} | {loaded[2] * 1e3:.1f} | {loaded[2] / loaded[1]:.2f}× |"
         )
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.append:
-        with DOCS.open("a") as out:
-            out.write(text)
+    print_and_append(text, DOCS, args.append)
 
 
 if __name__ == "__main__":

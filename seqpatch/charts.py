@@ -187,6 +187,25 @@ def count_pairs(rows: Any) -> dict[int, int]:
     return {k: len(ids) for k, ids in sorted(seen.items())}
 
 
+def _panel_cells(
+    panel: tuple[str, str], k: int, layers: Sequence[int], labels: list[str], **values: Any
+) -> pl.DataFrame:
+    """One panel of one divergence index as tidy cells, layer-major: the ``panel`` column (name,
+    value), ``divergence_index, layer, position, label``, then ``values`` (each flattened from
+    ``[layers, positions]``)."""
+    n_pos = len(labels)
+    return pl.DataFrame(
+        {
+            panel[0]: [panel[1]] * (len(layers) * n_pos),
+            "divergence_index": [int(k)] * (len(layers) * n_pos),
+            "layer": np.repeat(np.asarray(layers, dtype=np.int64), n_pos),
+            "position": np.tile(np.arange(n_pos, dtype=np.int64), len(layers)),
+            "label": labels * len(layers),
+            **values,
+        }
+    )
+
+
 def heatmap_cells(agg: Mapping[str, Any]) -> pl.DataFrame:
     """The aggregate as tidy cells: ``site, divergence_index, layer, position, label, mean, std,
     count`` (``count`` 0 and ``mean`` null where no pair has a value)."""
@@ -200,17 +219,14 @@ def heatmap_cells(agg: Mapping[str, Any]) -> pl.DataFrame:
             block = stats[si, ki, :, :, :n_pos]  # (3, layers, positions)
             mean, std, count = (block[i].reshape(-1) for i in range(3))
             frames.append(
-                pl.DataFrame(
-                    {
-                        "site": [site] * (len(layers) * n_pos),
-                        "divergence_index": [int(k)] * (len(layers) * n_pos),
-                        "layer": np.repeat(np.asarray(layers, dtype=np.int64), n_pos),
-                        "position": np.tile(np.arange(n_pos, dtype=np.int64), len(layers)),
-                        "label": labels * len(layers),
-                        "mean": mean,
-                        "std": std,
-                        "count": np.nan_to_num(count).astype(np.int64),
-                    }
+                _panel_cells(
+                    ("site", site),
+                    k,
+                    layers,
+                    labels,
+                    mean=mean,
+                    std=std,
+                    count=np.nan_to_num(count).astype(np.int64),
                 )
             )
     if not frames:
@@ -246,36 +262,22 @@ def heatmap_figure(
     sites = list(agg["sites"])
     layers = list(agg["layers"])
     n_pos = max(len(agg["labels"][k]) for k in agg["divergence_indices"])
-    row_h = max(7, min(14, (max_height - 200) // max(n_pos, 1)))
-    cell_w = max(6, min(24, 240 // max(len(layers), 1)))
-    font = max(7, min(11, row_h - 2))
+    row_h, cell_w, font = _grid_sizes(n_pos, len(layers), max_height - 200)
     missing = bool(cells["mean"].null_count())
     scale = color_scale(metric, cells["mean"].drop_nulls().to_list())
     data = cells.with_columns(
         pl.col("site").replace_strict({s: site_title(s, "|") for s in sites}).alias("site_title"),
         pl.format("{} · {}", pl.col("label"), pl.col("position")).alias("token"),
     )
-    layer_axis = alt.Axis(labelAngle=0, title="layer", values=_thin(layers, cell_w))
-    changed = "indexof(datum.value, '* ·') >= 0"
-    token_axis = alt.Axis(
-        title=None,
-        labelFontSize=font,
-        labelLimit=150,
-        labelFontWeight=alt.ExprRef(f"{changed} ? 'bold' : 'normal'"),
-        labelColor=alt.ExprRef(f"{changed} ? 'black' : '#444444'"),
-    )
     groups = []
     for k in ks:
         block = data.filter(pl.col("divergence_index") == k)
         n_k = counts.get(k, 0)
-        base = alt.Chart().encode(
-            x=alt.X("layer:O", axis=layer_axis, sort=layers),
-            y=alt.Y(
-                "token:N",
-                axis=token_axis,
-                sort=alt.EncodingSortField(field="position", order="ascending"),
-            ),
-            tooltip=[
+        base = _layer_token_base(
+            layers,
+            cell_w,
+            font,
+            [
                 alt.Tooltip("site:N"),
                 alt.Tooltip("divergence_index:O", title="k"),
                 alt.Tooltip("layer:O"),
@@ -296,34 +298,100 @@ def heatmap_figure(
             data=block,
         ).properties(width=cell_w * len(layers), height=row_h * len(agg["labels"][k]))
         groups.append(
-            cells_view.facet(
-                column=alt.Column(
-                    "site_title:N",
-                    sort=[site_title(s, "|") for s in sites],
-                    header=alt.Header(
-                        title=None, labelExpr="split(datum.value, '|')", labelFontSize=11
-                    ),
-                ),
-                spacing=6,
-            ).properties(
-                title=alt.TitleParams(
+            _panel_group(
+                cells_view,
+                "site_title:N",
+                [site_title(s, "|") for s in sites],
+                alt.TitleParams(
                     f"k = {k} ({ordinal(k + 1)} statement changed) · "
                     f"{n_k} pair{'s' if n_k != 1 else ''}",
                     fontSize=13,
                     anchor="middle",
-                )
+                ),
             )
         )
     total = sum(counts.get(k, 0) for k in ks)
-    est_width = len(ks) * (90 + len(sites) * (cell_w * len(layers) + 6))
-    caption = [
-        part
-        for line in heatmap_caption(metric, missing)
-        for part in textwrap.wrap(line, max(est_width, 620) // 6)
-    ]
+    heading = title or (
+        f"Activation patching A → B: where does the changed statement matter? ({total} pairs)"
+    )
+    return _grid_figure(
+        groups,
+        len(sites),
+        cell_w * len(layers),
+        heatmap_caption(metric, missing),
+        heading,
+        f"Mean {METRIC_TITLES[metric]} over pairs, per site, layer and token",
+    )
+
+
+def _grid_sizes(n_pos: int, n_layers: int, height: int) -> tuple[int, int, int]:
+    """Row height, cell width and token label font size of a layer × token panel whose rows
+    share ``height`` CSS pixels (what the figure's titles and caption leave)."""
+    row_h = max(7, min(14, height // max(n_pos, 1)))
+    cell_w = max(6, min(24, 240 // max(n_layers, 1)))
+    font = max(7, min(11, row_h - 2))
+    return row_h, cell_w, font
+
+
+def _layer_token_base(
+    layers: Sequence[int], cell_w: int, font: int, tooltip: list[alt.Tooltip]
+) -> alt.Chart:
+    """The encoding of a layer × token panel: layers across (labels thinned to fit ``cell_w``),
+    tokens down in position order, the labels of ``*`` tokens bold and black."""
+    marked = "indexof(datum.value, '* ·') >= 0"
+    token_axis = alt.Axis(
+        title=None,
+        labelFontSize=font,
+        labelLimit=150,
+        labelFontWeight=alt.ExprRef(f"{marked} ? 'bold' : 'normal'"),
+        labelColor=alt.ExprRef(f"{marked} ? 'black' : '#444444'"),
+    )
+    return alt.Chart().encode(
+        x=alt.X(
+            "layer:O",
+            axis=alt.Axis(labelAngle=0, title="layer", values=_thin(layers, cell_w)),
+            sort=layers,
+        ),
+        y=alt.Y(
+            "token:N",
+            axis=token_axis,
+            sort=alt.EncodingSortField(field="position", order="ascending"),
+        ),
+        tooltip=tooltip,
+    )
+
+
+def _panel_group(
+    view: alt.LayerChart, column: str, sort: list[str], title: alt.TitleParams
+) -> alt.FacetChart:
+    """One divergence index's group: ``view`` faceted across ``column`` (headers split at
+    ``|`` into lines), under ``title``."""
+    return view.facet(
+        column=alt.Column(
+            column,
+            sort=sort,
+            header=alt.Header(title=None, labelExpr="split(datum.value, '|')", labelFontSize=11),
+        ),
+        spacing=6,
+    ).properties(title=title)
+
+
+def _grid_figure(
+    groups: list[alt.FacetChart],
+    n_panels: int,
+    panel_w: int,
+    caption: list[str],
+    heading: str,
+    subtitle: str,
+) -> alt.VConcatChart:
+    """The groups side by side, the caption under them wrapped to the estimated chart width
+    (``n_panels`` panels of ``panel_w`` pixels per group), heading and subtitle above, one
+    colour scale shared by every panel."""
+    est_width = len(groups) * (90 + n_panels * (panel_w + 6))
+    wrapped = [part for line in caption for part in textwrap.wrap(line, max(est_width, 620) // 6)]
     body = alt.hconcat(*groups, spacing=18).properties(
         title=alt.TitleParams(
-            caption,
+            wrapped,
             orient="bottom",
             anchor="start",
             fontSize=11,
@@ -332,19 +400,9 @@ def heatmap_figure(
             offset=14,
         )
     )
-    heading = title or (
-        f"Activation patching A → B: where does the changed statement matter? ({total} pairs)"
-    )
     return (
         alt.vconcat(body)
-        .properties(
-            title=alt.TitleParams(
-                heading,
-                subtitle=f"Mean {METRIC_TITLES[metric]} over pairs, per site, layer and token",
-                anchor="start",
-                fontSize=15,
-            )
-        )
+        .properties(title=alt.TitleParams(heading, subtitle=subtitle, anchor="start", fontSize=15))
         .resolve_scale(color="shared")
         .configure_view(stroke=None)
         .configure_legend(titleLimit=200)
@@ -884,16 +942,13 @@ def tracing_cells(summary: Mapping[str, Any]) -> pl.DataFrame:
         for kind_i, kind in enumerate(summary["kinds"]):
             values = grid[ki, kind_i, :, :n_pos].reshape(-1)
             frames.append(
-                pl.DataFrame(
-                    {
-                        "kind": [kind] * (len(layers) * n_pos),
-                        "divergence_index": [int(k)] * (len(layers) * n_pos),
-                        "layer": np.repeat(np.asarray(layers, dtype=np.int64), n_pos),
-                        "position": np.tile(np.arange(n_pos, dtype=np.int64), len(layers)),
-                        "label": labels * len(layers),
-                        "corrupted": [t in corrupted for t in range(n_pos)] * len(layers),
-                        "aie": values,
-                    }
+                _panel_cells(
+                    ("kind", kind),
+                    k,
+                    layers,
+                    labels,
+                    corrupted=[t in corrupted for t in range(n_pos)] * len(layers),
+                    aie=values,
                 )
             )
     if not frames:
@@ -952,9 +1007,7 @@ def tracing_figure(
     ks = [int(k) for k in summary["divergence_indices"]]
     window = int(summary["window"])
     n_pos = max(len(summary["labels"][k]) for k in summary["divergence_indices"])
-    row_h = max(7, min(14, (max_height - 220) // max(n_pos, 1)))
-    cell_w = max(6, min(24, 240 // max(len(layers), 1)))
-    font = max(7, min(11, row_h - 2))
+    row_h, cell_w, font = _grid_sizes(n_pos, len(layers), max_height - 220)
     scale, diverging = aie_scale(cells["aie"].drop_nulls().to_list())
     missing = bool(cells["aie"].null_count())
     panel_titles = [tracing_panel_title(kind, window) for kind in kinds]
@@ -969,28 +1022,16 @@ def tracing_figure(
             pl.col("position"),
         ).alias("token"),
     )
-    layer_axis = alt.Axis(labelAngle=0, title="layer", values=_thin(layers, cell_w))
-    marked = "indexof(datum.value, '* ·') >= 0"
-    token_axis = alt.Axis(
-        title=None,
-        labelFontSize=font,
-        labelLimit=150,
-        labelFontWeight=alt.ExprRef(f"{marked} ? 'bold' : 'normal'"),
-        labelColor=alt.ExprRef(f"{marked} ? 'black' : '#444444'"),
-    )
     counts = {int(k): int(v) for k, v in summary["counts"].items()}
     by_k = summary.get("by_k", {})
     groups = []
     for k in ks:
         block = data.filter(pl.col("divergence_index") == k)
-        base = alt.Chart().encode(
-            x=alt.X("layer:O", axis=layer_axis, sort=layers),
-            y=alt.Y(
-                "token:N",
-                axis=token_axis,
-                sort=alt.EncodingSortField(field="position", order="ascending"),
-            ),
-            tooltip=[
+        base = _layer_token_base(
+            layers,
+            cell_w,
+            font,
+            [
                 alt.Tooltip("kind:N", title="restored"),
                 alt.Tooltip("divergence_index:O", title="k"),
                 alt.Tooltip("layer:O"),
@@ -1018,17 +1059,11 @@ def tracing_figure(
             "s" if n_k != 1 else ""
         )
         groups.append(
-            view.facet(
-                column=alt.Column(
-                    "panel:N",
-                    sort=panel_titles,
-                    header=alt.Header(
-                        title=None, labelExpr="split(datum.value, '|')", labelFontSize=11
-                    ),
-                ),
-                spacing=6,
-            ).properties(
-                title=alt.TitleParams(
+            _panel_group(
+                view,
+                "panel:N",
+                panel_titles,
+                alt.TitleParams(
                     heading,
                     subtitle=(
                         f"P(answer): clean {probs[0]:.2f}, corrupted {probs[1]:.2f}"
@@ -1037,27 +1072,10 @@ def tracing_figure(
                     ),
                     fontSize=13,
                     anchor="middle",
-                )
+                ),
             )
         )
     total = sum(counts.get(k, 0) for k in ks)
-    est_width = len(ks) * (90 + len(kinds) * (cell_w * len(layers) + 6))
-    caption = [
-        part
-        for line in tracing_caption(summary, diverging, missing)
-        for part in textwrap.wrap(line, max(est_width, 620) // 6)
-    ]
-    body = alt.hconcat(*groups, spacing=18).properties(
-        title=alt.TitleParams(
-            caption,
-            orient="bottom",
-            anchor="start",
-            fontSize=11,
-            fontWeight="normal",
-            color="#333333",
-            offset=14,
-        )
-    )
     model = summary.get("model")
     heading = title or (
         "Causal tracing (ROME): which restored clean states bring the answer back?"
@@ -1068,12 +1086,13 @@ def tracing_figure(
         f"{summary['corrupted_prob']:.3f} (noise on the * tokens); colour = mean gain from "
         "restoring one state"
     )
-    return (
-        alt.vconcat(body)
-        .properties(title=alt.TitleParams(heading, subtitle=subtitle, anchor="start", fontSize=15))
-        .resolve_scale(color="shared")
-        .configure_view(stroke=None)
-        .configure_legend(titleLimit=200)
+    return _grid_figure(
+        groups,
+        len(kinds),
+        cell_w * len(layers),
+        tracing_caption(summary, diverging, missing),
+        heading,
+        subtitle,
     )
 
 

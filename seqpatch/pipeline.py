@@ -294,7 +294,9 @@ def build_patching(
 
     ``axes``: ``layer,pos`` (default), ``layer,head`` / ``layer,head,pos`` (head sites), or
     ``layer`` (whole-stream); ``positions`` (``all`` or ``from-divergence``) is the position set
-    patched at once by grids without a ``pos`` axis.
+    patched at once by grids without a ``pos`` axis; with one, ``changed+ends+last`` keeps only
+    each pair's changed tokens, the line ends after them and the final token
+    (``patching.selected_positions``).
 
     ``activations``: ``auto`` (use a cached activations stage of these pairs if one exists),
     ``none`` (recompute sources), or a version. With ``shard=(i, n)`` only shards ``i, i+n, …``

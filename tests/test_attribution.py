@@ -22,6 +22,7 @@ from seqpatch.interventions.attribution import (
 from seqpatch.metrics import logit_diff
 from seqpatch.models import load_model
 from seqpatch.testing import save_tiny_model
+from tests.token_pairs import random_pairs
 
 CANDIDATES = list(range(20, 30))
 ANSWER_A, ANSWER_B = 3, 7  # indices into CANDIDATES
@@ -30,14 +31,6 @@ ANSWER_A, ANSWER_B = 3, 7  # indices into CANDIDATES
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     return load_model(str(save_tiny_model("llama", tmp_path_factory.mktemp("atp") / "llama")))
-
-
-def random_pairs(seed, n, length, diverge, vocab=300):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(4, vocab, (n, length), generator=g)
-    tgt = src.clone()
-    tgt[:, diverge:] = torch.randint(4, vocab, (n, length - diverge), generator=g)
-    return src, tgt
 
 
 # Where each site lives in a Llama, written out here (not taken from the library):

@@ -18,6 +18,7 @@ from seqpatch.interventions import (
 )
 from seqpatch.models import load_model
 from seqpatch.testing import save_tiny_model
+from tests.token_pairs import random_pairs
 
 ARCHS = ("llama", "qwen2", "gemma2", "gemma3_text", "gpt2", "gpt_neox")
 CANDIDATES = list(range(20, 30))
@@ -28,14 +29,6 @@ TOL = 1e-5
 def handles(tmp_path_factory):
     root = tmp_path_factory.mktemp("heads")
     return {arch: load_model(str(save_tiny_model(arch, root / arch))) for arch in ARCHS}
-
-
-def random_pairs(seed, n, length, diverge, vocab=300):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(4, vocab, (n, length), generator=g)
-    tgt = src.clone()
-    tgt[:, diverge:] = torch.randint(4, vocab, (n, length - diverge), generator=g)
-    return src, tgt
 
 
 def methods(arch):

@@ -440,3 +440,83 @@ def test_bad_axes_are_refused_before_building():
         patching.PatchingConfig(sites=("resid_pre",), axes=("layer", "head"))
     with pytest.raises(patching.PatchingStageError, match="positions"):
         patching.PatchingConfig(positions="from-divergence")
+
+
+def test_changed_ends_last_is_the_full_grid_at_its_cells(handle, data_dir, models):
+    """The ``changed+ends+last`` selection computes exactly the full grid's cells it keeps
+    (and an independent plain-hook patch), NaN elsewhere."""
+    sites = ("resid_pre", "mlp_out")
+    full = pipeline.build_patching(sites, data_dir=data_dir, models=models, activations="none")
+    chosen = pipeline.build_patching(
+        sites,
+        positions="changed+ends+last",
+        data_dir=data_dir,
+        models=models,
+        activations="none",
+    )
+    assert chosen.version != full.version
+    store = Store(data_dir)
+    full_rows = store.load("patching", full.version).with_format("numpy")
+    rows = store.load("patching", chosen.version).with_format("numpy")
+    pairs = {r["pair_id"]: r for r in store.load("pairs")}
+    assert set(rows["span"]) == {"changed+ends+last"}
+    n_kept = with_ends = 0
+    for row, ref in zip(rows, full_rows, strict=True):
+        assert (row["pair_id"], row["site"]) == (ref["pair_id"], ref["site"])
+        pair = pairs[row["pair_id"]]
+        keep = patching.selected_positions(
+            pair["input_ids_a"], pair["input_ids_b"], handle.tokenizer
+        )
+        n = int(row["n_tokens"])
+        first = int(row["diff_positions"][0])
+        assert set(row["diff_positions"].tolist()) | {n - 1} <= set(keep)
+        assert len(keep) < n - first  # a true subset of the from-divergence cells
+        with_ends += len(keep) > len(row["diff_positions"]) + 1  # line ends after the change
+        np.testing.assert_allclose(row["logits"][:, keep], ref["logits"][:, keep], atol=1e-5)
+        np.testing.assert_allclose(row["lse"][:, keep], ref["lse"][:, keep], atol=1e-5)
+        others = [t for t in range(row["lse"].shape[1]) if t not in keep]
+        assert np.isnan(row["lse"][:, others]).all()
+        n_kept += len(keep)
+    assert n_kept > 0 and with_ends > 0
+    row = rows[0]
+    pair = pairs[row["pair_id"]]
+    pos = int(row["diff_positions"][0])
+    want = hooked_logits(handle, pair["input_ids_a"], pair["input_ids_b"], row["site"], 1, pos)
+    np.testing.assert_allclose(row["logits"][1, pos], want[pair["candidate_ids"]], atol=1e-5)
+    heat = patching.aggregate(store.load("patching", chosen.version))
+    counts = heat["stats"][:, :, 2]
+    assert (counts == 0).any() and (counts > 0).any()
+
+
+def test_position_selection_needs_a_pos_axis():
+    with pytest.raises(patching.PatchingStageError, match="layer,pos"):
+        patching.PatchingConfig(axes=("layer",), positions="changed+ends+last")
+    assert patching.PatchingConfig(positions="changed+ends+last").positions == "changed+ends+last"
+
+
+def test_heatmap_aligns_pairs_of_different_lengths_at_their_ends(handle, data_dir, models):
+    """BPE pairs of one divergence index differ in length: the aggregate averages them token by
+    token from the end (the query and the answer's position), not from the start."""
+    ref = pipeline.build_patching(("resid_pre",), data_dir=data_dir, models=models)
+    rows = Store(data_dir).load("patching", ref.version)
+    k = rows[0]["divergence_index"]
+    keep = [i for i, row in enumerate(rows) if row["divergence_index"] == k][:2]
+    two = rows.select(keep)
+    first, second = two.with_format("numpy")["normalised"]
+    n = int(two[1]["n_tokens"])
+    shortened = np.full_like(second, np.nan)
+    shortened[:, : n - 1] = second[:, 1:n]  # the second pair, one token shorter (its first dropped)
+    grids = [first, shortened]
+    edited = two.remove_columns("normalised").add_column("normalised", [g.tolist() for g in grids])
+    edited = edited.remove_columns("n_tokens").add_column("n_tokens", [n, n - 1])
+    agg = patching.aggregate(edited)
+    assert agg["aligned_to_end"] == [k]
+    mean = agg["stats"][0, 0, 0]
+    np.testing.assert_allclose(mean[:, n - 1], (first[:, n - 1] + second[:, n - 1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(mean[:, 0], first[:, 0], atol=1e-6)  # only the longer pair there
+    assert agg["labels"][k] == [
+        tok + ("*" if t in set(two[0]["diff_positions"]) else "")
+        for t, tok in enumerate(two[0]["tokens"])
+    ]
+    same = patching.aggregate(two)
+    assert same["aligned_to_end"] == []

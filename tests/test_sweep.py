@@ -19,6 +19,7 @@ from seqpatch.interventions import (
 from seqpatch.metrics import prob_delta, prob_delta_candidates
 from seqpatch.models import load_model
 from seqpatch.testing import TINY_ARCHITECTURES, save_tiny_model, tiny_config
+from tests.token_pairs import random_pairs
 
 CACHED_ARCHS = [a for a in TINY_ARCHITECTURES if a != "gpt2"]
 CANDIDATES = list(range(20, 30))
@@ -31,15 +32,6 @@ def handles(tmp_path_factory):
     return {
         arch: load_model(str(save_tiny_model(arch, root / arch))) for arch in TINY_ARCHITECTURES
     }
-
-
-def random_pairs(seed, n, length, diverge, vocab=300):
-    """Pairs that share tokens before ``diverge`` and differ (at random) from there on."""
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(4, vocab, (n, length), generator=g)
-    tgt = src.clone()
-    tgt[:, diverge:] = torch.randint(4, vocab, (n, length - diverge), generator=g)
-    return src, tgt
 
 
 def _site_tensor(value):

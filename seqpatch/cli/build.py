@@ -298,7 +298,9 @@ def build_patching(
         typer.Option(
             "--positions",
             help="Without a pos axis, the positions patched at once: all, from-divergence, "
-            "before-last (from the divergence up to the last token) or last.",
+            "before-last (from the divergence up to the last token) or last. With a pos axis, "
+            "the cells: all, or changed+ends+last (per pair: the changed tokens, the last token "
+            "of every line from there on and the final token; other cells NaN).",
         ),
     ] = "all",
     shard_size: Annotated[

@@ -68,13 +68,13 @@ from seqpatch.interventions.sites import (
     GRID_SITES,
     HEAD_SITES,
     InterventionError,
-    as_id_rows,
+    as_pair_rows,
     capture_sites,
     check_sites,
     hooked,
     resolve_indices,
 )
-from seqpatch.interventions.sweep import Readout
+from seqpatch.interventions.sweep import Readout, _by_length, _candidates, _positions_for
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -177,15 +177,7 @@ def estimates(
         raise InterventionError(
             f"axis 'head' needs a head site ({', '.join(HEAD_SITES)}); {site!r} has no heads"
         )
-    src_rows, tgt_rows = as_id_rows(src_ids, "src_ids"), as_id_rows(tgt_ids, "tgt_ids")
-    if len(src_rows) != len(tgt_rows):
-        raise InterventionError(f"{len(src_rows)} source rows but {len(tgt_rows)} target rows")
-    for i, (s, t) in enumerate(zip(src_rows, tgt_rows, strict=True)):
-        if s.shape != t.shape:
-            raise InterventionError(
-                f"pair {i}: source has {s.numel()} tokens and target {t.numel()}; a patched cell "
-                "needs the same position in both, so pairs must have equal token lengths"
-            )
+    src_rows, tgt_rows = as_pair_rows(src_ids, tgt_ids)
     if handle.remote:
         raise InterventionError("attribution runs locally; load the model with remote=False")
     if max_pairs < 1:
@@ -201,11 +193,8 @@ def estimates(
     clean = torch.empty(n, cand.shape[1])
     clean_lse = torch.empty(n)
     delta: torch.Tensor | None = None
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, row in enumerate(tgt_rows):
-        groups[row.numel()].append(i)
     with _frozen(handle.hf_model):
-        for length, group in groups.items():
+        for length, group in _by_length(tgt_rows).items():
             pos_idx = _positions_for(positions, length)
             for start in range(0, len(group), max_pairs):
                 members = group[start : start + max_pairs]
@@ -305,30 +294,6 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
         for m, mode in modes.items():
             m.training = mode
-
-
-def _positions_for(positions: Sequence[int] | None, length: int) -> list[int]:
-    """Unpadded positions of pairs of length ``length``; ``-1`` marks one beyond the pairs."""
-    if positions is None:
-        return list(range(length))
-    return [int(p) % length if -length <= int(p) < length else -1 for p in positions]
-
-
-def _candidates(
-    candidate_ids: Sequence[int] | torch.Tensor, n_pairs: int, handle: ModelHandle
-) -> torch.Tensor:
-    cand = torch.as_tensor(candidate_ids, dtype=torch.long)
-    if cand.ndim == 1:
-        cand = cand.expand(n_pairs, -1)
-    if cand.ndim != 2 or cand.shape[0] != n_pairs or cand.shape[1] == 0:
-        raise InterventionError(
-            f"candidate_ids must be [n_candidates] or [n_pairs={n_pairs}, n_candidates], got "
-            f"shape {list(cand.shape)}"
-        )
-    vocab = handle.hf_model.config.get_text_config().vocab_size
-    if bool((cand < 0).any() or (cand >= vocab).any()):
-        raise InterventionError(f"candidate_ids must be token ids in [0, {vocab})")
-    return cand
 
 
 def _answer_index(index: Any, n_pairs: int, n_cand: int, what: str) -> torch.Tensor:

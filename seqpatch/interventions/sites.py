@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.models.sites import SiteHook
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -128,7 +129,7 @@ def site_heads(handle: ModelHandle, site: str) -> int | None:
 
 
 @dataclass(frozen=True, eq=False)
-class HeadRef:
+class HeadRef(SiteHook):
     """A head site of one layer: ``get`` views the raw module tensor as ``[..., heads, d_head]``;
     ``hook(fn)`` lets ``fn(site_tensor) -> replacement | None`` rewrite it (other heads, and the
     fused parts of the tensor that are not this site, are left as they were)."""
@@ -158,25 +159,6 @@ class HeadRef:
         new = raw.clone()
         self.view(new).copy_(site_tensor)
         return (new, *value[1:]) if isinstance(value, tuple) else new
-
-    def hook(self, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Any:
-        if self.kind == "output":
-
-            def output_hook(_module: torch.nn.Module, _args: tuple, output: Any) -> Any:
-                new = fn(self.get(output))
-                return None if new is None else self.put(output, new)
-
-            return self.module.register_forward_hook(output_hook)
-
-        def input_hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-            if args:
-                new = fn(self.get(args[0]))
-                return None if new is None else ((self.put(args[0], new), *args[1:]), kwargs)
-            key = next(iter(kwargs))
-            new = fn(self.get(kwargs[key]))
-            return None if new is None else (args, {**kwargs, key: self.put(kwargs[key], new)})
-
-        return self.module.register_forward_pre_hook(input_hook, with_kwargs=True)
 
 
 def head_ref(handle: ModelHandle, site: str, layer: int) -> HeadRef:
@@ -272,3 +254,18 @@ def as_id_rows(ids: Any, what: str) -> list[torch.Tensor]:
     if any(row.ndim != 1 or row.numel() == 0 for row in rows):
         raise InterventionError(f"{what} must be non-empty 1-D rows of token ids (no padding)")
     return rows
+
+
+def as_pair_rows(src_ids: Any, tgt_ids: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Source and target rows (``as_id_rows``) that pair up: as many of each, and each pair's
+    two rows of equal length, since a patched cell needs the same position in both."""
+    src_rows, tgt_rows = as_id_rows(src_ids, "src_ids"), as_id_rows(tgt_ids, "tgt_ids")
+    if len(src_rows) != len(tgt_rows):
+        raise InterventionError(f"{len(src_rows)} source rows but {len(tgt_rows)} target rows")
+    for i, (s, t) in enumerate(zip(src_rows, tgt_rows, strict=True)):
+        if s.shape != t.shape:
+            raise InterventionError(
+                f"pair {i}: source has {s.numel()} tokens and target {t.numel()}; a patched cell "
+                "needs the same position in both, so pairs must have equal token lengths"
+            )
+    return src_rows, tgt_rows

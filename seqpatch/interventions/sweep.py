@@ -70,6 +70,7 @@ from seqpatch.interventions.sites import (
     SWEEP_SITES,
     InterventionError,
     as_id_rows,
+    as_pair_rows,
     capture_sites,
     check_sites,
     hooked,
@@ -308,15 +309,7 @@ def patch_grid(
             changes nothing (see the module docstring).
     """
     site, axes = spec.site, spec.axes
-    src_rows, tgt_rows = as_id_rows(src_ids, "src_ids"), as_id_rows(tgt_ids, "tgt_ids")
-    if len(src_rows) != len(tgt_rows):
-        raise InterventionError(f"{len(src_rows)} source rows but {len(tgt_rows)} target rows")
-    for i, (s, t) in enumerate(zip(src_rows, tgt_rows, strict=True)):
-        if s.shape != t.shape:
-            raise InterventionError(
-                f"pair {i}: source has {s.numel()} tokens and target {t.numel()}; a patched cell "
-                "needs the same position in both, so pairs must have equal token lengths"
-            )
+    src_rows, tgt_rows = as_pair_rows(src_ids, tgt_ids)
     if handle.remote:
         raise InterventionError("the sweep runs locally; load the model with remote=False")
     layer_idx = resolve_indices(spec.layers, handle.n_layers, "layer")

@@ -45,8 +45,34 @@ class SiteError(SeqpatchError, ValueError):
     """An unknown site name or a layer index out of range."""
 
 
+class SiteHook:
+    """``hook`` for a site reference: a class with ``module``, ``kind`` (``"input"``: the site
+    is the module's first input, positional or keyword; ``"output"``: its output) and
+    ``get(raw) -> site tensor`` / ``put(raw, site_tensor) -> raw``."""
+
+    def hook(self, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Any:
+        """Register ``fn(site_tensor) -> replacement | None`` on the module; returns the handle."""
+        if self.kind == "output":
+
+            def output_hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+                new = fn(self.get(output))
+                return None if new is None else self.put(output, new)
+
+            return self.module.register_forward_hook(output_hook)
+
+        def input_hook(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args:
+                new = fn(self.get(args[0]))
+                return None if new is None else ((self.put(args[0], new), *args[1:]), kwargs)
+            key = next(iter(kwargs))
+            new = fn(self.get(kwargs[key]))
+            return None if new is None else (args, {**kwargs, key: self.put(kwargs[key], new)})
+
+        return self.module.register_forward_pre_hook(input_hook, with_kwargs=True)
+
+
 @dataclass(frozen=True, eq=False)
-class SiteRef:
+class SiteRef(SiteHook):
     """Where one site of one layer lives: a module, and whether it is that module's input or output.
 
     ``get``/``put`` convert between the module's raw input/output and the site tensor (first
@@ -77,26 +103,6 @@ class SiteRef:
         """``value`` (first input or output) with the site tensor replaced by ``site_tensor``."""
         new = self._merge(site_tensor)
         return (new, *value[1:]) if isinstance(value, tuple) else new
-
-    def hook(self, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Any:
-        """Register ``fn(site_tensor) -> replacement | None`` on the module; returns the handle."""
-        if self.kind == "output":
-
-            def output_hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
-                new = fn(self.get(output))
-                return None if new is None else self.put(output, new)
-
-            return self.module.register_forward_hook(output_hook)
-
-        def input_hook(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if args:
-                new = fn(self.get(args[0]))
-                return None if new is None else ((self.put(args[0], new), *args[1:]), kwargs)
-            key = next(iter(kwargs))
-            new = fn(self.get(kwargs[key]))
-            return None if new is None else (args, {**kwargs, key: self.put(kwargs[key], new)})
-
-        return self.module.register_forward_pre_hook(input_hook, with_kwargs=True)
 
     def read(self, envoy: Any) -> torch.Tensor:
         """Inside an nnsight trace: the site tensor of ``envoy`` (the envoy of ``self.module``)."""

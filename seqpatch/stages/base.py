@@ -18,6 +18,7 @@ Stage modules never resolve parents, load models or write files: ``seqpatch.exec
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -171,3 +172,16 @@ def chart_artifacts(
         return write
 
     return {f"{name}.{fmt}": writer(fmt) for fmt in formats}
+
+
+@contextmanager
+def nan_quiet() -> Iterator[None]:
+    """Numpy's invalid-value and all-NaN-slice warnings silenced while aggregating grids: cells
+    that no row covers stay NaN by design."""
+    import warnings
+
+    import numpy as np
+
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        yield

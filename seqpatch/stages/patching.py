@@ -58,7 +58,7 @@ import numpy as np
 from datasets import Array2D, Array3D, Array4D, Features, List, Value
 
 from seqpatch.errors import SeqpatchError
-from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec
+from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec, nan_quiet
 from seqpatch.store import StageRef
 
 if TYPE_CHECKING:
@@ -73,6 +73,11 @@ SCHEMA_VERSION = 4  # 2: full-vocabulary lse; 3: `method` (exact/attribution); 4
 DEFAULT_AXES = ("layer", "pos")
 STAGE_AXES = (("layer", "pos"), ("layer", "head"), ("layer", "head", "pos"), ("layer",))
 POSITION_SETS = ("all", "from-divergence", "before-last", "last")
+# Position selections of a grid with a pos axis: "all" (every position; those before a pair's
+# divergence are skipped by the engine as provable no-ops) or, per pair, its changed tokens, the
+# last token of every line from the divergence on and the final token (``selected_positions``).
+POS_SELECTIONS = ("all", "changed+ends+last")
+STATEMENT_SEPARATORS = ("\n", ";")  # what ends a line: the code and compact renderers' separators
 # The name each engine axis has in heatmap.json and the charts.
 AXIS_NAMES = {"layer": "layer", "head": "head", "pos": "position"}
 METRICS = ("normalised", "prob_delta", "logit_diff", "prob_delta_candidates")
@@ -110,7 +115,9 @@ class PatchingConfig:
     # (or "attribution": first-order estimates, see seqpatch.interventions.attribution)
     shard_size: int = 250  # pairs per resumable shard: a lost shard costs seconds, not minutes
     axes: tuple[str, ...] = DEFAULT_AXES
-    positions: str = "all"  # only for grids without a pos axis (whole-stream, layer × head)
+    # grids without a pos axis: the set patched at once (POSITION_SETS); with one: the cells
+    # (POS_SELECTIONS; "changed+ends+last" leaves the other cells NaN)
+    positions: str = "all"
 
     def __post_init__(self) -> None:
         from seqpatch.interventions import GRID_SITES
@@ -129,14 +136,17 @@ class PatchingConfig:
             raise PatchingStageError(f"unknown axes {','.join(axes)!r}; use one of {choices}")
         for site in self.sites:
             check_axes(axes, site)
-        if self.positions not in POSITION_SETS:
+        if self.positions not in (*POSITION_SETS, *POS_SELECTIONS):
+            choices = ", ".join(dict.fromkeys((*POSITION_SETS, *POS_SELECTIONS)))
+            raise PatchingStageError(f"unknown positions {self.positions!r}; use one of {choices}")
+        if "pos" in axes and self.positions not in POS_SELECTIONS:
             raise PatchingStageError(
-                f"unknown positions {self.positions!r}; use one of {', '.join(POSITION_SETS)}"
+                f"with a pos axis --positions selects the cells: {' or '.join(POS_SELECTIONS)}; "
+                f"{self.positions!r} is a set patched at once: use --axes layer or layer,head"
             )
-        if "pos" in axes and self.positions != "all":
+        if "pos" not in axes and self.positions in POS_SELECTIONS[1:]:
             raise PatchingStageError(
-                "--positions chooses the set patched at once on grids without a pos axis; "
-                "drop it or use --axes layer (whole-stream) or layer,head"
+                f"--positions {self.positions} selects cells of a pos axis; use --axes layer,pos"
             )
         object.__setattr__(self, "axes", axes)
         if self.method == "attribution" and self.positions not in ("all", "from-divergence"):
@@ -250,6 +260,8 @@ def _patch(
             readout = attribution_sweep(
                 handle, src, tgt, site, cand, ans_a, ans_b, layers=layers, axes=cfg.axes
             )
+        elif "pos" in cfg.axes and cfg.positions != "all":
+            readout = _selected_grid(handle, src, tgt, site, cand, layers, cfg, cached.get(site))
         else:
             spec = PatchSpec(site, cfg.axes, layers=layers, spans=(cfg.positions,))
             readout = patch_grid(
@@ -289,7 +301,9 @@ def _patch(
             out["layers"].append(layers)
             out["axes"].append(list(cfg.axes))
             out["heads"].append(heads)
-            out["span"].append("" if "pos" in cfg.axes else cfg.positions)
+            out["span"].append(
+                "" if cfg.positions == "all" and "pos" in cfg.axes else cfg.positions
+            )
             out["baseline_logits_a"].append(base_a[i])
             out["baseline_logits_b"].append(base_b[i])
             out["baseline_lse_a"].append(float(base_lse_a[i]))
@@ -298,6 +312,68 @@ def _patch(
             for name, grid in grids.items():
                 out[name].append(np.asarray(grid[i], dtype=np.float32))
     return out
+
+
+def selected_positions(ids_a: Sequence[int], ids_b: Sequence[int], tokenizer: Any) -> list[int]:
+    """The ``changed+ends+last`` cells of one pair: the tokens where A and B differ, every
+    position from the first of them on whose next token starts or holds a statement separator
+    (``STATEMENT_SEPARATORS``: the last token of each later line, of the query and of the chat
+    template's lines) and the final token, where the answer is read. Empty changes give ``[T-1]``.
+    """
+    length = len(ids_b)
+    changed = [t for t in range(length) if ids_a[t] != ids_b[t]]
+    first = changed[0] if changed else length - 1
+    ends = [
+        t
+        for t in range(first, length - 1)
+        if any(sep in tokenizer.decode([int(ids_b[t + 1])]) for sep in STATEMENT_SEPARATORS)
+    ]
+    return sorted({*changed, *ends, length - 1})
+
+
+def _selected_grid(
+    handle: ModelHandle,
+    src: list[Any],
+    tgt: list[Any],
+    site: str,
+    cand: Any,
+    layers: list[int],
+    cfg: PatchingConfig,
+    cached: list[np.ndarray] | None,
+) -> tuple[Any, Any]:
+    """A ``layer,pos`` grid computed at each pair's ``selected_positions`` only, NaN elsewhere.
+
+    Pairs whose selections sit at the same offsets from their ends share one engine call
+    (negative ``PatchSpec.positions``, so pairs of different lengths batch together), and every
+    computed cell is the cell the full grid computes (same engine, same restart)."""
+    import torch
+
+    from seqpatch.interventions import PatchSpec, patch_grid
+
+    width = max(len(t) for t in tgt)
+    logits = torch.full((len(tgt), len(layers), width, cand.shape[-1]), float("nan"))
+    lse = torch.full((len(tgt), len(layers), width), float("nan"))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (a, b) in enumerate(zip(src, tgt, strict=True)):
+        chosen = selected_positions(a.tolist(), b.tolist(), handle.tokenizer)
+        groups.setdefault(tuple(t - len(b) for t in chosen), []).append(i)
+    for offsets, members in groups.items():
+        spec = PatchSpec(site, ("layer", "pos"), layers=layers, positions=list(offsets))
+        sources = None if cached is None else [cached[i][:, list(offsets)] for i in members]
+        result = patch_grid(
+            handle,
+            [src[i] for i in members],
+            [tgt[i] for i in members],
+            spec,
+            cand[members] if cand.dim() == 2 else cand,
+            source_activations=sources,
+            method=cfg.method,
+        )
+        for row, i in enumerate(members):
+            at = [len(tgt[i]) + offset for offset in offsets]
+            logits[i][:, at] = result.logits[row]
+            lse[i][:, at] = result.lse[row]
+    return logits, lse
 
 
 def _pad(values: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -444,7 +520,9 @@ def aggregate(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
     ``heads`` the head axis's values (empty without one), ``span`` the position set of a grid
     without a position axis, and ``labels[k]`` the token labels of the first pair diverging at
     ``k`` (starred where A and B differ). NaN cells (beyond a pair's length, a k/v site's
-    missing heads, or undefined normalisation) are skipped.
+    missing heads, or undefined normalisation) are skipped. Where the pairs of one divergence
+    index differ in token length (BPE tokenizers), their positions are aligned at their last
+    token (``aligned_to_end`` lists those indices; their labels are the longest pair's).
     """
     if metric not in METRICS:
         raise PatchingStageError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -453,7 +531,9 @@ def aggregate(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
     ks = sorted(set(dataset["divergence_index"]))
     site_col = np.asarray(dataset["site"])
     k_col = np.asarray(dataset["divergence_index"])
-    values = np.asarray(cols[metric], dtype=np.float64)
+    values = np.array(cols[metric], dtype=np.float64)
+    lengths = np.asarray(dataset["n_tokens"])
+    aligned = _align_ends(values, k_col, lengths) if "pos" in grid_axes(dataset) else []
     stats = np.full((len(sites), len(ks), 3, *values.shape[1:]), np.nan)
     for si, site in enumerate(sites):
         for ki, k in enumerate(ks):
@@ -461,14 +541,15 @@ def aggregate(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
             if len(chunk) == 0:
                 continue
             count = np.sum(~np.isnan(chunk), axis=0)
-            with np.errstate(invalid="ignore"), _quiet():
+            with nan_quiet():
                 stats[si, ki, 0] = np.nanmean(chunk, axis=0)
                 stats[si, ki, 1] = np.nanstd(chunk, axis=0)
             stats[si, ki, 2] = count
     labels = {}
     first = {}
     for i, k in enumerate(dataset["divergence_index"]):
-        first.setdefault(k, i)
+        if k not in first or (k in aligned and lengths[i] > lengths[first[k]]):
+            first[k] = i  # an end-aligned index takes its labels from its longest pair
     for k, i in first.items():
         row = dataset[i]
         diff = set(row["diff_positions"])
@@ -484,22 +565,29 @@ def aggregate(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
         "heads": list(heads),
         "span": dataset[0]["span"] if "span" in dataset.column_names else "",
         "labels": labels,
+        "aligned_to_end": aligned,
         "stats": stats,
     }
 
 
-class _quiet:
-    """Silence numpy's all-NaN-slice warnings (those cells stay NaN by design)."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", category=RuntimeWarning)
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
+def _align_ends(values: np.ndarray, k_col: np.ndarray, lengths: np.ndarray) -> list[int]:
+    """Shift, in place, the position axis (last) of every row of a divergence index whose pairs
+    differ in token length so that all of them end at its longest pair's last token; returns
+    those indices. BPE tokenizers give pairs of different lengths (a digit is two tokens, a
+    variable one), and only end-aligned positions (the changed statement, the query, the chat
+    template's tail) mean the same token in every pair; equal-length indices are unchanged."""
+    aligned = []
+    for k in sorted(set(k_col.tolist())):
+        rows = np.flatnonzero(k_col == k)
+        longest = int(lengths[rows].max())
+        if (lengths[rows] == longest).all():
+            continue
+        aligned.append(int(k))
+        for i in rows:
+            shift = longest - int(lengths[i])
+            if shift:
+                values[i] = np.roll(values[i], shift, axis=-1)  # the NaN padding moves in front
+    return aligned
 
 
 def effect_cells(agg: dict[str, Any]) -> Any:
@@ -632,6 +720,7 @@ def heatmap_artifacts(dataset: Dataset, metrics: Sequence[str] = METRICS) -> dic
             **({"heads": agg["heads"]} if "head" in agg["axes"] else {}),
             **({"positions": agg["span"]} if "pos" not in agg["axes"] else {}),
             "labels": {str(k): v for k, v in agg["labels"].items()},
+            **({"aligned_to_end": agg["aligned_to_end"]} if agg["aligned_to_end"] else {}),
         }
     index["metrics"] = {
         metric: {"file": heatmap_file(metric), "meaning": METRIC_MEANINGS[metric]}

@@ -48,7 +48,7 @@ from seqpatch.interventions.tracing import (
     noise_seeds,
     trace,
 )
-from seqpatch.stages.base import Built, ParentSpec
+from seqpatch.stages.base import Built, ParentSpec, nan_quiet
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -432,7 +432,7 @@ def aie(rows: Dataset) -> dict[str, Any]:
     ks = sorted(set(rows["divergence_index"]))
     k_col = np.asarray(rows["divergence_index"])
     by_position = np.full((len(ks), *effect.shape[1:]), np.nan)
-    with np.errstate(invalid="ignore"), _quiet():
+    with nan_quiet():
         for i, k in enumerate(ks):
             by_position[i] = np.nanmean(effect[k_col == k], axis=0)
         per_role = np.full((len(rows), *effect.shape[1:3], len(ROLES)), np.nan)
@@ -454,20 +454,6 @@ def aie(rows: Dataset) -> dict[str, Any]:
         "by_position": by_position,
         "by_role": by_role,
     }
-
-
-class _quiet:
-    """Silence numpy's all-NaN-slice warnings (those cells stay NaN by design)."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", category=RuntimeWarning)
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
 
 
 def artifacts(rows: Dataset, cfg: TracingConfig, inputs: Inputs) -> dict[str, Artifact]:
