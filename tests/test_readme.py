@@ -42,6 +42,16 @@ NOT_RUN = {
     "tests/test_cli_remote.py",
     "seqpatch build activations --sites resid_pre --remote": "NDIF (network); "
     "tests/test_cli_remote.py",
+    "seqpatch models install smollm2-135m-instruct": "downloads and converts 94 MB; "
+    "tests/test_pretrained.py installs it in a session fixture",
+    "seqpatch build programs --family $fam --seq-lens 1-10 --n-per-len 100 --seed 0 "
+    "--data-dir study-$fam": "the pretrained benchmark loop: about 30 minutes on one core "
+    "(docs/pretrained.md); its commands are the ones run above with other options",
+    "seqpatch build benchmark --models builtin,smollm2-135m-instruct,gemma3-270m "
+    "--data-dir study-$fam": "the pretrained benchmark loop (see above)",
+    "seqpatch choose --min-accuracy 0.8 --min-seq-len 6 --data-dir study-$fam": "the "
+    "pretrained benchmark loop (see above)",
+    "seqpatch plot accuracy --data-dir study-$fam": "the pretrained benchmark loop (see above)",
 }
 SHRINK = {
     "--n-per-len 50": "--n-per-len 8",
