@@ -470,3 +470,24 @@ def test_choose_cli_when_none_qualifies_names_the_closest(built: Path, tmp_path:
     error = error_line(result.stderr)
     assert "closest:" in error and f"at seq_len 3 (accuracy {best:.3f})" in error
     assert not (data_dir / "chosen_model.json").exists()
+
+
+def test_accuracy_table_prints_one_row_per_model_and_family() -> None:
+    import polars as pl
+
+    from seqpatch.stages.benchmark import accuracy_table
+
+    summary = pl.DataFrame(
+        {
+            "model_id": ["m-a", "m-a", "m-b"],
+            "family": ["binding"] * 3,
+            "seq_len": [1, 2, 1],
+            "accuracy": [1.0, 0.5, 0.25],
+        }
+    )
+    assert accuracy_table(summary).splitlines() == [
+        "accuracy % by length:",
+        "model (family)    1   2",
+        "m-a (binding)   100  50",
+        "m-b (binding)    25    ",
+    ]

@@ -44,6 +44,8 @@ NOT_RUN = {
     "tests/test_cli_remote.py",
     "seqpatch models install smollm2-135m-instruct": "downloads and converts 94 MB; "
     "tests/test_pretrained.py installs it in a session fixture",
+    "seqpatch models install smollm2-135m-instruct && seqpatch models install gemma3-270m": "the "
+    "pretrained benchmark loop's installs (Gemma-3: 253 MB, minutes to convert)",
     "seqpatch build programs --family $fam --seq-lens 1-10 --n-per-len 100 --seed 0 "
     "--data-dir study-$fam": "the pretrained benchmark loop: about 30 minutes on one core "
     "(docs/pretrained.md); its commands are the ones run above with other options",

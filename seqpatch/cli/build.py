@@ -191,11 +191,18 @@ def build_benchmark(
     model after an interruption.
     """
     from seqpatch.pipeline import build_benchmark as build
-    from seqpatch.stages.benchmark import SUMMARY_CSV, BenchmarkConfig, parse_models
+    from seqpatch.stages.benchmark import (
+        SUMMARY_CSV,
+        BenchmarkConfig,
+        accuracy_table,
+        load_summary,
+        parse_models,
+    )
 
     cfg = BenchmarkConfig(parse_models(models), batch_size, max_new_tokens)
     ref = build(cfg, programs=programs, data_dir=data_dir, remote=remote)
     report(ref)
+    typer.echo(accuracy_table(load_summary(ref)))
     typer.echo(f"summary: {ref.path / SUMMARY_CSV}")
     for path in sorted(ref.path.glob("accuracy.*")):
         typer.echo(f"chart: {path}")

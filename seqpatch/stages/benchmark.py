@@ -381,6 +381,30 @@ def _frame(rows: Dataset) -> pl.DataFrame:
     return pl.DataFrame({c: rows[c] for c in [*columns, "correct"]})
 
 
+def accuracy_table(summary: pl.DataFrame) -> str:
+    """Accuracy in percent per (model, family) and length, as text for the terminal: one row per
+    model and family, one column per length (the Wilson intervals are in the csv and chart)."""
+    lengths = sorted(set(summary["seq_len"].to_list()))
+    rows = [["model (family)", *(str(n) for n in lengths)]]
+    for (model, family), group in summary.group_by(["model_id", "family"], maintain_order=True):
+        cells = dict(zip(group["seq_len"].to_list(), group["accuracy"].to_list(), strict=True))
+        rows.append(
+            [
+                f"{model} ({family})",
+                *(f"{100 * cells[n]:.0f}" if n in cells else "" for n in lengths),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    return "\n".join(["accuracy % by length:", *lines])
+
+
 def load_summary(ref: StageRef) -> pl.DataFrame:
     """The summary of a stored benchmark version (computed from its rows)."""
     from datasets import Dataset
