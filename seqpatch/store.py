@@ -360,6 +360,7 @@ class Store:
         with self.lock(stage, version):
             found = self.find(stage, version)
             if found is not None:
+                shutil.rmtree(work, ignore_errors=True)  # a racing build may have remade it
                 return dataclasses.replace(found, reused=True)
             shard_dirs = [work / _shard_name(i) for i in range(n_shards)]
             if not all(_shard_ok(d) for d in shard_dirs):
@@ -443,10 +444,11 @@ class Store:
 
     @staticmethod
     def _shard_lock(work: Path, index: int) -> Any:
+        """Shard ``index``'s lock, beside (not inside) the work folder, which a finished build
+        removes while a racing one may still be taking locks."""
         from filelock import FileLock
 
-        work.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(work / f".{_shard_name(index)}{LOCK_SUFFIX}"))
+        return FileLock(str(work.parent / f".{work.name}.{_shard_name(index)}{LOCK_SUFFIX}"))
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -632,7 +634,7 @@ class Store:
             return False
         try:
             work = self.stage_dir(stage) / f"{version}{PARTIAL_SUFFIX}"
-            for path in work.glob(f".shard-*{LOCK_SUFFIX}") if work.is_dir() else []:
+            for path in work.parent.glob(f".{work.name}.shard-*{LOCK_SUFFIX}"):
                 shard = _shard_lock_at(path)
                 try:
                     shard.acquire(timeout=0)
@@ -748,8 +750,14 @@ class Store:
                 )
             else:
                 return
-        work.mkdir(parents=True, exist_ok=True)
-        _write_json(manifest, wanted)
+        for attempt in range(3):  # a finished racing build may remove the folder meanwhile
+            work.mkdir(parents=True, exist_ok=True)
+            try:
+                _write_json(manifest, wanted)
+                return
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
 
 
 @dataclass
@@ -869,10 +877,17 @@ def _write_artifact(folder: Path, name: str, artifact: Artifact) -> None:
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write deterministic JSON atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write deterministic JSON atomically: a temporary file of this writer's own (two processes
+    may write the same file at once, e.g. a work folder's manifest), then one rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide provenance from collaborators
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _rename_or_discard(tmp: Path, target: Path) -> None:

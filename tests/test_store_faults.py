@@ -156,6 +156,7 @@ def test_two_identical_builds_at_once_share_the_shards(
     computed = sorted(int(n.split("-")[1]) for n in os.listdir(log) if not n.startswith("done"))
     assert computed == [0, 1, 2, 3]  # every shard exactly once, by one of the two
     assert _rows(Store(tmp_path / "data"), reference[0]) == reference[1]
+    assert Store(tmp_path / "data").verify().clean  # no work folder or temporary file left
 
 
 # ---------------------------------------------------------------------------------------------
