@@ -42,13 +42,10 @@ def traces_chart(
 
     frame, row = example_frame(rows, metric, pair_id)
     statements: dict[str, str] = {}
-    if pairs is not None:
-        index = (
-            pairs["pair_id"].index(row["pair_id"]) if row["pair_id"] in pairs["pair_id"] else None
-        )
-        if index is not None:
-            found = pairs[index]
-            statements = {"statement_a": found["statement_a"], "statement_b": found["statement_b"]}
+    ids = pairs["pair_id"] if pairs is not None else []  # read the column once
+    if row["pair_id"] in ids:
+        found = pairs[ids.index(row["pair_id"])]
+        statements = {"statement_a": found["statement_a"], "statement_b": found["statement_b"]}
     return charts.traces_figure(frame, row, metric, **statements), row["pair_id"]
 
 
