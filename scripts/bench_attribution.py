@@ -136,23 +136,30 @@ class FrozenAttention:
 
 
 def frozen_mean(frozen, pairs, src, tgt, cand, site, k, layer, pos) -> float:
-    """Mean over the pairs diverging at ``k`` of the frozen-pattern patch's change of LD."""
-    members = [i for i, d in enumerate(pairs["divergence_index"]) if d == k]
-    ans_a = np.asarray(pairs["answer_index_a"])[members]
-    ans_b = np.asarray(pairs["answer_index_b"])[members]
-    ld = frozen.ld(
-        torch.stack([src[i] for i in members]),
-        torch.stack([tgt[i] for i in members]),
-        site,
-        layer,
-        pos,
-        cand[members],
-        ans_a,
-        ans_b,
-    )
-    base = pairs["_base_b"][members]
-    rows = np.arange(len(members))
-    return float(np.mean(ld - (base[rows, ans_a] - base[rows, ans_b])))
+    """Mean over the pairs diverging at ``k`` (and longer than ``pos``) of the frozen-pattern
+    patch's change of LD; pairs of one token length run as one batch."""
+    by_length: dict[int, list[int]] = {}
+    for i, d in enumerate(pairs["divergence_index"]):
+        if d == k and len(tgt[i]) > pos:
+            by_length.setdefault(len(tgt[i]), []).append(i)
+    changes = []
+    for members in by_length.values():
+        ans_a = np.asarray(pairs["answer_index_a"])[members]
+        ans_b = np.asarray(pairs["answer_index_b"])[members]
+        ld = frozen.ld(
+            torch.stack([src[i] for i in members]),
+            torch.stack([tgt[i] for i in members]),
+            site,
+            layer,
+            pos,
+            cand[members],
+            ans_a,
+            ans_b,
+        )
+        base = pairs["_base_b"][members]
+        rows = np.arange(len(members))
+        changes.append(ld - (base[rows, ans_a] - base[rows, ans_b]))
+    return float(np.mean(np.concatenate(changes)))
 
 
 def _answers(pairs) -> tuple[np.ndarray, np.ndarray]:
@@ -202,12 +209,11 @@ def main() -> None:
     cand = torch.tensor(pairs["candidate_ids"])
     pairs["_base_b"] = candidate_logits(handle, tgt, cand).logits.numpy()
     width = max(pairs["n_tokens"])
-    labels = {}
+    labels: dict[int, list[str]] = {}  # per divergence index, from its longest pair
     for i, k in enumerate(pairs["divergence_index"]):
         diff = set(pairs["diff_positions"][i])
-        labels.setdefault(
-            k, [t + ("*" if j in diff else "") for j, t in enumerate(pairs["tokens"][i])]
-        )
+        if len(pairs["tokens"][i]) > len(labels.get(k, [])):
+            labels[k] = [t + ("*" if j in diff else "") for j, t in enumerate(pairs["tokens"][i])]
 
     table, miss_rows = [], []
     frozen = FrozenAttention(handle)
@@ -241,7 +247,7 @@ def main() -> None:
         f"torch {torch.__version__}):",
         "",
         f"Model `{args.model}` ({handle.n_layers} layers, d={handle.d_model}); {args.pairs} pairs "
-        f"of the organism's task (seq_len {args.seq_len}, divergence indices {args.divergence}); "
+        f"of the binding task (seq_len {args.seq_len}, divergence indices {args.divergence}); "
         f"{n_cells:,} cells per site (pairs × layers × positions). Compared: each cell's change "
         "of LD = logit(A) − logit(B) (changes below 1e-4 count as 0).",
         "",

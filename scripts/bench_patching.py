@@ -342,10 +342,13 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float, float
         "*Span from-divergence*: the head patched from the pair's first changed token on "
         "(`--positions from-divergence`), which is the all-positions patch, since A's and B's "
         "activations are equal before that token (checked against TransformerLens' all-positions "
-        "values in the last column).",
+        "values in the last column). *Work ÷*: TransformerLens' token-layers (one decoder layer "
+        "on one token; L·T per cell) over the method's (the engine's `SweepStats.token_layers`): "
+        "the speed-up an exact method gets from doing less, before any difference in speed per "
+        "token-layer.",
         "",
-        "| model | grid | pair-cells | method | time (s) | cells/s | × naive | × TransformerLens | max abs diff vs TL (logits, lse) |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+        "| model | grid | pair-cells | method | time (s) | cells/s | × naive | × TransformerLens | work ÷ | max abs diff vs TL (logits, lse) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     worst_naive, worst_tl = 0.0, 0.0
     for name in args.models.split(","):
@@ -390,11 +393,12 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float, float
                         t_naive,
                         naive_rate,
                         None,
+                        1.0,
                     ),
-                    ("TransformerLens, one batched forward per cell", t_tl, tl_rate, 0.0),
+                    ("TransformerLens, one batched forward per cell", t_tl, tl_rate, 0.0, 1.0),
                 ]
                 naive_vs_tl = max_diff(naive, (tl_logits[:naive_n], tl_lse[:naive_n]))
-                rows[0] = (*rows[0][:3], naive_vs_tl)
+                rows[0] = (*rows[0][:3], naive_vs_tl, 1.0)
                 variants: list[tuple[str, dict[str, Any]]] = [
                     ("engine, compute floor", {"skip_noops": False}),
                     ("engine, compute floor + skip no-op cells", {}),
@@ -413,11 +417,12 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float, float
                     ours = (logits[..., 0] - logits[..., 1]).mean(0)
                     tl_diff = max(tl_diff, (ours - tl_metric).abs().max().item())
                     worst_tl = max(worst_tl, tl_diff)
-                    rows.append((engine_label, seconds, cells / seconds, tl_diff))
-                for method, seconds, rate, diff in rows:
+                    less = stats.naive_token_layers / max(stats.token_layers, 1)
+                    rows.append((engine_label, seconds, cells / seconds, tl_diff, less))
+                for method, seconds, rate, diff, less in rows:
                     lines.append(
                         f"| {label} | {grid} | {cells} | {method} | {seconds:.2f} | {rate:,.0f} | "
-                        f"{rate / naive_rate:.1f}× | {rate / tl_rate:.1f}× | "
+                        f"{rate / naive_rate:.1f}× | {rate / tl_rate:.1f}× | {less:.1f} | "
                         f"{'—' if diff == 0.0 else f'{diff:.1e}'} |"
                     )
                 print(lines[-1], flush=True)

@@ -201,6 +201,7 @@ def test_whole_stream_from_divergence_and_span_axis(handles, arch):
         for layer in range(handle.n_layers):
             for p, start in ((0, 4), (1, 7), (2, 4)):
                 for si, positions in (
+                    (0, range(length)),
                     (1, range(start, length)),
                     (2, [0, length - 1]),
                     (3, range(start, length - 1)),
@@ -247,6 +248,29 @@ def test_skipped_head_cells_are_exact(handles):
         assert fast.stats.skipped_cells > 0 and slow.stats.skipped_cells == 0
         assert (fast.logits - slow.logits).abs().max() <= TOL
         assert (fast.lse - slow.lse).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("site", HEAD_SITES)
+def test_all_positions_patch_starts_at_the_first_changed_position(handles, site):
+    """A head patched at every position runs from the first position its donor changes: the
+    work of the from-divergence patch, the values of the untrimmed run and of plain hooks."""
+    handle = handles["llama"]
+    src, tgt = random_pairs(seed=8, n=3, length=10, diverge=4)
+    tgt[1, 4:6] = src[1, 4:6]  # pair 1 diverges later, at 6
+    every = patch_grid(handle, src, tgt, PatchSpec(site, ("layer", "head")), CANDIDATES)
+    untrimmed = patch_grid(
+        handle, src, tgt, PatchSpec(site, ("layer", "head")), CANDIDATES, skip_noops=False
+    )
+    spec = PatchSpec(site, ("layer", "head"), spans=("from-divergence",))
+    from_divergence = patch_grid(handle, src, tgt, spec, CANDIDATES, skip_noops=False)
+    assert every.stats.token_layers == from_divergence.stats.token_layers
+    assert every.stats.token_layers < untrimmed.stats.token_layers
+    assert (every.logits - untrimmed.logits).abs().max() <= TOL
+    assert (every.lse - untrimmed.lse).abs().max() <= TOL
+    for layer in (0, handle.n_layers - 1):
+        for head in (0, 1):
+            want = reference(handle, "llama", src, tgt, site, layer, list(range(10)), head)
+            check(every.logits[:, layer, head], every.lse[:, layer, head], want)
 
 
 def test_bad_axes_say_what_to_change(handles):

@@ -234,6 +234,22 @@ def test_cached_method_does_about_a_quarter_of_the_naive_work(handles):
     assert full.work_ratio == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("site", ["attn_out", "mlp_out"])
+def test_a_site_local_to_its_position_reruns_its_layer_on_that_position_only(handles, site):
+    """attn_out / mlp_out at (l, t) change layer l's output at t alone: one token-layer at l,
+    then layers l+1.. on positions t.. — and the values stay those of plain hooks."""
+    handle = handles["llama"]
+    src, tgt = random_pairs(seed=5, n=8, length=16, diverge=0)
+    stats: list[SweepStats] = []
+    result = sweep(handle, src, tgt, site, CANDIDATES, skip_noops=False, min_rows=1, stats=stats)
+    length, layers = 16, handle.n_layers
+    per_pair = sum(
+        1 + (layers - layer - 1) * (length - t) for layer in range(layers) for t in range(length)
+    )
+    assert stats[0].token_layers == 8 * per_pair
+    assert_matches_reference(handle, src, tgt, site, result, [(0, 0), (0, 9), (1, 15), (1, 3)])
+
+
 def test_identical_prefix_cells_are_skipped_and_still_exact(handles):
     handle = handles["llama"]
     src, tgt = random_pairs(seed=6, n=4, length=10, diverge=4)

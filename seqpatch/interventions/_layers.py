@@ -135,8 +135,10 @@ class LayerRunner:
         start_pos: int,
         cache: PrefixCache,
         last_only: bool = False,
+        stop_layer: int | None = None,
     ) -> torch.Tensor:
-        """Layers ``start_layer..L-1`` on ``hidden`` = ``[rows, T - start_pos, d]``; returns the output.
+        """Layers ``start_layer..L-1`` (or ``..stop_layer-1``) on ``hidden`` =
+        ``[rows, T - start_pos, d]``; returns the output.
 
         ``cache.prefix`` must hold the clean keys/values of positions ``< start_pos`` for every
         layer run. Hooks registered on the layers' modules fire as in a normal forward.
@@ -146,7 +148,8 @@ class LayerRunner:
         other position of the result is then meaningless). The last layer's keys and values
         still come from every position, as they must.
         """
-        if last_only and start_layer < len(self.layers):
+        stop = len(self.layers) if stop_layer is None else stop_layer
+        if last_only and start_layer < stop == len(self.layers):
             mlp = self.handle.module("mlp_out", len(self.layers) - 1).module
             trim = mlp.register_forward_pre_hook(_last_position_only)
             try:
@@ -157,9 +160,9 @@ class LayerRunner:
         position_ids = torch.arange(start_pos, length, device=hidden.device)[None]
         position_embeddings = {
             key: self.rotary(hidden, position_ids, *([key] if key else []))
-            for key in set(self.rope_keys[start_layer:])
+            for key in set(self.rope_keys[start_layer:stop])
         }
-        for index in range(start_layer, len(self.layers)):
+        for index in range(start_layer, stop):
             hidden = self.layers[index](
                 hidden,
                 attention_mask=self.mask(start_pos, length, self.windows[index]),

@@ -41,12 +41,18 @@ Two exact strategies, chosen by ``method``:
   positions ``< t`` (``_layers.LayerRunner``). Each forward batches cells across many pairs and
   the heads of a cell (the head axis is folded into rows); when there are few pairs,
   neighbouring positions share a forward (starting at the smallest). Work per cell is
-  ``(L - l)(T - t)`` token-layers instead of ``L·T``. The last layer's MLP runs on the last
+  ``(L - l)(T - t)`` token-layers instead of ``L·T``. A site read after its layer's keys and
+  values (``attn_out``, ``mlp_out``, ``head_z``, ``head_q``) patched at one position changes its
+  layer's output at that position alone, so that layer runs on the one position and the layers
+  above from ``t``: ``1 + (L - l - 1)(T - t)``. The last layer's MLP runs on the last
   position only (the only one read). Cells whose patch provably changes nothing take the clean
   logits without running (``skip_noops``): the source activation equals the target's bit for
   bit at every patched coordinate (every position before a pair's divergence), or the patch
   sits after the last layer's attention mixing (``attn_out``, ``mlp_out``, ``resid_post``,
-  ``head_z``, ``head_q`` of layer L-1) at positions before the last.
+  ``head_z``, ``head_q`` of layer L-1) at positions before the last. A cell patching a set of
+  positions starts at the first of them whose donor differs from the target in some bit — for
+  every position at once, the pair's divergence or later — since writing a value a position
+  already holds is a no-op.
 - ``"full"`` — the generic path for any architecture: full forwards of target copies, each copy
   with one cell patched by a plain hook, many copies per forward.
 
@@ -103,6 +109,9 @@ GRID_AXES: tuple[tuple[str, ...], ...] = (
 # After the last layer's attention has mixed positions, these sites at an earlier position
 # cannot reach the last position's logits.
 _LOCAL_AFTER_MIXING = ("attn_out", "mlp_out", "resid_post", "head_z", "head_q")
+# Patched at one position, these sites change their layer's output at that position only (the
+# layer's keys and values, which carry positions to each other, are computed before them).
+_LOCAL_AT_LAYER = ("attn_out", "mlp_out", "head_z", "head_q")
 
 
 class Readout(NamedTuple):
@@ -562,6 +571,8 @@ class _Group:
         shape = (self.n, len(layers), len(heads), self.n_entries)
         self.out = torch.full((*shape, cand.shape[1]), float("nan"))
         self.lse = torch.full(shape, float("nan"))
+        self._equal: dict[int, torch.Tensor] = {}  # layer -> [n, T] or [n, T, heads]: equal bits
+        self.starts: dict[tuple[int, int, int], torch.Tensor] = {}  # (li, hi, pi) -> [n] start
 
     def donated(self, li: int, pi: int, pairs: torch.Tensor) -> torch.Tensor:
         """Single-position entries: the donor's site vectors ``[len(pairs), ...]`` at entry ``pi``."""
@@ -571,19 +582,37 @@ class _Group:
 
     def same(self, li: int, hi: int, pi: int) -> torch.Tensor:
         """``[n]`` bool: the donor equals the target bit for bit at every patched coordinate."""
-        layer, head = self.layers[li], self.heads[hi]
         if self.plan.masks is None:
             pos = self.plan.positions[pi]
             src = self.donated(li, pi, torch.arange(self.n, device=self.tgt.device))
-            tgt = self.tgt_acts[layer][:, pos]
+            tgt = self.tgt_acts[self.layers[li]][:, pos]
+            head = self.heads[hi]
             if head is not None:
                 src, tgt = src[:, head], tgt[:, head]
             return (src == tgt).flatten(1).all(-1).cpu()
-        eq = self.src_acts[layer] == self.tgt_acts[layer]  # [n, T, d] or [n, T, heads, d_head]
-        if head is not None:
-            eq = eq[:, :, head]
-        eq = eq.flatten(2).all(-1).cpu()
-        return (eq | ~self.plan.masks[pi]).all(-1)
+        return ~self.changing(li, hi, pi).any(-1)
+
+    def changing(self, li: int, hi: int, pi: int) -> torch.Tensor:
+        """``[n, T]`` bool, position-set entries: the patched positions where the donor differs
+        from the target in at least one bit (the others are no-ops)."""
+        layer, head = self.layers[li], self.heads[hi]
+        if layer not in self._equal:
+            eq = self.src_acts[layer] == self.tgt_acts[layer]  # [n, T, d] / [n, T, heads, d_head]
+            self._equal[layer] = eq.flatten(3).all(-1) if eq.ndim == 4 else eq.all(-1)
+        eq = self._equal[layer].cpu()
+        if eq.ndim == 3:  # a head site: one column per head
+            eq = eq[:, :, head] if head is not None else eq.all(-1)
+        return ~eq & self.plan.masks[pi]  # type: ignore[index]
+
+    def first_changed(self, li: int, hi: int, pi: int) -> torch.Tensor:
+        """``[n]`` the first patched position a position-set entry changes (``T``: none).
+
+        A forward may start there instead of at the set's first position: the positions before
+        it are written with the values they already hold, so leaving them out is exact. For the
+        ``all`` span this is the pair's divergence (or later), the compute floor of that patch.
+        """
+        changed = self.changing(li, hi, pi)
+        return torch.where(changed.any(-1), changed.long().argmax(-1), self.length)
 
     def cells(self, skip_noops: bool) -> list[tuple[int, int, int, list[int]]]:
         """``(layer index, head index, entry index, pairs to run)`` for every cell to compute."""
@@ -597,10 +626,14 @@ class _Group:
                     self.counters.cells += self.n
                     self.counters.naive += self.n * self.handle.n_layers * self.length
                     run &= self.plan.first[pi] < self.length  # an empty set patches nothing
+                    start = self.plan.first[pi]
                     if skip_noops:
                         run &= ~self.unreachable(layer, self.plan.last[pi])
                         if bool(run.any()):
                             run &= ~self.same(li, hi, pi)
+                        if bool(run.any()) and self.plan.masks is not None:
+                            start = self.first_changed(li, hi, pi)
+                    self.starts[(li, hi, pi)] = start
                     keep = ~run
                     self.out[keep, li, hi, pi] = self.clean[keep]
                     self.lse[keep, li, hi, pi] = self.clean_lse[keep]
@@ -635,7 +668,8 @@ class _Group:
         else:
             at_l, pos_l, heads = [], [], []
             for i, (hi, pi, p) in enumerate(rows):
-                chosen = self.plan.masks[pi][p].nonzero().squeeze(-1).tolist()
+                chosen = self.plan.masks[pi][p, start_pos:].nonzero().squeeze(-1) + start_pos
+                chosen = chosen.tolist()
                 at_l += [i] * len(chosen)
                 pos_l += chosen
                 heads += [self.heads[hi]] * len(chosen)
@@ -712,7 +746,7 @@ class _CachedGroup(_Group):
         by_layer: dict[int, list[tuple[int, Row]]] = defaultdict(list)
         for li, hi, pi, pairs in self.cells(skip_noops):
             for p in pairs:
-                by_layer[li].append((int(self.plan.first[pi, p]), (hi, pi, p)))
+                by_layer[li].append((int(self.starts[(li, hi, pi)][p]), (hi, pi, p)))
         for li, rows in by_layer.items():
             # stable: at one start, heads and then pairs stay in grid order
             rows.sort(key=lambda row: row[0])
@@ -733,11 +767,26 @@ class _CachedGroup(_Group):
         self, li: int, block: list[Row], cell: list[Row], min_rows: int, max_rows: int
     ) -> list[Row]:
         """Add one cell's rows to the open block, running the block first if it would grow past
-        ``min_rows``; returns the open block."""
-        if block and len(block) + len(cell) > max(min_rows, 1):
-            self._forward(li, block, max_rows)
-            block = []
+        ``min_rows`` rows — or, when all its rows start at the cell's position (no position is
+        computed for nothing), past ``min_rows`` full-length rows' worth of positions; returns
+        the open block.
+
+        Blocks stay small on purpose: on a CPU, forwards of a few dozen rows run faster per row
+        than larger ones whose activations no longer fit in cache. Rows arrive sorted by start,
+        so ``block[0]`` starts first."""
+        if block:
+            start = self._start(li, cell[0])
+            limit = max(min_rows, 1)
+            if self._start(li, block[0]) == start:
+                limit = max(limit, min_rows * self.length // (self.length - start))
+            if len(block) + len(cell) > limit:
+                self._forward(li, block, max_rows)
+                block = []
         return block + cell
+
+    def _start(self, li: int, row: Row) -> int:
+        hi, pi, p = row
+        return int(self.starts[(li, hi, pi)][p])
 
     def _clean_run(self) -> None:
         """The target's clean run through the runner: residual stream per layer, keys/values."""
@@ -754,7 +803,7 @@ class _CachedGroup(_Group):
         self.counters.forwards += 1
 
     def _forward(self, li: int, rows: list[Row], max_rows: int) -> None:
-        start_pos = min(int(self.plan.first[pi, p]) for _, pi, p in rows)
+        start_pos = min(self._start(li, row) for row in rows)
         width = self.length - start_pos
         chunk = max(1, max_rows * self.length // width)  # a budget of max_rows full copies
         for begin in range(0, len(rows), chunk):
@@ -766,6 +815,10 @@ class _CachedGroup(_Group):
         layer = self.layers[li]
         pair = torch.tensor([r[2] for r in rows], device=device)
         patch = self.patch(li, rows, start_pos)
+        if self.site in _LOCAL_AT_LAYER and self.plan.masks is None:
+            final = self._run_local(layer, start_pos, pair, patch)
+            self._store(li, rows, pair, final)
+            return
         # resid_post[l] is resid_pre[l + 1]: patch it as the next layer's input.
         start_layer = layer + 1 if self.site == "resid_post" else layer
         hidden = self.resid[start_layer][pair, start_pos:]
@@ -783,7 +836,51 @@ class _CachedGroup(_Group):
         with hooked(handle, hooks):  # type: ignore[arg-type]
             last_only = not (self.site == "mlp_out" and layer == handle.n_layers - 1)
             final = self.runner.run(hidden, start_layer, start_pos, PrefixCache(prefix), last_only)
-        logits = handle.logits_from_resid(final[:, -1])
+        self._store(li, rows, pair, final)
+        self.counters.forwards += 1
+        self.counters.token_layers += (
+            len(rows) * (handle.n_layers - start_layer) * (self.length - start_pos)
+        )
+
+    def _run_local(
+        self, layer: int, start_pos: int, pair: torch.Tensor, patch: _Patch
+    ) -> torch.Tensor:
+        """Single-position cells of a site local to its position within the layer: the patched
+        layer changes its output at the patched position only, so it runs on that position
+        alone; the layers above run from ``start_pos`` on. Returns the last layer's output."""
+        handle = self.handle
+        hidden = self.resid[layer + 1][pair, start_pos:].clone()
+        at = patch.pos + start_pos  # one patched position per row
+        for pos in sorted(set(at.tolist())):
+            sel = (at == pos).nonzero().squeeze(-1)
+            keys, values = self.kv[layer]
+            prefix = {layer: (keys[pair[sel], :, :pos], values[pair[sel], :, :pos])} if pos else {}
+            heads = None if patch.heads is None else patch.heads[sel]
+            zero = torch.zeros(len(sel), dtype=torch.long, device=sel.device)
+            hook = _row_setter(
+                torch.arange(len(sel), device=sel.device), zero, patch.value[sel], heads
+            )
+            one = self.resid[layer][pair[sel], pos : pos + 1]
+            with hooked(handle, {(self.site, layer): hook}):  # type: ignore[dict-item]
+                out = self.runner.run(one, layer, pos, PrefixCache(prefix), stop_layer=layer + 1)
+            hidden[sel, pos - start_pos] = out[:, 0]
+            self.counters.forwards += 1
+            self.counters.token_layers += len(sel)
+        if layer + 1 == handle.n_layers:
+            return hidden
+        prefix = {
+            j: (keys[pair, :, :start_pos], values[pair, :, :start_pos])
+            for j, (keys, values) in self.kv.items()
+            if j > layer and start_pos > 0
+        }
+        self.counters.forwards += 1
+        self.counters.token_layers += (
+            len(pair) * (handle.n_layers - layer - 1) * (self.length - start_pos)
+        )
+        return self.runner.run(hidden, layer + 1, start_pos, PrefixCache(prefix), last_only=True)
+
+    def _store(self, li: int, rows: list[Row], pair: torch.Tensor, final: torch.Tensor) -> None:
+        logits = self.handle.logits_from_resid(final[:, -1])
         at = (
             pair.cpu(),
             li,
@@ -791,10 +888,6 @@ class _CachedGroup(_Group):
             torch.tensor([r[1] for r in rows]),
         )
         self.out[at], self.lse[at] = _read(logits, self.cand[pair])
-        self.counters.forwards += 1
-        self.counters.token_layers += (
-            len(rows) * (handle.n_layers - start_layer) * (self.length - start_pos)
-        )
 
 
 class _Stop(Exception):
