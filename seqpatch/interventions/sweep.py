@@ -581,37 +581,31 @@ class _Group:
         return self.src_acts[self.layers[li]][pairs, self.plan.positions[pi]]
 
     def same(self, li: int, hi: int, pi: int) -> torch.Tensor:
-        """``[n]`` bool: the donor equals the target bit for bit at every patched coordinate."""
-        if self.plan.masks is None:
-            pos = self.plan.positions[pi]
-            src = self.donated(li, pi, torch.arange(self.n, device=self.tgt.device))
-            tgt = self.tgt_acts[self.layers[li]][:, pos]
-            head = self.heads[hi]
-            if head is not None:
-                src, tgt = src[:, head], tgt[:, head]
-            return (src == tgt).flatten(1).all(-1).cpu()
-        return ~self.changing(li, hi, pi).any(-1)
-
-    def changing(self, li: int, hi: int, pi: int) -> torch.Tensor:
-        """``[n, T]`` bool, position-set entries: the patched positions where the donor differs
-        from the target in at least one bit (the others are no-ops)."""
-        layer, head = self.layers[li], self.heads[hi]
-        if layer not in self._equal:
-            eq = self.src_acts[layer] == self.tgt_acts[layer]  # [n, T, d] / [n, T, heads, d_head]
-            self._equal[layer] = eq.flatten(3).all(-1) if eq.ndim == 4 else eq.all(-1)
-        eq = self._equal[layer].cpu()
-        if eq.ndim == 3:  # a head site: one column per head
-            eq = eq[:, :, head] if head is not None else eq.all(-1)
-        return ~eq & self.plan.masks[pi]  # type: ignore[index]
+        """``[n]`` bool, single-position entries: the donor equals the target bit for bit."""
+        pos = self.plan.positions[pi]
+        src = self.donated(li, pi, torch.arange(self.n, device=self.tgt.device))
+        tgt = self.tgt_acts[self.layers[li]][:, pos]
+        head = self.heads[hi]
+        if head is not None:
+            src, tgt = src[:, head], tgt[:, head]
+        return (src == tgt).flatten(1).all(-1).cpu()
 
     def first_changed(self, li: int, hi: int, pi: int) -> torch.Tensor:
-        """``[n]`` the first patched position a position-set entry changes (``T``: none).
+        """``[n]``, position-set entries: the first patched position whose donor differs from
+        the target in some bit (``T``: none, the patch is a no-op).
 
         A forward may start there instead of at the set's first position: the positions before
         it are written with the values they already hold, so leaving them out is exact. For the
         ``all`` span this is the pair's divergence (or later), the compute floor of that patch.
         """
-        changed = self.changing(li, hi, pi)
+        layer, head = self.layers[li], self.heads[hi]
+        if layer not in self._equal:
+            eq = self.src_acts[layer] == self.tgt_acts[layer]  # [n, T, d] / [n, T, heads, d_head]
+            self._equal[layer] = (eq.flatten(3) if eq.ndim == 4 else eq).all(-1).cpu()
+        eq = self._equal[layer]
+        if eq.ndim == 3:  # a head site: one column per head
+            eq = eq[:, :, head] if head is not None else eq.all(-1)
+        changed = ~eq & self.plan.masks[pi]  # type: ignore[index]
         return torch.where(changed.any(-1), changed.long().argmax(-1), self.length)
 
     def cells(self, skip_noops: bool) -> list[tuple[int, int, int, list[int]]]:
@@ -629,10 +623,11 @@ class _Group:
                     start = self.plan.first[pi]
                     if skip_noops:
                         run &= ~self.unreachable(layer, self.plan.last[pi])
-                        if bool(run.any()):
+                        if bool(run.any()) and self.plan.masks is None:
                             run &= ~self.same(li, hi, pi)
-                        if bool(run.any()) and self.plan.masks is not None:
+                        elif bool(run.any()):
                             start = self.first_changed(li, hi, pi)
+                            run &= start < self.length
                     self.starts[(li, hi, pi)] = start
                     keep = ~run
                     self.out[keep, li, hi, pi] = self.clean[keep]
