@@ -97,6 +97,8 @@ def build_benchmark(
     remote: bool = False,
     models: ModelCache | None = None,
     progress: bool = True,
+    executor: str | Any = "local",
+    ray_address: str | None = None,
 ) -> StageRef:
     """Benchmark ``cfg.models`` on a stored ``programs`` version, one resumable shard per model.
 
@@ -106,7 +108,8 @@ def build_benchmark(
     ``remote=True`` runs the forward passes and generation on NDIF through nnsight (Hub ids
     only; needs ``NDIF_API_KEY`` and the network). Where it runs is not part of the version:
     the rows are the same nnsight computation on the same weights (model id and revision);
-    provenance says ``"remote": true`` per model.
+    provenance says ``"remote": true`` per model. ``executor="ray"`` benchmarks the models on
+    Ray actors instead, one shard (model) per actor task (``ray_address``: an existing cluster).
     """
     from seqpatch.executor import execute
 
@@ -122,6 +125,8 @@ def build_benchmark(
         data_dir=data_dir,
         models=models,
         progress=progress,
+        executor=executor,
+        ray_address=ray_address,
     )
 
 
@@ -544,6 +549,8 @@ def build_tracing(
     handle: ModelHandle | None = None,
     models: ModelCache | None = None,
     progress: bool = True,
+    executor: str | Any = "local",
+    ray_address: str | None = None,
 ) -> StageRef | None:
     """ROME's causal trace of one program of each of the first ``n_programs`` pairs (0: all).
 
@@ -552,6 +559,8 @@ def build_tracing(
     stored pairs version traced. Resumable in shards of ``shard_size`` programs; with
     ``shard=(i, n)`` only shards ``i, i+n, …`` are built and ``None`` is returned until every
     shard exists. The version holds the rows, the AIE arrays and the three-panel chart.
+    ``executor="ray"`` traces the missing shards on Ray actors (``ray_address``: an existing
+    cluster; see ``seqpatch.ray_executor``); the version is the local build's.
     """
     from seqpatch.executor import execute
     from seqpatch.stages.tracing import TracingConfig
@@ -578,6 +587,8 @@ def build_tracing(
         models=_models(models, handle),
         shard=shard,
         progress=progress,
+        executor=executor,
+        ray_address=ray_address,
     )
 
 

@@ -1,4 +1,4 @@
-"""``--executor ray``: a patching stage built by Ray actors is the local build, shard for shard.
+"""``--executor ray``: a stage built by Ray actors is the local build, shard for shard.
 
 One local Ray instance (2 CPUs) serves the module: starting Ray costs seconds, so the tests are
 few. The organism's pairs (8 pairs, shards of 2) are built once; every test copies them into its
@@ -36,6 +36,7 @@ def no_charts():
     """The driver renders no charts at commit (seconds each; not what these tests check)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(plots, "patching_chart_artifacts", lambda rows, pairs=None: {})
+        mp.setattr(plots, "tracing_chart_artifacts", lambda rows, model=None, noise_scale=None: {})
         yield
 
 
@@ -78,6 +79,23 @@ def local(pairs_store, tmp_path_factory):
     return ref.version, Store(data_dir).load_ref(ref)
 
 
+@pytest.fixture
+def shard_executors(monkeypatch) -> list:
+    """Every shard executor ``execute`` makes (``None`` for in-process shards), so a test can
+    tell which shards Ray actors computed."""
+    from seqpatch import executor as executor_module
+
+    made = []
+    real = executor_module._shard_executor
+
+    def spy(executor, ray_address):
+        made.append(real(executor, ray_address))
+        return made[-1]
+
+    monkeypatch.setattr(executor_module, "_shard_executor", spy)
+    return made
+
+
 def assert_same_rows(rows, expected) -> None:
     """Same features and row order; values equal (float columns to 1e-6, NaN = NaN)."""
     assert rows.features == expected.features
@@ -92,7 +110,9 @@ def assert_same_rows(rows, expected) -> None:
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=name)
 
 
-def test_cli_ray_build_is_the_local_build(ray_instance, pairs_store, tmp_path, local):
+def test_cli_ray_build_is_the_local_build(
+    ray_instance, pairs_store, tmp_path, local, shard_executors
+):
     data_dir = fresh_store(pairs_store, tmp_path, "store")
     result = CliRunner().invoke(
         app,
@@ -118,6 +138,7 @@ def test_cli_ray_build_is_the_local_build(ray_instance, pairs_store, tmp_path, l
     assert ref.provenance["extra"]["n_shards"] == N_SHARDS
     assert_same_rows(Store(data_dir).load_ref(ref), expected)
     assert not (data_dir / "patching" / f"{version}.partial").exists()
+    assert shard_executors[-1].computed == list(range(N_SHARDS))
 
 
 def test_worker_killed_mid_shard_is_retried(ray_instance, pairs_store, tmp_path, local):
@@ -171,3 +192,50 @@ def test_interrupted_driver_resumes_from_finished_shards(
     assert executor.computed == [1, 3]
     assert ref.version == version
     assert_same_rows(Store(data_dir).load_ref(ref), expected)
+
+
+TRACING = ["--n-programs", "4", "--n-samples", "1", "--kinds", "resid", "--shard-size", "2"]
+
+
+def test_cli_ray_tracing_is_the_local_tracing(ray_instance, pairs_store, tmp_path, shard_executors):
+    """``seqpatch build tracing --executor ray``: the local build's version and rows."""
+    built = {}
+    for executor in ("local", "ray"):
+        data_dir = fresh_store(pairs_store, tmp_path, executor)
+        result = CliRunner().invoke(
+            app,
+            ["build", "tracing", *TRACING, "--executor", executor, "--data-dir", str(data_dir)],
+        )
+        assert result.exit_code == 0, result.output
+        ref = Store(data_dir).resolve("tracing")
+        built[executor] = ref, Store(data_dir).load_ref(ref)
+    (local_ref, local_rows), (ray_ref, ray_rows) = built["local"], built["ray"]
+    assert ray_ref.version == local_ref.version
+    assert ray_ref.provenance["extra"]["n_shards"] == 2
+    assert_same_rows(ray_rows, local_rows)
+    assert shard_executors[0] is None and shard_executors[1].computed == [0, 1]
+
+
+def test_ray_benchmark_is_the_local_benchmark(ray_instance, tmp_path, shard_executors):
+    """The benchmark on Ray actors (one shard per model): the local build's version and rows."""
+    from seqpatch.stages.benchmark import BenchmarkConfig, parse_models
+    from seqpatch.stages.programs import ProgramsConfig
+
+    cfg = BenchmarkConfig(parse_models("builtin"), batch_size=8, max_new_tokens=4)
+    built = {}
+    for executor in ("local", "ray"):
+        data_dir = tmp_path / executor
+        pipeline.build_programs(ProgramsConfig("binding", (2, 3), 4), data_dir=data_dir)
+        ref = pipeline.build_benchmark(cfg, data_dir=data_dir, progress=False, executor=executor)
+        built[executor] = ref, Store(data_dir).load_ref(ref)
+    (local_ref, local_rows), (ray_ref, ray_rows) = built["local"], built["ray"]
+    assert ray_ref.version == local_ref.version
+    assert_same_rows(ray_rows, local_rows)
+    assert shard_executors[0] is None and shard_executors[1].computed == [0]
+
+
+def test_remote_and_ray_are_exclusive():
+    for command in (["build", "benchmark"], ["build", "activations"]):
+        result = CliRunner().invoke(app, [*command, "--remote", "--executor", "ray"])
+        assert result.exit_code == 2
+        assert "choose one" in result.output

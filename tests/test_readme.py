@@ -36,6 +36,9 @@ NOT_RUN = {
     "--ray-address auto": "a Ray cluster; tests/test_ray.py",
     "seqpatch build patching --sites resid_pre,attn_out,mlp_out --shard-size 32 --executor ray "
     "--ray-address auto": "a Ray cluster; tests/test_ray.py",
+    "seqpatch build tracing --n-programs 0 --shard-size 4 --executor ray --ray-address auto": (
+        "a Ray cluster; tests/test_ray.py"
+    ),
     "seqpatch build patching --sites resid_pre --executor ray": "starts Ray (slow); "
     "tests/test_ray.py runs it with --shard-size 2",
     "seqpatch build benchmark --models meta-llama/Llama-3.1-8B --remote": "NDIF (network); "

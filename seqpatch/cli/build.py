@@ -164,6 +164,7 @@ def build_pairs(
         "seqpatch build benchmark --models builtin,Qwen/Qwen2.5-0.5B --batch-size 32",
         "seqpatch build benchmark --models ./my-model:compact --programs 3f2a --data-dir /tmp/sp",
         "NDIF_API_KEY=... seqpatch build benchmark --models meta-llama/Llama-3.1-8B --remote",
+        "seqpatch build benchmark --models builtin,./a,./b --executor ray   # a model per actor",
     ),
 )
 def build_benchmark(
@@ -183,6 +184,8 @@ def build_benchmark(
         int, typer.Option("--max-new-tokens", help="Longest greedy continuation, in tokens.")
     ] = 8,
     remote: RemoteOpt = False,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Run each model on each program: greedy answer, answer log-prob and rank.
@@ -199,8 +202,17 @@ def build_benchmark(
         parse_models,
     )
 
+    if remote and executor != "local":
+        raise OptionError("--remote runs on NDIF and --executor ray on Ray: choose one")
     cfg = BenchmarkConfig(parse_models(models), batch_size, max_new_tokens)
-    ref = build(cfg, programs=programs, data_dir=data_dir, remote=remote)
+    ref = build(
+        cfg,
+        programs=programs,
+        data_dir=data_dir,
+        remote=remote,
+        executor=executor,
+        ray_address=ray_address,
+    )
     report(ref)
     typer.echo(accuracy_table(load_summary(ref)))
     typer.echo(f"summary: {ref.path / SUMMARY_CSV}")
@@ -363,6 +375,7 @@ def build_patching(
         "seqpatch build tracing --corrupt diff --n-programs 200 --n-samples 10",
         "seqpatch build tracing --corrupt chain --kinds resid,mlp --window 3 --pairs 3f2a",
         "seqpatch build tracing --n-programs 0 --shard 0/4   # one of four jobs, every pair",
+        "seqpatch build tracing --n-programs 0 --executor ray --ray-address ray://head:10001",
     ),
 )
 def build_tracing(
@@ -431,6 +444,8 @@ def build_tracing(
     ] = "auto",
     pairs: PairsVersionOpt = "latest",
     seed: SeedOpt = 0,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """ROME's causal trace (Meng et al. 2022) of one program of each pair.
@@ -458,6 +473,8 @@ def build_tracing(
         pairs=pairs,
         shard=parse_shard(shard),
         data_dir=data_dir,
+        executor=executor,
+        ray_address=ray_address,
     )
     if ref is None:
         typer.echo(
