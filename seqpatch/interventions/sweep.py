@@ -823,14 +823,10 @@ class _CachedGroup(_Group):
             hidden[patch.rows, patch.pos] = patch.value
         else:
             hooks[(self.site, layer)] = _row_setter(patch.rows, patch.pos, patch.value, patch.heads)
-        prefix = {
-            j: (keys[pair, :, :start_pos], values[pair, :, :start_pos])
-            for j, (keys, values) in self.kv.items()
-            if j >= start_layer and start_pos > 0
-        }
+        prefix = self._prefix(pair, start_pos, range(start_layer, handle.n_layers))
         with hooked(handle, hooks):  # type: ignore[arg-type]
             last_only = not (self.site == "mlp_out" and layer == handle.n_layers - 1)
-            final = self.runner.run(hidden, start_layer, start_pos, PrefixCache(prefix), last_only)
+            final = self.runner.run(hidden, start_layer, start_pos, prefix, last_only)
         self._store(li, rows, pair, final)
         self.counters.forwards += 1
         self.counters.token_layers += (
@@ -848,8 +844,7 @@ class _CachedGroup(_Group):
         at = patch.pos + start_pos  # one patched position per row
         for pos in sorted(set(at.tolist())):
             sel = (at == pos).nonzero().squeeze(-1)
-            keys, values = self.kv[layer]
-            prefix = {layer: (keys[pair[sel], :, :pos], values[pair[sel], :, :pos])} if pos else {}
+            prefix = self._prefix(pair[sel], pos, [layer])
             heads = None if patch.heads is None else patch.heads[sel]
             zero = torch.zeros(len(sel), dtype=torch.long, device=sel.device)
             hook = _row_setter(
@@ -857,22 +852,30 @@ class _CachedGroup(_Group):
             )
             one = self.resid[layer][pair[sel], pos : pos + 1]
             with hooked(handle, {(self.site, layer): hook}):  # type: ignore[dict-item]
-                out = self.runner.run(one, layer, pos, PrefixCache(prefix), stop_layer=layer + 1)
+                out = self.runner.run(one, layer, pos, prefix, stop_layer=layer + 1)
             hidden[sel, pos - start_pos] = out[:, 0]
             self.counters.forwards += 1
             self.counters.token_layers += len(sel)
         if layer + 1 == handle.n_layers:
             return hidden
-        prefix = {
-            j: (keys[pair, :, :start_pos], values[pair, :, :start_pos])
-            for j, (keys, values) in self.kv.items()
-            if j > layer and start_pos > 0
-        }
+        prefix = self._prefix(pair, start_pos, range(layer + 1, handle.n_layers))
         self.counters.forwards += 1
         self.counters.token_layers += (
             len(pair) * (handle.n_layers - layer - 1) * (self.length - start_pos)
         )
-        return self.runner.run(hidden, layer + 1, start_pos, PrefixCache(prefix), last_only=True)
+        return self.runner.run(hidden, layer + 1, start_pos, prefix, last_only=True)
+
+    def _prefix(self, pair: torch.Tensor, start_pos: int, layers: Sequence[int]) -> PrefixCache:
+        """The clean keys/values of positions ``< start_pos`` of ``layers``, one row per pair."""
+        if start_pos == 0:
+            return PrefixCache()
+        return PrefixCache(
+            {
+                j: (keys[pair, :, :start_pos], values[pair, :, :start_pos])
+                for j, (keys, values) in self.kv.items()
+                if j in layers
+            }
+        )
 
     def _store(self, li: int, rows: list[Row], pair: torch.Tensor, final: torch.Tensor) -> None:
         logits = self.handle.logits_from_resid(final[:, -1])
