@@ -63,7 +63,7 @@ def test_get_activations_equals_hooks_in_a_left_padded_batch(handles, arch):
             assert got[:, length:].isnan().all()
             for layer in range(handle.n_layers):
                 expected = want[(site, layer)]
-                if site == "head":
+                if site == "head_z":
                     expected = expected.unflatten(-1, (handle.n_heads, -1))
                 assert (got[layer, :length] - expected).abs().max() <= 1e-5, (site, layer)
 

@@ -29,6 +29,7 @@ from seqpatch.models import (
     pad_left,
     teacher_forced,
 )
+from seqpatch.models.sites import SITE_ORDER
 from seqpatch.prompts import CodeFormat, CompactFormat, PromptFormatError
 from seqpatch.testing import (
     TINY_ARCHITECTURES,
@@ -95,14 +96,14 @@ def test_sites_have_the_right_shapes_and_meaning(handles, arch):
     acts, logits = capture_with_hooks(h, batch)
     assert len(acts) == h.n_layers * len(SITES)
     for (site, _layer), x in acts.items():
-        want = (b, t, h.n_heads, h.d_head) if site == "head" else (b, t, h.d_model)
+        want = (b, t, h.n_heads, h.d_head) if site == "head_z" else (b, t, h.site_width(site))
         assert tuple(x.shape) == want, site
     for layer in range(h.n_layers - 1):
         assert torch.equal(acts["resid_post", layer], acts["resid_pre", layer + 1])
     for layer in range(h.n_layers):
-        o_proj = h.module("head", layer).module
+        o_proj = h.module("head_z", layer).module
         with torch.no_grad():
-            recomposed = o_proj(acts["head", layer].flatten(-2))
+            recomposed = o_proj(acts["head_z", layer].flatten(-2))
         torch.testing.assert_close(recomposed, acts["attn_out", layer])
         if arch not in ("gemma2", "gemma3_text"):  # these norm attn_out/mlp_out before adding
             parts = acts["resid_pre", layer] + acts["attn_out", layer] + acts["mlp_out", layer]
@@ -117,7 +118,7 @@ def test_nnsight_reads_the_same_values_as_plain_hooks(handles, arch):
     h = handles[arch]
     batch = h.encode(PROMPTS)
     acts, logits = capture_with_hooks(h, batch)
-    order = ("resid_pre", "head", "attn_out", "mlp_out", "resid_post")  # execution order
+    order = [site for site in SITE_ORDER if site in SITES]  # execution order
     saved = {}
     with torch.no_grad(), h.trace(batch):
         for layer in range(h.n_layers):

@@ -143,19 +143,27 @@ class LayerRunner:
         ``cache.prefix`` must hold the clean keys/values of positions ``< start_pos`` for every
         layer run. Hooks registered on the layers' modules fire as in a normal forward.
 
-        ``last_only``: only the last position of the output is wanted, so the last layer's MLP
-        runs on that position alone (its output broadcasts back into the residual sum; every
-        other position of the result is then meaningless). The last layer's keys and values
-        still come from every position, as they must.
+        ``last_only``: only the last position of the output is wanted, so the last layer's
+        attention output projection and MLP run on that position alone (their outputs broadcast
+        back into the residual sum; every other position of the result is then meaningless).
+        The last layer's queries, keys and values still come from every position, as the keys
+        and values must. Hooks on those modules see the trimmed, one-position tensor.
         """
         stop = len(self.layers) if stop_layer is None else stop_layer
-        if last_only and start_layer < stop == len(self.layers):
-            mlp = self.handle.module("mlp_out", len(self.layers) - 1).module
-            trim = mlp.register_forward_pre_hook(_last_position_only)
+        if last_only and start_layer < stop == len(self.layers) and hidden.shape[1] > 1:
+            last = len(self.layers) - 1
+            adapter = self.handle.adapter
+            trims = [
+                self.handle.submodule(f"{adapter.layers}.{last}.{path}").register_forward_pre_hook(
+                    _last_position_only
+                )
+                for path in (adapter.attn_o_proj, adapter.mlp)
+            ]
             try:
                 return self.run(hidden, start_layer, start_pos, cache)
             finally:
-                trim.remove()
+                for trim in trims:
+                    trim.remove()
         length = start_pos + hidden.shape[1]
         position_ids = torch.arange(start_pos, length, device=hidden.device)[None]
         position_embeddings = {

@@ -64,6 +64,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from seqpatch.interventions._grid import Readout
+from seqpatch.interventions._grid import by_length as _by_length
+from seqpatch.interventions._grid import candidates as _candidates
+from seqpatch.interventions._grid import positions_for as _positions_for
 from seqpatch.interventions.sites import (
     GRID_SITES,
     HEAD_SITES,
@@ -74,7 +78,6 @@ from seqpatch.interventions.sites import (
     hooked,
     resolve_indices,
 )
-from seqpatch.interventions.sweep import Readout, _by_length, _candidates, _positions_for
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

@@ -31,6 +31,7 @@ from seqpatch.interventions.sites import (
     resolve_indices,
 )
 from seqpatch.models import SITES
+from seqpatch.models.sites import SITE_ALIASES
 
 if TYPE_CHECKING:
     from seqpatch.models import ModelHandle, Site
@@ -85,8 +86,8 @@ def get_activations(
     ``positions`` are unpadded indices, negative ones counting from each prompt's end: a list
     (or ``range``), or a ``slice`` applied to each prompt's own positions (``slice(0, 5)``: the
     first five tokens); by default all positions. Prompts shorter than the widest selection
-    have NaN beyond their end. ``head`` gives ``[..., n_heads, d_head]`` in place of
-    ``d_model``. Values are in the model's dtype.
+    have NaN beyond their end. ``head_z`` (or ``head``) gives ``[..., n_heads, d_head]`` and
+    ``mlp_post`` ``[..., d_mlp]`` in place of ``d_model``. Values are in the model's dtype.
     """
     if isinstance(positions, int | str) or not (
         positions is None or isinstance(positions, slice | Iterable)
@@ -98,14 +99,14 @@ def get_activations(
     if positions is not None and not isinstance(positions, slice):
         positions = [int(p) for p in positions]
     single = isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and prompts.ndim == 1)
-    sites = check_sites([sites] if isinstance(sites, str) else sites, SITES)
+    sites = check_sites([sites] if isinstance(sites, str) else sites, (*SITES, *SITE_ALIASES))
     layer_idx = resolve_indices(layers, handle.n_layers, "layer")
     batch = _encode(handle, prompts)
     mask = batch.get("attention_mask")
     ids = batch["input_ids"]
     lengths = mask.sum(-1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
     padded_len = ids.shape[1]
-    order = sorted(sites, key=SITE_ORDER.index)
+    order = sorted(sites, key=lambda site: SITE_ORDER.index(SITE_ALIASES.get(site, site)))
     keys = [(site, layer) for layer in sorted(set(layer_idx)) for site in order]  # run order
     reads = _reads(handle, keys)
     # One list saved inside the block is what comes back from NDIF (a dict from outside the

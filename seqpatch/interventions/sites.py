@@ -27,18 +27,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from seqpatch.errors import SeqpatchError
-from seqpatch.models.sites import SiteHook
+from seqpatch.models.sites import GRID_SITES as GRID_SITES  # the lists come from the site table
+from seqpatch.models.sites import HEAD_SITES, SiteHook, site_info
+from seqpatch.models.sites import SITE_ORDER as SITE_ORDER
+from seqpatch.models.sites import SWEEP_SITES as SWEEP_SITES
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from seqpatch.models import ModelHandle, Site
-
-SWEEP_SITES: tuple[Site, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out")
-HEAD_SITES: tuple[str, ...] = ("head_z", "head_q", "head_k", "head_v")
-GRID_SITES: tuple[str, ...] = (*SWEEP_SITES, *HEAD_SITES)
-# Execution order inside one decoder layer: nnsight must read modules in this order.
-SITE_ORDER: tuple[Site, ...] = ("resid_pre", "head", "attn_out", "mlp_out", "resid_post")
 
 
 class InterventionError(SeqpatchError, ValueError):
@@ -122,10 +119,11 @@ def n_kv_heads(handle: ModelHandle) -> int:
 
 
 def site_heads(handle: ModelHandle, site: str) -> int | None:
-    """How many heads ``site`` splits into (``None`` for residual-stream sites)."""
-    if site not in HEAD_SITES:
+    """How many heads ``site`` splits into (``None`` for sites with one vector per position)."""
+    heads = site_info(site).heads
+    if heads is None:
         return None
-    return n_kv_heads(handle) if site in ("head_k", "head_v") else handle.n_heads
+    return n_kv_heads(handle) if heads == "kv" else handle.n_heads
 
 
 @dataclass(frozen=True, eq=False)

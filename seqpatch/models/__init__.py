@@ -31,19 +31,29 @@ from seqpatch.models.loading import (
     require_ndif_key,
     resolve_device,
 )
-from seqpatch.models.sites import SITES, Site, SiteError, SiteRef
+from seqpatch.models.sites import (
+    SITE_TABLE,
+    SITES,
+    Site,
+    SiteError,
+    SiteInfo,
+    SiteRef,
+    site_info,
+)
 
 __all__ = [
     "ADAPTERS",
     "BUILTIN",
     "ORGANISM_ID",
     "SITES",
+    "SITE_TABLE",
     "AnswerTokenizationError",
     "ArchitectureAdapter",
     "ModelHandle",
     "ModelLoadError",
     "Site",
     "SiteError",
+    "SiteInfo",
     "SiteRef",
     "TeacherForced",
     "UnsupportedArchitectureError",
@@ -54,5 +64,6 @@ __all__ = [
     "pad_left",
     "require_ndif_key",
     "resolve_device",
+    "site_info",
     "teacher_forced",
 ]

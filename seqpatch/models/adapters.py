@@ -23,7 +23,9 @@ class ArchitectureAdapter:
     """Module paths of one architecture (dotted, as in ``named_modules``).
 
     ``embed``, ``layers``, ``final_norm``, ``unembed`` and ``rotary`` are relative to the
-    ``*ForCausalLM`` root; ``attn``, ``mlp`` and ``attn_o_proj`` are relative to one decoder layer.
+    ``*ForCausalLM`` root; ``attn``, ``mlp``, ``attn_o_proj`` and ``mlp_down`` are relative to one
+    decoder layer. Which site reads which of them is the site table's business
+    (``seqpatch.models.sites.SITE_TABLE``).
     ``rotary`` is ``None`` where the model's forward cannot be replayed layer by layer (GPT-2's
     attention keeps its own cache layout and has no rotary module).
     """
@@ -36,6 +38,7 @@ class ArchitectureAdapter:
     attn: str
     mlp: str
     attn_o_proj: str
+    mlp_down: str = "mlp.down_proj"  # the MLP's output projection: its input is ``mlp_post``
     rotary: str | None = None
     cache_kwarg: str = "cache"  # keyword under which a decoder layer receives the cache
 
@@ -47,6 +50,14 @@ class ArchitectureAdapter:
 
     def d_model(self, config: PretrainedConfig) -> int:
         return int(config.hidden_size)
+
+    def d_mlp(self, config: PretrainedConfig) -> int:
+        """Width of the MLP's hidden activation (``mlp_post``)."""
+        for name in ("intermediate_size", "n_inner"):
+            value = getattr(config, name, None)
+            if value:
+                return int(value)
+        return 4 * self.d_model(config)  # GPT-2's default when n_inner is None
 
     def d_head(self, config: PretrainedConfig) -> int:
         head_dim = getattr(config, "head_dim", None)
@@ -81,7 +92,12 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
         # layer types (a rope base each) and the layer runner asks it per layer type.
         _llama_like("gemma3_text"),
         _llama_like("phi3"),
-        _llama_like("phi", final_norm="model.final_layernorm", attn_o_proj="self_attn.dense"),
+        _llama_like(
+            "phi",
+            final_norm="model.final_layernorm",
+            attn_o_proj="self_attn.dense",
+            mlp_down="mlp.fc2",
+        ),
         ArchitectureAdapter(
             "gpt2",
             embed="transformer.wte",
@@ -91,6 +107,7 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
             attn="attn",
             mlp="mlp",
             attn_o_proj="attn.c_proj",
+            mlp_down="mlp.c_proj",
         ),
         ArchitectureAdapter(
             "gpt_neox",
@@ -101,6 +118,7 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
             attn="attention",
             mlp="mlp",
             attn_o_proj="attention.dense",
+            mlp_down="mlp.dense_4h_to_h",
             rotary="gpt_neox.rotary_emb",
             cache_kwarg="layer_past",
         ),

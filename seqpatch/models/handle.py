@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from torch import nn
 from seqpatch.models.adapters import ArchitectureAdapter
 from seqpatch.models.batching import pad_left
 from seqpatch.models.errors import AnswerTokenizationError
-from seqpatch.models.sites import SITES, Site, SiteError, SiteRef
+from seqpatch.models.sites import Site, SiteError, SiteRef, site_info
 from seqpatch.prompts import PromptFormat
 
 if TYPE_CHECKING:
@@ -64,25 +64,27 @@ class ModelHandle:
         return i % self.n_layers
 
     def module(self, site: Site, layer: int) -> SiteRef:
-        """Where ``site`` of ``layer`` is read: module, input or output, and the head split."""
+        """Where ``site`` of ``layer`` is read: module, input or output, and the head split
+        (the site table's row, placed by this model's adapter)."""
         layer = self._layer_index(layer)
+        info = site_info(site)
+        if info.module is None:
+            raise SiteError(
+                f"{site!r} lives in the architecture's q/k/v layout; use "
+                "seqpatch.interventions.sites.site_ref for it"
+            )
         base = f"{self.adapter.layers}.{layer}"
-        kind: Literal["input", "output"] = "output"
-        n_heads = None
-        match site:
-            case "resid_pre":
-                path, kind = base, "input"
-            case "resid_post":
-                path = base
-            case "attn_out":
-                path = f"{base}.{self.adapter.attn}"
-            case "mlp_out":
-                path = f"{base}.{self.adapter.mlp}"
-            case "head":
-                path, kind, n_heads = f"{base}.{self.adapter.attn_o_proj}", "input", self.n_heads
-            case _:
-                raise SiteError(f"unknown site {site!r}; sites are {', '.join(SITES)}")
-        return SiteRef(site, layer, path, self.submodule(path), kind, n_heads)
+        path = f"{base}.{getattr(self.adapter, info.module)}" if info.module else base
+        n_heads = self.n_heads if info.per_head else None
+        return SiteRef(info.name, layer, path, self.submodule(path), info.kind, n_heads)  # type: ignore[arg-type]
+
+    def site_width(self, site: str) -> int:
+        """The last dimension of ``site`` per position (per head for head sites)."""
+        width = site_info(site).width
+        config = self.hf_model.config.get_text_config()
+        if width == "d_mlp":
+            return self.adapter.d_mlp(config)
+        return self.d_head if width == "d_head" else self.d_model
 
     def envoy(self, site_or_path: str, layer: int | None = None) -> Any:
         """The nnsight envoy of a site's module (``envoy("mlp_out", 3)``) or of a dotted path."""

@@ -1,0 +1,411 @@
+"""The bookkeeping of one sweep: position plans, candidates, readouts, and the cells of one
+group of equal-length pairs run on a ``RestartableRun`` (``seqpatch.interventions.restart``).
+
+``sweep.patch_grid`` splits pairs by token length; each group becomes a ``_Group`` that lists
+its cells (skipping those that provably change nothing), packs their rows into forwards and
+scores them. How a forward is computed — and the compute floor — is the restartable run's.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from seqpatch.interventions.restart import RestartableRun, Write
+from seqpatch.interventions.sites import InterventionError, capture_sites
+from seqpatch.models.sites import site_info
+
+if TYPE_CHECKING:
+    from seqpatch.models import ModelHandle
+
+Span = str | Sequence[int]
+Span = str | Sequence[int]
+"""A set of positions patched together: ``"all"``, ``"from-divergence"`` (from a pair's first
+differing token on), ``"before-last"`` (from the divergence up to, not including, the last
+token, where the answer is read), ``"last"`` (the last token alone) or explicit positions
+(negative ones count from each pair's end; positions beyond a pair's length are left out)."""
+SPAN_NAMES = ("all", "from-divergence", "before-last", "last")
+
+
+class Readout(NamedTuple):
+    """What a run is scored on: the candidates' logits and the full vocabulary's log-normaliser.
+
+    ``logits`` is ``[..., n_candidates]`` and ``lse`` is ``[...]`` (the same leading axes), both
+    float32: ``[n, C]`` / ``[n]`` for ``candidate_logits``, ``[n, L', P', C]`` / ``[n, L', P']``
+    for ``sweep``. Unpack it (``logits, lse = sweep(...)``) or read the fields.
+    """
+
+    logits: torch.Tensor
+    lse: torch.Tensor
+
+    def log_probs(self) -> torch.Tensor:
+        """Full-vocabulary log-probabilities of the candidates: ``logits - lse``."""
+        return self.logits - self.lse[..., None]
+
+
+@dataclass
+class Plan:
+    """The position entries of one group of equal-length pairs.
+
+    ``positions[e]`` is entry ``e``'s single position (``-1``: beyond the pairs, NaN) when
+    ``masks`` is ``None``; else ``masks[e]`` ``[n, T]`` says which positions entry ``e`` patches
+    in each pair. ``first``/``last`` ``[entries, n]`` are the smallest/largest patched position
+    (``first == T`` for an empty set: nothing to patch, the clean readout).
+    """
+
+    positions: list[int]
+    first: torch.Tensor
+    last: torch.Tensor
+    masks: torch.Tensor | None = None
+
+    @classmethod
+    def single(cls, positions: list[int], n: int) -> Plan:
+        at = torch.tensor(positions, dtype=torch.long)[:, None].expand(-1, n)
+        return cls(positions, at, at)
+
+    @classmethod
+    def sets(cls, spans: Sequence[Span], src: torch.Tensor, tgt: torch.Tensor) -> Plan:
+        n, length = tgt.shape
+        grid = torch.arange(length)
+        masks = torch.zeros(len(spans), n, length, dtype=torch.bool)
+        differs = (src != tgt).cpu()
+        diverge = torch.where(differs.any(-1), differs.long().argmax(-1), length)
+        for e, span in enumerate(spans):
+            if span == "all":
+                masks[e] = True
+            elif span == "from-divergence":
+                masks[e] = grid[None] >= diverge[:, None]
+            elif span == "before-last":
+                masks[e] = (grid[None] >= diverge[:, None]) & (grid[None] < length - 1)
+            elif span == "last":
+                masks[e][:, length - 1] = True
+            else:
+                chosen = [int(p) % length for p in span if -length <= int(p) < length]  # type: ignore[union-attr]
+                masks[e][:, chosen] = True
+        first = torch.where(masks.any(-1), masks.long().argmax(-1), length)
+        last = torch.where(masks.any(-1), length - 1 - masks.flip(-1).long().argmax(-1), -1)
+        return cls(list(range(len(spans))), first, last, masks)
+
+
+def positions_for(positions: Sequence[int] | None, length: int) -> list[int]:
+    """Unpadded positions of a group of length ``length``; ``-1`` marks one beyond the pairs."""
+    if positions is None:
+        return list(range(length))
+    return [int(p) % length if -length <= int(p) < length else -1 for p in positions]
+
+
+def by_length(rows: list[torch.Tensor]) -> dict[int, list[int]]:
+    """Row indices grouped by token length: each group runs as one unpadded batch."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        groups[row.numel()].append(i)
+    return dict(groups)
+
+
+def candidates(
+    candidate_ids: Sequence[int] | torch.Tensor, n_pairs: int, handle: ModelHandle
+) -> torch.Tensor:
+    cand = torch.as_tensor(candidate_ids, dtype=torch.long)
+    if cand.ndim == 1:
+        cand = cand.expand(n_pairs, -1)
+    if cand.ndim != 2 or cand.shape[0] != n_pairs or cand.shape[1] == 0:
+        raise InterventionError(
+            f"candidate_ids must be [n_candidates] or [n_pairs={n_pairs}, n_candidates], got "
+            f"shape {list(cand.shape)}"
+        )
+    vocab = handle.hf_model.config.get_text_config().vocab_size
+    if bool((cand < 0).any() or (cand >= vocab).any()):
+        raise InterventionError(f"candidate_ids must be token ids in [0, {vocab})")
+    return cand
+
+
+def read(logits: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate logits ``[rows, C]`` and the full-vocabulary log-normaliser ``[rows]`` of
+    next-token logits ``[rows, vocab]``, both float32 on the CPU."""
+    picked = logits.gather(-1, cand.to(logits.device)).float()
+    return picked.cpu(), logits.float().logsumexp(-1).cpu()
+
+
+def source_grid(
+    source_activations: Sequence[torch.Tensor] | torch.Tensor | None,
+    members: list[int],
+    n_layers: int,
+    n_pos: int,
+    handle: ModelHandle,
+    site: str,
+) -> torch.Tensor | None:
+    if source_activations is None:
+        return None
+    grids = []
+    for i in members:
+        grid = torch.as_tensor(source_activations[i])
+        width = handle.site_width(site)
+        if tuple(grid.shape) != (n_layers, n_pos, width):
+            raise InterventionError(
+                f"source_activations[{i}] has shape {list(grid.shape)}; expected the swept grid "
+                f"[layers={n_layers}, positions={n_pos}, width={width}]"
+            )
+        grids.append(grid)
+    return torch.stack(grids).to(device=handle.device, dtype=handle.dtype)
+
+
+Row = tuple[int, int, int]  # (head index, entry index, pair) of one patched copy at one layer
+
+
+@dataclass
+class _Patch:
+    """Where a batch of patched copies is written: ``value[i]`` at ``(rows[i], pos[i])`` of the
+    site tensor (and head ``heads[i]``), positions counted from the forward's first position."""
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    heads: torch.Tensor | None
+    value: torch.Tensor
+    pairs: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+
+@dataclass
+class Counters:
+    cells: int = 0
+    skipped: int = 0
+    forwards: int = 0
+    token_layers: int = 0
+    naive: int = 0
+
+
+class Group:
+    """The sweep of one group of equal-length pairs on the targets' ``RestartableRun``."""
+
+    def __init__(
+        self,
+        handle: ModelHandle,
+        src: torch.Tensor,
+        tgt: torch.Tensor,
+        site: str,
+        cand: torch.Tensor,
+        layers: list[int],
+        heads: list[int | None],
+        plan: Plan,
+        source_grid: torch.Tensor | None,
+        counters: Counters,
+        method: str,
+    ) -> None:
+        self.handle, self.site, self.cand = handle, site, cand
+        self.layers, self.heads, self.plan = layers, heads, plan
+        self.n, self.length = tgt.shape
+        self.n_entries = len(plan.positions)
+        self.counters = counters
+        self.tgt = tgt
+        needed = sorted(set(layers))
+        captured, logits = capture_sites(handle, torch.cat([src, tgt]), [site], needed)  # type: ignore[list-item]
+        self.source_readout = read(logits[: self.n], cand)
+        self.tgt_acts = {layer: captured[(site, layer)][self.n :] for layer in needed}
+        self.src_acts = {layer: captured[(site, layer)][: self.n] for layer in needed}
+        self.source = source_grid  # [n, L', P', d]: given donated values of (layer, position)
+        shape = (self.n, len(layers), len(heads), self.n_entries)
+        self.out = torch.full((*shape, cand.shape[1]), float("nan"))
+        self.lse = torch.full(shape, float("nan"))
+        self._equal: dict[int, torch.Tensor] = {}  # layer -> [n, T] or [n, T, heads]: equal bits
+        self.starts: dict[tuple[int, int, int], torch.Tensor] = {}  # (li, hi, pi) -> [n] start
+        info = site_info(site)
+        self.run = RestartableRun(
+            handle,
+            tgt,
+            method=method,
+            floor_layers=needed if info.after_attention else (),
+            floor_z=site == "head_z",
+            counters=counters,
+        )
+        self.clean, self.clean_lse = read(self.run.logits, cand)
+
+    def donated(self, li: int, pi: int, pairs: torch.Tensor) -> torch.Tensor:
+        """Single-position entries: the donor's site vectors ``[len(pairs), ...]`` at entry ``pi``."""
+        if self.source is not None:
+            return self.source[pairs, li, pi]
+        return self.src_acts[self.layers[li]][pairs, self.plan.positions[pi]]
+
+    def same(self, li: int, hi: int, pi: int) -> torch.Tensor:
+        """``[n]`` bool, single-position entries: the donor equals the target bit for bit."""
+        pos = self.plan.positions[pi]
+        src = self.donated(li, pi, torch.arange(self.n, device=self.tgt.device))
+        tgt = self.tgt_acts[self.layers[li]][:, pos]
+        head = self.heads[hi]
+        if head is not None:
+            src, tgt = src[:, head], tgt[:, head]
+        return (src == tgt).flatten(1).all(-1).cpu()
+
+    def first_changed(self, li: int, hi: int, pi: int) -> torch.Tensor:
+        """``[n]``, position-set entries: the first patched position whose donor differs from
+        the target in some bit (``T``: none, the patch is a no-op).
+
+        A forward may start there instead of at the set's first position: the positions before
+        it are written with the values they already hold, so leaving them out is exact. For the
+        ``all`` span this is the pair's divergence (or later), the compute floor of that patch.
+        """
+        layer, head = self.layers[li], self.heads[hi]
+        if layer not in self._equal:
+            eq = self.src_acts[layer] == self.tgt_acts[layer]  # [n, T, d] / [n, T, heads, d_head]
+            self._equal[layer] = (eq.flatten(3) if eq.ndim == 4 else eq).all(-1).cpu()
+        eq = self._equal[layer]
+        if eq.ndim == 3:  # a head site: one column per head
+            eq = eq[:, :, head] if head is not None else eq.all(-1)
+        changed = ~eq & self.plan.masks[pi]  # type: ignore[index]
+        return torch.where(changed.any(-1), changed.long().argmax(-1), self.length)
+
+    def cells(self, skip_noops: bool) -> list[tuple[int, int, int, list[int]]]:
+        """``(layer index, head index, entry index, pairs to run)`` for every cell to compute."""
+        todo = []
+        for li, layer in enumerate(self.layers):
+            for hi in range(len(self.heads)):
+                for pi in range(self.n_entries):
+                    if self.plan.masks is None and self.plan.positions[pi] < 0:
+                        continue
+                    run = torch.ones(self.n, dtype=torch.bool)
+                    self.counters.cells += self.n
+                    self.counters.naive += self.n * self.handle.n_layers * self.length
+                    run &= self.plan.first[pi] < self.length  # an empty set patches nothing
+                    start = self.plan.first[pi]
+                    if skip_noops:
+                        run &= ~self.unreachable(layer, self.plan.last[pi])
+                        if bool(run.any()) and self.plan.masks is None:
+                            run &= ~self.same(li, hi, pi)
+                        elif bool(run.any()):
+                            start = self.first_changed(li, hi, pi)
+                            run &= start < self.length
+                    self.starts[(li, hi, pi)] = start
+                    keep = ~run
+                    self.out[keep, li, hi, pi] = self.clean[keep]
+                    self.lse[keep, li, hi, pi] = self.clean_lse[keep]
+                    self.counters.skipped += int(keep.sum())
+                    pairs = run.nonzero().squeeze(-1).tolist()
+                    if pairs:
+                        todo.append((li, hi, pi, pairs))
+        return todo
+
+    def unreachable(self, layer: int, last: torch.Tensor) -> torch.Tensor:
+        """``[n]`` bool: a site local to its layer's output, patched in the last layer at
+        positions before the last, cannot reach the last position's logits."""
+        if layer != self.handle.n_layers - 1 or not site_info(self.site).local:
+            return torch.zeros(self.n, dtype=torch.bool)
+        return last < self.length - 1
+
+    def patch(self, li: int, rows: list[Row], start_pos: int) -> Write:
+        """The write of ``rows`` (one copy each) in a forward whose first position is
+        ``start_pos``: the donor's values at each row's patched positions from there on."""
+        device = self.handle.device
+        layer = self.layers[li]
+        if self.plan.masks is None:
+            pairs = torch.tensor([r[2] for r in rows], device=device)
+            pos = torch.tensor([self.plan.positions[r[1]] for r in rows], device=device)
+            pi = torch.tensor([r[1] for r in rows], device=device)
+            at = torch.arange(len(rows), device=device)
+            if self.source is not None:
+                value = self.source[pairs, li, pi]
+            else:
+                value = self.src_acts[layer][pairs, pos]
+            heads = [self.heads[r[0]] for r in rows]
+        else:
+            at_l, pos_l, heads = [], [], []
+            for i, (hi, pi, p) in enumerate(rows):
+                chosen = self.plan.masks[pi][p, start_pos:].nonzero().squeeze(-1) + start_pos
+                chosen = chosen.tolist()
+                at_l += [i] * len(chosen)
+                pos_l += chosen
+                heads += [self.heads[hi]] * len(chosen)
+            at = torch.tensor(at_l, dtype=torch.long, device=device)
+            pos = torch.tensor(pos_l, dtype=torch.long, device=device)
+            pairs = torch.tensor([rows[i][2] for i in at_l], dtype=torch.long, device=device)
+            value = self.src_acts[layer][pairs, pos]
+        head_t = None
+        if heads and heads[0] is not None:
+            head_t = torch.tensor(heads, device=device)
+            value = value[torch.arange(len(heads), device=device), head_t]
+        return Write(self.site, layer, at, pos, value, head_t)
+
+    def compute(self, max_rows: int, min_rows: int, skip_noops: bool) -> None:
+        """Every cell that must run, packed into forwards of the restartable run."""
+        cells = self.cells(skip_noops)
+        if self.run.method == "full":
+            rows = [(li, hi, pi, p) for li, hi, pi, pairs in cells for p in pairs]
+            for start in range(0, len(rows), max_rows):
+                self._full_forward(rows[start : start + max_rows])
+            return
+        by_layer: dict[int, list[tuple[int, Row]]] = defaultdict(list)
+        for li, hi, pi, pairs in cells:
+            for p in pairs:
+                by_layer[li].append((int(self.starts[(li, hi, pi)][p]), (hi, pi, p)))
+        for li, rows in by_layer.items():
+            # stable: at one start, heads and then pairs stay in grid order
+            rows.sort(key=lambda row: row[0])
+            block: list[Row] = []  # rows sharing one forward
+            cell: list[Row] = []
+            key = None
+            for start, row in rows:
+                if (start, row[0], row[1]) != key and cell:
+                    block = self._add(li, block, cell, min_rows, max_rows)
+                    cell = []
+                key = (start, row[0], row[1])
+                cell.append(row)
+            block = self._add(li, block, cell, min_rows, max_rows)
+            if block:
+                self._forward(li, block, max_rows)
+
+    def _add(
+        self, li: int, block: list[Row], cell: list[Row], min_rows: int, max_rows: int
+    ) -> list[Row]:
+        """Add one cell's rows to the open block, running the block first if it would grow past
+        ``min_rows`` rows — or, when all its rows start at the cell's position (no position is
+        computed for nothing), past ``min_rows`` full-length rows' worth of positions; returns
+        the open block.
+
+        Blocks stay small on purpose: on a CPU, forwards of a few dozen rows run faster per row
+        than larger ones whose activations no longer fit in cache. Rows arrive sorted by start,
+        so ``block[0]`` starts first."""
+        if block:
+            start = self._start(li, cell[0])
+            limit = max(min_rows, 1)
+            if self._start(li, block[0]) == start:
+                limit = max(limit, min_rows * self.length // (self.length - start))
+            if len(block) + len(cell) > limit:
+                self._forward(li, block, max_rows)
+                block = []
+        return block + cell
+
+    def _start(self, li: int, row: Row) -> int:
+        hi, pi, p = row
+        return int(self.starts[(li, hi, pi)][p])
+
+    def _forward(self, li: int, rows: list[Row], max_rows: int) -> None:
+        start_pos = min(self._start(li, row) for row in rows)
+        pair = torch.tensor([r[2] for r in rows], device=self.handle.device)
+        write = self.patch(li, rows, start_pos)
+        logits = self.run.restart(pair, [write], start_pos, max_rows=max_rows)
+        at = (
+            pair.cpu(),
+            li,
+            torch.tensor([r[0] for r in rows]),
+            torch.tensor([r[1] for r in rows]),
+        )
+        self.out[at], self.lse[at] = read(logits, self.cand[pair])
+
+    def _full_forward(self, rows: list[tuple[int, int, int, int]]) -> None:
+        """Generic path: copies of the targets, each with one cell patched, in one forward."""
+        device = self.handle.device
+        pair = torch.tensor([r[3] for r in rows], device=device)
+        writes = []
+        for li in range(len(self.layers)):
+            chosen = [i for i, r in enumerate(rows) if r[0] == li]
+            if chosen:
+                write = self.patch(li, [rows[i][1:] for i in chosen], 0)  # type: ignore[misc]
+                at = torch.tensor(chosen, device=device)[write.rows]
+                writes.append(
+                    Write(write.site, write.layer, at, write.pos, write.value, write.heads)
+                )
+        logits = self.run.restart(pair, writes, 0)
+        li_t, hi_t, pi_t = (torch.tensor([r[k] for r in rows]) for k in range(3))
+        at = (pair.cpu(), li_t, hi_t, pi_t)
+        self.out[at], self.lse[at] = read(logits, self.cand[pair])

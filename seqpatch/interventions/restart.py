@@ -1,0 +1,457 @@
+"""One restartable run: the core under patching, tracing, DAS and attribution.
+
+Every method in ``seqpatch.interventions`` is the same move. Run a batch once — the *base* run:
+clean targets for patching and DAS, clean plus noise-corrupted copies for tracing — keep its
+residual stream and keys/values per layer, then *restart* it with rows that each carry their own
+``Write`` (patch a donor's value in, restore a clean state into a corrupted row, write a value
+whose rotated subspace was interchanged). ``RestartableRun`` is that object; ROME's
+``trace_with_patch`` and TransformerLens' ``generic_activation_patch`` are its anchors.
+
+**The compute floor** — what an exact restart must compute, and all it computes:
+
+1. *Nothing below the first written layer, nothing before the first written position.* A write
+   at layer ``l`` whose first position is ``t`` leaves every layer below ``l`` and every position
+   before ``t`` as in the base run (attention is causal), so the restart begins at layer ``l``
+   from the base run's residual stream at positions ``t..T-1``, attending to the base run's keys
+   and values of positions ``< t`` (a prefix cache, as in incremental decoding;
+   ``_layers.LayerRunner``). Work: ``(L - l)(T - t)`` token-layers instead of ``L·T``.
+2. *Not the written layer's attention, for a site read after it.* ``attn_out``, ``head_z``,
+   ``mlp_post`` and ``mlp_out`` (the site table's ``after_attention``) sit after layer ``l``
+   has mixed positions, so its attention output is the base run's: the restart supplies it
+   (``head_z``: the base run's ``o_proj`` input, written, through ``o_proj``) and computes only
+   what follows — the output projection and the MLP.
+3. *The written layer at the written position only, for a site local to it.* Those sites and
+   ``head_q`` (the site table's ``local``) change layer ``l``'s output at the written position
+   alone, so with one written position per row layer ``l`` runs on that position of each row
+   (gathered: rows with different positions share one call) and the layers above from ``t``:
+   ``1 + (L - l - 1)(T - t)``.
+4. *The last layer on the last position only, where it can.* Only the last position's logits
+   are read. The last layer's keys/values still come from every restarted position (the last
+   query attends to them), but its output projection and MLP run on the last position alone
+   (``LayerRunner.run(last_only=True)``); a write local to the last layer at an earlier position
+   cannot reach the logits and is dropped (the callers skip such cells without running).
+
+Writes that provably change nothing are the callers' to skip (a donor equal to the base bit for
+bit); ``floor=False`` turns 2–4 off — the unoptimised restart the tests compare against.
+Architectures without the layer runner (GPT-2's attention keeps its own cache layout) take the
+generic path: full forwards of base-row copies with the writes as plain hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from seqpatch.interventions._layers import LayerRunner, PrefixCache, supports_layer_runner
+from seqpatch.interventions.sites import InterventionError, hooked
+from seqpatch.models.sites import site_info
+
+if TYPE_CHECKING:
+    from seqpatch.models import ModelHandle
+
+Perturb = Callable[[torch.Tensor], contextlib.AbstractContextManager]
+"""``perturb(base_rows)``: a context in which a forward of those base rows' tokens is perturbed
+as the base run was (tracing's embedding noise)."""
+_RESID = ("resid_pre", "resid_post")
+
+
+@dataclass(frozen=True)
+class Write:
+    """One setter carried by rows: ``value[i]`` goes to ``(rows[i], pos[i])`` of ``site`` at
+    ``layer`` (and head ``heads[i]``); ``rows`` index the restarted batch, ``pos`` are positions
+    of the prompt (absolute). Differentiable in ``value`` (DAS trains through it)."""
+
+    site: str
+    layer: int
+    rows: torch.Tensor
+    pos: torch.Tensor
+    value: torch.Tensor
+    heads: torch.Tensor | None = None
+
+    @property
+    def entry(self) -> int:
+        """The layer a restart at this write begins with (``resid_post[l]`` is layer ``l+1``'s
+        input)."""
+        return self.layer + 1 if self.site == "resid_post" else self.layer
+
+    def select(self, lo: int, hi: int) -> Write | None:
+        """The part of this write on restarted rows ``lo..hi-1``, renumbered from 0."""
+        keep = (self.rows >= lo) & (self.rows < hi)
+        if not bool(keep.any()):
+            return None
+        heads = None if self.heads is None else self.heads[keep]
+        return replace(
+            self, rows=self.rows[keep] - lo, pos=self.pos[keep], value=self.value[keep], heads=heads
+        )
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """Which positions a restarted forward holds: ``start..start+width-1``, or (``gather``) one
+    position per row."""
+
+    start: int
+    width: int
+    gather: torch.Tensor | None = None
+
+
+def _setter(write: Write, frame: _Frame) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A site hook applying ``write`` to a tensor of ``frame``'s positions; on the last layer
+    trimmed to its last position (``last_only``), writes at other positions are dropped."""
+
+    def put(x: torch.Tensor) -> torch.Tensor:
+        if frame.gather is not None:
+            ok, cols = write.pos == frame.gather[write.rows], torch.zeros_like(write.pos)
+        elif x.shape[1] == frame.width:
+            cols = write.pos - frame.start
+            ok = cols >= 0
+        else:  # trimmed to the last position
+            ok, cols = write.pos == frame.start + frame.width - 1, torch.zeros_like(write.pos)
+        x = x.clone()
+        index = (write.rows[ok], cols[ok])
+        if write.heads is not None:
+            index = (*index, write.heads[ok])
+        x[index] = write.value[ok].to(x.dtype)
+        return x
+
+    return put
+
+
+def _hooks(writes: Iterable[Write], frame: _Frame) -> dict[tuple[Any, int], Callable]:
+    """One hook per (site, layer), applying every write there in order."""
+    grouped: dict[tuple[str, int], list[Write]] = defaultdict(list)
+    for write in writes:
+        grouped[(write.site, write.layer)].append(write)
+    hooks: dict[tuple[Any, int], Callable] = {}
+    for key, group in grouped.items():
+        setters = [_setter(w, frame) for w in group]
+
+        def apply(x: torch.Tensor, setters: list[Callable] = setters) -> torch.Tensor:
+            for setter in setters:
+                x = setter(x)
+            return x
+
+        hooks[key] = apply
+    return hooks
+
+
+class _Counters:
+    forwards: int = 0
+    token_layers: int = 0
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once it has what it came for."""
+
+
+def layer0_input(handle: ModelHandle, input_ids: torch.Tensor) -> torch.Tensor:
+    """What decoder layer 0 receives (embeddings, scaled or with positions as the model does)."""
+    first: list[torch.Tensor] = []
+
+    def grab(x: torch.Tensor) -> None:
+        first.append(x)
+        raise _Stop
+
+    with hooked(handle, {("resid_pre", 0): grab}), contextlib.suppress(_Stop):
+        handle.hf_model(input_ids=input_ids)
+    return first[0]
+
+
+@contextlib.contextmanager
+def _attention_from(attn: torch.nn.Module, supply: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """The attention module returns ``(supply(), None)`` instead of computing (its hooks still
+    fire): every supported decoder layer unpacks its attention as ``output, weights``."""
+    attn.forward = lambda *_args, **_kwargs: (supply(), None)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del attn.forward
+
+
+class RestartableRun:
+    """A batch's base run, kept so that it can be restarted at any (layer, positions).
+
+    ``input_ids`` ``[n, T]`` (one length). ``method``: ``auto``, ``cached`` (the compute floor:
+    needs ``_layers.supports_layer_runner``) or ``full`` (generic full forwards). ``perturb``
+    (tracing) perturbs the base rows' embeddings, in the base run and in every generic forward.
+    ``capture`` lists ``(site, layer)`` tensors of the base run to keep in ``acts`` (full length,
+    ``[n, T, ...]``). ``floor_layers`` are the layers whose attention output (and, with
+    ``floor_z``, ``o_proj`` input) is kept for rule 2 of the module docstring. ``counters``
+    (any object with ``forwards`` and ``token_layers``) counts the work: every forward, and the
+    token-layers of restarts (the base run is the baseline, not restarted work).
+
+    ``logits`` ``[n, vocab]`` are the base run's next-token logits at the last position.
+    """
+
+    def __init__(
+        self,
+        handle: ModelHandle,
+        input_ids: torch.Tensor,
+        *,
+        method: str = "auto",
+        perturb: Perturb | None = None,
+        capture: Iterable[tuple[str, int]] = (),
+        floor_layers: Iterable[int] = (),
+        floor_z: bool = False,
+        floor: bool = True,
+        counters: Any = None,
+    ) -> None:
+        self.handle, self.ids = handle, input_ids
+        self.n, self.length = input_ids.shape
+        self.method = choose_method(handle, method)
+        self.perturb, self.floor = perturb, floor
+        self.counters = counters if counters is not None else _Counters()
+        self.acts: dict[tuple[str, int], torch.Tensor] = {}
+        hooks = {key: self._keep(self.acts, key) for key in capture}
+        base = torch.arange(self.n, device=handle.device)
+        with torch.no_grad(), self._perturbed(base):
+            if self.method == "full":
+                with hooked(handle, hooks):
+                    out = handle.hf_model(input_ids=input_ids, logits_to_keep=1)
+                self.logits = out.logits[:, -1]
+            else:
+                self._base_run(hooks, set(floor_layers) if floor else set(), floor_z)
+        self.counters.forwards += 1
+
+    @staticmethod
+    def _keep(into: dict, key: Any) -> Callable[[torch.Tensor], None]:
+        def fn(x: torch.Tensor) -> None:
+            into[key] = x.detach()
+
+        return fn
+
+    def _perturbed(self, rows: torch.Tensor) -> contextlib.AbstractContextManager:
+        return self.perturb(rows) if self.perturb is not None else contextlib.nullcontext()
+
+    def _base_run(self, hooks: dict, floor_layers: set[int], floor_z: bool) -> None:
+        """Residual stream per layer, keys/values, and the kept attention outputs."""
+        handle = self.handle
+        self.runner = LayerRunner(handle)
+        first = layer0_input(handle, self.ids)
+        resid = {0: first}
+        hooks = dict(hooks)
+        for i in range(handle.n_layers):
+            keep_out = self._keep(resid, i + 1)
+            if ("resid_post", i) in hooks:
+                keep_act = hooks[("resid_post", i)]
+                hooks[("resid_post", i)] = lambda x, a=keep_act, b=keep_out: (a(x), b(x))[-1]
+            else:
+                hooks[("resid_post", i)] = keep_out
+        self.attn: dict[int, torch.Tensor] = {}
+        self.z: dict[int, torch.Tensor] = {}
+        handles = []
+        for layer in floor_layers:
+            attn = handle.submodule(f"{handle.adapter.layers}.{layer}.{handle.adapter.attn}")
+            handles.append(
+                attn.register_forward_hook(
+                    lambda _m, _a, out, i=layer: self.attn.__setitem__(i, out[0].detach())
+                )
+            )
+            if floor_z:
+                handles.append(
+                    self._o_proj(layer).register_forward_pre_hook(
+                        lambda _m, args, i=layer: self.z.__setitem__(i, args[0].detach())
+                    )
+                )
+        cache = PrefixCache(record=True)
+        try:
+            with hooked(handle, hooks):
+                self.runner.run(first, 0, 0, cache)
+        finally:
+            for h in handles:
+                h.remove()
+        self.resid = [resid[i] for i in range(handle.n_layers + 1)]
+        self.kv = cache.recorded or {}
+        self.logits = handle.logits_from_resid(self.resid[-1][:, -1])
+
+    def _o_proj(self, layer: int) -> torch.nn.Module:
+        adapter = self.handle.adapter
+        return self.handle.submodule(f"{adapter.layers}.{layer}.{adapter.attn_o_proj}")
+
+    def restart(
+        self,
+        rows: torch.Tensor,
+        writes: Sequence[Write],
+        start_pos: int | None = None,
+        max_rows: int | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits ``[len(rows), vocab]`` at the last position of base rows ``rows``
+        restarted with ``writes`` (their ``rows`` index ``rows``).
+
+        ``start_pos`` (default: the first written position) is where the restarted positions
+        begin; writes before it are dropped (callers start at the first position a write
+        changes). ``max_rows`` bounds memory: rows run in chunks of ``max_rows`` full-length
+        rows' worth of positions.
+        """
+        if not writes:
+            return self.logits[rows]
+        if start_pos is None:
+            start_pos = min(int(w.pos.min()) for w in writes)
+        if max_rows is None:
+            return self._restart(rows, list(writes), start_pos)
+        width = self.length - (start_pos if self.method == "cached" else 0)
+        chunk = max(1, max_rows * self.length // max(width, 1))
+        parts = []
+        for lo in range(0, len(rows), chunk):
+            hi = min(lo + chunk, len(rows))
+            part = [s for w in writes if (s := w.select(lo, hi)) is not None]
+            parts.append(self._restart(rows[lo:hi], part, start_pos))
+        return torch.cat(parts)
+
+    def _restart(self, rows: torch.Tensor, writes: list[Write], start_pos: int) -> torch.Tensor:
+        handle, counters = self.handle, self.counters
+        counters.forwards += 1
+        if self.method == "full":
+            frame = _Frame(0, self.length)
+            with self._perturbed(rows), hooked(handle, _hooks(writes, frame)):
+                logits = handle.hf_model(input_ids=self.ids[rows], logits_to_keep=1).logits
+            counters.token_layers += len(rows) * handle.n_layers * self.length
+            return logits[:, -1]
+        if not writes:
+            return self.logits[rows]
+        entry = min(w.entry for w in writes)
+        first = [w for w in writes if w.entry == entry]
+        rest = [w for w in writes if w.entry != entry]
+        last = handle.n_layers - 1
+        hidden: torch.Tensor | None = None
+        if entry <= last and self.floor:
+            infos = [site_info(w.site) for w in first]
+            if all(i.after_attention for i in infos) and entry in self.attn:
+                if entry == last:  # rule 4: only the last position reaches the logits
+                    gather = torch.full((len(rows),), self.length - 1, device=rows.device)
+                else:
+                    gather = self._single_positions(rows, first)
+                hidden = self._patched_layer(rows, entry, first, start_pos, gather)
+            elif all(i.local and w.site not in _RESID for i, w in zip(infos, first, strict=True)):
+                gather = self._single_positions(rows, first)
+                if gather is not None:
+                    hidden = self._local_layer(rows, entry, first, start_pos, gather)
+        if hidden is None:
+            hidden = self.resid[entry][rows, start_pos:]
+            resid = [w for w in first if w.site in _RESID]
+            if resid:
+                hidden = hidden.clone()
+                for w in resid:
+                    hidden[w.rows, w.pos - start_pos] = w.value.to(hidden.dtype)
+            rest += [w for w in first if w.site not in _RESID]
+            begin = entry
+        else:
+            begin = entry + 1
+        if begin <= last:
+            prefix = self.prefix(rows, start_pos, range(begin, handle.n_layers))
+            frame = _Frame(start_pos, self.length - start_pos)
+            with hooked(handle, _hooks(rest, frame)):
+                hidden = self.runner.run(hidden, begin, start_pos, prefix, last_only=self.floor)
+            counters.token_layers += len(rows) * (handle.n_layers - begin) * frame.width
+        return handle.logits_from_resid(hidden[:, -1])
+
+    def _single_positions(self, rows: torch.Tensor, writes: list[Write]) -> torch.Tensor | None:
+        """``[rows]``: each row's one written position, if no row has two (rows without a write
+        take the last position, where they compute their base value)."""
+        at = torch.cat([w.rows for w in writes])
+        pos = torch.cat([w.pos for w in writes])
+        low = torch.full((len(rows),), self.length, dtype=torch.long, device=rows.device)
+        high = torch.full((len(rows),), -1, dtype=torch.long, device=rows.device)
+        low = low.scatter_reduce(0, at, pos, "amin")
+        high = high.scatter_reduce(0, at, pos, "amax")
+        written = high >= 0
+        if bool((low[written] != high[written]).any()):
+            return None
+        return torch.where(written, high, self.length - 1)
+
+    def _patched_layer(
+        self,
+        rows: torch.Tensor,
+        layer: int,
+        writes: list[Write],
+        start_pos: int,
+        gather: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Rules 2–4: layer ``layer`` with its attention output supplied from the base run, on
+        each row's written position (``gather``) or on positions ``start_pos..``; returns the
+        layer's output merged into the base run's at positions ``start_pos..``."""
+        handle = self.handle
+        if gather is not None:
+            frame = _Frame(self.length - 1, 1, gather)
+            hidden = self.resid[layer][rows, gather][:, None]
+            attn_out = self.attn[layer][rows, gather][:, None]
+            z = self.z[layer][rows, gather][:, None] if layer in self.z else None
+        else:
+            frame = _Frame(start_pos, self.length - start_pos)
+            hidden = self.resid[layer][rows, start_pos:]
+            attn_out = self.attn[layer][rows, start_pos:]
+            z = self.z[layer][rows, start_pos:] if layer in self.z else None
+        head_z = any(w.site == "head_z" for w in writes)
+        if head_z and z is None:
+            raise InterventionError("head_z restarts need the base run's o_proj input (floor_z)")
+        o_proj = self._o_proj(layer)
+        attn = handle.submodule(f"{handle.adapter.layers}.{layer}.{handle.adapter.attn}")
+        supply = (lambda: o_proj(z)) if head_z else (lambda: attn_out)
+        with _attention_from(attn, supply), hooked(handle, _hooks(writes, frame)):
+            out = self.runner.run(hidden, layer, frame.start, PrefixCache(), stop_layer=layer + 1)
+        self.counters.token_layers += out.shape[0] * out.shape[1]
+        if gather is None:
+            return out
+        merged = self.resid[layer + 1][rows, start_pos:].clone()
+        merged[torch.arange(len(rows), device=rows.device), gather - start_pos] = out[:, 0]
+        return merged
+
+    def _local_layer(
+        self, rows: torch.Tensor, layer: int, writes: list[Write], start_pos: int, gather: Any
+    ) -> torch.Tensor:
+        """Rule 3 for a site read before attention (``head_q``): layer ``layer`` on each row's
+        written position, attending to the base run's keys/values before it (rows grouped by
+        position); returns the layer's output merged into the base run's from ``start_pos``."""
+        merged = self.resid[layer + 1][rows, start_pos:].clone()
+        for pos in sorted(set(gather.tolist())):
+            sel = (gather == pos).nonzero().squeeze(-1)
+            index = torch.full((len(rows),), -1, dtype=torch.long, device=rows.device)
+            index[sel] = torch.arange(len(sel), device=rows.device)
+            part = []
+            for w in writes:
+                keep = index[w.rows] >= 0
+                if bool(keep.any()):
+                    heads = None if w.heads is None else w.heads[keep]
+                    rows_k = index[w.rows[keep]]
+                    part.append(
+                        replace(w, rows=rows_k, pos=w.pos[keep], value=w.value[keep], heads=heads)
+                    )
+            frame = _Frame(pos, 1)
+            prefix = self.prefix(rows[sel], pos, [layer])
+            hidden = self.resid[layer][rows[sel], pos : pos + 1]
+            with hooked(self.handle, _hooks(part, frame)):
+                out = self.runner.run(hidden, layer, pos, prefix, stop_layer=layer + 1)
+            merged[sel, pos - start_pos] = out[:, 0]
+            self.counters.forwards += 1
+            self.counters.token_layers += len(sel)
+        return merged
+
+    def prefix(self, rows: torch.Tensor, start_pos: int, layers: Iterable[int]) -> PrefixCache:
+        """The base run's keys/values of positions ``< start_pos`` of ``layers``, per row."""
+        if start_pos == 0:
+            return PrefixCache()
+        return PrefixCache(
+            {
+                j: (self.kv[j][0][rows, :, :start_pos], self.kv[j][1][rows, :, :start_pos])
+                for j in layers
+            }
+        )
+
+
+def choose_method(handle: ModelHandle, method: str) -> str:
+    """``auto`` → ``cached`` where the layer runner reproduces the model, else ``full``."""
+    if method == "auto":
+        return "cached" if supports_layer_runner(handle) else "full"
+    if method == "cached" and not supports_layer_runner(handle):
+        raise InterventionError(
+            f"method='cached' does not support {handle.adapter.model_type!r} with "
+            f"{handle.hf_model.config._attn_implementation!r} attention; use method='full'"
+        )
+    if method not in ("cached", "full"):
+        raise InterventionError(f"unknown method {method!r}; use 'auto', 'cached' or 'full'")
+    return method
