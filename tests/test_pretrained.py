@@ -193,7 +193,12 @@ def _pair(smol):
 def _hook_patch(hf, site, layer, pos, src, tgt):
     """Next-token logits ``[vocab]`` of ``tgt`` with one cell taken from ``src`` by plain hooks."""
     block = hf.model.layers[layer]
-    module = {"resid_pre": block, "attn_out": block.self_attn, "mlp_out": block.mlp}[site]
+    module = {
+        "resid_pre": block,
+        "attn_out": block.self_attn,
+        "mlp_out": block.mlp,
+        "mlp_post": block.mlp.down_proj,  # its input: act(gate_proj(x)) * up_proj(x)
+    }[site]
     donated = {}
 
     def first(x):
@@ -212,7 +217,7 @@ def _hook_patch(hf, site, layer, pos, src, tgt):
         x[:, pos] = donated["x"]
         return (x, *out[1:]) if isinstance(out, tuple) else x
 
-    pre = site == "resid_pre"
+    pre = site in ("resid_pre", "mlp_post")
     register = module.register_forward_pre_hook if pre else module.register_forward_hook
     with torch.no_grad():
         hook = register(read)
@@ -224,12 +229,12 @@ def _hook_patch(hf, site, layer, pos, src, tgt):
     return logits
 
 
-@pytest.mark.parametrize("site", ["resid_pre", "attn_out", "mlp_out"])
+@pytest.mark.parametrize("site", ["resid_pre", "attn_out", "mlp_out", "mlp_post"])
 def test_sweep_equals_plain_hook_patches_on_the_real_model(smol, site):
     from seqpatch.interventions import SweepStats, sweep
 
     src, tgt, changed, candidates = _pair(smol)
-    layers = [0, smol.n_layers - 1]
+    layers = [0, smol.n_layers // 2, smol.n_layers - 1]
     positions = [int(changed[0]), tgt.shape[1] - 1]  # first changed token, last position
     stats: list[SweepStats] = []
     result = sweep(smol, src, tgt, site, candidates, layers, positions, stats=stats)

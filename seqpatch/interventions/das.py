@@ -41,18 +41,16 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
-from seqpatch.interventions._layers import LayerRunner, PrefixCache, supports_layer_runner
+from seqpatch.interventions.restart import RestartableRun, Write
 from seqpatch.interventions.sites import (
     SWEEP_SITES,
     InterventionError,
     capture_sites,
     check_sites,
-    hooked,
 )
+from seqpatch.models.sites import site_info
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from seqpatch.models import ModelHandle, Site
 
 
@@ -250,11 +248,12 @@ class SiteInterchange:
     """The ``Interchange`` of one cell ``(site, layer, pos)`` of a loaded model, ``n`` pairs.
 
     ``src_ids``/``tgt_ids`` are ``[n, T]`` (one token length: positions must mean the same token
-    in every pair); ``candidate_ids`` ``[C]`` or ``[n, C]``. Where ``_layers.LayerRunner``
-    supports the model (Llama-like, eager/sdpa attention), ``logits`` reruns only layers ≥
-    ``layer`` at positions ≥ ``pos`` against the target's clean keys/values — exact, and the
-    only part of the run the intervention can change. Otherwise it runs full forwards with a
-    plain hook. Construct it under ``torch.no_grad`` or not: the clean run never tracks grads.
+    in every pair); ``candidate_ids`` ``[C]`` or ``[n, C]``. ``logits`` restarts the targets'
+    ``RestartableRun`` with the written value: at the compute floor where the layer runner
+    supports the model (only layers ≥ ``layer`` at positions ≥ ``pos``, against the target's
+    clean keys/values — the only part of the run the intervention can change), else full
+    forwards with a plain hook. Construct it under ``torch.no_grad`` or not: the clean run never
+    tracks grads.
     """
 
     def __init__(
@@ -284,74 +283,25 @@ class SiteInterchange:
         self.tgt = tgt_ids.to(device)
         cand = torch.as_tensor(candidate_ids, dtype=torch.long)
         self.cand = (cand.expand(n, -1) if cand.ndim == 1 else cand).to(device)
-        if method == "auto":
-            method = "cached" if supports_layer_runner(handle) else "full"
-        if method not in ("cached", "full"):
-            raise InterventionError(f"unknown method {method!r}; use 'auto', 'cached' or 'full'")
-        self.method = method
         with torch.no_grad():
             captured, _ = capture_sites(
                 handle, torch.cat([src_ids.to(device), self.tgt]), [site], [layer]
             )
             acts = captured[(site, layer)][:, pos].float()
             self.source, self.base = acts[:n].contiguous(), acts[n:].contiguous()
-            if method == "cached":
-                self._clean_run()
-
-    def _clean_run(self) -> None:
-        from seqpatch.interventions.sweep import _collect, _layer0_input
-
-        handle = self.handle
-        self.runner = LayerRunner(handle)
-        first = _layer0_input(handle, self.tgt)
-        resid = [first]
-        cache = PrefixCache(record=True)
-        with hooked(handle, {("resid_post", i): _collect(resid) for i in range(handle.n_layers)}):
-            self.runner.run(first, 0, 0, cache)
-        # resid_post[l] is resid_pre[l + 1]: the run restarts at the next layer's input.
-        self.start_layer = self.layer + 1 if self.site == "resid_post" else self.layer
-        self.hidden = resid[self.start_layer][:, self.pos :]
-        kv = cache.recorded or {}
-        self.prefix = {
-            j: (keys[:, :, : self.pos], values[:, :, : self.pos])
-            for j, (keys, values) in kv.items()
-            if j >= self.start_layer and self.pos > 0
-        }
+        self.run = RestartableRun(
+            handle,
+            self.tgt,
+            method=method,
+            floor_layers=[layer] if site_info(site).after_attention else (),
+        )
+        self.method = self.run.method
 
     def logits(self, rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         rows = rows.to(self.handle.device)
         value = value.to(self.handle.dtype)
+        at = torch.arange(len(rows), device=rows.device)
+        write = Write(self.site, self.layer, at, torch.full_like(at, self.pos), value)
         with frozen(self.handle.hf_model):
-            if self.method == "full":
-                return self._full(rows, value)
-            return self._cached(rows, value)
-
-    def _cached(self, rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        handle = self.handle
-        hooks: dict[tuple[Site, int], Callable] = {}
-        hidden = self.hidden[rows]
-        if self.site in ("resid_pre", "resid_post"):
-            hidden = torch.cat([value[:, None], hidden[:, 1:]], dim=1)
-        else:
-            hooks[(self.site, self.layer)] = _setter(0, value)
-        prefix = {j: (k[rows], v[rows]) for j, (k, v) in self.prefix.items()}
-        last_only = not (self.site == "mlp_out" and self.layer == handle.n_layers - 1)
-        with hooked(handle, hooks):
-            final = self.runner.run(
-                hidden, self.start_layer, self.pos, PrefixCache(prefix), last_only
-            )
-        return handle.logits_from_resid(final[:, -1]).gather(-1, self.cand[rows])
-
-    def _full(self, rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        with hooked(self.handle, {(self.site, self.layer): _setter(self.pos, value)}):
-            logits = self.handle.hf_model(input_ids=self.tgt[rows], logits_to_keep=1).logits
-        return logits[:, -1].gather(-1, self.cand[rows])
-
-
-def _setter(pos: int, value: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A site hook writing ``value`` ``[rows, d]`` at position ``pos`` (differentiably)."""
-
-    def put(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x[:, :pos], value[:, None].to(x.dtype), x[:, pos + 1 :]], dim=1)
-
-    return put
+            logits = self.run.restart(rows, [write], self.pos if self.method == "cached" else 0)
+        return logits.gather(-1, self.cand[rows])

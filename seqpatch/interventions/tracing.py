@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from seqpatch.interventions._layers import LayerRunner, PrefixCache, supports_layer_runner
+from seqpatch.interventions.restart import RestartableRun, Write, choose_method
 from seqpatch.interventions.sites import InterventionError, hooked, resolve_indices
 from seqpatch.programs import derive_seed
 
@@ -256,15 +256,7 @@ def trace(
     window = default_window(n_layers) if window is None else int(window)
     if window < 1:
         raise InterventionError(f"window must be >= 1, got {window}")
-    if method == "auto":
-        method = "cached" if supports_layer_runner(handle) else "full"
-    elif method == "cached" and not supports_layer_runner(handle):
-        raise InterventionError(
-            f"method='cached' does not support {handle.adapter.model_type!r} with "
-            f"{handle.hf_model.config._attn_implementation!r} attention; use method='full'"
-        )
-    elif method not in ("cached", "full"):
-        raise InterventionError(f"unknown method {method!r}; use 'auto', 'cached' or 'full'")
+    method = choose_method(handle, method)  # type: ignore[assignment]
     counters = TraceStats(method=method)
     with torch.no_grad():
         engine = _Engine(handle, ids, int(target), corruption, method == "cached", counters)
@@ -288,7 +280,7 @@ def trace(
                 if cell.samples:
                     cells.append(cell)
     with torch.no_grad():
-        engine.run(cells, restored, max_rows, min_rows)
+        engine.run_cells(cells, restored, max_rows, min_rows)
     if stats is not None:
         stats.append(counters)
     return TraceResult(
@@ -347,7 +339,7 @@ def restore_probs(
             pos = torch.tensor(positions, device=handle.device)
             value = clean[(site, layer)][pos]
             hooks[(site, layer)] = _restorer(
-                rows.repeat_interleave(len(positions)), pos.repeat(n), value.repeat(n, 1), 0
+                rows.repeat_interleave(len(positions)), pos.repeat(n), value.repeat(n, 1)
             )
         noise = corruption.noise(handle.d_model)
         with _corrupted(handle, corruption.positions, noise, rows), hooked(handle, hooks):
@@ -400,29 +392,21 @@ def _corrupted(
 
 
 def _restorer(
-    rows: torch.Tensor, positions: torch.Tensor, value: torch.Tensor, length: int
+    rows: torch.Tensor, positions: torch.Tensor, value: torch.Tensor
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A site hook writing ``value[i]`` at ``(rows[i], positions[i])``.
-
-    With ``length > 0`` positions are indexed from the end (``positions - length``), so the hook
-    also works on the last layer's MLP when the runner trims it to the last position.
-    """
-    index = positions - length if length else positions
+    """A site hook writing ``value[i]`` at ``(rows[i], positions[i])`` (the reference path)."""
 
     def restore(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
-        x[rows, index] = value.to(x.dtype)
+        x[rows, positions] = value.to(x.dtype)
         return x
 
     return restore
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward once it has what it came for."""
-
-
 class _Engine:
-    """The base runs of one program and the forwards of its restored cells."""
+    """One program's base run — clean row 0, corrupted rows ``1..n`` — as a ``RestartableRun``,
+    and its restored cells as restarts whose rows restore clean values into corrupted rows."""
 
     SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
 
@@ -435,56 +419,29 @@ class _Engine:
         cached: bool,
         counters: TraceStats,
     ) -> None:
-        self.handle, self.ids, self.target = handle, ids, target
+        self.handle, self.target = handle, target
         self.length = ids.numel()
-        self.corruption, self.cached, self.counters = corruption, cached, counters
-        self.noise = corruption.noise(handle.d_model).to(handle.device)
-        self.runner = LayerRunner(handle) if cached else None
-        self._base_run()
+        self.corruption, self.counters = corruption, counters
+        n = corruption.n_samples
+        noise = corruption.noise(handle.d_model).to(handle.device)
+        positions = corruption.positions
 
-    def _base_run(self) -> None:
-        """Clean row 0 and corrupted rows ``1..n`` in one batch: every site and (cached) the
-        keys/values of every layer."""
-        handle, n = self.handle, self.corruption.n_samples
-        rows = torch.arange(-1, n, device=handle.device)
-        batch = self.ids.expand(n + 1, -1)
-        acts: dict[tuple[str, int], torch.Tensor] = {}
+        def perturb(rows: torch.Tensor) -> contextlib.AbstractContextManager:
+            return _corrupted(handle, positions, noise, rows - 1)  # base row 0 is clean
 
-        def keep(key: tuple[str, int]) -> Callable[[torch.Tensor], None]:
-            def fn(x: torch.Tensor) -> None:
-                acts[key] = x.detach()
-
-            return fn
-
-        hooks = {
-            (site, layer): keep((site, layer))
-            for site in self.SITES
-            for layer in range(handle.n_layers)
-        }
-        with _corrupted(handle, self.corruption.positions, self.noise, rows):
-            if self.runner is None:
-                with hooked(handle, hooks):  # type: ignore[arg-type]
-                    logits = handle.hf_model(input_ids=batch, logits_to_keep=1).logits[:, -1]
-                self.kv = None
-            else:
-                first: list[torch.Tensor] = []
-
-                def grab(x: torch.Tensor) -> None:
-                    first.append(x)
-                    raise _Stop
-
-                with hooked(handle, {("resid_pre", 0): grab}), contextlib.suppress(_Stop):
-                    handle.hf_model(input_ids=batch)
-                cache = PrefixCache(record=True)
-                with hooked(handle, hooks):  # type: ignore[arg-type]
-                    final = self.runner.run(first[0], 0, 0, cache, last_only=True)
-                logits = handle.logits_from_resid(final[:, -1])
-                self.kv = cache.recorded
-        self.acts = acts
-        probs = _probs(logits, self.target).cpu().numpy()
+        self.run = RestartableRun(
+            handle,
+            ids.expand(n + 1, -1),
+            method="cached" if cached else "full",
+            perturb=perturb,
+            capture=[(site, layer) for site in self.SITES for layer in range(handle.n_layers)],
+            floor_layers=range(handle.n_layers),
+            counters=counters,
+        )
+        self.acts = self.run.acts
+        probs = _probs(self.run.logits, self.target).cpu().numpy()
         self.clean_prob = float(probs[0])
         self.corrupted_probs = probs[1:]
-        self.counters.forwards += 1
         self.counters.token_layers += (n + 1) * handle.n_layers * self.length
 
     def unchanged(self, states: list[tuple[str, int]], position: int) -> np.ndarray:
@@ -493,113 +450,46 @@ class _Engine:
         n = self.corruption.n_samples
         same = torch.ones(n, dtype=torch.bool, device=self.handle.device)
         for site, layer in states:
-            x = self.acts[(site, layer)]
-            if site == "mlp_out" and x.shape[1] != self.length:  # trimmed last-layer MLP
-                if position != self.length - 1:
-                    continue
-                x = x[:, -1]
-            else:
-                x = x[:, position]
+            x = self.acts[(site, layer)][:, position]
             same &= (x[1:] == x[0]).all(-1)
         return same.cpu().numpy()
 
-    def clean_values(self, site: str, layer: int, positions: torch.Tensor) -> torch.Tensor:
-        """Clean ``[len(positions), d]`` values of a site (a trimmed last-layer MLP output holds
-        the last position only, which is the only one restored there)."""
-        x = self.acts[(site, layer)][0]
-        return x[positions - self.length] if x.shape[0] != self.length else x[positions]
-
-    def run(self, cells: list[_Cell], out: np.ndarray, max_rows: int, min_rows: int) -> None:
-        if self.runner is None:
+    def run_cells(self, cells: list[_Cell], out: np.ndarray, max_rows: int, min_rows: int) -> None:
+        if self.run.method == "full":
             rows = [(cell, s) for cell in cells for s in cell.samples]
             for begin in range(0, len(rows), max(1, max_rows)):
-                self._full_forward(rows[begin : begin + max(1, max_rows)], out)
+                self._restart(rows[begin : begin + max(1, max_rows)], out, max_rows)
             return
         by_start: dict[int, list[_Cell]] = defaultdict(list)
         for cell in cells:
             by_start[cell.start_layer].append(cell)
-        for start_layer, group in sorted(by_start.items()):
+        for _, group in sorted(by_start.items()):
             group.sort(key=lambda cell: cell.position)
             block: list[tuple[_Cell, int]] = []
             for cell in group:
                 rows = [(cell, s) for s in cell.samples]
                 if block and len(block) + len(rows) > max(min_rows, 1):
-                    self._cached_forward(start_layer, block, out, max_rows)
+                    self._restart(block, out, max_rows)
                     block = []
                 block += rows
             if block:
-                self._cached_forward(start_layer, block, out, max_rows)
+                self._restart(block, out, max_rows)
 
-    def _hooks(
-        self, rows: list[tuple[_Cell, int]], length: int, skip: str | None = None
-    ) -> dict[tuple[Site, int], Callable]:
-        """Restoring hooks for the rows' (site, layer) states; ``skip``: a site set otherwise."""
+    def _restart(self, rows: list[tuple[_Cell, int]], out: np.ndarray, max_rows: int) -> None:
+        """Restart the corrupted rows of ``rows``' samples with their cells' states restored."""
+        device = self.handle.device
         wanted: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
         for r, (cell, _) in enumerate(rows):
             for site, layer in cell.states:
-                if site != skip:
-                    wanted[(site, layer)].append((r, cell.position))
-        device = self.handle.device
-        hooks: dict[tuple[Site, int], Callable] = {}
+                wanted[(site, layer)].append((r, cell.position))
+        writes = []
         for (site, layer), where in wanted.items():
-            r = torch.tensor([w[0] for w in where], device=device)
+            at = torch.tensor([w[0] for w in where], device=device)
             pos = torch.tensor([w[1] for w in where], device=device)
-            value = self.clean_values(site, layer, pos)
-            hooks[(site, layer)] = _restorer(r, pos, value, length)  # type: ignore[index]
-        return hooks
-
-    def _full_forward(self, rows: list[tuple[_Cell, int]], out: np.ndarray) -> None:
-        handle = self.handle
-        samples = torch.tensor([s for _, s in rows], device=handle.device)
-        with (
-            _corrupted(handle, self.corruption.positions, self.noise, samples),
-            hooked(handle, self._hooks(rows, 0)),
-        ):
-            batch = self.ids.expand(len(rows), -1)
-            logits = handle.hf_model(input_ids=batch, logits_to_keep=1).logits[:, -1]
-        self._store(rows, _probs(logits, self.target).cpu().numpy(), out)
-        self.counters.forwards += 1
-        self.counters.token_layers += len(rows) * handle.n_layers * self.length
-
-    def _cached_forward(
-        self, start_layer: int, rows: list[tuple[_Cell, int]], out: np.ndarray, max_rows: int
-    ) -> None:
-        start_pos = min(cell.position for cell, _ in rows)
-        width = self.length - start_pos
-        chunk = max(1, max_rows * self.length // width)  # a budget of max_rows full-length rows
-        for begin in range(0, len(rows), chunk):
-            self._cached_chunk(start_layer, start_pos, rows[begin : begin + chunk], out)
-
-    def _cached_chunk(
-        self, start_layer: int, start_pos: int, rows: list[tuple[_Cell, int]], out: np.ndarray
-    ) -> None:
-        handle, device = self.handle, self.handle.device
-        assert self.runner is not None and self.kv is not None
-        batch_rows = torch.tensor([s + 1 for _, s in rows], device=device)  # row 0 is clean
-        hidden = self.acts[("resid_pre", start_layer)][batch_rows, start_pos:].clone()
-        # a resid cell restores one state, resid_pre of its start layer
-        resid = [(r, cell.position) for r, (cell, _) in enumerate(rows) if cell.kind == "resid"]
-        if resid:
-            r = torch.tensor([x[0] for x in resid], device=device)
-            pos = torch.tensor([x[1] for x in resid], device=device)
-            hidden[r, pos - start_pos] = self.clean_values("resid_pre", start_layer, pos)
-        prefix = {
-            j: (keys[batch_rows, :, :start_pos], values[batch_rows, :, :start_pos])
-            for j, (keys, values) in self.kv.items()
-            if j >= start_layer and start_pos > 0
-        }
-        with hooked(handle, self._hooks(rows, self.length, skip="resid_pre")):
-            final = self.runner.run(
-                hidden, start_layer, start_pos, PrefixCache(prefix), last_only=True
-            )
-        logits = handle.logits_from_resid(final[:, -1])
-        self._store(rows, _probs(logits, self.target).cpu().numpy(), out)
-        self.counters.forwards += 1
-        self.counters.token_layers += (
-            len(rows) * (handle.n_layers - start_layer) * (self.length - start_pos)
-        )
-
-    @staticmethod
-    def _store(rows: list[tuple[_Cell, int]], probs: np.ndarray, out: np.ndarray) -> None:
+            writes.append(Write(site, layer, at, pos, self.acts[(site, layer)][0, pos]))
+        base_rows = torch.tensor([s + 1 for _, s in rows], device=device)  # row 0 is clean
+        start = 0 if self.run.method == "full" else min(cell.position for cell, _ in rows)
+        logits = self.run.restart(base_rows, writes, start, max_rows=max_rows)
+        probs = _probs(logits, self.target).cpu().numpy()
         for (cell, s), p in zip(rows, probs, strict=True):
             out[cell.kind_index, cell.layer_index, cell.position, s] = p

@@ -1,0 +1,210 @@
+"""The restartable run and the new site ``mlp_post``, against independent computations.
+
+- ``mlp_post`` is recomputed by hand from the MLP's input with each architecture's own
+  projections and activation (the reference never reads the module the site table names);
+- a patch of ``mlp_post`` equals a plain hook on the input of the MLP's output projection,
+  named here per architecture;
+- the floor paths of ``RestartableRun`` (the patched layer's attention reused, one position per
+  row, the last layer on the last position) equal the unoptimised restart (``floor=False``) and
+  the generic path of full forwards with plain hooks, for arbitrary written values.
+"""
+
+import pytest
+import torch
+
+from seqpatch.interventions import PatchSpec, get_activations, patch_grid
+from seqpatch.interventions.restart import RestartableRun, Write
+from seqpatch.interventions.sites import site_heads
+from seqpatch.models import load_model
+from seqpatch.models.sites import SITE_TABLE
+from seqpatch.testing import TINY_ARCHITECTURES, save_tiny_model
+from tests.token_pairs import random_pairs
+
+CANDIDATES = list(range(20, 30))
+TOL = 1e-5
+FLOOR_ARCHS = ("llama", "qwen2", "gemma2", "gemma3_text", "gpt_neox", "phi")
+
+
+@pytest.fixture(scope="module")
+def handles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("restart")
+    return {
+        arch: load_model(str(save_tiny_model(arch, root / arch))) for arch in TINY_ARCHITECTURES
+    }
+
+
+def mlp_parts(handle, arch, layer):
+    """(mlp module, its output projection, hidden(x)): the MLP's hidden activation computed by
+    hand from its input, the way each architecture's MLP code does."""
+    m = handle.hf_model
+    if arch == "gpt2":
+        mlp = m.transformer.h[layer].mlp
+        return mlp, mlp.c_proj, lambda x: mlp.act(mlp.c_fc(x))
+    if arch == "gpt_neox":
+        mlp = m.gpt_neox.layers[layer].mlp
+        return mlp, mlp.dense_4h_to_h, lambda x: mlp.act(mlp.dense_h_to_4h(x))
+    mlp = m.model.layers[layer].mlp
+    if arch == "phi":
+        return mlp, mlp.fc2, lambda x: mlp.activation_fn(mlp.fc1(x))
+    if arch == "phi3":
+
+        def fused(x):
+            gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+            return up * mlp.activation_fn(gate)
+
+        return mlp, mlp.down_proj, fused
+    return mlp, mlp.down_proj, lambda x: mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_mlp_post_is_the_mlp_hidden_activation_after_its_nonlinearity(handles, arch):
+    handle = handles[arch]
+    ids = random_pairs(seed=3, n=2, length=9, diverge=2)[0]
+    got = get_activations(handle, ids, "mlp_post")["mlp_post"]  # [B, L, T, d_mlp]
+    for layer in range(handle.n_layers):
+        mlp, down, hidden = mlp_parts(handle, arch, layer)
+        seen = {}
+        hook = mlp.register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0]))
+        with torch.no_grad():
+            handle.hf_model(input_ids=ids)
+            want = hidden(seen["x"])
+        hook.remove()
+        assert want.shape[-1] == down.weight.shape[-1 if arch != "gpt2" else 0] != handle.d_model
+        assert (got[:, layer] - want).abs().max() <= TOL
+
+
+def hook_patch(handle, arch, layer, pos, src, tgt):
+    """Next-token logits of ``tgt`` with ``mlp_post`` at (layer, pos) taken from ``src``, by a
+    plain pre-hook on the MLP's output projection."""
+    _, down, _ = mlp_parts(handle, arch, layer)
+    donated = {}
+
+    def read(_m, args):
+        donated["x"] = args[0][:, pos].clone()
+
+    def write(_m, args):
+        x = args[0].clone()
+        x[:, pos] = donated["x"]
+        return (x, *args[1:])
+
+    with torch.no_grad():
+        hook = down.register_forward_pre_hook(read)
+        handle.hf_model(input_ids=src)
+        hook.remove()
+        hook = down.register_forward_pre_hook(write)
+        logits = handle.hf_model(input_ids=tgt).logits[:, -1].float()
+        hook.remove()
+    return logits
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_mlp_post_patches_equal_a_plain_hook(handles, arch):
+    handle = handles[arch]
+    length = 12
+    src, tgt = random_pairs(seed=4, n=2, length=length, diverge=3)
+    result = patch_grid(handle, src, tgt, PatchSpec("mlp_post"), CANDIDATES, min_rows=2)
+    last = handle.n_layers - 1
+    for layer, pos in [(0, 3), (0, length - 1), (last, 5), (last, length - 1)]:
+        want = hook_patch(handle, arch, layer, pos, src, tgt)
+        got = result.logits[:, layer, pos]
+        assert (got - want[:, CANDIDATES]).abs().max() <= TOL, (layer, pos)
+        assert (result.lse[:, layer, pos] - want.logsumexp(-1)).abs().max() <= TOL
+
+
+def random_writes(handle, site, rows, length, gen, *, single, layer):
+    """Arbitrary values written at random positions of ``rows`` restarted rows: one position
+    per row (``single``) or a set of positions per row."""
+    heads = site_heads(handle, site)
+    shape = (handle.site_width(site),) if heads is None else (heads, handle.site_width(site))
+    at, pos = [], []
+    for r in range(rows):
+        chosen = [int(torch.randint(1, length, (1,), generator=gen))]
+        if not single:
+            chosen = sorted(set(chosen + torch.randint(1, length, (3,), generator=gen).tolist()))
+        at += [r] * len(chosen)
+        pos += chosen
+    value = torch.randn(len(at), *shape, generator=gen)
+    head_t = None
+    if heads is not None:
+        head_t = torch.randint(0, heads, (len(at),), generator=gen)
+        value = value[:, 0]
+    return Write(site, layer, torch.tensor(at), torch.tensor(pos), value, head_t)
+
+
+FLOOR_SITES = ("attn_out", "mlp_out", "mlp_post", "head_z", "head_q", "resid_pre")
+
+
+@pytest.mark.parametrize("arch", FLOOR_ARCHS)
+def test_floor_restarts_equal_the_unoptimised_restart_and_plain_hooks(handles, arch):
+    """Every floor rule (attention reused, one position per row, last layer on the last
+    position) against ``floor=False`` (bit-close) and full forwards with plain hooks."""
+    handle = handles[arch]
+    length = 18  # longer than gemma3_text's sliding window (4)
+    ids = random_pairs(seed=8, n=3, length=length, diverge=0)[0]
+    gen = torch.Generator().manual_seed(0)
+    runs = {
+        name: RestartableRun(
+            handle,
+            ids,
+            method="full" if name == "full" else "cached",
+            floor=name != "plain",
+            floor_layers=range(handle.n_layers),
+            floor_z=True,
+        )
+        for name in ("floor", "plain", "full")
+    }
+    rows = torch.tensor([0, 2, 1, 2, 0])
+    for site in FLOOR_SITES:
+        for layer in range(handle.n_layers):
+            for single in (True, False):
+                write = random_writes(
+                    handle, site, len(rows), length, gen, single=single, layer=layer
+                )
+                got = {name: run.restart(rows, [write]) for name, run in runs.items()}
+                key = (site, layer, single)
+                torch.testing.assert_close(
+                    got["floor"], got["plain"], atol=TOL, rtol=0, msg=str(key)
+                )
+                torch.testing.assert_close(
+                    got["floor"], got["full"], atol=TOL, rtol=0, msg=str(key)
+                )
+
+
+def test_the_floor_reuses_attention_and_trims_the_last_layer(handles):
+    """The work the floor does, counted: a single-position write after attention is one
+    token-layer at its layer; on the last layer only the last position is computed."""
+    handle = handles["llama"]
+    length, last = 10, handle.n_layers - 1
+    ids = random_pairs(seed=9, n=2, length=length, diverge=0)[0]
+    run = RestartableRun(handle, ids, floor_layers=[0, last], floor_z=True)
+    rows = torch.tensor([0, 1])
+    value = torch.randn(2, handle.n_heads, handle.d_head)
+    every = torch.arange(length).repeat(2)
+    write = Write(
+        "head_z",
+        last,
+        torch.tensor([0, 1]).repeat_interleave(length),
+        every,
+        value.repeat_interleave(length, 0)[:, 0],
+        torch.zeros(2 * length, dtype=torch.long),
+    )
+    before = run.counters.token_layers
+    patched = run.restart(rows, [write])
+    assert run.counters.token_layers - before == 2  # the last layer, last position, per row
+    only_last = Write(
+        "head_z",
+        last,
+        torch.tensor([0, 1]),
+        torch.tensor([length - 1] * 2),
+        value[:, 0],
+        torch.zeros(2, dtype=torch.long),
+    )
+    assert torch.equal(patched, run.restart(rows, [only_last]))
+
+
+def test_every_site_in_the_table_names_a_module_on_every_adapter(handles):
+    for arch, handle in handles.items():
+        for name, info in SITE_TABLE.items():
+            if info.module is not None:
+                ref = handle.module(name, 0)
+                assert ref.module is handle.hf_model.get_submodule(ref.path), (arch, name)
