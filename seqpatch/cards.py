@@ -31,6 +31,7 @@ from datasets import Array2D, Array3D, Array4D, Array5D, ClassLabel, Dataset, Fe
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.site_table import SITE_TABLE
 from seqpatch.stages import STAGES
 
 STAGE_ORDER = tuple(STAGES)  # pipeline order, from the registry
@@ -197,7 +198,7 @@ def _sites(features: Features, frame: pl.DataFrame, provenance: Mapping[str, Any
     from_config = config.get("sites") or config.get("site")
     if from_config:
         return [from_config] if isinstance(from_config, str) else list(from_config)
-    known = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head")
+    known = tuple(SITE_TABLE)
     return [site for site in known if any(name.startswith(site) for name in features)]
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import polars as pl
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.site_table import SITE_TABLE
 
 METRIC_TITLES = {
     "normalised": "normalised effect (0 = none, 1 = switched to A)",
@@ -73,13 +74,7 @@ METRIC_MEANINGS = {
 SEQUENTIAL_METRICS = ("normalised",)
 SIGNED_METRICS = ("prob_delta", "logit_diff", "prob_delta_candidates")
 # Display names: two short lines so narrow panels keep them whole; joined with a space elsewhere.
-SITE_TITLES: dict[str, tuple[str, str]] = {
-    "resid_pre": ("residual stream", "(layer input)"),
-    "resid_post": ("residual stream", "(layer output)"),
-    "attn_out": ("attention", "output"),
-    "mlp_out": ("MLP", "output"),
-    "head_z": ("attention heads", "(o_proj input)"),
-}
+SITE_TITLES: dict[str, tuple[str, str]] = {name: info.title for name, info in SITE_TABLE.items()}
 WHITE = "#ffffff"
 TOWARDS_A = "#2166ac"  # blue: the patch moved B towards A's answer
 TOWARDS_B = "#b2182b"  # red: B's answer held or strengthened

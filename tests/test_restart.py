@@ -63,8 +63,8 @@ def test_mlp_post_is_the_mlp_hidden_activation_after_its_nonlinearity(handles, a
     got = get_activations(handle, ids, "mlp_post")["mlp_post"]  # [B, L, T, d_mlp]
     for layer in range(handle.n_layers):
         mlp, down, hidden = mlp_parts(handle, arch, layer)
-        seen = {}
-        hook = mlp.register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0]))
+        seen: dict[str, torch.Tensor] = {}
+        hook = mlp.register_forward_pre_hook(lambda _m, args, seen=seen: seen.update(x=args[0]))
         with torch.no_grad():
             handle.hf_model(input_ids=ids)
             want = hidden(seen["x"])

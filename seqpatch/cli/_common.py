@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.site_table import HEAD_SITES, SWEEP_SITES
 
 try:  # typer >= 0.22 runs on its own copy of click, whose usage errors it does not re-export
     from typer._click.exceptions import UsageError
@@ -248,8 +249,8 @@ SitesOpt = Annotated[
     str,
     typer.Option(
         "--sites",
-        help="Comma-separated sites: resid_pre, resid_post, attn_out, mlp_out; for patching "
-        "also the attention heads head_z, head_q, head_k, head_v (with --axes layer,head).",
+        help=f"Comma-separated sites: {', '.join(SWEEP_SITES)}; for patching also the attention "
+        f"heads {', '.join(HEAD_SITES)} (with --axes layer,head).",
     ),
 ]
 PairsVersionOpt = Annotated[

@@ -1,8 +1,8 @@
 """Stage ``activations``: both programs' site activations for every pair, ready to share.
 
 One row per pair. For each cached site ``s`` the columns ``{s}_a`` and ``{s}_b`` hold the
-source's and the target's activations as ``Array3D [layers, positions, d_model]`` in the
-configured dtype; ``positions`` is the longest pair's token count and shorter pairs are
+source's and the target's activations as ``Array3D [layers, positions, width]`` in the
+configured dtype (``width`` is the site's: ``d_model``, or ``d_mlp`` for ``mlp_post``); ``positions`` is the longest pair's token count and shorter pairs are
 zero-padded after ``n_tokens``. Load with ``with_format("torch")`` to get tensors.
 
 The patching stage reads the source activations from here instead of recomputing them. In
@@ -20,6 +20,7 @@ import numpy as np
 from datasets import Array3D, Features, List, Value
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.models.sites import CACHEABLE_SITES as SITE_CACHEABLE
 from seqpatch.stages.base import Built, Inputs, ParentSpec
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 STAGE = "activations"
 SCHEMA_VERSION = 1
-CACHEABLE_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+CACHEABLE_SITES = SITE_CACHEABLE  # from the site table: one vector per position
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -69,7 +70,10 @@ CONFIG = ActivationsConfig
 PARENTS = (ParentSpec("pairs"),)
 
 
-def features(cfg: ActivationsConfig, n_layers: int, n_positions: int, d_model: int) -> Features:
+def features(
+    cfg: ActivationsConfig, n_layers: int, n_positions: int, widths: Mapping[str, int]
+) -> Features:
+    """The stage's columns; ``widths[site]`` is the site's vector width in this model."""
     # Arrow has no bfloat16: it is stored as float32 holding bfloat16-rounded values.
     arrow_dtype = "float32" if cfg.dtype == "bfloat16" else cfg.dtype
     columns: dict[str, Any] = {
@@ -82,7 +86,7 @@ def features(cfg: ActivationsConfig, n_layers: int, n_positions: int, d_model: i
     for site in cfg.sites:
         for side in ("a", "b"):
             columns[f"{site}_{side}"] = Array3D(
-                shape=(n_layers, n_positions, d_model), dtype=arrow_dtype
+                shape=(n_layers, n_positions, widths[site]), dtype=arrow_dtype
             )
     return Features(columns)
 
@@ -120,7 +124,9 @@ def _cache(
                 if cfg.dtype == "bfloat16":
                     values = values.float()  # rounded to bfloat16, stored as float32
                 values = values.cpu().numpy()
-                padded = np.zeros((len(members), len(layers), width, handle.d_model), values.dtype)
+                padded = np.zeros(
+                    (len(members), len(layers), width, handle.site_width(site)), values.dtype
+                )
                 padded[:, :, :length] = values
                 for j, i in enumerate(members):
                     grids[f"{site}_{side}"][i] = padded[j]
@@ -167,7 +173,9 @@ def build_shard(inputs: Inputs, cfg: ActivationsConfig, index: int) -> Built:
         batched=True,
         batch_size=cfg.batch_size,
         fn_kwargs={"cfg": cfg, "handle": handle, "layers": layers, "width": width},
-        features=features(cfg, len(layers), width, handle.d_model),
+        features=features(
+            cfg, len(layers), width, {site: handle.site_width(site) for site in cfg.sites}
+        ),
         new_fingerprint=inputs.fingerprint(STAGE, index),
         desc="caching activations",
     )
