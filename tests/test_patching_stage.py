@@ -520,3 +520,50 @@ def test_heatmap_aligns_pairs_of_different_lengths_at_their_ends(handle, data_di
     ]
     same = patching.aggregate(two)
     assert same["aligned_to_end"] == []
+
+
+def test_mlp_post_is_cached_and_patched_end_to_end(handle, data_dir, models):
+    """The new site through both stages: stored d_mlp wide (equal to the MLP's hidden
+    activation computed by hand), patched from the cache and recomputed alike, and a cell equal
+    to a plain pre-hook on ``down_proj``."""
+    acts = pipeline.build_activations(("mlp_post",), data_dir=data_dir, models=models)
+    stored = Store(data_dir).load("activations", acts.version).with_format("torch")
+    d_mlp = handle.hf_model.config.intermediate_size
+    assert stored.features["mlp_post_a"].shape[-1] == d_mlp != handle.d_model
+    row = stored[0]
+    mlp = handle.hf_model.model.layers[0].mlp
+    seen = {}
+    hook = mlp.register_forward_pre_hook(lambda _m, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        handle.hf_model(input_ids=row["input_ids_a"][None])
+        want = mlp.act_fn(mlp.gate_proj(seen["x"])) * mlp.up_proj(seen["x"])
+    hook.remove()
+    n = int(row["n_tokens"])
+    torch.testing.assert_close(row["mlp_post_a"][0, :n], want[0], atol=1e-6, rtol=0)
+    cached = pipeline.build_patching(("mlp_post",), data_dir=data_dir, models=models)
+    assert "activations" in {p["stage"] for p in cached.parents}
+    fresh = pipeline.build_patching(
+        ("mlp_post",), activations="none", data_dir=data_dir, models=models
+    )
+    store = Store(data_dir)
+    x = store.load("patching", cached.version).with_format("numpy")
+    y = store.load("patching", fresh.version).with_format("numpy")
+    np.testing.assert_allclose(x["logits"], y["logits"], atol=1e-5)
+    pair = {r["pair_id"]: r for r in store.load("pairs")}[y[0]["pair_id"]]
+    layer, pos = 0, int(y[0]["diff_positions"][0])
+    down = handle.hf_model.model.layers[layer].mlp.down_proj
+    src, tgt = (torch.tensor([pair[k]]) for k in ("input_ids_a", "input_ids_b"))
+    with torch.no_grad():
+        h = down.register_forward_pre_hook(lambda _m, args: seen.update(d=args[0][0, pos].clone()))
+        handle.hf_model(input_ids=src)
+        h.remove()
+
+        def put(_m, args):
+            x = args[0].clone()
+            x[0, pos] = seen["d"]
+            return (x,)
+
+        h = down.register_forward_pre_hook(put)
+        logits = handle.hf_model(input_ids=tgt).logits[0, -1].float()
+        h.remove()
+    np.testing.assert_allclose(y[0]["logits"][layer, pos], logits[pair["candidate_ids"]], atol=1e-5)
