@@ -167,10 +167,13 @@ def prepare(inputs: Inputs, cfg: DasConfig) -> None:
 
 def rankable(patching_config: Mapping[str, Any]) -> bool:
     """Whether DAS can rank a patching stage's cells: exact (not attribution) patching of whole
-    site vectors (no head sites) over (layer, position)."""
+    ``d_model``-wide site vectors (no head sites, no ``mlp_post``) over (layer, position)."""
+    from seqpatch.site_table import SITE_TABLE
+
     axes = tuple(patching_config.get("axes", ("layer", "pos")))
-    heads = any(str(site).startswith("head_") for site in patching_config.get("sites", ()))
-    return axes == ("layer", "pos") and patching_config.get("method") != "attribution" and not heads
+    sites = [str(site) for site in patching_config.get("sites", ())]
+    wide = all(s in SITE_TABLE and SITE_TABLE[s].width == "d_model" for s in sites)
+    return axes == ("layer", "pos") and patching_config.get("method") != "attribution" and wide
 
 
 @dataclass(frozen=True)
