@@ -275,3 +275,43 @@ def test_a_five_pair_study_builds_end_to_end(smol, tmp_path):
     assert patching.provenance["row_count"] == 5
     assert Store(tmp_path).load("patching").num_rows == 5
     assert patching.provenance["model"]["revision"] == f"sha256:{SMOL.sha256}"
+
+
+def test_mlp_post_and_the_floor_are_exact_on_the_real_model(smol):
+    """SmolLM2's mlp_post is act(gate_proj(x)) * up_proj(x) computed by hand, and restarts at
+    the floor (attention reused; last layer on the last position) equal full forwards with
+    plain hooks, for head_z patched at every position and mlp_post at one."""
+    from seqpatch.interventions import get_activations
+    from seqpatch.interventions.restart import RestartableRun, Write
+
+    src, tgt, changed, _ = _pair(smol)
+    layer = smol.n_layers // 2
+    mlp = smol.hf_model.model.layers[layer].mlp
+    seen = {}
+    hook = mlp.register_forward_pre_hook(lambda _m, args: seen.update(x=args[0]))
+    got = get_activations(smol, tgt, "mlp_post", layers=[layer])["mlp_post"][0, 0]
+    with torch.no_grad():
+        smol.hf_model(input_ids=tgt)
+        want = mlp.act_fn(mlp.gate_proj(seen["x"])) * mlp.up_proj(seen["x"])
+    hook.remove()
+    assert got.shape[-1] == smol.hf_model.config.intermediate_size
+    assert (got - want[0]).abs().max() <= TOL
+    ids = torch.cat([src, tgt])
+    floor = RestartableRun(smol, ids, floor_layers=range(smol.n_layers), floor_z=True)
+    full = RestartableRun(smol, ids, method="full")
+    length = ids.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.tensor([1, 0])
+    every = torch.arange(length).repeat(2)
+    at = torch.tensor([0, 1]).repeat_interleave(length)
+    for write_layer in (layer, smol.n_layers - 1):
+        z = torch.randn(2 * length, smol.d_head, generator=gen)
+        heads = torch.full((2 * length,), 4)
+        writes = [Write("head_z", write_layer, at, every, z, heads)]
+        post = torch.randn(2, smol.site_width("mlp_post"), generator=gen)
+        pos = torch.tensor([int(changed[0]), length - 1])
+        writes_post = [Write("mlp_post", write_layer, torch.tensor([0, 1]), pos, post)]
+        for w in (writes, writes_post):
+            with torch.no_grad():
+                a, b = floor.restart(rows, w), full.restart(rows, w)
+            assert (a - b).abs().max() <= TOL, write_layer
