@@ -52,7 +52,7 @@ from seqpatch.models import ModelHandle, load_model
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Patching sweep"
-TL_SECTION = "## Patching sweep against TransformerLens (resid_pre and attention heads)"
+TL_SECTION = "## Patching sweep against TransformerLens on real pairs (the exact floor)"
 
 
 def organism_sized_llama(folder: Path, seed: int) -> ModelHandle:
@@ -339,6 +339,13 @@ def max_diff(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
+def grid_name(site: str, axes: tuple[str, ...]) -> str:
+    """``--grids`` names: the site, with ``_pos`` / ``_all`` for the two head grids."""
+    if "head" in axes:
+        return f"{site}_{'pos' if 'pos' in axes else 'all'}"
+    return site
+
+
 def grid_label(site: str, axes: tuple[str, ...]) -> str:
     if "head" in axes:
         where = "(layer, head, position)" if "pos" in axes else "(layer, head), all positions"
@@ -390,6 +397,8 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float]:
             f"(`seqpatch build pairs --model {work.spec} --seq-len {work.statements}`)"
         )
         for site, axes in GRIDS:
+            if args.grids and grid_name(site, axes) not in args.grids.split(","):
+                continue
             n_heads = site_heads(handle, site) or 1
             engine_grid(handle, src[:2], tgt[:2], site, axes, layers, cand_ids)  # warm-up
             t_tl, t_engine = [], []
@@ -471,6 +480,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--tl-pairs", type=int, default=None, help="with --transformerlens: pairs per model"
+    )
+    parser.add_argument(
+        "--grids",
+        default=None,
+        help="with --transformerlens: a subset of "
+        + ",".join(grid_name(site, axes) for site, axes in GRIDS)
+        + " (default: all)",
     )
     parser.add_argument(
         "--rounds", type=int, default=3, help="with --transformerlens: interleaved timing rounds"
@@ -562,13 +578,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def append(report: str, section: str) -> None:
-    """Add ``report`` and the command that made it at the end of ``docs/benchmarks.md`` (under
-    ``section``, opened at the end when the file has none)."""
+    """Add ``report`` and the command that made it to ``docs/benchmarks.md``, at the end of
+    ``section`` (opened at the end of the file when it has none)."""
     command = "python scripts/bench_patching.py " + shlex.join(sys.argv[1:])
     text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
     if section not in text:
         text = text.rstrip() + f"\n\n{section}\n"
-    text = text.rstrip() + f"\n\n`{command}` ({time.strftime('%Y-%m-%d')}):\n\n{report}\n"
+    start = text.index(section) + len(section)
+    end = text.find("\n## ", start)
+    end = len(text) if end < 0 else end
+    entry = f"\n\n`{command}` ({time.strftime('%Y-%m-%d')}):\n\n{report}\n"
+    text = text[:end].rstrip() + entry + text[end:]
     DOCS.write_text(text)
 
 
