@@ -5,8 +5,11 @@
   axes ``layer``/``head``/``pos``/``span``) into a ``GridResult``; ``sweep`` (the
   ``(layer, pos)`` grid) and ``candidate_logits`` return a ``Readout`` (candidate logits + the
   full vocabulary's log-normaliser);
-- ``sites`` — shared errors, site names and head sites (``head_z``, ``head_q/k/v``);
-  ``_layers`` — the compute-floor layer runner.
+- ``restart`` — ``RestartableRun``, the one restartable run under patching, tracing and DAS
+  (its docstring states the compute floor); ``_layers`` — the layer runner it drives;
+  ``_grid`` — the sweep's bookkeeping;
+- ``sites`` — shared errors, hooks and head layouts; the site lists come from the site table
+  (``seqpatch.site_table``).
 
 Conventions: the *source* donates activations, the *target* is patched and scored; sites mean
 what ``docs/architecture.md`` says; positions are unpadded token indices.

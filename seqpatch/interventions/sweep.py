@@ -32,27 +32,19 @@ Conventions (the same as ``seqpatch.metrics``):
   are views of these two arrays (``seqpatch.metrics``). ``sweep`` is the ``("layer", "pos")``
   grid returned as a ``Readout``.
 
-Two exact strategies, chosen by ``method``:
+Two exact strategies, chosen by ``method``, both restarts of the targets' ``RestartableRun``
+(``seqpatch.interventions.restart``, whose docstring states the compute floor):
 
-- ``"cached"`` — the compute floor. A patch at layer ``l`` whose first patched position is ``t``
-  changes nothing below layer ``l`` or before position ``t`` (a head's q/k/v at ``t`` only
-  reaches positions ``>= t``), so the run restarts at layer ``l`` from the target's clean
-  residual stream and computes positions ``t..T-1`` only, attending to the clean keys/values of
-  positions ``< t`` (``_layers.LayerRunner``). Each forward batches cells across many pairs and
-  the heads of a cell (the head axis is folded into rows); when there are few pairs,
-  neighbouring positions share a forward (starting at the smallest). Work per cell is
-  ``(L - l)(T - t)`` token-layers instead of ``L·T``. A site read after its layer's keys and
-  values (``attn_out``, ``mlp_out``, ``head_z``, ``head_q``) patched at one position changes its
-  layer's output at that position alone, so that layer runs on the one position and the layers
-  above from ``t``: ``1 + (L - l - 1)(T - t)``. The last layer's MLP runs on the last
-  position only (the only one read). Cells whose patch provably changes nothing take the clean
-  logits without running (``skip_noops``): the source activation equals the target's bit for
-  bit at every patched coordinate (every position before a pair's divergence), or the patch
-  sits after the last layer's attention mixing (``attn_out``, ``mlp_out``, ``resid_post``,
-  ``head_z``, ``head_q`` of layer L-1) at positions before the last. A cell patching a set of
-  positions starts at the first of them whose donor differs from the target in some bit — for
-  every position at once, the pair's divergence or later — since writing a value a position
-  already holds is a no-op.
+- ``"cached"`` — the compute floor. Each forward batches cells across many pairs and the heads
+  of a cell (the head axis is folded into rows); when there are few pairs, neighbouring
+  positions share a forward (starting at the smallest). Cells whose patch provably changes
+  nothing take the clean logits without running (``skip_noops``): the source activation equals
+  the target's bit for bit at every patched coordinate (every position before a pair's
+  divergence), or the site is local to its layer's output (the site table's ``local``) and
+  patched in the last layer at positions before the last. A cell patching a set of positions
+  starts at the first of them whose donor differs from the target in some bit — for every
+  position at once, the pair's divergence or later — since writing a value a position already
+  holds is a no-op.
 - ``"full"`` — the generic path for any architecture: full forwards of target copies, each copy
   with one cell patched by a plain hook, many copies per forward.
 

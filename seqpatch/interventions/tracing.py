@@ -31,11 +31,10 @@ token_ids)`` computes for any list of tokens.
 
 Two exact strategies (``method``):
 
-- ``"cached"`` — the compute floor (``_layers.LayerRunner``). Restoring states whose lowest layer
-  is ``a`` at position ``t`` leaves the corrupted run unchanged below layer ``a`` and before
-  ``t``, so a restored run restarts at layer ``a`` from the corrupted residual stream at
-  positions ``≥ t``, attending to the corrupted keys/values of positions ``< t``. Rows of many
-  cells × all noise samples share each forward. Restorations that provably change nothing take
+- ``"cached"`` — the compute floor: the clean row and the corrupted rows are one
+  ``RestartableRun`` (``seqpatch.interventions.restart``, whose docstring states the floor), and
+  a restored run restarts a corrupted row at the restored states' lowest layer and position.
+  Rows of many cells × all noise samples share each forward. Restorations that provably change nothing take
   the corrupted probability without running: the clean state equals the corrupted one bit for
   bit (positions before the first corrupted token), or the state is an MLP/attention output of
   the last layer at a position before the last.
