@@ -199,10 +199,13 @@ WORKLOADS = {
 }
 
 
-def real_pairs(work: Workload, data_dir: Path, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sources (A) and targets (B) ``[n, T]`` of pairs built by ``seqpatch build pairs`` (in
-    ``data_dir``, reused when stored): the pairs of the most common token length, since
-    TransformerLens patches one batch of equal-length prompts per cell."""
+def real_pairs(
+    work: Workload, data_dir: Path, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Sources (A), targets (B) ``[n, T]`` and the answer candidates' token ids of pairs built
+    by ``seqpatch build pairs`` (in ``data_dir``, reused when stored): the pairs of the most
+    common token length, since TransformerLens patches one batch of equal-length prompts per
+    cell."""
     import subprocess
     from collections import Counter
 
@@ -220,7 +223,10 @@ def real_pairs(work: Workload, data_dir: Path, seed: int) -> tuple[torch.Tensor,
     kept = [r for r in rows if len(r["input_ids_b"]) == length][: work.pairs]
     src = torch.tensor([r["input_ids_a"] for r in kept])
     tgt = torch.tensor([r["input_ids_b"] for r in kept])
-    return src, tgt
+    candidates = [list(r["candidate_ids"]) for r in kept]
+    if any(c != candidates[0] for c in candidates):
+        raise SystemExit("the kept pairs score different candidates; build pairs of one family")
+    return src, tgt, candidates[0]
 
 
 def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
@@ -380,7 +386,7 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float]:
         work = WORKLOADS[name]
         if args.tl_pairs:
             work = Workload(work.spec, work.label, work.statements, args.tl_pairs, work.layers)
-        src, tgt = real_pairs(work, data_dir / name, args.seed)
+        src, tgt, cand_ids = real_pairs(work, data_dir / name, args.seed)
         handle = load_model(work.spec, device="cpu")
         folder = handle.hf_model.name_or_path
         if work.spec == "builtin":
@@ -388,7 +394,6 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float]:
 
             folder = str(WEIGHTS_DIR)
         bridge = transformer_lens_bridge(handle, folder)
-        cand_ids = first_token_ids(handle, range(10), handle.prompt_format.reference_prompt())
         layers = list(work.layers) if work.layers is not None else list(range(handle.n_layers))
         per_token_layer = flops_per_token_layer(handle)
         unembed = 2.0 * handle.d_model * handle.hf_model.config.get_text_config().vocab_size
