@@ -11,8 +11,9 @@ a divergence index, one token changed there, the same suffix after it.
 
 ``--transformerlens`` instead compares, in one run, TransformerLens 4.x (``pip install
 'seqpatch[bench]'``) and the engine on *real pairs*: the organism's (``seqpatch build pairs
---model builtin --seq-len 6``, 40 pairs) and SmolLM2-135M-Instruct's (``--seq-len 3``, 4 pairs,
-layers 0, 10, 20, 29; ``seqpatch models install smollm2-135m-instruct`` first), each built by
+--model builtin --seq-len 6``, 40 pairs) and SmolLM2-135M-Instruct's (``--seq-len 3``, 2 pairs,
+layers 0, 10, 20, 29 and 12 evenly spaced positions; ``seqpatch models install
+smollm2-135m-instruct`` first), each built by
 the pipeline into ``--data-dir`` (reused when stored). Grids: ``resid_pre``, ``attn_out``,
 ``mlp_out`` over (layer, position), ``head_z`` over (layer, head, position) and over (layer,
 head) with every position patched at once. TransformerLens runs as its users run it:
@@ -39,7 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +177,9 @@ class Workload:
     """One model's share of the comparison: real pairs built by the pipeline
     (``seqpatch build pairs``), and the swept layers.
 
-    SmolLM2 sweeps a spread of layers (the same ones for every method), so that
-    TransformerLens' one forward per cell fits the run in minutes on one CPU core.
+    SmolLM2 sweeps a spread of layers and, in the by-position grids, of positions (the same
+    ones for every method): its real prompts are ~74 tokens, and TransformerLens runs one
+    forward of every pair per cell, so the full grids would take hours on one CPU core.
     """
 
     spec: str  # the model spec given to ``seqpatch build pairs``
@@ -185,6 +187,14 @@ class Workload:
     statements: int  # --seq-len of the pairs
     pairs: int  # pairs kept (those of the most common token length)
     layers: tuple[int, ...] | None  # None: every layer
+    positions: int | None = None  # by-position grids: this many evenly spaced (None: all)
+
+    def swept_positions(self, length: int) -> list[int]:
+        """The positions the by-position grids sweep: all, or evenly spaced ending at the last."""
+        if self.positions is None or self.positions >= length:
+            return list(range(length))
+        step = (length - 1) / (self.positions - 1)
+        return sorted({round(i * step) for i in range(self.positions)})
 
 
 WORKLOADS = {
@@ -193,8 +203,9 @@ WORKLOADS = {
         "smollm2-135m-instruct",
         "SmolLM2-135M-Instruct (30 layers, d 576, 9 q / 3 kv heads)",
         3,
-        4,
+        2,
         (0, 10, 20, 29),
+        12,
     ),
 }
 
@@ -274,6 +285,7 @@ def tl_grid(
     layers: list[int],
     n_heads: int,
     cand_ids: list[int],
+    positions: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TransformerLens' sweep of the same cells: logits ``[n, L', H', P', C]``, lse, and its
     metric per cell ``[L', H', P']`` (mean over pairs of logit(cand 0) − logit(cand 1)).
@@ -288,8 +300,8 @@ def tl_grid(
     from transformer_lens import patching
 
     name, hook, tl_axes = TL_SWEEPS[(site, axes)]
-    n, length = tgt.shape
-    values = {"layer": layers, "head": list(range(n_heads)), "pos": list(range(length))}
+    n = tgt.shape[0]
+    values = {"layer": layers, "head": list(range(n_heads)), "pos": positions}
     index_df = pd.DataFrame(
         list(itertools.product(*(values[a] for a in tl_axes))), columns=list(tl_axes)
     )
@@ -306,7 +318,7 @@ def tl_grid(
             bridge, tgt, cache, metric, index_axis_names=None, index_df=index_df
         )
     n_h = n_heads if "head" in axes else 1
-    n_p = length if "pos" in axes else 1
+    n_p = len(positions) if "pos" in axes else 1
     out = torch.empty(n, len(layers), n_h, n_p, len(cand_ids))
     lse = torch.empty(n, len(layers), n_h, n_p)
     tl_metric = torch.empty(len(layers), n_h, n_p)
@@ -314,7 +326,8 @@ def tl_grid(
         index_df.itertuples(index=False), seen, flat, strict=True
     ):
         cell = row._asdict()
-        at = (layers.index(cell["layer"]), cell.get("head", 0), cell.get("pos", 0))
+        pos = positions.index(cell["pos"]) if "pos" in cell else 0
+        at = (layers.index(cell["layer"]), cell.get("head", 0), pos)
         out[(slice(None), *at)], lse[(slice(None), *at)] = logits, norm
         tl_metric[at] = value
     return out, lse, tl_metric
@@ -328,10 +341,11 @@ def engine_grid(
     axes: tuple[str, ...],
     layers: list[int],
     cand_ids: list[int],
+    positions: list[int] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, SweepStats]:
     """The engine's sweep as ``[n, L', H', P', C]`` logits and ``[n, L', H', P']`` lse."""
-    spec = PatchSpec(site, axes, layers=layers)
+    spec = PatchSpec(site, axes, layers=layers, positions=positions if "pos" in axes else None)
     result = patch_grid(handle, src, tgt, spec, cand_ids, **kwargs)
     logits, lse = result.logits, result.lse
     if "head" not in axes:
@@ -385,7 +399,7 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float]:
     for name in args.models.split(","):
         work = WORKLOADS[name]
         if args.tl_pairs:
-            work = Workload(work.spec, work.label, work.statements, args.tl_pairs, work.layers)
+            work = replace(work, pairs=args.tl_pairs)
         src, tgt, cand_ids = real_pairs(work, data_dir / name, args.seed)
         handle = load_model(work.spec, device="cpu")
         folder = handle.hf_model.name_or_path
@@ -395,25 +409,28 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float]:
             folder = str(WEIGHTS_DIR)
         bridge = transformer_lens_bridge(handle, folder)
         layers = list(work.layers) if work.layers is not None else list(range(handle.n_layers))
+        positions = work.swept_positions(src.shape[1])
         per_token_layer = flops_per_token_layer(handle)
         unembed = 2.0 * handle.d_model * handle.hf_model.config.get_text_config().vocab_size
+        swept = "" if len(positions) == src.shape[1] else f", {len(positions)} positions swept"
         label = (
-            f"{work.label}; {len(src)} pairs of {src.shape[1]} tokens "
+            f"{work.label}; {len(src)} pairs of {src.shape[1]} tokens{swept} "
             f"(`seqpatch build pairs --model {work.spec} --seq-len {work.statements}`)"
         )
         for site, axes in GRIDS:
             if args.grids and grid_name(site, axes) not in args.grids.split(","):
                 continue
             n_heads = site_heads(handle, site) or 1
-            engine_grid(handle, src[:2], tgt[:2], site, axes, layers, cand_ids)  # warm-up
+            warm_up = (handle, src[:2], tgt[:2], site, axes, layers, cand_ids, positions)
+            engine_grid(*warm_up)
             t_tl, t_engine = [], []
             for _ in range(args.rounds):
                 (tl_logits, tl_lse, tl_metric), seconds = timed(
-                    tl_grid, bridge, src, tgt, site, axes, layers, n_heads, cand_ids
+                    tl_grid, bridge, src, tgt, site, axes, layers, n_heads, cand_ids, positions
                 )
                 t_tl.append(seconds)
                 (logits, lse, stats), seconds = timed(
-                    engine_grid, handle, src, tgt, site, axes, layers, cand_ids
+                    engine_grid, handle, src, tgt, site, axes, layers, cand_ids, positions
                 )
                 t_engine.append(seconds)
             tl_s, engine_s = statistics.median(t_tl), statistics.median(t_engine)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from seqpatch.interventions.restart import RestartableRun, Write
-from seqpatch.interventions.sites import InterventionError, capture_sites
+from seqpatch.interventions.sites import InterventionError
 from seqpatch.models.sites import site_info
 
 if TYPE_CHECKING:
@@ -201,26 +201,29 @@ class Group:
         self.counters = counters
         self.tgt = tgt
         needed = sorted(set(layers))
-        captured, logits = capture_sites(handle, torch.cat([src, tgt]), [site], needed)  # type: ignore[list-item]
-        self.source_readout = read(logits[: self.n], cand)
-        self.tgt_acts = {layer: captured[(site, layer)][self.n :] for layer in needed}
-        self.src_acts = {layer: captured[(site, layer)][: self.n] for layer in needed}
+        info = site_info(site)
+        # One base run of sources and targets: the sources donate, the targets restart (rows
+        # n..2n-1); both read by the same arithmetic, so equal prefixes are equal bit for bit.
+        self.run = RestartableRun(
+            handle,
+            torch.cat([src, tgt]),
+            method=method,
+            capture=[(site, layer) for layer in needed],
+            floor_layers=needed if info.after_attention else (),
+            floor_z=site == "head_z",
+            counters=counters,
+        )
+        acts = self.run.acts
+        self.src_acts = {layer: acts[(site, layer)][: self.n] for layer in needed}
+        self.tgt_acts = {layer: acts[(site, layer)][self.n :] for layer in needed}
+        self.source_readout = read(self.run.logits[: self.n], cand)
+        self.clean, self.clean_lse = read(self.run.logits[self.n :], cand)
         self.source = source_grid  # [n, L', P', d]: given donated values of (layer, position)
         shape = (self.n, len(layers), len(heads), self.n_entries)
         self.out = torch.full((*shape, cand.shape[1]), float("nan"))
         self.lse = torch.full(shape, float("nan"))
         self._equal: dict[int, torch.Tensor] = {}  # layer -> [n, T] or [n, T, heads]: equal bits
         self.starts: dict[tuple[int, int, int], torch.Tensor] = {}  # (li, hi, pi) -> [n] start
-        info = site_info(site)
-        self.run = RestartableRun(
-            handle,
-            tgt,
-            method=method,
-            floor_layers=needed if info.after_attention else (),
-            floor_z=site == "head_z",
-            counters=counters,
-        )
-        self.clean, self.clean_lse = read(self.run.logits, cand)
 
     def donated(self, li: int, pi: int, pairs: torch.Tensor) -> torch.Tensor:
         """Single-position entries: the donor's site vectors ``[len(pairs), ...]`` at entry ``pi``."""
@@ -383,7 +386,7 @@ class Group:
         start_pos = min(self._start(li, row) for row in rows)
         pair = torch.tensor([r[2] for r in rows], device=self.handle.device)
         write = self.patch(li, rows, start_pos)
-        logits = self.run.restart(pair, [write], start_pos, max_rows=max_rows)
+        logits = self.run.restart(pair + self.n, [write], start_pos, max_rows=max_rows)
         at = (
             pair.cpu(),
             li,
@@ -405,7 +408,7 @@ class Group:
                 writes.append(
                     Write(write.site, write.layer, at, write.pos, write.value, write.heads)
                 )
-        logits = self.run.restart(pair, writes, 0)
+        logits = self.run.restart(pair + self.n, writes, 0)
         li_t, hi_t, pi_t = (torch.tensor([r[k] for r in rows]) for k in range(3))
         at = (pair.cpu(), li_t, hi_t, pi_t)
         self.out[at], self.lse[at] = read(logits, self.cand[pair])
