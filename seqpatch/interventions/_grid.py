@@ -225,21 +225,21 @@ class Group:
         self._equal: dict[int, torch.Tensor] = {}  # layer -> [n, T] or [n, T, heads]: equal bits
         self.starts: dict[tuple[int, int, int], torch.Tensor] = {}  # (li, hi, pi) -> [n] start
 
-    def donated(self, li: int, pi: int, pairs: torch.Tensor) -> torch.Tensor:
-        """Single-position entries: the donor's site vectors ``[len(pairs), ...]`` at entry ``pi``."""
-        if self.source is not None:
-            return self.source[pairs, li, pi]
-        return self.src_acts[self.layers[li]][pairs, self.plan.positions[pi]]
-
-    def same(self, li: int, hi: int, pi: int) -> torch.Tensor:
-        """``[n]`` bool, single-position entries: the donor equals the target bit for bit."""
-        pos = self.plan.positions[pi]
-        src = self.donated(li, pi, torch.arange(self.n, device=self.tgt.device))
-        tgt = self.tgt_acts[self.layers[li]][:, pos]
-        head = self.heads[hi]
-        if head is not None:
-            src, tgt = src[:, head], tgt[:, head]
-        return (src == tgt).flatten(1).all(-1).cpu()
+    def same(self, li: int, positions: torch.Tensor) -> torch.Tensor:
+        """``[n, heads, entries]`` bool, single-position entries: the donor equals the target
+        bit for bit at each cell (``positions`` ``[entries]``, valid ones)."""
+        layer = self.layers[li]
+        given = self.source is not None  # the swept grid: [n, L', P, d]
+        src = self.source[:, li] if given else self.src_acts[layer][:, positions]  # type: ignore[index]
+        eq = src == self.tgt_acts[layer][:, positions]  # [n, P, d] / [n, P, heads, d_head]
+        eq = eq.all(-1).cpu()
+        columns = []
+        for head in self.heads:
+            if eq.ndim == 2:
+                columns.append(eq)
+            else:
+                columns.append(eq.all(-1) if head is None else eq[:, :, head])
+        return torch.stack(columns, dim=1)
 
     def first_changed(self, li: int, hi: int, pi: int) -> torch.Tensor:
         """``[n]``, position-set entries: the first patched position whose donor differs from
@@ -260,13 +260,14 @@ class Group:
         return torch.where(changed.any(-1), changed.long().argmax(-1), self.length)
 
     def cells(self, skip_noops: bool) -> list[tuple[int, int, int, list[int]]]:
-        """``(layer index, head index, entry index, pairs to run)`` for every cell to compute."""
+        """``(layer index, head index, entry index, pairs to run)`` for every cell to compute;
+        the others take the clean readout now."""
+        if self.plan.masks is None:
+            return self._single_cells(skip_noops)
         todo = []
         for li, layer in enumerate(self.layers):
             for hi in range(len(self.heads)):
                 for pi in range(self.n_entries):
-                    if self.plan.masks is None and self.plan.positions[pi] < 0:
-                        continue
                     run = torch.ones(self.n, dtype=torch.bool)
                     self.counters.cells += self.n
                     self.counters.naive += self.n * self.handle.n_layers * self.length
@@ -274,20 +275,44 @@ class Group:
                     start = self.plan.first[pi]
                     if skip_noops:
                         run &= ~self.unreachable(layer, self.plan.last[pi])
-                        if bool(run.any()) and self.plan.masks is None:
-                            run &= ~self.same(li, hi, pi)
-                        elif bool(run.any()):
+                        if bool(run.any()):
                             start = self.first_changed(li, hi, pi)
                             run &= start < self.length
                     self.starts[(li, hi, pi)] = start
-                    keep = ~run
-                    self.out[keep, li, hi, pi] = self.clean[keep]
-                    self.lse[keep, li, hi, pi] = self.clean_lse[keep]
-                    self.counters.skipped += int(keep.sum())
+                    self._keep_clean(~run, li, hi, pi)
                     pairs = run.nonzero().squeeze(-1).tolist()
                     if pairs:
                         todo.append((li, hi, pi, pairs))
         return todo
+
+    def _single_cells(self, skip_noops: bool) -> list[tuple[int, int, int, list[int]]]:
+        """``cells`` for single-position entries, a layer at a time (no per-cell tensor work)."""
+        positions = torch.tensor(self.plan.positions)
+        valid = positions >= 0
+        at = positions.clamp(min=0).to(self.tgt.device)
+        n_heads, todo = len(self.heads), []
+        n_cells = self.n * n_heads * int(valid.sum())
+        for li, layer in enumerate(self.layers):
+            self.counters.cells += n_cells
+            self.counters.naive += n_cells * self.handle.n_layers * self.length
+            run = valid[None, None, :].expand(self.n, n_heads, -1).clone()
+            if skip_noops:
+                if layer == self.handle.n_layers - 1 and site_info(self.site).local:
+                    run &= (positions == self.length - 1)[None, None, :]
+                run &= ~self.same(li, at)
+            keep = ~run & valid[None, None, :]
+            self.out[:, li][keep] = self.clean[:, None, None].expand_as(self.out[:, li])[keep]
+            self.lse[:, li][keep] = self.clean_lse[:, None, None].expand_as(self.lse[:, li])[keep]
+            self.counters.skipped += int(keep.sum())
+            for hi, pi in run.any(0).nonzero().tolist():
+                self.starts[(li, hi, pi)] = self.plan.first[pi]
+                todo.append((li, hi, pi, run[:, hi, pi].nonzero().squeeze(-1).tolist()))
+        return todo
+
+    def _keep_clean(self, keep: torch.Tensor, li: int, hi: int, pi: int) -> None:
+        self.out[keep, li, hi, pi] = self.clean[keep]
+        self.lse[keep, li, hi, pi] = self.clean_lse[keep]
+        self.counters.skipped += int(keep.sum())
 
     def unreachable(self, layer: int, last: torch.Tensor) -> torch.Tensor:
         """``[n]`` bool: a site local to its layer's output, patched in the last layer at
