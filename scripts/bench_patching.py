@@ -386,7 +386,8 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float]:
         f"{args.rounds} interleaved rounds (TransformerLens, engine, …). *× TL*: TransformerLens' "
         "time ÷ the engine's. *Work ÷*: TransformerLens' token-layers (one decoder layer on one "
         "token; L·T per cell) ÷ the engine's (`SweepStats.token_layers`). *Speed/token-layer*: "
-        "token-layers per second, engine ÷ TransformerLens. *GFLOP/s*: the engine's "
+        "token-layers per second, engine ÷ TransformerLens (the engine's base run — one forward of "
+        "sources and targets — is in its time, not in its token-layers). *GFLOP/s*: the engine's "
         "matrix-multiply FLOPs (projections, MLP and unembedding; not attention scores) per "
         f"second; this machine's `torch.mm` 1024² float32 rate, measured in this run: {peak:.1f} "
         "GFLOP/s.",
