@@ -6,7 +6,7 @@ that knows where each architecture keeps its embeddings, decoder layers, attenti
 norm and unembedding. ``spec`` is ``"builtin"`` (the shipped organism), a local folder, or a Hub
 id; ``identify(spec)`` gives the identity ``load_model`` would record, without loading weights.
 
-- ``sites`` — site names (``resid_pre`` … ``head``, their meaning) and ``SiteRef``;
+- ``sites`` — ``SiteRef`` and the site table (``seqpatch.site_table``, re-exported);
 - ``adapters`` — one ``ArchitectureAdapter`` per architecture (supporting one more is one entry);
 - ``handle`` — ``ModelHandle``: modules by site, traces, tokenization of prompts and answers;
 - ``loading`` — ``load_model``, ``load_tokenizer``, ``identify``, Hub and NDIF handling;
