@@ -53,7 +53,7 @@ def sharded_build(data_dir: str, log_dir: str | None = None, kill_at: str = "") 
     shard 2, after shards 0 and 1 are stored) or ``commit`` (while the version's provenance is
     written into the temporary folder).
     """
-    from seqpatch import store as store_module
+    from seqpatch.store import files as store_files
 
     def build_shard(index: int) -> Built:
         if log_dir is not None:
@@ -67,14 +67,14 @@ def sharded_build(data_dir: str, log_dir: str | None = None, kill_at: str = "") 
             os.kill(os.getpid(), signal.SIGKILL)
 
     if kill_at == "commit":
-        real = store_module._write_json
+        real = store_files.write_json
 
         def write_then_die(path: Path, payload: dict) -> None:
             real(path, payload)
             if path.name == PROVENANCE_FILE:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        store_module._write_json = write_then_die
+        store_files.write_json = write_then_die
     ref = Store(data_dir).build_sharded(
         "toy", 1, FaultConfig(), N_SHARDS, build_shard, before=before
     )
