@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -431,10 +432,15 @@ def test_content_hashes_are_memoized_per_file_state(tmp_path: Path, monkeypatch)
     monkeypatch.setenv("SEQPATCH_HASH_MEMO", str(tmp_path / "memo"))
     file = tmp_path / "rows.arrow"
     file.write_bytes(b"a" * 4096)
+    assert integrity.content_hash(file) and len(calls) == 1
+    assert integrity.content_hash(file) and len(calls) == 2  # just written: not memoized yet
+    time.sleep(integrity.RACY_NS / 1e9)
     first = integrity.content_hash(file)
-    assert integrity.content_hash(file) == first and len(calls) == 1
+    calls.clear()
+    assert integrity.content_hash(file) == first and calls == []
     integrity._memo.clear()  # another process: the memo folder answers
-    assert integrity.content_hash(file) == first and len(calls) == 1
+    assert integrity.content_hash(file) == first and calls == []
+    time.sleep(integrity.RACY_NS / 1e9)
 
     st = file.stat()
     file.write_bytes(b"b" * 4096)  # same size, mtime set back: the ctime still moves
@@ -443,6 +449,7 @@ def test_content_hashes_are_memoized_per_file_state(tmp_path: Path, monkeypatch)
     copy = tmp_path / "copy"
     shutil.copy(file, copy)
     os.replace(copy, file)  # same content, new inode
+    time.sleep(integrity.RACY_NS / 1e9)
     hashed = len(calls)
     integrity.content_hash(file)
     assert len(calls) == hashed + 1
@@ -794,3 +801,22 @@ def test_a_chosen_model_with_a_string_seq_len_is_one_line(tmp_path: Path, args) 
     assert result.exit_code == 2, result.output
     assert "seq_len is '4', not a positive integer" in result.output
     assert result.output.count("\n") == 1
+
+
+def test_a_damaged_version_is_never_reused(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from seqpatch.cli import app
+
+    args = ["build", "programs", "--family", "arithmetic", "--seq-lens", "2", "--n-per-len", "3"]
+    args += ["--data-dir", str(tmp_path)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    (ref,) = Store(tmp_path).versions("programs")
+    _flip_rows(_data_arrow(ref.path))
+    result = CliRunner().invoke(app, args)  # would say "reused" and print its rows' path
+    assert result.exit_code == 2 and f"programs/{ref.version}" in result.output
+    store = Store(tmp_path)
+    version = sharded_build(str(tmp_path))
+    _flip(_arrow(store, version), _value_offset(_arrow(store, version), 10), 16)
+    with pytest.raises(DamagedVersionError, match=f"toy/{version}.*SHA-256"):
+        sharded_build(str(tmp_path))

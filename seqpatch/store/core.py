@@ -122,20 +122,20 @@ class Store(ShardedBuilds, Verifying):
 
         ``build_fn`` returns a ``Dataset`` or a ``Built`` (rows, statistics for ``extra``,
         artifacts). ``finish(rows)`` may add artifacts computed from the final rows. An identical
-        build running in another process is waited for, then reused. Every stored parent is
-        checked (content hashes, row count) before ``build_fn`` runs.
+        build running in another process is waited for, then reused. A reused version, and every
+        stored parent before ``build_fn`` runs, is checked (content hashes, row count).
         """
         parents = list(parents)
         version = self.version_for(stage, schema_version, config, parents, model)
         found = self.find(stage, version)
         if found is not None:
-            return dataclasses.replace(found, reused=True)
+            return dataclasses.replace(self.check(found), reused=True)
         self.check_parents(parents)
         self._make_stage_dir(stage)
         with self.lock(stage, version):
             found = self.find(stage, version)
             if found is not None:
-                return dataclasses.replace(found, reused=True)
+                return dataclasses.replace(self.check(found), reused=True)
             self._remove_debris(self.stage_dir(stage), f".{version}{TMP_MARK}")
             built = unpack(build_fn())
             artifacts = {**built.artifacts, **(finish(built.rows) if finish else {})}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ CACHE_ENV = "SEQPATCH_CACHE"
 MEMO_ENV = "SEQPATCH_HASH_MEMO"
 _REQUIRED_KEYS = ("stage", "version", "schema_version", "config", "row_count", "files", "checksum")
 _BLOCK = 1 << 20
+RACY_NS = 100_000_000  # 0.1 s: well above the coarse clock's tick (1-10 ms) that stamps files
 
 _memo: dict[tuple[Any, ...], str] = {}  # this process's memo, in front of the cache folder
 
@@ -94,14 +96,19 @@ def sha256_of(path: Path) -> str:
 
 def content_hash(path: Path) -> str:
     """``sha256_of(path)``, memoized while the file stays the same (see the module docstring).
-    A file that changes while it is hashed is not memoized."""
+
+    Not memoized: a file that changes while it is hashed, and one changed less than
+    ``RACY_NS`` ago — file times tick with the kernel's coarse clock (a few ms), so a rewrite
+    at the same size within one tick would keep the same key (git's "racy clean" problem).
+    """
     before = os.stat(path)
     key = _key(path, before)
     known = _recall(key)
     if known is not None:
         return known
     digest = sha256_of(path)
-    if _key(path, os.stat(path)) == key:
+    changed_lately = time.time_ns() - max(before.st_mtime_ns, before.st_ctime_ns) < RACY_NS
+    if _key(path, os.stat(path)) == key and not changed_lately:
         _remember(key, digest)
     return digest
 

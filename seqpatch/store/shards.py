@@ -132,7 +132,7 @@ class ShardedBuilds:
         version = self.version_for(stage, schema_version, config, parents, model)
         found = self.find(stage, version)
         if found is not None:
-            return dataclasses.replace(found, reused=True)
+            return dataclasses.replace(self.check(found), reused=True)
         self.check_parents(parents)
         work = self.stage_dir(stage) / f"{version}{PARTIAL_SUFFIX}"
         self._check_work_folder(stage, work)
@@ -167,7 +167,7 @@ class ShardedBuilds:
             found = self.find(stage, version)
             if found is not None:
                 remove(work)  # a racing build may have remade it
-                return dataclasses.replace(found, reused=True)
+                return dataclasses.replace(self.check(found), reused=True)
             shard_dirs = [work / shard_name(i) for i in range(n_shards)]
             if not all(shard_ok(d) for d in shard_dirs):
                 if only_shards is not None:
