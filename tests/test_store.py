@@ -12,7 +12,6 @@ import pytest
 from datasets import Dataset
 
 import seqpatch
-from seqpatch.store import files as store_files
 from seqpatch.stages import build_stage
 from seqpatch.stages.programs import ProgramsConfig
 from seqpatch.store import (
@@ -24,6 +23,7 @@ from seqpatch.store import (
     load_stage,
     merge_extra,
 )
+from seqpatch.store import files as store_files
 
 
 @dataclass(frozen=True)

@@ -185,6 +185,9 @@ def _unchecked_edit(path: Path) -> None:
 DAMAGE = {
     "provenance is a list": lambda path: (path / PROVENANCE_FILE).write_text("[]"),
     "provenance is garbage": lambda path: (path / PROVENANCE_FILE).write_bytes(b"\x00{]"),
+    "provenance nested 100000 deep": lambda path: (path / PROVENANCE_FILE).write_text(
+        "[" * 100_000 + "]" * 100_000
+    ),
     "arrow file deleted": lambda path: next(path.glob("*.arrow")).unlink(),
     "arrow file truncated": lambda path: next(path.glob("*.arrow")).write_bytes(b"ARROW1"),
     "state.json deleted": lambda path: (path / "state.json").unlink(),

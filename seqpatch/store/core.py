@@ -179,7 +179,7 @@ class Store(ShardedBuilds, Verifying):
         version (``None``; ``verify`` reports it).
         """
         path = self.stage_dir(stage) / version
-        if not path.exists() and not path.is_symlink():
+        if not is_version_name(version) or not (path.exists() or path.is_symlink()):
             return None
         if path.is_dir() and not path.is_symlink() and not (path / PROVENANCE_FILE).exists():
             return None
@@ -198,8 +198,10 @@ class Store(ShardedBuilds, Verifying):
             return None, f"no {PROVENANCE_FILE}"
         try:
             provenance = json.loads(provenance_path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            return None, f"unreadable {PROVENANCE_FILE} ({err})"
+        except PermissionError:
+            raise
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            return None, f"unreadable {PROVENANCE_FILE} ({type(err).__name__}: {err})"
         problem = provenance_problem(provenance, stage, version) or files_problem(
             path, provenance["files"]
         )
