@@ -698,14 +698,17 @@ def _as_another_user(args: list[str]):
         os.setegid(0)
 
 
+@pytest.mark.parametrize("folder", ["data", "data/toy"])
 @pytest.mark.parametrize("command", ["list", "verify"])
-def test_an_unreadable_stage_folder_is_one_line(shared_dir: Path, command: str) -> None:
+def test_an_unreadable_data_dir_or_stage_folder_is_one_line(
+    shared_dir: Path, command: str, folder: str
+) -> None:
     store = Store(shared_dir / "data")
     store.get_or_build("toy", 1, FaultConfig(), lambda: shard_rows(0).rows)
-    (shared_dir / "data" / "toy").chmod(0)
+    (shared_dir / folder).chmod(0o111)  # can be entered, not listed
     result = _as_another_user([command, "--data-dir", str(shared_dir / "data")])
     assert result.exit_code == 2, result.output
-    assert f"permission denied on {shared_dir / 'data' / 'toy'}" in result.output
+    assert f"permission denied on {shared_dir / folder}" in result.output
     assert result.output.count("\n") == 1
 
 
@@ -732,7 +735,8 @@ def test_plot_into_an_unwritable_folder_is_one_line(shared_dir: Path) -> None:
     out.chmod(0o555)
     result = _as_another_user(["plot", "heatmap", "--out", str(out), "--data-dir", str(out)])
     assert result.exit_code == 2, result.output
-    assert f"cannot write to --out {out}" in result.output
+    assert f"cannot write to {out} (Permission denied" in result.output
+    assert "with --out" in result.output
 
 
 # ---------------------------------------------------------------------------------------------

@@ -341,7 +341,8 @@ class Store(ShardedBuilds, Verifying):
     def output_folder(self, out: str | os.PathLike[str], option: str = "--out") -> Path:
         """``out`` as a folder a command may write into (created, probed): never a stage folder
         of this data dir nor anything inside one, however the path is spelled (``..``,
-        symlinks, relative): a stored version never changes after its commit."""
+        symlinks, relative): a stored version never changes after its commit. Errors name the
+        folder and ``option``, the way to choose another."""
         given = Path(out).expanduser()
         target = given.resolve()
         data = self.data_dir.expanduser().resolve()
@@ -349,9 +350,9 @@ class Store(ShardedBuilds, Verifying):
             stage_folder = data / target.relative_to(data).parts[0]
             if _holds_versions(stage_folder):
                 raise StoreError(
-                    f"{option} {given} is inside the stage folder {stage_folder} of the data "
-                    "dir; stored versions never change after their commit: write somewhere "
-                    f"else (the default is {data / 'charts'})"
+                    f"{given} is inside the stage folder {stage_folder} of the data dir, and "
+                    "stored versions never change after their commit; give another folder with "
+                    f"{option} (the default is under {data / 'charts'})"
                 )
         try:
             target.mkdir(parents=True, exist_ok=True)
@@ -359,8 +360,8 @@ class Store(ShardedBuilds, Verifying):
                 pass
         except OSError as err:
             raise StoreError(
-                f"cannot write to {option} {given} ({err.strerror or err} on "
-                f"{err.filename or target}); give a folder you can write"
+                f"cannot write to {given} ({err.strerror or err} on {err.filename or target}); "
+                f"give a folder you can write with {option}"
             ) from err
         return given
 
