@@ -712,6 +712,17 @@ def test_an_unreadable_data_dir_or_stage_folder_is_one_line(
     assert result.output.count("\n") == 1
 
 
+def test_a_reader_of_a_shared_store_sees_debris_and_cannot_clean_it(shared_dir: Path) -> None:
+    assert _in_subprocess(shared_dir / "data", "shard-2") == -signal.SIGKILL
+    (work,) = (shared_dir / "data" / "toy").glob(f"*{PARTIAL_SUFFIX}")
+    listed = _as_another_user(["verify", "--data-dir", str(shared_dir / "data")])
+    assert listed.exit_code == 0 and f"debris: {work}" in listed.output, listed.output
+    cleaned = _as_another_user(["verify", "--clean", "--data-dir", str(shared_dir / "data")])
+    assert cleaned.exit_code == 2 and cleaned.output.count("\n") == 1, cleaned.output
+    assert f"cannot remove {work}" in cleaned.output
+    assert work.is_dir()
+
+
 def test_choose_into_an_unwritable_data_dir_is_one_line(shared_dir: Path) -> None:
     from seqpatch.choose import ChooseError, write_chosen
 

@@ -19,6 +19,7 @@ from seqpatch.store.refs import (
     PARTIAL_SUFFIX,
     TMP_MARK,
     StageNotFoundError,
+    StoreError,
 )
 from seqpatch.store.shards import shard_lock_at
 
@@ -45,6 +46,16 @@ def debris_version(name: str) -> str | None:
     return None
 
 
+def _remove(path: Path) -> None:
+    """``remove``, or one line saying it could not be removed."""
+    remove(path)
+    if path.exists() or path.is_symlink():
+        raise StoreError(
+            f"cannot remove {path}; its owner (or someone with write permission on "
+            f"{path.parent}) can run `seqpatch verify --clean`"
+        )
+
+
 class Verifying:
     """``Store.verify`` and what it needs (mixed into ``seqpatch.store.Store``)."""
 
@@ -65,7 +76,7 @@ class Verifying:
                     continue
                 report.damaged.append(f"{stage}/{entry.name}: {problem}")
                 if clean:
-                    remove(entry)
+                    _remove(entry)
             if not folder.is_dir():
                 continue
             for child in sorted(folder.iterdir()):
@@ -76,7 +87,7 @@ class Verifying:
                     continue  # a build is working in it right now
                 report.debris.append(str(child))
                 if clean:
-                    remove(child)
+                    _remove(child)
         return report
 
     def _stages_to_verify(self, stages: Iterable[str] | None) -> list[str]:
@@ -100,7 +111,10 @@ class Verifying:
         return problem
 
     def _idle(self, stage: str, version: str) -> bool:
-        """True when no process holds ``stage/version``'s lock (nor, for work folders, a shard's)."""
+        """True when no process holds ``stage/version``'s lock (nor, for work folders, a shard's).
+
+        A reader of a shared store who may not open the locks cannot tell: the folder is
+        reported (it is left over or in use; only its owner can remove it either way)."""
         from filelock import Timeout
 
         lock = self.lock(stage, version)
@@ -108,6 +122,8 @@ class Verifying:
             lock.acquire(timeout=0)
         except Timeout:
             return False
+        except PermissionError:
+            return True
         try:
             work = self.stage_dir(stage) / f"{version}{PARTIAL_SUFFIX}"
             for path in work.parent.glob(f".{work.name}.shard-*{LOCK_SUFFIX}"):
