@@ -190,14 +190,3 @@ def site_info(site: str) -> SiteInfo:
     if name not in SITE_TABLE:
         raise SiteError(f"unknown site {site!r}; sites are {', '.join(SITE_TABLE)}")
     return SITE_TABLE[name]
-
-
-def site_title(site: str, sep: str = " ") -> str:
-    """The display name of ``site`` (``resid_pre`` → ``residual stream (layer input)``)."""
-    info = SITE_TABLE.get(SITE_ALIASES.get(site, site))
-    return site if info is None else sep.join(p for p in info.title if p)
-
-
-def sites_help() -> str:
-    """One line per site for CLI help: ``name — meaning``."""
-    return "; ".join(f"{n} ({i.meaning})" for n, i in SITE_TABLE.items())

@@ -208,3 +208,18 @@ def test_every_site_in_the_table_names_a_module_on_every_adapter(handles):
             if info.module is not None:
                 ref = handle.module(name, 0)
                 assert ref.module is handle.hf_model.get_submodule(ref.path), (arch, name)
+
+
+def test_site_lists_are_derived_from_the_table():
+    """A new row reaches every list: sweepable, cacheable, chart titles and the CLI's help."""
+    from typer.testing import CliRunner
+
+    from seqpatch import charts
+    from seqpatch.cli import app
+    from seqpatch.interventions import SWEEP_SITES
+    from seqpatch.stages.activations import CACHEABLE_SITES
+
+    assert "mlp_post" in SWEEP_SITES and "mlp_post" in CACHEABLE_SITES
+    assert charts.SITE_TITLES["mlp_post"] == SITE_TABLE["mlp_post"].title
+    help_text = CliRunner().invoke(app, ["build", "patching", "--help"], terminal_width=200).output
+    assert "mlp_post" in help_text

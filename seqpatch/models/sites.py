@@ -29,8 +29,6 @@ from seqpatch.site_table import (  # noqa: F401 (the table's names, re-exported)
     SiteError,
     SiteInfo,
     site_info,
-    site_title,
-    sites_help,
 )
 
 
