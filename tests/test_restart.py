@@ -188,8 +188,11 @@ def test_the_floor_reuses_attention_and_trims_the_last_layer(handles):
         value.repeat_interleave(length, 0)[:, 0],
         torch.zeros(2 * length, dtype=torch.long),
     )
+    attn = handle.hf_model.model.layers[last].self_attn
+    wrapped = attn.__dict__.get("forward")  # nnsight's wrapper, when it has one
     before = run.counters.token_layers
     patched = run.restart(rows, [write])
+    assert attn.__dict__.get("forward") is wrapped  # the module is left as it was
     assert run.counters.token_layers - before == 2  # the last layer, last position, per row
     only_last = Write(
         "head_z",

@@ -165,12 +165,17 @@ def layer0_input(handle: ModelHandle, input_ids: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def _attention_from(attn: torch.nn.Module, supply: Callable[[], torch.Tensor]) -> Iterator[None]:
     """The attention module returns ``(supply(), None)`` instead of computing (its hooks still
-    fire): every supported decoder layer unpacks its attention as ``output, weights``."""
+    fire): every supported decoder layer unpacks its attention as ``output, weights``. A
+    ``forward`` the instance already had (nnsight wraps modules that way) is put back after."""
+    before = attn.__dict__.get("forward")
     attn.forward = lambda *_args, **_kwargs: (supply(), None)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        del attn.forward
+        if before is None:
+            del attn.forward
+        else:
+            attn.forward = before  # type: ignore[method-assign]
 
 
 class RestartableRun:
