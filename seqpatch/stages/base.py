@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from seqpatch.models import ModelHandle
+    from seqpatch.options import RuntimeSettings
     from seqpatch.store import StageRef
 
 Artifact = bytes | str | Callable[[Path], None]
@@ -56,6 +57,12 @@ class Built:
     artifacts: Mapping[str, Artifact] = field(default_factory=dict)
 
 
+def _runtime_settings() -> RuntimeSettings:
+    from seqpatch.options import RuntimeSettings
+
+    return RuntimeSettings()
+
+
 class ModelCache:
     """Models loaded at most once per process run (``seqpatch run`` chains stages on one model).
 
@@ -63,8 +70,9 @@ class ModelCache:
     large models one after another).
     """
 
-    def __init__(self, remote: bool = False) -> None:
+    def __init__(self, remote: bool = False, device: str = "auto") -> None:
         self.remote = remote
+        self.device = device  # where load_model puts a model this cache loads
         self._handles: dict[str, ModelHandle] = {}
 
     def get(self, spec: str) -> ModelHandle:
@@ -73,7 +81,9 @@ class ModelCache:
             from seqpatch.models import load_model
 
             name, fmt = split_model_spec(spec)
-            self.put(spec, load_model(name, prompt_format=fmt, remote=self.remote))
+            self.put(
+                spec, load_model(name, prompt_format=fmt, remote=self.remote, device=self.device)
+            )
         return self._handles[spec]
 
     def put(self, spec: str, handle: ModelHandle) -> None:
@@ -123,6 +133,8 @@ class Inputs:
     specs: tuple[str, ...] = ()
     progress: bool = True
     version: str = ""
+    runtime: RuntimeSettings = field(default_factory=lambda: _runtime_settings())
+    shard_size: int = 0  # the runtime's shard size, else the stage's SHARD_SIZE (sharded stages)
     _rows: dict[str, Dataset] = field(default_factory=dict)
 
     def fingerprint(self, *parts: Any) -> str:
@@ -156,6 +168,20 @@ class Inputs:
     def each_model(self) -> Iterator[ModelHandle]:
         for spec in self.specs:
             yield self.models.get(spec)
+
+
+def no_models(cfg: Any, parents: Mapping[str, StageRef]) -> tuple[str, ...]:
+    """``model_specs`` of a stage that runs no model."""
+    return ()
+
+
+def no_checks(inputs: Inputs, cfg: Any) -> None:
+    """``prepare`` of a stage with nothing to check before it writes."""
+
+
+def no_artifacts(rows: Dataset, cfg: Any, inputs: Inputs) -> dict[str, Artifact]:
+    """``artifacts`` of a stage that stores its rows only."""
+    return {}
 
 
 def chart_artifacts(

@@ -116,6 +116,7 @@ def parse_models(text: str) -> tuple[str, ...]:
 
 CONFIG = BenchmarkConfig
 PARENTS = (ParentSpec(PARENT_STAGE),)
+SHARD_SIZE = None  # one shard per model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,255 @@
+"""``seqpatch build <stage>`` commands derived from the stages' configs, made on first use.
+
+A derived command's options are its config's ``option`` fields (``seqpatch.options``), the
+parent selectors and the ``RuntimeSettings`` it uses; its body calls the ``seqpatch.pipeline``
+function. Config classes live in stage modules that import torch and datasets, so
+``LazyStageGroup`` builds such a command only when it is asked for: ``seqpatch --help`` and
+``seqpatch list`` stay fast.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from seqpatch.cli._common import (
+    DataDirOpt,
+    FromOpt,
+    PairsVersionOpt,
+    _reflow_help,
+    examples,
+    report,
+)
+from seqpatch.cli._options import command, option_parameters, param
+from seqpatch.options import RuntimeSettings
+
+
+def _runtime_opt(name: str) -> Any:
+    return option_parameters(RuntimeSettings, [name])[0].annotation
+
+
+ExecutorOpt = _runtime_opt("executor")
+RayAddressOpt = _runtime_opt("ray_address")
+DeviceOpt = _runtime_opt("device")
+
+ActivationsVersionOpt = Annotated[
+    str,
+    typer.Option(
+        "--activations",
+        help="'auto' (cached activations of these pairs if stored), 'none', or a version.",
+    ),
+]
+
+
+def _shard_opt(joined_by: str) -> Any:
+    return Annotated[
+        str | None,
+        typer.Option("--shard", help=f"INDEX/COUNT: build only this job's shards; {joined_by}."),
+    ]
+
+
+@dataclass(frozen=True)
+class StageCommand:
+    """How to make one derived command: its config, extra options, runtime options, body."""
+
+    config: Callable[[], type]
+    run: Callable[..., None]
+    doc: str
+    epilog: str
+    extra: Callable[[], list[inspect.Parameter]]
+    runtime: tuple[str, ...]
+    shard_size: Callable[[], int | None] = lambda: None
+
+
+def _charts(ref: Any) -> None:
+    for chart in sorted(ref.path.glob("*.png")):
+        typer.echo(f"chart: {chart}")
+
+
+def _activations(cfg: Any, runtime: RuntimeSettings, **extra: Any) -> None:
+    from seqpatch.cli._common import OptionError
+    from seqpatch.pipeline import build_activations
+
+    if extra["remote"] and runtime.executor != "local":
+        raise OptionError("--remote runs on NDIF and --executor ray on Ray: choose one")
+    report(build_activations(cfg, **extra, runtime=runtime))
+
+
+def _patching(cfg: Any, runtime: RuntimeSettings, shard: str | None, **extra: Any) -> None:
+    from seqpatch.pipeline import build_patching, parse_shard
+
+    ref = build_patching(cfg, shard=parse_shard(shard), runtime=runtime, **extra)
+    if ref is None:
+        typer.echo(
+            "this job's shards are built; run `seqpatch merge patching` once every job is done"
+        )
+        return
+    report(ref)
+    _charts(ref)
+
+
+def _tracing(cfg: Any, runtime: RuntimeSettings, shard: str | None, **extra: Any) -> None:
+    from seqpatch.pipeline import build_tracing, parse_shard
+
+    ref = build_tracing(cfg, shard=parse_shard(shard), runtime=runtime, **extra)
+    if ref is None:
+        typer.echo(
+            "this job's shards are built; run `seqpatch merge tracing` once every job is done"
+        )
+        return
+    report(ref)
+    _charts(ref)
+
+
+def _config(module: str, name: str) -> Callable[[], type]:
+    def load() -> type:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+
+    return load
+
+
+def _shard_size(module: str) -> Callable[[], int | None]:
+    def load() -> int | None:
+        import importlib
+
+        return importlib.import_module(module).SHARD_SIZE
+
+    return load
+
+
+RUNTIME = ("shard_size", "engine", "executor", "ray_address", "device")
+
+STAGE_COMMANDS: dict[str, StageCommand] = {
+    "activations": StageCommand(
+        _config("seqpatch.stages.activations", "ActivationsConfig"),
+        _activations,
+        """Cache both programs' activations of every pair ([layers, positions, d_model] arrays).
+
+        Load them with load_stage("activations").with_format("torch"); the patching stage
+        reuses them instead of recomputing the sources.
+        """,
+        examples(
+            "seqpatch build activations --sites resid_pre,mlp_out --dtype float16",
+            "seqpatch build activations --sites resid_pre --layers 0,1 --pairs 3f2a",
+            "seqpatch build activations --sites resid_pre --from ./exported-study",
+            "NDIF_API_KEY=... seqpatch build activations --sites resid_pre --remote",
+            "seqpatch build activations --sites resid_pre --executor ray --ray-address "
+            "ray://head:10001",
+            "seqpatch build activations --sites resid_pre --device cuda",
+        ),
+        lambda: [
+            param("pairs", PairsVersionOpt, "latest"),
+            param("from_source", FromOpt, None),
+            param("remote", _remote_opt(), False),
+            param("data_dir", DataDirOpt, None),
+        ],
+        ("shard_size", "executor", "ray_address", "device"),
+        _shard_size("seqpatch.stages.activations"),
+    ),
+    "patching": StageCommand(
+        _config("seqpatch.stages.patching", "PatchingConfig"),
+        _patching,
+        """Patch A into B at every cell of each site's grid (default: every layer and position).
+
+        Resumable: after Ctrl-C or a kill, the same command skips finished shards. Writes
+        heatmap.npy and the heatmap/trace charts beside the stage. The execution settings
+        (--shard-size, --engine, --executor, --device) never change the version.
+        """,
+        examples(
+            "seqpatch build patching --sites resid_pre",
+            "seqpatch build patching --sites resid_pre,attn_out,mlp_out --shard-size 100",
+            "seqpatch build patching --sites resid_pre,attn_out,mlp_out --method attribution",
+            "seqpatch build patching --sites head_z --axes layer,head",
+            "seqpatch build patching --sites head_z,head_k --axes layer,head,pos",
+            "seqpatch build patching --sites resid_pre --axes layer --positions from-divergence",
+            "seqpatch build patching --sites resid_pre --shard 0/4   # one of four jobs",
+            "seqpatch build patching --sites resid_pre --from you/variable-tracking",
+            "seqpatch build patching --sites resid_pre --executor ray   # a local Ray instance",
+            "seqpatch build patching --sites resid_pre --executor ray --ray-address "
+            "ray://head:10001",
+            "seqpatch build patching --sites resid_pre --device cuda --engine full",
+        ),
+        lambda: [
+            param("pairs", PairsVersionOpt, "latest"),
+            param("activations", ActivationsVersionOpt, "auto"),
+            param("shard", _shard_opt("`seqpatch merge patching` joins them"), None),
+            param("from_source", FromOpt, None),
+            param("data_dir", DataDirOpt, None),
+        ],
+        RUNTIME,
+        _shard_size("seqpatch.stages.patching"),
+    ),
+    "tracing": StageCommand(
+        _config("seqpatch.stages.tracing", "TracingConfig"),
+        _tracing,
+        """ROME's causal trace (Meng et al. 2022) of one program of each pair.
+
+        Adds Gaussian noise to the corrupted tokens' input embeddings, then restores each clean
+        state in turn (residual stream, MLP and attention windows at every layer and token) and
+        records P(correct answer). Writes aie.npy, aie_roles.npy, aie.json and the three-panel
+        causal-trace chart beside the stage. Resumable, like patching.
+        """,
+        examples(
+            "seqpatch build tracing",
+            "seqpatch build tracing --corrupt diff --n-programs 200 --n-samples 10",
+            "seqpatch build tracing --corrupt chain --kinds resid,mlp --window 3 --pairs 3f2a",
+            "seqpatch build tracing --n-programs 0 --shard 0/4   # one of four jobs, every pair",
+            "seqpatch build tracing --n-programs 0 --executor ray --ray-address ray://head:10001",
+        ),
+        lambda: [
+            param("pairs", PairsVersionOpt, "latest"),
+            param("shard", _shard_opt("`seqpatch merge tracing` joins them"), None),
+            param("data_dir", DataDirOpt, None),
+        ],
+        RUNTIME,
+        _shard_size("seqpatch.stages.tracing"),
+    ),
+}
+
+
+def _remote_opt() -> Any:
+    from seqpatch.cli._common import RemoteOpt
+
+    return RemoteOpt
+
+
+def make_command(name: str) -> Any:
+    """The click command of derived stage command ``name`` (imports its stage module)."""
+    spec = STAGE_COMMANDS[name]
+    sub = typer.Typer(add_completion=False)
+    command(
+        sub,
+        name,
+        spec.config(),
+        spec.run,
+        doc=spec.doc,
+        epilog=spec.epilog,
+        extra=spec.extra(),
+        runtime=spec.runtime,
+        runtime_defaults={"shard_size": spec.shard_size()} if spec.shard_size() else None,
+    )
+    click_command = typer.main.get_command(sub)
+    _reflow_help(click_command)
+    return click_command
+
+
+class LazyStageGroup(TyperGroup):
+    """A group whose derived stage commands (``STAGE_COMMANDS``) are made when first used."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        from seqpatch.stages import STAGES
+
+        names = {*super().list_commands(ctx), *STAGE_COMMANDS}
+        return [n for n in STAGES if n in names] + sorted(names - set(STAGES))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in STAGE_COMMANDS and cmd_name not in self.commands:
+            self.commands[cmd_name] = make_command(cmd_name)
+        return super().get_command(ctx, cmd_name)
