@@ -124,7 +124,7 @@ def execute(
     ``parents`` maps parent stage names to a ``StageRef``, a version (prefix or ``latest``) or
     ``None`` (leave an optional parent out). ``models`` shares loaded models between calls.
     ``shard=(i, n)`` builds only shards ``i, i+n, …`` of a sharded stage and returns ``None``
-    until every shard exists (then a call without ``shard`` commits the version).
+    (a call without ``shard``, e.g. ``seqpatch merge``, commits the version).
     ``runtime`` says how the build runs (``RuntimeSettings``: shard size, engine path, device,
     executor); it never enters the version and is recorded under provenance's ``runtime``.
     ``executor="ray"`` computes a sharded stage's missing shards on Ray before this process
@@ -192,6 +192,7 @@ def execute(
                     only_shards=only,
                     before=lambda: module.prepare(inputs, cfg),
                     manifest=manifest,
+                    join=shard is None,
                     **common,
                 )
         if shard is not None:

@@ -307,6 +307,7 @@ class Store:
         before: Callable[[], None] | None = None,
         runtime: Callable[[], Mapping[str, Any]] | None = None,
         manifest: Mapping[str, Any] | None = None,
+        join: bool = True,
     ) -> StageRef | None:
         """Like ``get_or_build``, one shard at a time, resuming after an interruption.
 
@@ -320,6 +321,7 @@ class Store:
         and returned, only once every shard exists. Shards another process is computing are
         waited for, never computed twice. ``manifest`` (the config, parents and shard size) is
         kept in the work folder's manifest, so ``seqpatch merge`` can join the shards exactly.
+        ``join=False`` builds shards only and returns ``None`` (a ``--shard i/n`` job).
         """
         if n_shards < 1:
             raise StoreError(f"n_shards must be >= 1, got {n_shards}")
@@ -358,6 +360,8 @@ class Store:
             with self._shard_lock(work, index):
                 if self.find(stage, version) is None:
                     self._build_shard(stage, version, work, index, n_shards, build_shard_fn)
+        if not join:
+            return None
 
         with self.lock(stage, version):
             found = self.find(stage, version)
