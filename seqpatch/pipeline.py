@@ -428,9 +428,10 @@ def run(
     from seqpatch.plots import default_charts_dir
     from seqpatch.stages.activations import ActivationsConfig
     from seqpatch.stages.base import ModelCache
-    from seqpatch.stages.benchmark import BenchmarkConfig, write_accuracy_chart
+    from seqpatch.stages.benchmark import BenchmarkConfig, accuracy_chart_artifacts
     from seqpatch.stages.patching import PatchingConfig
     from seqpatch.stages.programs import ProgramsConfig, parse_seq_lens
+    from seqpatch.store import write_artifacts
 
     ActivationsConfig(sites=cfg.sites, dtype=cfg.activations_dtype)  # bad options fail first
     PatchingConfig(sites=cfg.sites)
@@ -471,9 +472,8 @@ def run(
         "choose",
         lambda: choose(cfg.min_accuracy, cfg.min_seq_len, bench.version, store.data_dir),
     )
-    report.charts += write_accuracy_chart(
-        bench, default_charts_dir(bench), ("png",), chosen=read_chosen(store.data_dir)
-    )
+    charts = accuracy_chart_artifacts(bench, ("png",), chosen=read_chosen(store.data_dir))
+    report.charts += write_artifacts(default_charts_dir(bench), charts)
     seq_len = min(choice.seq_len, cfg.max_seq_len)
     if seq_len < choice.seq_len:
         echo(

@@ -335,8 +335,8 @@ def test_roles_follow_romes_token_groups():
 
 
 def test_stage_builds_through_the_executor(tmp_path, organism, monkeypatch):
-    from seqpatch.options import RuntimeSettings
     from seqpatch.executor import execute
+    from seqpatch.options import RuntimeSettings
     from seqpatch.pipeline import default_family
     from seqpatch.stages import STAGES, StageInfo
     from seqpatch.stages.base import ModelCache

@@ -24,7 +24,7 @@ its tokenizer (``prepare``), before anything is written.
 
 ``summarize(rows)`` gives accuracy per (model, family, seq_len) with Wilson 95% intervals; the
 stage's artifacts ``results_summary.csv`` and ``accuracy.html/.png`` are written into the version
-at its commit; ``write_summary``/``write_accuracy_chart`` redraw them elsewhere.
+at its commit; ``summary_artifacts``/``accuracy_chart_artifacts`` redraw them elsewhere.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from datasets import Features, Value
@@ -413,27 +412,24 @@ def load_summary(ref: StageRef) -> pl.DataFrame:
     return summarize(Dataset.load_from_disk(str(ref.path)))
 
 
-def write_summary(ref: StageRef, out_dir: Path) -> Path:
-    """Write ``results_summary.csv`` of a stored version into ``out_dir``; returns its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / SUMMARY_CSV
-    load_summary(ref).write_csv(path)
-    return path
+def summary_artifacts(ref: StageRef) -> dict[str, Artifact]:
+    """``results_summary.csv`` of a stored version, as an artifact to write elsewhere
+    (``seqpatch.store.write_artifacts``)."""
+    return {SUMMARY_CSV: load_summary(ref).write_csv}
 
 
-def write_accuracy_chart(
+def accuracy_chart_artifacts(
     ref: StageRef,
-    out_dir: Path,
     formats: Sequence[str] = ("html", "png"),
     chosen: Mapping[str, Any] | None = None,
-) -> list[Path]:
-    """Draw accuracy by length (one line per model) of a stored version into ``out_dir``.
+) -> dict[str, Artifact]:
+    """Accuracy by length (one line per model) of a stored version, as artifacts to write
+    elsewhere (``seqpatch.store.write_artifacts``).
 
     ``chosen`` (``chosen_model.json``'s contents) marks the choice and its threshold when it
     was made from this version.
     """
-    from seqpatch.charts import accuracy_figure, save_chart
+    from seqpatch.charts import accuracy_figure
 
     mark = chosen if chosen and chosen.get("benchmark_version") == ref.version else None
     chart = accuracy_figure(
@@ -442,4 +438,4 @@ def write_accuracy_chart(
         chosen=(mark["model_id"], mark["seq_len"]) if mark else None,
         version=ref.version,
     )
-    return save_chart(chart, Path(out_dir), CHART_NAME, formats)
+    return chart_artifacts(chart, CHART_NAME, tuple(formats))

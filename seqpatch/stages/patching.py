@@ -757,19 +757,3 @@ def heatmap_artifacts(dataset: Dataset, metrics: Sequence[str] = METRICS) -> dic
     }
     files[HEATMAP_INDEX_FILE] = json.dumps(index, indent=2, ensure_ascii=False) + "\n"
     return files
-
-
-def write_heatmap(folder: Any, dataset: Dataset, metrics: Sequence[str] = METRICS) -> list[Any]:
-    """Write ``heatmap_artifacts`` into ``folder``; returns the paths written."""
-    from pathlib import Path
-
-    folder = Path(folder)
-    written = []
-    for name, content in heatmap_artifacts(dataset, metrics).items():
-        path = folder / name
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-        written.append(path)
-    return written
