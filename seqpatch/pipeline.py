@@ -417,14 +417,16 @@ def run(
     data_dir: DataDir = None,
     echo: Callable[[str], None] = print,
     progress: bool = True,
+    device: str = "auto",
 ) -> RunReport:
     """programs → benchmark → choose → pairs → activations → patching → charts, on the organism
     (then ``tracing`` of the same pairs when ``cfg.tracing``).
 
     One ``ModelCache`` serves every step, so the organism is loaded at most once; a step whose
-    version is stored loads nothing.
+    version is stored loads nothing. ``device`` is where it runs (``RuntimeSettings.device``).
     """
     from seqpatch.choose import choose, read_chosen
+    from seqpatch.options import RuntimeSettings
     from seqpatch.plots import default_charts_dir
     from seqpatch.stages.activations import ActivationsConfig
     from seqpatch.stages.base import ModelCache
@@ -444,7 +446,7 @@ def run(
     programs_cfg = ProgramsConfig(family, parse_seq_lens(cfg.seq_lens), cfg.n_per_len, cfg.seed)
     report = RunReport()
     store = _store(data_dir)
-    models = ModelCache()
+    models = ModelCache(device=RuntimeSettings(device=device).resolved_device())
 
     def step(name: str, action: Callable[[], Any]) -> Any:
         if progress:
