@@ -21,6 +21,7 @@ from seqpatch.cli._common import (
     DataDirOpt,
     FromOpt,
     PairsVersionOpt,
+    PatchingVersionOpt,
     _reflow_help,
     examples,
     report,
@@ -104,6 +105,18 @@ def _tracing(cfg: Any, runtime: RuntimeSettings, shard: str | None, **extra: Any
         return
     report(ref)
     _charts(ref)
+
+
+def _das(
+    cfg: Any, runtime: RuntimeSettings, patching: str, pairs: str | None, data_dir: Any
+) -> None:
+    from seqpatch.pipeline import build_das
+
+    ref = build_das(cfg, patching, pairs, data_dir, runtime=runtime)
+    report(ref)
+    for name in ("iia.csv", "summary.json", "iia_vs_k.png"):
+        if (ref.path / name).exists():
+            typer.echo(f"{name}: {ref.path / name}")
 
 
 def _config(module: str, name: str) -> Callable[[], type]:
@@ -211,7 +224,35 @@ STAGE_COMMANDS: dict[str, StageCommand] = {
         RUNTIME,
         _shard_size("seqpatch.stages.tracing"),
     ),
+    "das": StageCommand(
+        _config("seqpatch.stages.das", "DasConfig"),
+        _das,
+        """Distributed alignment search at the patching heatmap's strongest cells.
+
+        Trains an orthonormal k-dimensional subspace per cell and k whose interchange makes the
+        target give the source's answer; reports test IIA with controls (shuffled labels, random
+        basis, full-vector patch). Writes iia.csv, summary.json and the IIA-vs-k chart.
+        """,
+        examples(
+            "seqpatch build das",
+            "seqpatch build das --top-n 3 --ks 1,2,4,8,16,32,64,128 --epochs 20",
+            "seqpatch build das --patching 3f2a --divergence-index 4 --metric prob_delta",
+        ),
+        lambda: [
+            param("patching", PatchingVersionOpt, "latest"),
+            param("pairs", _das_pairs_opt(), None),
+            param("data_dir", DataDirOpt, None),
+        ],
+        ("device",),
+    ),
 }
+
+
+def _das_pairs_opt() -> Any:
+    return Annotated[
+        str | None,
+        typer.Option("--pairs", help="Pairs version \\[default: the one patching was built from]."),
+    ]
 
 
 def _remote_opt() -> Any:

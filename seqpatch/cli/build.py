@@ -14,7 +14,6 @@ from seqpatch.cli._common import (
     RemoteOpt,
     SeedOpt,
     check_seq_lens,
-    csv,
     examples,
     report,
 )
@@ -202,71 +201,3 @@ def build_benchmark(
     typer.echo(f"summary: {ref.path / SUMMARY_CSV}")
     for path in sorted(ref.path.glob("accuracy.*")):
         typer.echo(f"chart: {path}")
-
-
-@app.command(
-    "das",
-    epilog=examples(
-        "seqpatch build das",
-        "seqpatch build das --top-n 3 --ks 1,2,4,8,16,32,64,128 --epochs 20",
-        "seqpatch build das --patching 3f2a --divergence-index 4 --metric prob_delta",
-    ),
-)
-def build_das(
-    top_n: Annotated[int, typer.Option("--top-n", help="Strongest heatmap cells.", min=1)] = 3,
-    ks: Annotated[
-        str | None,
-        typer.Option("--ks", help="Subspace dimensions \\[default: 1,2,4,… and d_model]."),
-    ] = None,
-    metric: Annotated[
-        str, typer.Option("--metric", help="Patching metric that ranks the cells.")
-    ] = "normalised",
-    divergence_index: Annotated[
-        int | None,
-        typer.Option(
-            "--divergence-index", help="Study pairs diverging here \\[default: the commonest]."
-        ),
-    ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.", min=1)] = 20,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-2,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per step.", min=1)] = 16,
-    patching: Annotated[
-        str, typer.Option("--patching", help="Patching version (or prefix), or 'latest'.")
-    ] = "latest",
-    pairs: Annotated[
-        str | None,
-        typer.Option("--pairs", help="Pairs version \\[default: the one patching was built from]."),
-    ] = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    data_dir: DataDirOpt = None,
-) -> None:
-    """Distributed alignment search at the patching heatmap's strongest cells.
-
-    Trains an orthonormal k-dimensional subspace per cell and k whose interchange makes the
-    target give the source's answer; reports test IIA with controls (shuffled labels, random
-    basis, full-vector patch). Writes iia.csv, summary.json and the IIA-vs-k chart.
-    """
-    from seqpatch.options import RuntimeSettings
-    from seqpatch.pipeline import build_das as build
-    from seqpatch.stages.das import DasConfig
-
-    try:
-        k_list = tuple(int(k) for k in csv(ks)) if ks else ()
-    except ValueError:
-        raise OptionError(f"cannot read --ks {ks!r}; give sizes like 1,2,4,8") from None
-    cfg = DasConfig(
-        top_n=top_n,
-        metric=metric,
-        divergence_index=divergence_index,
-        ks=k_list,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-    )
-    ref = build(cfg, patching, pairs, data_dir, runtime=RuntimeSettings(device=device))
-    report(ref)
-    for name in ("iia.csv", "summary.json", "iia_vs_k.png"):
-        if (ref.path / name).exists():
-            typer.echo(f"{name}: {ref.path / name}")

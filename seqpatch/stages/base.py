@@ -1,18 +1,24 @@
 """What every stage module shares: its declared parents, what it returns, what it is handed.
 
-A stage is a module ``seqpatch/stages/<name>.py`` with
+A stage is a module ``seqpatch/stages/<name>.py`` following the ``Stage`` protocol (checked by
+``seqpatch.stages.get_stage``):
 
 - ``STAGE`` (its name), ``SCHEMA_VERSION`` (bumped when its rows change meaning), ``CONFIG`` (a
-  frozen dataclass; its canonical JSON is part of the version) and ``PARENTS`` (``ParentSpec``s);
+  frozen dataclass of ``seqpatch.options.option`` fields; its canonical JSON is part of the
+  version) and ``PARENTS`` (``ParentSpec``s);
 - ``model_specs(cfg, parents) -> tuple[str, ...]``: the models it runs (their identities enter the
   version, and the executor loads them only when the version is not stored);
-- ``build(inputs, cfg) -> Built``, or for a resumable stage ``n_shards(inputs, cfg)`` and
-  ``build_shard(inputs, cfg, index) -> Built`` (shards are concatenated in index order);
-- optionally ``prepare(inputs, cfg)`` (checks that must pass before anything is written) and
+- ``build(inputs, cfg) -> Built``, or for a resumable stage ``SHARD_SIZE``,
+  ``n_shards(inputs, cfg)`` and ``build_shard(inputs, cfg, index) -> Built`` (shards are
+  concatenated in index order; ``inputs.shard_size`` is the size to cut);
+- ``prepare(inputs, cfg)`` (checks that must pass before anything is written) and
   ``artifacts(rows, cfg, inputs) -> {file name: Artifact}`` (charts, arrays, csv written into the
-  version folder before it is committed).
+  version folder before it is committed); ``no_models``, ``no_checks`` and ``no_artifacts`` are
+  the hooks of a stage that needs none.
 
-Stage modules never resolve parents, load models or write files: ``seqpatch.executor`` does.
+``inputs.runtime`` (``RuntimeSettings``) says how to run (engine path, device) and never changes
+a row. Stage modules never resolve parents, load models or write files: ``seqpatch.executor``
+and the store do.
 """
 
 from __future__ import annotations
