@@ -203,7 +203,7 @@ class RuntimeSettings:
         "auto",
         "Engine path of exact patching and tracing: auto (the compute-floor path where the "
         "architecture allows), cached (restart from the patched layer) or full (whole "
-        "forwards). Same rows either way.",
+        "forwards). Same version; rows agree to float rounding.",
         parse=choice("--engine", ENGINES),
     )
     executor: str = option(
