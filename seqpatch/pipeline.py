@@ -126,8 +126,8 @@ def build_benchmark(
     data_dir: DataDir = None,
     remote: bool = False,
     models: ModelCache | None = None,
-    progress: bool = True,
-    executor: str | Any = "local",
+    progress: bool | None = None,
+    executor: str | Any | None = None,
     ray_address: str | None = None,
     runtime: RuntimeSettings | None = None,
 ) -> StageRef:
@@ -141,6 +141,7 @@ def build_benchmark(
     the rows are the same nnsight computation on the same weights (model id and revision);
     provenance says ``"remote": true`` per model. ``executor="ray"`` benchmarks the models on
     Ray actors instead, one shard (model) per actor task (``ray_address``: an existing cluster).
+    ``progress``, ``executor`` and ``ray_address`` override ``runtime``'s when given.
     """
     from seqpatch.executor import execute
 

@@ -107,6 +107,23 @@ def _tracing(cfg: Any, runtime: RuntimeSettings, shard: str | None, **extra: Any
     _charts(ref)
 
 
+def _benchmark(
+    cfg: Any, runtime: RuntimeSettings, programs: str, remote: bool, data_dir: Any
+) -> None:
+    from seqpatch.cli._common import OptionError
+    from seqpatch.pipeline import build_benchmark
+    from seqpatch.stages.benchmark import SUMMARY_CSV, accuracy_table, load_summary
+
+    if remote and runtime.executor != "local":
+        raise OptionError("--remote runs on NDIF and --executor ray on Ray: choose one")
+    ref = build_benchmark(cfg, programs=programs, data_dir=data_dir, remote=remote, runtime=runtime)
+    report(ref)
+    typer.echo(accuracy_table(load_summary(ref)))
+    typer.echo(f"summary: {ref.path / SUMMARY_CSV}")
+    for path in sorted(ref.path.glob("accuracy.*")):
+        typer.echo(f"chart: {path}")
+
+
 def _das(
     cfg: Any, runtime: RuntimeSettings, patching: str, pairs: str | None, data_dir: Any
 ) -> None:
@@ -140,6 +157,35 @@ def _shard_size(module: str) -> Callable[[], int | None]:
 RUNTIME = ("shard_size", "engine", "executor", "ray_address", "device")
 
 STAGE_COMMANDS: dict[str, StageCommand] = {
+    "benchmark": StageCommand(
+        _config("seqpatch.stages.benchmark", "BenchmarkConfig"),
+        _benchmark,
+        """Run each model on each program: greedy answer, answer log-prob and rank.
+
+        Writes results_summary.csv and accuracy.html/.png into the version folder. Resumes model
+        by model after an interruption.
+        """,
+        examples(
+            "seqpatch build benchmark --models builtin",
+            "seqpatch build benchmark --models builtin,Qwen/Qwen2.5-0.5B --batch-size 32",
+            "seqpatch build benchmark --models ./my-model:compact --programs 3f2a --data-dir /tmp/sp",
+            "NDIF_API_KEY=... seqpatch build benchmark --models meta-llama/Llama-3.1-8B --remote",
+            "seqpatch build benchmark --models builtin,./a,./b --executor ray   # a model per actor",
+        ),
+        lambda: [
+            param(
+                "programs",
+                Annotated[
+                    str,
+                    typer.Option("--programs", help="Programs version (or a prefix), or 'latest'."),
+                ],
+                "latest",
+            ),
+            param("remote", _remote_opt(), False),
+            param("data_dir", DataDirOpt, None),
+        ],
+        ("executor", "ray_address", "device"),
+    ),
     "activations": StageCommand(
         _config("seqpatch.stages.activations", "ActivationsConfig"),
         _activations,

@@ -10,14 +10,12 @@ from seqpatch.cli._common import (
     MAX_SEQ_LEN,
     DataDirOpt,
     FamilyOpt,
-    OptionError,
-    RemoteOpt,
     SeedOpt,
     check_seq_lens,
     examples,
     report,
 )
-from seqpatch.cli._stages import DeviceOpt, ExecutorOpt, LazyStageGroup, RayAddressOpt
+from seqpatch.cli._stages import DeviceOpt, LazyStageGroup
 
 app = typer.Typer(
     cls=LazyStageGroup,
@@ -134,70 +132,3 @@ def build_pairs(
             f"candidates {extra['candidates']}, accepted {extra['accepted']}; rejections: "
             + ", ".join(f"{k}={v}" for k, v in extra["rejections"].items())
         )
-
-
-@app.command(
-    "benchmark",
-    epilog=examples(
-        "seqpatch build benchmark --models builtin",
-        "seqpatch build benchmark --models builtin,Qwen/Qwen2.5-0.5B --batch-size 32",
-        "seqpatch build benchmark --models ./my-model:compact --programs 3f2a --data-dir /tmp/sp",
-        "NDIF_API_KEY=... seqpatch build benchmark --models meta-llama/Llama-3.1-8B --remote",
-        "seqpatch build benchmark --models builtin,./a,./b --executor ray   # a model per actor",
-    ),
-)
-def build_benchmark(
-    models: Annotated[
-        str,
-        typer.Option(
-            "--models",
-            help="Comma-separated: builtin, local folders, Hub ids; add :compact, :code or "
-            ":code-chat to choose a model's prompt format.",
-        ),
-    ] = "builtin",
-    programs: Annotated[
-        str, typer.Option("--programs", help="Programs version (or a prefix), or 'latest'.")
-    ] = "latest",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per forward.")] = 64,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", help="Longest greedy continuation, in tokens.")
-    ] = 8,
-    remote: RemoteOpt = False,
-    executor: ExecutorOpt = "local",
-    ray_address: RayAddressOpt = None,
-    device: DeviceOpt = "auto",
-    data_dir: DataDirOpt = None,
-) -> None:
-    """Run each model on each program: greedy answer, answer log-prob and rank.
-
-    Writes results_summary.csv and accuracy.html/.png into the version folder. Resumes model by
-    model after an interruption.
-    """
-    from seqpatch.options import RuntimeSettings
-    from seqpatch.pipeline import build_benchmark as build
-    from seqpatch.stages.benchmark import (
-        SUMMARY_CSV,
-        BenchmarkConfig,
-        accuracy_table,
-        load_summary,
-        parse_models,
-    )
-
-    runtime = RuntimeSettings(executor=executor, ray_address=ray_address, device=device)
-    if remote and executor != "local":
-        raise OptionError("--remote runs on NDIF and --executor ray on Ray: choose one")
-    cfg = BenchmarkConfig(parse_models(models), batch_size, max_new_tokens)
-    ref = build(
-        cfg,
-        programs=programs,
-        data_dir=data_dir,
-        remote=remote,
-        executor=executor,
-        ray_address=ray_address,
-        runtime=runtime,
-    )
-    report(ref)
-    typer.echo(accuracy_table(load_summary(ref)))
-    typer.echo(f"summary: {ref.path / SUMMARY_CSV}")
-    for path in sorted(ref.path.glob("accuracy.*")):
-        typer.echo(f"chart: {path}")

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from datasets import Features, Value
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.options import option
 from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec, chart_artifacts
 
 if TYPE_CHECKING:
@@ -87,9 +88,16 @@ class BenchmarkConfig:
     (default: ``compact`` for the organism, ``code`` otherwise).
     """
 
-    models: tuple[str, ...]
-    batch_size: int = 64  # rows per forward pass; recorded since padding can move the last ulp
-    max_new_tokens: int = 8  # enough for '-123' plus a stop token under digit-wise tokenizers
+    models: tuple[str, ...] = option(
+        ("builtin",),
+        "Comma-separated: builtin, local folders, Hub ids; add :compact, :code or :code-chat to "
+        "choose a model's prompt format.",
+        parse=lambda text: parse_models(text),
+    )
+    # rows per forward pass; in the config since padding can move the last ulp
+    batch_size: int = option(64, "Prompts per forward.")
+    # enough for '-123' plus a stop token under digit-wise tokenizers
+    max_new_tokens: int = option(8, "Longest greedy continuation, in tokens.")
 
     def __post_init__(self) -> None:
         models = tuple(m.strip() for m in self.models)
