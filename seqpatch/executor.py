@@ -154,13 +154,14 @@ def execute(
     if found is not None:
         return dataclasses.replace(found, reused=True)
     sharded = is_sharded(module)
-    shard_size = runtime.shard_size_for(module.SHARD_SIZE) if sharded else 0
-    inputs = Inputs(refs, models, specs, runtime.progress, version, runtime, shard_size)
+    # rows per shard; None for a stage built whole or cut its own way (a model per shard)
+    shard_size = runtime.shard_size_for(module.SHARD_SIZE) if sharded else None
+    inputs = Inputs(refs, models, specs, runtime.progress, version, runtime, shard_size or 0)
     common = {
         "parents": list(refs.values()),
         "model": model,
         "finish": lambda rows: module.artifacts(rows, cfg, inputs),
-        "runtime": lambda: runtime.record(shard_size or None),
+        "runtime": lambda: runtime.record(shard_size),
     }
     with datasets_caching_off(), quiet_libraries():
         if sharded:

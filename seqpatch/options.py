@@ -242,8 +242,9 @@ class RuntimeSettings:
             if value not in allowed:
                 raise OptionsError(f"unknown --{name} {value!r}; use one of {', '.join(allowed)}")
 
-    def shard_size_for(self, default: int) -> int:
-        return default if self.shard_size is None else self.shard_size
+    def shard_size_for(self, default: int | None) -> int | None:
+        """The shard size to cut: this one, else the stage's ``default``."""
+        return default if self.shard_size is None or default is None else self.shard_size
 
     def resolved_device(self) -> str:
         """``auto`` → cuda if available, else mps, else cpu (probed only when asked)."""
@@ -259,12 +260,13 @@ class RuntimeSettings:
         return "cpu"
 
     def record(self, shard_size: int | None = None) -> dict[str, Any]:
-        """What provenance stores under ``runtime``: the settings as run, device resolved."""
+        """What provenance stores under ``runtime``: the settings as run (``shard_size``: the
+        size the stage was cut to), the device resolved."""
         import torch
 
         executor = self.executor if isinstance(self.executor, str) else type(self.executor).__name__
         return {
-            "shard_size": shard_size if shard_size is not None else self.shard_size,
+            "shard_size": shard_size,
             "engine": self.engine,
             "executor": executor,
             "device": self.resolved_device(),
