@@ -172,13 +172,15 @@ def pairs_config(
     family: str | None = None,
     allow_equal_answers: bool = False,
     data_dir: DataDir = None,
+    **options: Any,
 ) -> tuple[PairsConfig, dict[str, str]]:
     """The pairs config for these options and its parents.
 
     ``model="chosen"`` studies what ``seqpatch choose`` chose — its model, family and length
     (unless ``seq_len`` says otherwise) — and records the benchmark version as the parent.
     Without a family the organism is asked about the family it was trained on, other models
-    about ``binding``; ``seq_len`` defaults to 8.
+    about ``binding``; ``seq_len`` defaults to 8. ``options`` are any other ``PairsConfig``
+    fields (``None``: the field's default).
     """
     from seqpatch.stages.pairs import PairsConfig, parse_divergence_indices
 
@@ -195,7 +197,10 @@ def pairs_config(
     if family is None:
         family, params = default_family(model)
     seq_len = seq_len or 8
-    cfg = PairsConfig(
+    from seqpatch.options import config_from
+
+    cfg = config_from(
+        PairsConfig,
         model=model,
         seq_len=seq_len,
         n_pairs=n_pairs,
@@ -204,6 +209,7 @@ def pairs_config(
         seed=seed,
         allow_equal_answers=allow_equal_answers,
         family_params=params,
+        **options,
     )
     return cfg, parents
 
@@ -235,12 +241,14 @@ def build_pairs(
     handle: ModelHandle | None = None,
     models: ModelCache | None = None,
     runtime: RuntimeSettings | None = None,
+    **options: Any,
 ) -> StageRef:
-    """Build (or reuse) the pairs stage; see ``pairs_config`` for the options."""
+    """Build (or reuse) the pairs stage; see ``pairs_config`` for the options (``options``:
+    any other ``PairsConfig`` field)."""
     from seqpatch.executor import execute
 
     cfg, parents = pairs_config(
-        model, seq_len, divergence, n_pairs, seed, family, allow_equal_answers, data_dir
+        model, seq_len, divergence, n_pairs, seed, family, allow_equal_answers, data_dir, **options
     )
     return execute(
         "pairs",

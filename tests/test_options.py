@@ -188,6 +188,11 @@ def test_a_config_field_is_a_command_line_option() -> None:
     help_text = runner.invoke(toy, ["toy", "--help"]).output
     assert "How many." in help_text and "--shard-size" in help_text and "--label" in help_text
 
+    # raw: the options reach the command as given (pairs resolves some before its config)
+    command(toy, "raw", ToyConfig, lambda cfg, rt: seen.append(cfg), doc="", epilog="", raw=True)
+    assert runner.invoke(toy, ["raw", "--sites", "x"]).exit_code == 0
+    assert seen[-1] == {"sites": ("x",), "n": 3, "label": None}
+
 
 def test_build_functions_take_every_config_field_and_runtime_setting() -> None:
     from seqpatch.errors import SeqpatchError

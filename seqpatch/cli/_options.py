@@ -70,6 +70,12 @@ def option_parameters(
 
 def values_to(cls: type, values: dict[str, Any]) -> Any:
     """The ``cls`` instance for the CLI values of its option fields (parsers applied)."""
+    return cls(**option_values(cls, values))
+
+
+def option_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The CLI values of ``cls``'s option fields, parsed, popped from ``values`` (an option left
+    out whose field has a default other than ``None`` is omitted: the field's default applies)."""
     fields = options_of(cls)
     kwargs = {}
     for name, (field, opt) in fields.items():
@@ -81,7 +87,7 @@ def values_to(cls: type, values: dict[str, Any]) -> Any:
         if value is None and field.default is not None:
             continue  # an option left out: the field's default
         kwargs[name] = value
-    return cls(**kwargs)
+    return kwargs
 
 
 def command(
@@ -95,9 +101,12 @@ def command(
     extra: Sequence[inspect.Parameter] = (),
     runtime: Sequence[str] = (),
     runtime_defaults: dict[str, Any] | None = None,
+    raw: bool = False,
 ) -> None:
     """Register ``name`` on ``app``: options of ``config``, then ``extra``, then the named
-    ``RuntimeSettings`` fields. ``run(cfg, runtime, **extra values)`` does the work."""
+    ``RuntimeSettings`` fields. ``run(cfg, runtime, **extra values)`` does the work; with
+    ``raw`` it gets the config's option values as a dict instead (for a pipeline function that
+    resolves some options itself before it makes the config)."""
     params = [
         *(option_parameters(config) if config is not None else []),
         *extra,
@@ -105,7 +114,10 @@ def command(
     ]
 
     def invoke(**values: Any) -> None:
-        cfg = values_to(config, values) if config is not None else None
+        if config is None:
+            cfg = None
+        else:
+            cfg = option_values(config, values) if raw else values_to(config, values)
         settings = values_to(RuntimeSettings, {k: values.pop(k) for k in runtime})
         run(cfg, settings, **values)
 

@@ -65,6 +65,7 @@ class StageCommand:
     extra: Callable[[], list[inspect.Parameter]]
     runtime: tuple[str, ...]
     shard_size: Callable[[], int | None] = lambda: None
+    raw: bool = False  # the config's option values reach `run` as a dict (see `command`)
 
 
 def _charts(ref: Any) -> None:
@@ -105,6 +106,97 @@ def _tracing(cfg: Any, runtime: RuntimeSettings, shard: str | None, **extra: Any
         return
     report(ref)
     _charts(ref)
+
+
+def _pairs(options: dict[str, Any], runtime: RuntimeSettings, **given: Any) -> None:
+    from seqpatch.pipeline import build_pairs
+
+    divergence = given.pop("divergence_index")
+    ref = build_pairs(divergence=divergence, runtime=runtime, **given, **options)
+    report(ref)
+    extra = ref.provenance.get("extra", {})
+    if "rejections" in extra:
+        typer.echo(
+            f"candidates {extra['candidates']}, accepted {extra['accepted']}; rejections: "
+            + ", ".join(f"{k}={v}" for k, v in extra["rejections"].items())
+        )
+
+
+def _pairs_options() -> list[inspect.Parameter]:
+    """The pairs options that ``pipeline.pairs_config`` resolves (``chosen``, a divergence list
+    read against the length, the model's default family); any other ``PairsConfig`` field
+    declared with ``option`` is added after them."""
+    from seqpatch.cli._common import MAX_SEQ_LEN, SeedOpt
+
+    return [
+        param(
+            "model",
+            Annotated[
+                str,
+                typer.Option(
+                    "--model",
+                    help="builtin, chosen (reads chosen_model.json), a local folder or a Hub id.",
+                ),
+            ],
+            "builtin",
+        ),
+        param(
+            "seq_len",
+            Annotated[
+                int | None,
+                typer.Option(
+                    "--seq-len",
+                    help="Statements per program \\[default: the chosen length with --model "
+                    "chosen, else 8].",
+                    show_default=False,
+                    min=1,
+                    max=MAX_SEQ_LEN,
+                ),
+            ],
+            None,
+        ),
+        param(
+            "divergence_index",
+            Annotated[
+                str,
+                typer.Option(
+                    "--divergence-index",
+                    help="Statement changed between A and B: 'all' (balanced), '3' or '0,2,5'.",
+                ),
+            ],
+            "all",
+        ),
+        param(
+            "n_pairs",
+            Annotated[int, typer.Option("--n-pairs", help="Pairs to keep.", min=1)],
+            2000,
+        ),
+        param(
+            "family",
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--family",
+                    help="Program family \\[default: the organism's own for builtin, else "
+                    "binding].",
+                    show_default=False,
+                ),
+            ],
+            None,
+        ),
+        param(
+            "allow_equal_answers",
+            Annotated[
+                bool,
+                typer.Option(
+                    "--allow-equal-answers", help="Also keep pairs whose two answers are equal."
+                ),
+            ],
+            False,
+        ),
+        param("seed", SeedOpt, 0),
+        param("data_dir", DataDirOpt, None),
+    ]
 
 
 def _benchmark(
@@ -157,6 +249,24 @@ def _shard_size(module: str) -> Callable[[], int | None]:
 RUNTIME = ("shard_size", "engine", "executor", "ray_address", "device")
 
 STAGE_COMMANDS: dict[str, StageCommand] = {
+    "pairs": StageCommand(
+        _config("seqpatch.stages.pairs", "PairsConfig"),
+        _pairs,
+        """Counterfactual pairs (A, B) differing in one statement, both answered correctly.
+
+        Token lengths of A and B are verified equal under the model's tokenizer; rejected
+        candidates are counted by reason and stored in the stage's provenance.
+        """,
+        examples(
+            "seqpatch build pairs --model builtin --seq-len 8 --divergence-index all --n-pairs 2000",
+            "seqpatch build pairs --model chosen --seq-len 6 --divergence-index 2 --n-pairs 500",
+            "seqpatch build pairs --model ./my-model --family binding --seq-len 5 "
+            "--allow-equal-answers",
+        ),
+        _pairs_options,
+        ("device",),
+        raw=True,
+    ),
     "benchmark": StageCommand(
         _config("seqpatch.stages.benchmark", "BenchmarkConfig"),
         _benchmark,
@@ -189,7 +299,7 @@ STAGE_COMMANDS: dict[str, StageCommand] = {
     "activations": StageCommand(
         _config("seqpatch.stages.activations", "ActivationsConfig"),
         _activations,
-        """Cache both programs' activations of every pair ([layers, positions, d_model] arrays).
+        """Cache both programs' activations of every pair (\\[layers, positions, d_model] arrays).
 
         Load them with load_stage("activations").with_format("torch"); the patching stage
         reuses them instead of recomputing the sources.
@@ -321,6 +431,7 @@ def make_command(name: str) -> Any:
         extra=spec.extra(),
         runtime=spec.runtime,
         runtime_defaults={"shard_size": spec.shard_size()} if spec.shard_size() else None,
+        raw=spec.raw,
     )
     click_command = typer.main.get_command(sub)
     _reflow_help(click_command)
