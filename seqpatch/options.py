@@ -7,7 +7,7 @@ command line's text (``"a,b"``, ``"1-10"``) into the field's value. ``seqpatch.c
 builds each ``seqpatch build <stage>`` command from these fields; ``config_from`` builds the
 config from keyword options for the ``seqpatch.pipeline.build_*`` functions.
 
-``RuntimeSettings`` holds how a build runs (shard size, engine path, executor, device, threads,
+``RuntimeSettings`` holds how a build runs (shard size, engine path, executor, device,
 progress): none of it changes the rows, so none of it enters the version; provenance records it
 under ``runtime``. Nothing here imports a heavy library.
 """
@@ -185,12 +185,14 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    """How a build runs. None of these change a row, so none enters the version.
+    """How a build runs. None of these changes a row beyond float rounding, so none enters
+    the version (on an accelerator the model's dtype may change too: see the README).
 
     ``shard_size=None`` takes the stage's own (``SHARD_SIZE`` of a sharded stage module); the
     engine path is how exact patching or tracing is computed (every path gives the same
-    numbers, checked by the engine's tests), not which estimate is stored (``--method
-    attribution`` is part of the patching config).
+    numbers to rounding, checked by the engine's tests), not which estimate is stored
+    (``--method attribution`` is part of the patching config). torch's CPU threads are set by
+    the root's ``--threads`` (``SEQPATCH_THREADS``) and recorded as ``torch_threads``.
     """
 
     shard_size: int | None = option(
@@ -223,7 +225,6 @@ class RuntimeSettings:
         "Where the model runs: auto (cuda if available, else mps, else cpu), cpu, cuda or mps.",
         parse=choice("--device", DEVICES),
     )
-    threads: int | None = option(None, "torch CPU threads (the root's --threads).", cli=False)
     progress: bool = option(True, "Show progress bars.", cli=False)
 
     def __post_init__(self) -> None:
