@@ -202,8 +202,8 @@ class Group:
         self.tgt = tgt
         needed = sorted(set(layers))
         info = site_info(site)
-        # One base run of sources and targets: the sources donate, the targets restart (rows
-        # n..2n-1); both read by the same arithmetic, so equal prefixes are equal bit for bit.
+        # One base run of sources and targets: the sources donate, the targets restart (base
+        # rows n..2n-1); both read by the same arithmetic, so equal prefixes are equal bitwise.
         self.run = RestartableRun(
             handle,
             torch.cat([src, tgt]),
@@ -212,6 +212,7 @@ class Group:
             floor_layers=needed if info.after_attention else (),
             floor_z=site == "head_z",
             counters=counters,
+            restartable=slice(self.n, None),
         )
         acts = self.run.acts
         self.src_acts = {layer: acts[(site, layer)][: self.n] for layer in needed}
@@ -411,7 +412,7 @@ class Group:
         start_pos = min(self._start(li, row) for row in rows)
         pair = torch.tensor([r[2] for r in rows], device=self.handle.device)
         write = self.patch(li, rows, start_pos)
-        logits = self.run.restart(pair + self.n, [write], start_pos, max_rows=max_rows)
+        logits = self.run.restart(pair, [write], start_pos, max_rows=max_rows)
         at = (
             pair.cpu(),
             li,
@@ -433,7 +434,7 @@ class Group:
                 writes.append(
                     Write(write.site, write.layer, at, write.pos, write.value, write.heads)
                 )
-        logits = self.run.restart(pair + self.n, writes, 0)
+        logits = self.run.restart(pair, writes, 0)
         li_t, hi_t, pi_t = (torch.tensor([r[k] for r in rows]) for k in range(3))
         at = (pair.cpu(), li_t, hi_t, pi_t)
         self.out[at], self.lse[at] = read(logits, self.cand[pair])

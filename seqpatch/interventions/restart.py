@@ -190,7 +190,10 @@ class RestartableRun:
     (any object with ``forwards`` and ``token_layers``) counts the work: every forward, and the
     token-layers of restarts (the base run is the baseline, not restarted work).
 
-    ``logits`` ``[n, vocab]`` are the base run's next-token logits at the last position.
+    ``restartable`` (default all) are the base rows that restarts may use — ``restart``'s rows
+    index them; only their states are kept (the sweep runs sources and targets as one base
+    batch and restarts the targets). ``logits`` ``[n, vocab]`` are the base run's next-token
+    logits at the last position, every row.
     """
 
     def __init__(
@@ -205,9 +208,12 @@ class RestartableRun:
         floor_z: bool = False,
         floor: bool = True,
         counters: Any = None,
+        restartable: slice = slice(None),
     ) -> None:
-        self.handle, self.ids = handle, input_ids
+        self.handle, self.ids = handle, input_ids[restartable]
         self.n, self.length = input_ids.shape
+        self.base_rows = torch.arange(self.n, device=handle.device)[restartable]
+        self.restartable = restartable
         self.method = choose_method(handle, method)
         self.perturb, self.floor = perturb, floor
         self.counters = counters if counters is not None else _Counters()
@@ -220,7 +226,7 @@ class RestartableRun:
                     out = handle.hf_model(input_ids=input_ids, logits_to_keep=1)
                 self.logits = out.logits[:, -1]
             else:
-                self._base_run(hooks, set(floor_layers) if floor else set(), floor_z)
+                self._base_run(input_ids, hooks, set(floor_layers) if floor else set(), floor_z)
         self.counters.forwards += 1
 
     @staticmethod
@@ -230,14 +236,17 @@ class RestartableRun:
 
         return fn
 
-    def _perturbed(self, rows: torch.Tensor) -> contextlib.AbstractContextManager:
-        return self.perturb(rows) if self.perturb is not None else contextlib.nullcontext()
+    def _perturbed(self, base: torch.Tensor) -> contextlib.AbstractContextManager:
+        return self.perturb(base) if self.perturb is not None else contextlib.nullcontext()
 
-    def _base_run(self, hooks: dict, floor_layers: set[int], floor_z: bool) -> None:
-        """Residual stream per layer, keys/values, and the kept attention outputs."""
+    def _base_run(
+        self, input_ids: torch.Tensor, hooks: dict, floor_layers: set[int], floor_z: bool
+    ) -> None:
+        """Residual stream per layer, keys/values, and the kept attention outputs (of the
+        restartable rows only)."""
         handle = self.handle
         self.runner = LayerRunner(handle)
-        first = layer0_input(handle, self.ids)
+        first = layer0_input(handle, input_ids)
         resid = {0: first}
         hooks = dict(hooks)
         for i in range(handle.n_layers):
@@ -270,9 +279,19 @@ class RestartableRun:
         finally:
             for h in handles:
                 h.remove()
-        self.resid = [resid[i] for i in range(handle.n_layers + 1)]
-        self.kv = cache.recorded or {}
-        self.logits = handle.logits_from_resid(self.resid[-1][:, -1])
+        self.logits = handle.logits_from_resid(resid[handle.n_layers][:, -1])
+        keep = self._restartable
+        self.resid = [keep(resid[i]) for i in range(handle.n_layers + 1)]
+        self.kv = {j: (keep(k), keep(v)) for j, (k, v) in (cache.recorded or {}).items()}
+        self.attn = {j: keep(x) for j, x in self.attn.items()}
+        self.z = {j: keep(x) for j, x in self.z.items()}
+
+    def _restartable(self, x: torch.Tensor) -> torch.Tensor:
+        """The restartable rows of a base-run tensor (a copy when they are not all of them, so
+        that the others are freed)."""
+        if self.restartable == slice(None):
+            return x
+        return x[self.restartable].clone()
 
     def _o_proj(self, layer: int) -> torch.nn.Module:
         adapter = self.handle.adapter
@@ -294,7 +313,7 @@ class RestartableRun:
         rows' worth of positions.
         """
         if not writes:
-            return self.logits[rows]
+            return self.logits[self.base_rows[rows]]
         if start_pos is None:
             start_pos = min(int(w.pos.min()) for w in writes)
         if max_rows is None:
@@ -313,12 +332,12 @@ class RestartableRun:
         counters.forwards += 1
         if self.method == "full":
             frame = _Frame(0, self.length)
-            with self._perturbed(rows), hooked(handle, _hooks(writes, frame)):
+            with self._perturbed(self.base_rows[rows]), hooked(handle, _hooks(writes, frame)):
                 logits = handle.hf_model(input_ids=self.ids[rows], logits_to_keep=1).logits
             counters.token_layers += len(rows) * handle.n_layers * self.length
             return logits[:, -1]
         if not writes:
-            return self.logits[rows]
+            return self.logits[self.base_rows[rows]]
         entry = min(w.entry for w in writes)
         first = [w for w in writes if w.entry == entry]
         rest = [w for w in writes if w.entry != entry]
