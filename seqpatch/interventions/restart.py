@@ -361,7 +361,8 @@ class RestartableRun:
             if resid:
                 hidden = hidden.clone()
                 for w in resid:
-                    hidden[w.rows, w.pos - start_pos] = w.value.to(hidden.dtype)
+                    ok = w.pos >= start_pos
+                    hidden[w.rows[ok], w.pos[ok] - start_pos] = w.value[ok].to(hidden.dtype)
             rest += [w for w in first if w.site not in _RESID]
             begin = entry
         else:

@@ -459,9 +459,10 @@ class _Engine:
             for begin in range(0, len(rows), max(1, max_rows)):
                 self._restart(rows[begin : begin + max(1, max_rows)], out, max_rows)
             return
-        by_start: dict[int, list[_Cell]] = defaultdict(list)
+        # one kind per forward: a block of attention or MLP restorations restarts at the floor
+        by_start: dict[tuple[int, str], list[_Cell]] = defaultdict(list)
         for cell in cells:
-            by_start[cell.start_layer].append(cell)
+            by_start[(cell.start_layer, cell.kind)].append(cell)
         for _, group in sorted(by_start.items()):
             group.sort(key=lambda cell: cell.position)
             block: list[tuple[_Cell, int]] = []
