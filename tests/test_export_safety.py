@@ -134,7 +134,7 @@ def test_a_failed_export_leaves_nothing_half_written(
 
     export_snapshot(programs_snapshot(), tmp_path / "study")
     before = _tree(tmp_path / "study")
-    monkeypatch.setattr(hub, "build_card", broken)
+    monkeypatch.setattr(hub.files, "build_card", broken)
     with pytest.raises(HubError, match="boom"):
         export_snapshot(pairs_snapshot(), tmp_path / "fresh")
     with pytest.raises(HubError, match="boom"):
@@ -189,7 +189,7 @@ def test_push_renders_the_card_before_calling_the_hub(
     def broken(*args: object, **kwargs: object) -> None:
         raise hub.CardError("template broke")
 
-    monkeypatch.setattr(hub, "build_card", broken)
+    monkeypatch.setattr(hub.files, "build_card", broken)
     with pytest.raises(HubError, match="template broke"):
         push_snapshot(pairs_snapshot(), "alice/study", token=TOKEN)
     assert FakeHub.calls == []

@@ -19,7 +19,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCa
 from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
 from huggingface_hub.utils import httpx
 
-from seqpatch import hub
+from seqpatch import hub, redact
 from seqpatch.hub import HubError, StageSnapshot, export_snapshot, push_snapshot, resolve_parent
 
 TOKEN = "hf_seqpatchTESTtoken0123456789abcdef"
@@ -374,9 +374,9 @@ class FakeHub:
 def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     remote = tmp_path / "remote"
     FakeHub.instances, FakeHub.calls, FakeHub.fail_with, FakeHub.head = [], [], None, 0
-    monkeypatch.setattr(hub, "HfApi", lambda token=None: FakeHub(remote, token))
+    monkeypatch.setattr(hub.push, "HfApi", lambda token=None: FakeHub(remote, token))
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(hub, "get_token", lambda: None)
+    monkeypatch.setattr(redact, "saved_login", lambda: None)
     return remote
 
 
@@ -506,7 +506,7 @@ def test_resolve_parent_from_fake_hub_records_the_revision(
         calls.append((path, name, kwargs["revision"]))
         return load_dataset(str(fake_hub), name, split=kwargs["split"], cache_dir=str(tmp_path))
 
-    monkeypatch.setattr(hub, "load_dataset", fake_load)
+    monkeypatch.setattr(hub.importing, "load_dataset", fake_load)
     dataset, provenance = resolve_parent("alice/study", "pairs")
     head = f"{FakeHub.head:040x}"
     assert calls == [("alice/study", "pairs", head)]

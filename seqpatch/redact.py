@@ -1,0 +1,262 @@
+"""The Hugging Face token never appears: the one place that knows it and takes it out.
+
+A token can reach seqpatch inside any string a user gives it — a model folder's path, a data
+dir, a config value — and from there every place that shows or stores that string. Rather
+than guarding each place, everything seqpatch shows or writes passes one of these gates:
+
+- ``redacting_console()``: the CLI's stdout and stderr (results, progress, errors, tracebacks);
+- ``SeqpatchError.__str__`` calls ``redact_text``: every error message, in Python as in the CLI;
+- ``redact(value)``: JSON-like values (provenance, shard statistics) before they are written;
+- ``redact_rows(dataset)``: every string of a stage's rows before the store writes them;
+- ``redact_files(folder)``: the net under all of them — every file of a folder about to be
+  committed (charts and csv written by other libraries included).
+
+Each replaces the token by ``MARKER``. The token is ``HF_TOKEN``, ``HUGGING_FACE_HUB_TOKEN``
+or the saved ``hf auth login`` (what ``huggingface_hub`` itself would send). Values shorter
+than ``MIN_TOKEN_LENGTH`` are not treated as secrets: replacing every ``1`` of a study because
+``HF_TOKEN=1`` would destroy it, and no real token is that short.
+
+Versions are computed from the values as given, never from their redacted form, so a stage
+built with the token set is the same version (and is reused) when it is not set.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+MARKER = "[HF_TOKEN]"
+MIN_TOKEN_LENGTH = 8  # Hub tokens are ``hf_`` + 34 characters
+TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+TEXT_SUFFIXES = (".json", ".csv", ".html", ".svg", ".md", ".txt", ".yaml", ".yml", ".jsonl")
+
+
+def hub_token(token: str | None = None) -> str | None:
+    """``token``, else the environment's token, else the saved login; ``None`` without one."""
+    if token:
+        return token
+    for name in TOKEN_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    return saved_login()
+
+
+def saved_login() -> str | None:
+    """The token ``hf auth login`` saved, if any (imported late: the CLI's start stays fast)."""
+    from huggingface_hub import get_token
+
+    return get_token() or None
+
+
+def secret(token: str | None = None) -> str | None:
+    """The token to take out of what is shown or written (``None``: nothing to take out)."""
+    found = hub_token(token)
+    return found if found and len(found) >= MIN_TOKEN_LENGTH else None
+
+
+def redact_text(text: str, token: str | None = None) -> str:
+    """``text`` with every occurrence of the token replaced by ``MARKER``."""
+    found = token if token is not None else secret()
+    return text.replace(found, MARKER) if found and found in text else text
+
+
+def redact(value: Any, token: str | None = None) -> Any:
+    """A copy of a JSON-like value (dicts, lists, tuples, strings) with the token taken out of
+    every string, keys included; other values are returned as they are."""
+    found = token if token is not None else secret()
+    if not found:
+        return value
+    if isinstance(value, str):
+        return value.replace(found, MARKER)
+    if isinstance(value, Mapping):
+        return {redact(k, found): redact(v, found) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v, found) for v in value)
+    return value
+
+
+def contains(value: Any, token: str) -> bool:
+    """Whether ``token`` occurs in any string of a JSON-like value (keys included)."""
+    if isinstance(value, str):
+        return token in value
+    if isinstance(value, Mapping):
+        return any(contains(k, token) or contains(v, token) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(contains(v, token) for v in value)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+def _holds_strings(kind: Any) -> bool:
+    """Whether an Arrow type has strings anywhere inside (checked on the type, not the data)."""
+    import pyarrow as pa
+
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return True
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _holds_strings(kind.value_type)
+    if pa.types.is_struct(kind):
+        return any(_holds_strings(kind.field(i).type) for i in range(kind.num_fields))
+    return False
+
+
+def array_contains(array: Any, needle: str) -> bool:
+    """Whether any string inside an Arrow array (lists and structs included) contains
+    ``needle``; arrays without strings are not read."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    if not _holds_strings(kind):
+        return False
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return bool(pc.any(pc.match_substring(array, needle)).as_py())
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return array_contains(pc.list_flatten(array), needle)
+    if pa.types.is_struct(kind):
+        return any(
+            array_contains(pc.struct_field(array, [i]), needle) for i in range(kind.num_fields)
+        )
+    return False
+
+
+def leaking_columns(dataset: Dataset, token: str) -> list[str]:
+    """The columns of ``dataset`` whose name or strings contain ``token``."""
+    table = dataset.with_format(None).data.table
+    return [
+        name
+        for name, column in zip(table.column_names, table.columns, strict=True)
+        if token in name or array_contains(column, token)
+    ]
+
+
+def redact_rows(dataset: Dataset, token: str | None = None) -> Dataset:
+    """``dataset`` with the token taken out of every string of every row (the same object when
+    no row holds it; only the columns that hold it are rewritten, in memory)."""
+    found = token if token is not None else secret()
+    if not found:
+        return dataset
+    leaking = leaking_columns(dataset, found)
+    if not leaking:
+        return dataset
+    renamed = {name: redact_text(name, found) for name in leaking if found in name}
+    if renamed:
+        dataset = dataset.rename_columns(renamed)
+        leaking = [renamed.get(name, name) for name in leaking]
+    return dataset.map(
+        lambda batch: {name: redact(batch[name], found) for name in leaking},
+        batched=True,
+        keep_in_memory=True,
+        features=dataset.features,
+        load_from_cache_file=False,
+        desc=None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def file_contains(path: Path, needle: bytes) -> bool:
+    if path.stat().st_size < len(needle):
+        return False
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        return mm.find(needle) >= 0
+
+
+def files_containing(folder: Path, token: str) -> list[Path]:
+    """The regular files under ``folder`` (symlinks not followed) whose bytes hold ``token``."""
+    needle = token.encode()
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not p.is_symlink() and file_contains(p, needle)
+    )
+
+
+def redact_files(folder: Path, token: str | None = None) -> list[Path]:
+    """Take the token out of every file under ``folder``; return the files changed.
+
+    Text files get ``MARKER``; in any other file the token's bytes are overwritten in place by
+    as many ``*`` (a binary format such as Arrow keeps its offsets valid). Call it before the
+    files' hashes are recorded.
+    """
+    found = token if token is not None else secret()
+    if not found:
+        return []
+    changed = files_containing(folder, found)
+    for path in changed:
+        data = path.read_bytes()
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            data = data.replace(found.encode(), MARKER.encode())
+        else:
+            data = data.replace(found.encode(), b"*" * len(found.encode()))
+        path.write_bytes(data)
+    return changed
+
+
+# ---------------------------------------------------------------------------------------------
+# The terminal
+
+
+class RedactingStream(io.TextIOBase):
+    """A text stream that writes to ``stream`` with the token taken out of every write."""
+
+    def __init__(self, stream: TextIO, token: str) -> None:
+        super().__init__()
+        self._stream = stream
+        self._token = token
+
+    def write(self, text: str) -> int:
+        self._stream.write(text.replace(self._token, MARKER))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return getattr(self._stream, "errors", None)
+
+
+@contextmanager
+def redacting_console() -> Iterator[None]:
+    """While inside, ``sys.stdout`` and ``sys.stderr`` never show the token."""
+    found = secret()
+    if not found or isinstance(sys.stdout, RedactingStream):
+        yield
+        return
+    saved = sys.stdout, sys.stderr
+    sys.stdout = RedactingStream(saved[0], found)  # type: ignore[assignment]
+    sys.stderr = RedactingStream(saved[1], found)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved
