@@ -864,7 +864,9 @@ def save_chart(
     scale_factor: float = 2,
 ) -> list[Path]:
     """Save ``chart`` as ``out_dir/name.<fmt>``; HTML is self-contained (works offline), PNG is
-    rendered at ``scale_factor`` × its CSS size."""
+    rendered at ``scale_factor`` × its CSS size. No file keeps the Hugging Face token."""
+    from seqpatch.redact import redact_file
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -879,6 +881,7 @@ def save_chart(
             chart.save(path, scale_factor=scale_factor)
         else:
             chart.save(path)
+        redact_file(path)  # a title or label may carry a path that held the token
         written.append(path)
     return written
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.redact import redact, restore
 
 if TYPE_CHECKING:
     import polars as pl
@@ -125,7 +126,7 @@ def write_chosen(
     }
     path = folder / CHOSEN_FILE
     tmp = folder / f".{CHOSEN_FILE}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(redact(payload), indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
 
@@ -156,7 +157,7 @@ def read_chosen(data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any
             "--min-accuracy 0.8 --min-seq-len 6` after `seqpatch build benchmark`"
         )
     try:
-        chosen = json.loads(path.read_text())
+        chosen = restore(json.loads(path.read_text()))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ChooseError(f"{path} is not valid JSON ({err}); rerun `seqpatch choose`") from err
     missing = [key for key in CHOSEN_KEYS if not isinstance(chosen, dict) or key not in chosen]

@@ -6,8 +6,10 @@ than guarding each place, everything seqpatch shows or writes passes one of thes
 
 - ``redacting_console()``: the CLI's stdout and stderr (results, progress, errors, tracebacks);
 - ``SeqpatchError.__str__`` calls ``redact_text``: every error message, in Python as in the CLI;
-- ``redact(value)``: JSON-like values (provenance, shard statistics) before they are written;
-- ``redact_rows(dataset)``: every string of a stage's rows before the store writes them;
+- ``redact(value)``: JSON-like values (provenance, shard statistics, the chosen model) before
+  they are written, and ``restore(value)`` when they are read back;
+- ``redact_rows(dataset)``: every string of a stage's rows before the store writes them (and
+  ``restore_rows`` when it loads them);
 - ``redact_files(folder)``: the net under all of them — every file of a folder about to be
   committed (charts and csv written by other libraries included).
 
@@ -16,8 +18,10 @@ or the saved ``hf auth login`` (what ``huggingface_hub`` itself would send). Val
 than ``MIN_TOKEN_LENGTH`` are not treated as secrets: replacing every ``1`` of a study because
 ``HF_TOKEN=1`` would destroy it, and no real token is that short.
 
-Versions are computed from the values as given, never from their redacted form, so a stage
-built with the token set is the same version (and is reused) when it is not set.
+In memory values stay as given; only what is shown or written is redacted, and what is read
+back is restored. So versions are computed from the values as given, never from their redacted
+form: a stage built with the token set is the same version (and is reused) when it is not set,
+and its children, which read the model from its provenance, find the same folder.
 """
 
 from __future__ import annotations
@@ -84,6 +88,22 @@ def redact(value: Any, token: str | None = None) -> Any:
     return value
 
 
+def restore(value: Any, token: str | None = None) -> Any:
+    """The inverse of ``redact`` for values read back (a stored model path, a chosen model):
+    ``MARKER`` becomes the token again when one is set, so what was built with the token set
+    is found and reused; without a token the marker stays (and such a path does not exist)."""
+    found = token if token is not None else secret()
+    if not found:
+        return value
+    if isinstance(value, str):
+        return value.replace(MARKER, found)
+    if isinstance(value, Mapping):
+        return {restore(k, found): restore(v, found) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(restore(v, found) for v in value)
+    return value
+
+
 def contains(value: Any, token: str) -> bool:
     """Whether ``token`` occurs in any string of a JSON-like value (keys included)."""
     if isinstance(value, str):
@@ -133,7 +153,7 @@ def array_contains(array: Any, needle: str) -> bool:
 
 
 def leaking_columns(dataset: Dataset, token: str) -> list[str]:
-    """The columns of ``dataset`` whose name or strings contain ``token``."""
+    """The columns of ``dataset`` whose name or strings contain ``token`` (any string)."""
     table = dataset.with_format(None).data.table
     return [
         name
@@ -146,23 +166,59 @@ def redact_rows(dataset: Dataset, token: str | None = None) -> Dataset:
     """``dataset`` with the token taken out of every string of every row (the same object when
     no row holds it; only the columns that hold it are rewritten, in memory)."""
     found = token if token is not None else secret()
-    if not found:
+    return _replace_in_rows(dataset, found, MARKER) if found else dataset
+
+
+def restore_rows(dataset: Dataset, token: str | None = None) -> Dataset:
+    """``dataset`` read back with ``MARKER`` replaced by the token (see ``restore``)."""
+    found = token if token is not None else secret()
+    return _replace_in_rows(dataset, MARKER, found) if found else dataset
+
+
+def _replace_in_rows(dataset: Dataset, old: str, new: str) -> Dataset:
+    """Replace ``old`` by ``new`` in the columns that hold it (rebuilt with Arrow, in memory:
+    no ``map``, so no cache file, progress bar or fingerprint warning)."""
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    if not leaking_columns(dataset, old):
         return dataset
-    leaking = leaking_columns(dataset, found)
-    if not leaking:
-        return dataset
-    renamed = {name: redact_text(name, found) for name in leaking if found in name}
-    if renamed:
-        dataset = dataset.rename_columns(renamed)
-        leaking = [renamed.get(name, name) for name in leaking]
-    return dataset.map(
-        lambda batch: {name: redact(batch[name], found) for name in leaking},
-        batched=True,
-        keep_in_memory=True,
-        features=dataset.features,
-        load_from_cache_file=False,
-        desc=None,
+    if dataset._indices is not None:
+        dataset = dataset.flatten_indices(keep_in_memory=True)
+    table = dataset.data.table
+    for index, name in enumerate(table.column_names):
+        column = table.column(index)
+        if old in name or array_contains(column, old):
+            values = _replace(column.to_pylist(), old, new)
+            table = table.set_column(
+                index, name.replace(old, new), pa.array(values, type=column.type)
+            )
+    info = dataset.info.copy()
+    if info.features is not None:
+        info.features = type(info.features)(
+            {k.replace(old, new): v for k, v in info.features.items()}
+        )
+    replaced = Dataset(InMemoryTable(table), info=info, split=dataset.split)
+    fmt = dataset.format
+    columns = fmt["columns"]
+    replaced.set_format(
+        type=fmt["type"],
+        columns=None if columns is None else [c.replace(old, new) for c in columns],
+        output_all_columns=fmt["output_all_columns"],
+        **fmt["format_kwargs"],
     )
+    return replaced
+
+
+def _replace(value: Any, old: str, new: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, Mapping):
+        return {k: _replace(v, old, new) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_replace(v, old, new) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +242,20 @@ def files_containing(folder: Path, token: str) -> list[Path]:
     )
 
 
+def redact_file(path: Path, token: str | None = None) -> bool:
+    """Take the token out of one written file (see ``redact_files``); whether it held it."""
+    found = token if token is not None else secret()
+    if not found or not path.is_file() or not file_contains(path, found.encode()):
+        return False
+    data = path.read_bytes()
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        data = data.replace(found.encode(), MARKER.encode())
+    else:
+        data = data.replace(found.encode(), b"*" * len(found.encode()))
+    path.write_bytes(data)
+    return True
+
+
 def redact_files(folder: Path, token: str | None = None) -> list[Path]:
     """Take the token out of every file under ``folder``; return the files changed.
 
@@ -198,12 +268,7 @@ def redact_files(folder: Path, token: str | None = None) -> list[Path]:
         return []
     changed = files_containing(folder, found)
     for path in changed:
-        data = path.read_bytes()
-        if path.suffix.lower() in TEXT_SUFFIXES:
-            data = data.replace(found.encode(), MARKER.encode())
-        else:
-            data = data.replace(found.encode(), b"*" * len(found.encode()))
-        path.write_bytes(data)
+        redact_file(path, found)
     return changed
 
 

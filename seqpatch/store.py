@@ -20,6 +20,10 @@ version checks that the files exist with their sizes (cheap); loading it checks 
 ``Store.verify`` checks the hashes. A damaged version is never reused: the error names it and the
 command that clears it.
 
+Secrets: nothing written holds the Hugging Face token (rows, artifacts and provenance pass
+``seqpatch.redact`` before their hashes are taken); provenance read back is restored, so a
+child finds the model folder its parent was built from, and versions never depend on the token.
+
 Concurrency: a build holds ``.<version>.lock`` (``filelock``) while it commits, and a sharded build
 holds one lock per shard while computing it, so identical builds started together share the
 shards (none is computed twice) and the second to finish reuses the first's commit.
@@ -48,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.redact import redact, redact_files, redact_rows, restore, restore_rows
 from seqpatch.stages.base import Artifact, Built
 
 if TYPE_CHECKING:
@@ -404,7 +409,7 @@ class Store:
         logger.info("%s/%s: building shard %d/%d", stage, version, index, n_shards)
         built = _unpack(build_shard_fn(index))
         with self._staging(work, f".{_shard_name(index)}{TMP_MARK}") as tmp:
-            built.rows.save_to_disk(str(tmp))
+            redact_rows(built.rows).save_to_disk(str(tmp))
             _write_json(tmp / SHARD_EXTRA, dict(built.stats))
             _rename_or_discard(tmp, shard_dir)
 
@@ -471,7 +476,7 @@ class Store:
         )
         if problem:
             raise self._damaged(stage, version, problem)
-        return StageRef(stage, version, path, provenance)
+        return StageRef(stage, version, path, restore(provenance))
 
     def _damaged(self, stage: str, version: str, problem: str) -> DamagedVersionError:
         return DamagedVersionError(
@@ -578,7 +583,7 @@ class Store:
                 ref.version,
                 f"{rows.num_rows} rows where its provenance records {ref.provenance.get('row_count')}",
             )
-        return rows
+        return restore_rows(rows)
 
     # -- checking and cleaning --------------------------------------------------------------
 
@@ -714,10 +719,11 @@ class Store:
     ) -> StageRef:
         target = self.stage_dir(stage) / version
         with self._staging(self.stage_dir(stage), f".{version}{TMP_MARK}") as tmp:
-            dataset.save_to_disk(str(tmp))
+            redact_rows(dataset).save_to_disk(str(tmp))
             for name, artifact in (artifacts or {}).items():
                 _write_artifact(tmp, name, artifact)
-            provenance = {**provenance, "files": _file_records(tmp)}
+            redact_files(tmp)  # the token never stays in a file, whoever wrote it
+            provenance = redact({**provenance, "files": _file_records(tmp)})
             provenance["checksum"] = _provenance_checksum(provenance)
             _write_json(tmp / PROVENANCE_FILE, provenance)
             _rename_or_discard(tmp, target)
@@ -883,7 +889,7 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide provenance from collaborators
         with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+            handle.write(json.dumps(redact(payload), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -39,12 +39,19 @@ class SeqpatchGroup(TyperGroup):
     User errors are a ``SeqpatchError`` from any command (library code included) and click's
     usage errors (a missing option, a value out of range). Ctrl-C ends with exit code 130 and
     one line: every stage resumes where it stopped. Anything else is a bug and keeps its
-    traceback. Help texts are reflowed here, once for every command (``reflow``).
+    traceback. Help texts are reflowed here, once for every command (``reflow``). Nothing
+    printed while a command runs shows the Hugging Face token (``seqpatch.redact``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _reflow_help(self)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        from seqpatch.redact import redacting_console
+
+        with redacting_console():  # the token never reaches the terminal, whoever prints
+            return super().main(*args, **kwargs)
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
         with _user_errors():

@@ -409,15 +409,20 @@ def load_summary(ref: StageRef) -> pl.DataFrame:
     """The summary of a stored benchmark version (computed from its rows)."""
     from datasets import Dataset
 
-    return summarize(Dataset.load_from_disk(str(ref.path)))
+    from seqpatch.redact import restore_rows
+
+    return summarize(restore_rows(Dataset.load_from_disk(str(ref.path))))
 
 
 def write_summary(ref: StageRef, out_dir: Path) -> Path:
     """Write ``results_summary.csv`` of a stored version into ``out_dir``; returns its path."""
+    from seqpatch.redact import redact_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / SUMMARY_CSV
     load_summary(ref).write_csv(path)
+    redact_file(path)
     return path
 
 
