@@ -9,6 +9,7 @@ the stage was built from.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -336,3 +337,107 @@ def test_a_garbage_heatmap_is_not_exported(data_dir: Path, tmp_path: Path) -> No
     with pytest.raises(HubError, match="does not match the SHA-256"):
         export_stage("patching", tmp_path / "study", data_dir=data_dir)
     assert not (tmp_path / "study").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Imports stay inside their folder, and their rows are what their config says (issue 27 item 4)
+
+
+def _front_matter_path(folder: Path, new: str) -> None:
+    readme = folder / "README.md"
+    text = readme.read_text()
+    assert "path: programs/train-*.parquet" in text
+    readme.write_text(text.replace("path: programs/train-*.parquet", f"path: {new}"))
+
+
+def _hostile(folder: Path, how: str, outside: Path) -> None:
+    stage_dir = folder / "programs"
+    (shard,) = stage_dir.glob("train-*.parquet")
+    path = stage_dir / "seqpatch.json"
+    provenance = json.loads(path.read_text())
+    outside.mkdir(exist_ok=True)
+    shutil.copy(shard, outside / shard.name)
+    if how == "data_files ../outside":
+        _front_matter_path(folder, f"../{outside.name}/train-*.parquet")
+    elif how == "data_files programs/../../outside":
+        _front_matter_path(folder, f"programs/../../{outside.name}/train-*.parquet")
+    elif how == "data_files absolute":
+        _front_matter_path(folder, f"{outside}/train-*.parquet")
+    elif how == "data file symlinked outside":
+        shard.unlink()
+        shard.symlink_to(outside / shard.name)
+    elif how == "parquet symlinked to a system file":
+        shard.unlink()
+        shard.symlink_to("/etc/passwd")
+    elif how == "stage folder symlinked outside":
+        shutil.copy(path, outside / "seqpatch.json")
+        shutil.rmtree(stage_dir)
+        stage_dir.symlink_to(outside, target_is_directory=True)
+    elif how == "parent ../../../x":
+        parents = [{"stage": "programs", "version": "../../../x", "fingerprint": None}]
+        path.write_text(json.dumps({**provenance, "parents": parents}))
+    elif how == "nested brackets":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif how == "another stage's parquet":
+        rows = {"pair_id": [f"p{i}" for i in range(provenance["row_count"])]}
+        Dataset.from_dict(rows).to_parquet(shard)
+    elif how == "not parquet":
+        shard.write_bytes(b"PAR1 this is not a parquet file PAR1")
+    elif how == "n_per_len 7, 5 rows per length":
+        path.write_text(
+            json.dumps({**provenance, "config": {**provenance["config"], "n_per_len": 7}})
+        )
+    elif how == "family arithmetic, binding rows":
+        config = {**provenance["config"], "family": "arithmetic"}
+        path.write_text(json.dumps({**provenance, "config": config}))
+    elif how == "seed 7, rows of another seed":
+        path.write_text(json.dumps({**provenance, "config": {**provenance["config"], "seed": 7}}))
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("data_files ../outside", "outside the stage's folder"),
+        ("data_files programs/../../outside", "outside the stage's folder"),
+        ("data_files absolute", "outside the stage's folder"),
+        ("data file symlinked outside", "leads outside"),
+        ("parquet symlinked to a system file", "leads outside"),
+        ("stage folder symlinked outside", "leads outside"),
+        ("parent ../../../x", "version '../../../x', not a name"),
+        ("nested brackets", "nested too deeply"),
+        ("another stage's parquet", "do not load as one dataset \\(Couldn't cast"),
+        ("not parquet", "do not load as one dataset"),
+        ("n_per_len 7, 5 rows per length", "rows per length"),
+        ("family arithmetic, binding rows", "config family 'arithmetic', rows of \\['binding'\\]"),
+        ("seed 7, rows of another seed", "is not the one config"),
+    ],
+)
+def test_a_hostile_import_is_one_line_and_registers_nothing(
+    data_dir: Path, tmp_path: Path, how: str, message: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from seqpatch.cli import app
+    from tests.cli_output import error_line
+
+    folder = tmp_path / "study"
+    export_stage("programs", folder, data_dir=data_dir)
+    _hostile(folder, how, tmp_path / "outside")
+    with pytest.raises(HubError, match=message) as info:
+        hub.import_stage(folder, "programs", tmp_path / "other", cache_dir=tmp_path / "c")
+    assert len(str(info.value).splitlines()) == 1
+    result = CliRunner().invoke(
+        app, ["import", "programs", "--from", str(folder), "--data-dir", str(tmp_path / "other")]
+    )
+    assert result.exit_code == 2, result.output
+    assert message.replace("\\", "") in error_line(result.stderr) or how == "nested brackets"
+    assert not Store(tmp_path / "other").versions("programs")
+
+
+def test_an_untouched_export_still_imports(data_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "study"
+    exported = export_stage("programs", folder, data_dir=data_dir)
+    ref = hub.import_stage(folder, "programs", tmp_path / "other", cache_dir=tmp_path / "c")
+    assert ref.version == exported.versions["programs"]

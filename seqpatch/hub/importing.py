@@ -2,7 +2,9 @@
 
 Import (``import_stage``) checks a published stage before registering it: its ``seqpatch.json``
 is an object with the store's keys, its schema version is an integer this seqpatch knows, its
-config is valid for the stage, its parquet files exist and hold the recorded number of rows.
+config is valid for the stage, its parquet files exist and hold the recorded number of rows;
+nothing it reads lies outside the published folder, and the rows agree with the config
+(``seqpatch.hub.checks``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from seqpatch.cards import SPLIT
 from seqpatch.errors import SeqpatchError
+from seqpatch.hub.checks import check_data_files, check_inside, check_parent_names, check_rows
 from seqpatch.hub.files import (
     _SHARD_FILE,
     PROVENANCE_FILE,
@@ -78,6 +81,8 @@ def check_published_provenance(text: str, where: str, stage: str) -> dict[str, A
         provenance = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise HubError(f"{where} is not valid JSON ({err.msg}); {fix}") from None
+    except RecursionError:
+        raise HubError(f"{where} is nested too deeply to be provenance; {fix}") from None
     if not isinstance(provenance, dict):
         raise HubError(f"{where} must be a JSON object, found {type(provenance).__name__}; {fix}")
     absent = [key for key in REQUIRED_PROVENANCE if key not in provenance]
@@ -97,6 +102,7 @@ def check_published_provenance(text: str, where: str, stage: str) -> dict[str, A
     records = [*records, *([parent] if parent is not None else [])]
     if any(not isinstance(r, dict) or not isinstance(r.get("stage"), str) for r in records):
         raise HubError(f"{where}: parents must be a list of {{stage, version}} objects; {fix}")
+    check_parent_names(provenance, where)
     return provenance
 
 
@@ -112,7 +118,21 @@ def _load_config(path: str, stage: str, **kwargs: Any) -> Dataset:
     except ValueError as err:
         if "config" in str(err).lower():
             raise HubError(f"{path} has no stage {stage!r}: {str(err).splitlines()[0]}") from err
+        raise _unreadable(path, stage, err) from err
+    except HubError:
         raise
+    except Exception as err:  # pyarrow and datasets raise many types for a file that is not parquet
+        raise _unreadable(path, stage, err) from err
+
+
+def _unreadable(path: str, stage: str, err: BaseException) -> HubError:
+    while err.__cause__ is not None or err.__context__ is not None:  # the root cause says most
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return HubError(
+        f"{path}: the parquet files of stage {stage!r} do not load as one dataset ({detail}); "
+        "re-export or re-push the stage with seqpatch"
+    )
 
 
 def _from_folder(
@@ -124,6 +144,13 @@ def _from_folder(
             f"{folder} holds no exported stage {stage!r} (expected {README} and "
             f"{stage}/{PROVENANCE_FILE}); export it with `seqpatch export {stage} --to {folder}`"
         )
+    check_inside(folder, [folder / README, folder / stage, *(folder / stage).iterdir()])
+    patterns = check_data_files(
+        (folder / README).read_bytes().decode("utf-8", errors="replace"),
+        str(folder / README),
+        stage,
+    )
+    check_inside(folder, [p for pattern in patterns for p in folder.glob(pattern)])
     provenance = check_published_provenance(
         provenance_path.read_bytes().decode("utf-8", errors="replace"), str(provenance_path), stage
     )
@@ -131,7 +158,10 @@ def _from_folder(
         raise HubError(
             f"{folder / stage} holds no {SPLIT}-*.parquet files; re-export the stage there"
         )
-    dataset = _load_config(str(folder), stage, cache_dir=cache_dir)
+    # never a cached copy: a folder's files may have changed since, at the same paths
+    dataset = _load_config(
+        str(folder), stage, cache_dir=cache_dir, download_mode="force_redownload"
+    )
     origin = {"kind": "folder", "source": str(folder.resolve()), "stage": stage}
     return dataset, provenance, origin
 
@@ -160,6 +190,13 @@ def _from_hub(
             Path(path).read_bytes().decode("utf-8", errors="replace"),
             f"{repo_id}: {stage}/{PROVENANCE_FILE}",
             stage,
+        )
+        try:
+            card = api.hf_hub_download(repo_id, README, repo_type="dataset", revision=sha)
+        except EntryNotFoundError as err:
+            raise HubError(f"{repo_id} has no {README}: it was not published by seqpatch") from err
+        check_data_files(
+            Path(card).read_bytes().decode("utf-8", errors="replace"), f"{repo_id}: {README}", stage
         )
         dataset = _load_config(repo_id, stage, revision=sha, token=token, cache_dir=cache_dir)
     origin = {"kind": "hub", "source": repo_id, "stage": stage, "revision": sha}
@@ -232,6 +269,7 @@ def import_stage(
         source, stage, revision=revision, token=token, cache_dir=cache_dir
     )
     check_stage_provenance(provenance, stage, f"{source} stage {stage}")
+    check_rows(dataset, provenance, stage, f"{source} stage {stage}")
     imported_from = {
         **provenance.pop("published_source"),
         "version": provenance.get("version"),
