@@ -318,3 +318,75 @@ def test_run_help_wraps_sentences_at_the_terminal_not_the_source(
     result = invoke("run", "--help")
     assert result.exit_code == 0
     assert "Every step reuses a stored version with the same config, so a rerun" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# `organism train --out` writes only into a folder of its own (issue 27 item 5)
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("training started")
+
+    monkeypatch.setattr("seqpatch.organism.train._fit", refuse)
+
+
+def test_organism_train_refuses_a_folder_it_did_not_write(
+    tmp_path: Path, no_training: None
+) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes\n")
+    line = user_error("organism", "train", "--out", out, "--steps", "1")
+    assert "not written by `seqpatch organism train`" in line and "--force" in line
+    assert (out / "README.md").read_text() == "my notes\n"
+    assert snapshot(out) == ["README.md"]
+    line = user_error("organism", "train", "--out", out, "--steps", "1", "--force")
+    assert f"{out / 'README.md'} was not written by seqpatch" in line  # --force replaces nothing
+    assert snapshot(out) == ["README.md"]
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_organism_train_refuses_a_file_path_before_training(
+    a_file: Path, no_training: None, below: str
+) -> None:
+    line = user_error("organism", "train", "--out", a_file / below if below else a_file)
+    assert f"{a_file} is a file, not a folder" in line
+    assert a_file.read_text() == "keep me\n"
+
+
+def test_organism_output_adds_beside_foreign_files_and_replaces_only_its_own(
+    tmp_path: Path,
+) -> None:
+    from seqpatch.organism.output import OrganismOutError, save
+
+    def write(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"weights")
+        (folder / "training.json").write_text('{"config": {}, "accuracy_by_length": {}}')
+        (folder / "README.md").write_text("card\n")
+
+    fresh = tmp_path / "fresh"
+    save(fresh, write)
+    assert snapshot(fresh) == ["README.md", "model.safetensors", "training.json"]
+    (fresh / "README.md").write_text("old card\n")
+    save(fresh, write)  # an organism folder: its own files are replaced
+    assert (fresh / "README.md").read_text() == "card\n"
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "notes.txt").write_text("mine\n")
+    with pytest.raises(OrganismOutError, match="not empty"):
+        save(shared, write)
+    save(shared, write, force=True)
+    assert snapshot(shared) == ["README.md", "model.safetensors", "notes.txt", "training.json"]
+    assert (shared / "notes.txt").read_text() == "mine\n"
+
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    (clash / "model.safetensors").write_bytes(b"someone else's")
+    with pytest.raises(OrganismOutError, match="would replace it"):
+        save(clash, write, force=True)
+    assert snapshot(clash) == ["model.safetensors"]
+    assert (clash / "model.safetensors").read_bytes() == b"someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clash", "fresh", "shared"]

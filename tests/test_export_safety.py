@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -441,3 +442,81 @@ def test_an_untouched_export_still_imports(data_dir: Path, tmp_path: Path) -> No
     exported = export_stage("programs", folder, data_dir=data_dir)
     ref = hub.import_stage(folder, "programs", tmp_path / "other", cache_dir=tmp_path / "c")
     assert ref.version == exported.versions["programs"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Export never replaces a link, and a folder it cannot use is one line (issue 27 items 5-6)
+
+
+def _cli(*args: object):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from seqpatch.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("link", ["programs", "README.md", "programs/seqpatch.json"])
+def test_export_force_never_replaces_a_symlink(data_dir: Path, tmp_path: Path, link: str) -> None:
+    from tests.cli_output import error_line
+
+    study, elsewhere = tmp_path / "study", tmp_path / "elsewhere"
+    export_stage("programs", study, data_dir=data_dir)  # a seqpatch export: its files are ours
+    elsewhere.mkdir()
+    target = elsewhere / Path(link).name
+    os_path = study / link
+    shutil.move(os_path, target)
+    if target.is_dir():
+        (target / "mine.txt").write_text("the user's\n")
+    os_path.symlink_to(target)
+    before, outside = _tree(study), _tree(elsewhere)
+    result = _cli("export", "programs", "--to", study, "--force", "--data-dir", data_dir)
+    assert result.exit_code == 2, result.output
+    assert "is a symlink" in error_line(result.stderr)
+    assert os_path.is_symlink() and os_path.resolve() == target.resolve()
+    assert _tree(study) == before and _tree(elsewhere) == outside
+    assert sorted(p.name for p in study.iterdir() if p.name.startswith(".")) == []
+
+
+def test_export_into_an_unreadable_subfolder_is_one_line_naming_it(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.cli_output import error_line
+
+    study = tmp_path / "study"
+    (study / "private").mkdir(parents=True)
+    (study / "notes.txt").write_text("mine\n")
+    real_iterdir = Path.iterdir
+
+    def iterdir(self: Path):  # type: ignore[no-untyped-def]
+        if self.name == "private":  # what a folder of mode 000 does to a non-root user
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    result = _cli("export", "programs", "--to", study, "--force", "--data-dir", data_dir)
+    assert result.exit_code == 2, result.output
+    line = error_line(result.stderr)
+    assert str(study / "private") in line and "Permission denied" in line
+
+
+def test_export_to_an_unwritable_folder_is_one_line_naming_it(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.cli_output import error_line
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args: object, dir: object = None, **kwargs: object) -> str:
+        if dir is not None and Path(str(dir)) == locked:  # a folder of mode 555
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_mkdtemp(*args, dir=dir, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    result = _cli("export", "programs", "--to", locked / "study", "--data-dir", data_dir)
+    assert result.exit_code == 2, result.output
+    line = error_line(result.stderr)
+    assert str(locked) in line and "Permission denied" in line
+    assert list(locked.iterdir()) == []

@@ -122,6 +122,25 @@ def export_snapshots(
     anything inside it are refused. All files are staged first and scanned for the token.
     """
     folder = Path(folder)
+    try:
+        return _export(snapshots, folder, repo_id, max_shard_size, force, token, data_dir)
+    except OSError as err:  # a folder that cannot be read or written: one line naming it
+        where = err.filename or folder
+        raise HubError(
+            f"--to {folder}: cannot use {where} ({err.strerror or err}); choose a folder you can "
+            "read and write (nothing was exported)"
+        ) from None
+
+
+def _export(
+    snapshots: Sequence[StageSnapshot],
+    folder: Path,
+    repo_id: str | None,
+    max_shard_size: str | int,
+    force: bool,
+    token: str | None,
+    data_dir: str | Path | None,
+) -> Exported:
     stages = [s.stage for s in snapshots]
     _check_destination(folder, stages, None if data_dir is None else Path(data_dir))
     visible = sorted(p.name for p in folder.iterdir() if _is_visible(p)) if folder.is_dir() else []
@@ -129,12 +148,14 @@ def export_snapshots(
     existing = readme_path.read_text(errors="replace") if readme_path.is_file() else None
     card_files = lineage_of_card(existing)  # None: not a seqpatch card
     if visible and card_files is None and not force:
+        shown = ", ".join(visible[:3]) + (", …" if len(visible) > 3 else "")
         raise HubError(
-            f"--to {folder} is not empty ({', '.join(visible[:3])}"
-            f"{', …' if len(visible) > 3 else ''}) and is not a seqpatch export; choose an empty folder, or pass --force to add the "
-            "export beside those files (none of them is deleted)"
+            f"--to {folder} is not empty ({shown}) and is not a seqpatch export; choose an empty "
+            "folder, or pass --force to add the export beside those files (none of them is "
+            "deleted)"
         )
     plans = {stage: _stage_plan(folder, stage, card_files) for stage in stages}
+    _refuse_links(folder, stages, plans, card_files)
     token = token_for_scan(token)
     repo = repo_id or "USER/NAME"
     merge_from = existing
@@ -144,13 +165,35 @@ def export_snapshots(
         except CardError:
             merge_from = None  # a foreign README whose YAML does not parse: kept aside, not merged
     try:
-        if not folder.exists() or not any(folder.iterdir()):
+        if not folder.is_symlink() and (not folder.exists() or not any(folder.iterdir())):
             return _export_fresh(snapshots, folder, repo, max_shard_size, token)
         return _export_update(
             snapshots, folder, repo, max_shard_size, token, merge_from, card_files, plans
         )
     except CardError as err:
         raise HubError(f"cannot write the card in {folder}: {err}") from err
+
+
+def _refuse_links(
+    folder: Path,
+    stages: Sequence[str],
+    foreign: Mapping[str, list[Path]],
+    card_files: Mapping[str, list[str]] | None,
+) -> None:
+    """Refuse to replace a symlink (a stage folder, the card, a file of ours): swapping it would
+    move or hide files that live elsewhere. Checked before anything is staged."""
+    replaced = [folder / README, *(folder / stage for stage in stages)]
+    for stage in stages:
+        stage_dir = folder / stage
+        if stage_dir.is_dir() and not stage_dir.is_symlink():
+            kept = {p.name for p in foreign[stage]}
+            replaced += [p for p in stage_dir.iterdir() if p.name not in kept]
+    for path in replaced:
+        if path.is_symlink():
+            raise HubError(
+                f"{path} is a symlink (to {os.readlink(path)}); export never replaces a link. "
+                "Remove the link or export to another folder (nothing was exported)"
+            )
 
 
 def _stage_plan(folder: Path, stage: str, card_files: Mapping[str, list[str]] | None) -> list[Path]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.organism.output import MODEL_CARD, TRAINING_JSON, check_out, save
 from seqpatch.programs import (
     BindingFamily,
     Family,
@@ -45,8 +46,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-TRAINING_JSON = "training.json"
-MODEL_CARD = "README.md"
 SUPPORTED_FAMILIES = ("binding", "modular")
 
 
@@ -450,13 +449,15 @@ def _fit(
 
 
 def train_organism(
-    cfg: OrganismTrainConfig, out_dir: str | Path, progress: bool = True
+    cfg: OrganismTrainConfig, out_dir: str | Path, progress: bool = True, force: bool = False
 ) -> dict[str, Any]:
     """Train the organism from scratch and save it to ``out_dir``; returns the metrics.
 
     ``out_dir`` receives ``config.json``, ``model.safetensors``, the tokenizer files,
     ``training.json`` (config, family parameters, timings, per-length held-out accuracy up to
-    twice ``max_len``, loss curve) and a model card ``README.md`` rendered from it.
+    twice ``max_len``, loss curve) and a model card ``README.md`` rendered from it. It must be
+    absent, empty or an organism folder (``force``: any folder, but none of its files is
+    replaced); that is checked before training (``seqpatch.organism.output``).
     """
     import torch
 
@@ -464,6 +465,7 @@ def train_organism(
     from seqpatch.progress import library_bars
 
     out = Path(out_dir)
+    check_out(out, force)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
@@ -496,12 +498,15 @@ def train_organism(
             for e in history.evals
         ],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    with library_bars(progress):
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    (out / TRAINING_JSON).write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / MODEL_CARD).write_text(render_model_card(metrics))
+
+    def write(folder: Path) -> None:
+        with library_bars(progress):
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        (folder / TRAINING_JSON).write_text(json.dumps(metrics, indent=2) + "\n")
+        (folder / MODEL_CARD).write_text(render_model_card(metrics))
+
+    save(out, write, force)
     return metrics
 
 
