@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seqpatch.bounds import MAX_PAIRS, check_count, check_finite
 from seqpatch.errors import SeqpatchError
 
 if TYPE_CHECKING:
@@ -378,8 +379,8 @@ class RunConfig:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise PipelineError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not 0.0 <= self.min_accuracy <= 1.0:
-            raise PipelineError(f"min_accuracy must lie in [0, 1], got {self.min_accuracy}")
+        check_finite("min_accuracy", self.min_accuracy, PipelineError, at_least=0, at_most=1)
+        check_count("n_pairs", self.n_pairs, MAX_PAIRS, PipelineError, "kept pairs")
         from seqpatch.stages.programs import parse_seq_lens
 
         parse_seq_lens(self.seq_lens)

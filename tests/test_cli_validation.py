@@ -390,3 +390,116 @@ def test_organism_output_adds_beside_foreign_files_and_replaces_only_its_own(
     assert snapshot(clash) == ["model.safetensors"]
     assert (clash / "model.safetensors").read_bytes() == b"someone else's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clash", "fresh", "shared"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers finite and in range, sizes one machine can hold: checked by the configs themselves
+# (issue 27 item 6), so the CLI, `seqpatch run`, notebooks and imports all refuse them at once
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["build", "programs", "--n-per-len", "1000000000"], "more than one machine can hold"),
+        (["build", "pairs", "--n-pairs", "1000000000"], "n_pairs 1,000,000,000 is more than"),
+        (["build", "das", "--lr", "nan"], "lr must be a finite number > 0, got nan"),
+        (["build", "das", "--lr", "inf"], "lr must be a finite number > 0, got inf"),
+        (["build", "tracing", "--noise-scale", "inf"], "noise_scale must be a finite number"),
+        (["build", "tracing", "--noise-scale", "1e9"], "noise_scale must be a finite number"),
+    ],
+)
+def test_unbounded_or_non_finite_values_are_one_line_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = user_error(*args, "--data-dir", tmp_path / "data")
+    assert message in line
+    assert snapshot(tmp_path) == []
+
+
+def test_run_with_too_many_pairs_on_an_existing_store_builds_nothing(tmp_path: Path) -> None:
+    from seqpatch.stages import build_stage
+    from seqpatch.stages.programs import ProgramsConfig
+
+    build_stage("programs", ProgramsConfig("binding", (1, 2), 3, 0), data_dir=tmp_path)
+    before = snapshot(tmp_path)
+    line = user_error("run", "--n-pairs", "1000000000", "--data-dir", tmp_path)
+    assert "n_pairs 1,000,000,000 is more than one machine can hold" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_organism_train_refuses_an_infinite_learning_rate(
+    tmp_path: Path, no_training: None
+) -> None:
+    line = user_error("organism", "train", "--out", tmp_path / "out", "--lr", "inf")
+    assert "lr must be a finite number" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_configs_themselves_refuse_what_the_options_refuse() -> None:
+    """The checks live in the config dataclasses, whatever builds them."""
+    from seqpatch.organism.train import OrganismTrainConfig, OrganismTrainError
+    from seqpatch.pipeline import PipelineError, RunConfig
+    from seqpatch.programs import ProgramError
+    from seqpatch.stages.das import DasConfig, DasStageError
+    from seqpatch.stages.pairs import PairsConfig, PairsStageError
+    from seqpatch.stages.programs import ProgramsConfig
+    from seqpatch.stages.tracing import TracingConfig, TracingStageError
+
+    nan, inf = float("nan"), float("inf")
+    cases = [
+        (ProgramError, lambda: ProgramsConfig("binding", (1, 2), 10**9)),
+        (PairsStageError, lambda: PairsConfig("builtin", 3, n_pairs=10**9)),
+        (
+            PairsStageError,
+            lambda: PairsConfig("builtin", 3, n_pairs=10**6, max_candidates_factor=99),
+        ),
+        (DasStageError, lambda: DasConfig(lr=nan)),
+        (DasStageError, lambda: DasConfig(lr=inf)),
+        (DasStageError, lambda: DasConfig(tolerance=nan)),
+        (TracingStageError, lambda: TracingConfig(noise_scale=inf)),
+        (TracingStageError, lambda: TracingConfig(noise_scale=nan)),
+        (PipelineError, lambda: RunConfig(n_pairs=10**9)),
+        (PipelineError, lambda: RunConfig(min_accuracy=nan)),
+        (OrganismTrainError, lambda: OrganismTrainConfig(lr=inf)),
+        (OrganismTrainError, lambda: OrganismTrainConfig(copy_prob=nan)),
+    ]
+    for error, make in cases:
+        with pytest.raises(error):
+            make()
+
+
+# ---------------------------------------------------------------------------------------------
+# A cache that is a file, weights torch refuses: one line
+
+
+def test_a_cache_that_is_a_file_is_one_line(a_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEQPATCH_CACHE", str(a_file))
+    for args in (["models", "install", "smollm2-135m-instruct"], ["models", "list"]):
+        line = user_error(*args)
+        assert f"{a_file} is a file, not a folder" in line and "SEQPATCH_CACHE" in line
+    assert a_file.read_text() == "keep me\n"
+
+
+def test_a_pickled_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
+    import pickle
+
+    from seqpatch.stages import build_stage
+    from seqpatch.stages.programs import ProgramsConfig
+    from seqpatch.testing import save_tiny_model
+
+    folder = save_tiny_model("llama", tmp_path / "model", seed=0, tokenizer="wordlevel")
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    ran = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (Path.touch, (ran,))
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    data = tmp_path / "data"
+    build_stage("programs", ProgramsConfig("binding", (1,), 2, 0), data_dir=data)
+    line = user_error("build", "benchmark", "--models", f"{folder}:compact", "--data-dir", data)
+    assert "a pickle holding more than tensors" in line
+    assert not ran.exists()  # torch never ran it

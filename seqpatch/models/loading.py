@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -372,6 +373,11 @@ def load_model(
                 local_files_only=cache_only,
             )
             tokenizer = load_tokenizer(source, revision, trust_remote_code, cache_only)
+        except pickle.UnpicklingError as error:  # torch's weights_only refused the pickle: good
+            raise ModelLoadError(
+                f"the weights in {source} are a pickle holding more than tensors, which torch "
+                "refuses to load (it could run code); use a copy saved as model.safetensors"
+            ) from error
         except (OSError, HfHubHTTPError) as error:
             if kind != "hub":
                 raise ModelLoadError(

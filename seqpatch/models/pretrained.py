@@ -162,8 +162,17 @@ REGISTRY: dict[str, PretrainedEntry] = {
 
 
 def cache_dir() -> Path:
-    """``$SEQPATCH_CACHE``, else ``~/.cache/seqpatch``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seqpatch").expanduser()
+    """``$SEQPATCH_CACHE``, else ``~/.cache/seqpatch``; ``PretrainedError`` when that path (or a
+    folder above it) is a file, before anything is downloaded or converted."""
+    folder = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seqpatch").expanduser()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        source = f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the default cache"
+        raise PretrainedError(
+            f"{source} {folder}: {existing} is a file, not a folder; point {CACHE_ENV} at a "
+            "folder (it receives the converted models)"
+        )
+    return folder
 
 
 def models_dir() -> Path:

@@ -27,10 +27,11 @@ import math
 import random
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seqpatch.bounds import check_finite
 from seqpatch.errors import SeqpatchError
 from seqpatch.organism.output import MODEL_CARD, TRAINING_JSON, check_out, save
 from seqpatch.programs import (
@@ -116,6 +117,10 @@ class OrganismTrainConfig:
             )
         if self.steps < 1 or self.batch_size < 1:
             raise OrganismTrainError("steps and batch_size must be >= 1")
+        for option in fields(self):
+            if option.type == "float":  # nan and inf pass every range test: refused here
+                check_finite(option.name, getattr(self, option.name), OrganismTrainError)
+        check_finite("lr", self.lr, OrganismTrainError, above=0)
 
     def family_params(self) -> dict[str, Any]:
         """The constructor arguments of the family instance (recorded in ``training.json``)."""

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from datasets import Array2D, Dataset, Features, List, Value
 
+from seqpatch.bounds import check_finite
 from seqpatch.errors import SeqpatchError
 from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec, chart_artifacts
 
@@ -92,8 +93,10 @@ class DasConfig:
                 f"split must be three positive fractions summing to 1, got {list(self.split)}"
             )
         object.__setattr__(self, "split", split)
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise DasStageError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise DasStageError("epochs and batch_size must be >= 1")
+        check_finite("lr", self.lr, DasStageError, above=0)
+        check_finite("tolerance", self.tolerance, DasStageError, at_least=0)
 
 
 CONFIG = DasConfig

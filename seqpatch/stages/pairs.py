@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from datasets import Features, List, Value
 
+from seqpatch.bounds import MAX_CANDIDATES, MAX_PAIRS, check_count
 from seqpatch.errors import SeqpatchError
 from seqpatch.pairs import PairError, RejectionCounts, make_counterfactual_pair
 from seqpatch.programs import Family, Program, derive_seed, get_family
@@ -144,8 +145,14 @@ class PairsConfig:
     def __post_init__(self) -> None:
         if self.seq_len < 1:
             raise PairsStageError(f"seq_len must be >= 1, got {self.seq_len}")
-        if self.n_pairs < 1:
-            raise PairsStageError(f"n_pairs must be >= 1, got {self.n_pairs}")
+        check_count("n_pairs", self.n_pairs, MAX_PAIRS, PairsStageError, "kept pairs")
+        check_count(
+            "n_pairs x max_candidates_factor",
+            self.n_pairs * self.max_candidates_factor,
+            MAX_CANDIDATES,
+            PairsStageError,
+            "candidates drawn",
+        )
         if not self.divergence_indices:
             object.__setattr__(self, "divergence_indices", tuple(range(self.seq_len)))
         object.__setattr__(self, "divergence_indices", tuple(sorted(set(self.divergence_indices))))

@@ -15,6 +15,7 @@ from typing import Any
 
 from datasets import Features, List, Value
 
+from seqpatch.bounds import MAX_PROGRAMS, check_count
 from seqpatch.programs import ProgramError, get_family, make_sequence, program_rng
 from seqpatch.stages.base import Built, Inputs
 
@@ -66,6 +67,13 @@ class ProgramsConfig:
             raise ProgramError(f"seq_lens has repeated lengths: {lens}")
         if not _is_int(self.n_per_len) or self.n_per_len < 1:
             raise ProgramError(f"n_per_len must be an integer >= 1, got {self.n_per_len!r}")
+        check_count(
+            "n_per_len x lengths",
+            self.n_per_len * len(lens),
+            MAX_PROGRAMS,
+            ProgramError,
+            "one row per program",
+        )
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ProgramError(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
         object.__setattr__(self, "seq_lens", tuple(sorted(lens)))

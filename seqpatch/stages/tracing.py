@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from datasets import Array3D, Features, List, Value
 
+from seqpatch.bounds import MAX_NOISE_SCALE, check_finite
 from seqpatch.errors import SeqpatchError
 from seqpatch.interventions.tracing import (
     KINDS,
@@ -110,8 +111,9 @@ class TracingConfig:
         object.__setattr__(self, "corrupt", corrupt)
         if self.program not in ("a", "b"):
             raise TracingStageError(f"program must be 'a' or 'b', got {self.program!r}")
-        if self.noise_scale <= 0:
-            raise TracingStageError(f"noise_scale must be > 0, got {self.noise_scale}")
+        check_finite(
+            "noise_scale", self.noise_scale, TracingStageError, above=0, at_most=MAX_NOISE_SCALE
+        )
         if self.n_samples < 1:
             raise TracingStageError(f"n_samples must be >= 1, got {self.n_samples}")
         if self.window is not None and self.window < 1:
