@@ -55,7 +55,13 @@ def hub_token(token: str | None = None) -> str | None:
 
 
 def saved_login() -> str | None:
-    """The token ``hf auth login`` saved, if any (imported late: the CLI's start stays fast)."""
+    """The token ``hf auth login`` saved, if any. Every command asks (its output is redacted),
+    so ``huggingface_hub``'s token reader (a third of a second to import) is loaded only when
+    a saved token file exists."""
+    from huggingface_hub import constants
+
+    if not Path(constants.HF_TOKEN_PATH).is_file():
+        return None
     from huggingface_hub import get_token
 
     return get_token() or None
