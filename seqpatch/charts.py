@@ -865,8 +865,9 @@ def save_chart(
 ) -> list[Path]:
     """Save ``chart`` as ``out_dir/name.<fmt>``; HTML is self-contained (works offline), PNG is
     rendered at ``scale_factor`` × its CSS size. No file keeps the Hugging Face token."""
-    from seqpatch.redact import redact_file
+    from seqpatch.redact import redact_chart, redact_file
 
+    chart = redact_chart(chart)  # labels may name a path that held the token
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -881,7 +882,7 @@ def save_chart(
             chart.save(path, scale_factor=scale_factor)
         else:
             chart.save(path)
-        redact_file(path)  # a title or label may carry a path that held the token
+        redact_file(path)
         written.append(path)
     return written
 

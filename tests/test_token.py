@@ -183,3 +183,21 @@ def test_python_errors_and_values_are_redacted_at_one_place(
     }
     monkeypatch.setenv("HF_TOKEN", "short")  # not a credential: nothing is replaced
     assert str(SeqpatchError("a short story")) == "a short story"
+
+
+def test_a_chart_is_drawn_from_a_redacted_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PNG labels are pixels: the spec is redacted before rendering, not only the file after."""
+    import altair as alt
+    import polars as pl
+
+    from seqpatch.redact import redact_chart
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    data = pl.DataFrame({"model": [f"/m/{TOKEN}/a"], "x": [1]})
+    chart = alt.Chart(data).mark_point().encode(x="x", color="model").properties(title=TOKEN)
+    layered = alt.layer(chart, chart)
+    for drawn in (redact_chart(chart), redact_chart(layered)):
+        spec = json.dumps(drawn.to_dict())
+        assert TOKEN not in spec and MARKER in spec
+    assert redact_chart(chart).to_dict()["mark"]["type"] == "point"  # the same chart otherwise
+    assert isinstance(redact_chart(layered), alt.LayerChart)
