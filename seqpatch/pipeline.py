@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from seqpatch.bounds import MAX_PAIRS, check_count, check_finite
+from seqpatch.bounds import MAX_PAIRS, MAX_PROGRAMS, check_count, check_finite
 from seqpatch.errors import SeqpatchError
 
 if TYPE_CHECKING:
@@ -383,7 +383,14 @@ class RunConfig:
         check_count("n_pairs", self.n_pairs, MAX_PAIRS, PipelineError, "kept pairs")
         from seqpatch.stages.programs import parse_seq_lens
 
-        parse_seq_lens(self.seq_lens)
+        lengths = parse_seq_lens(self.seq_lens)
+        check_count(
+            "n_per_len x lengths",
+            self.n_per_len * len(lengths),
+            MAX_PROGRAMS,
+            PipelineError,
+            "one row per program",
+        )
 
     def divergence_for(self, seq_len: int) -> str:
         if self.divergence is not None:

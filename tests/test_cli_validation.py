@@ -460,6 +460,7 @@ def test_the_configs_themselves_refuse_what_the_options_refuse() -> None:
         (TracingStageError, lambda: TracingConfig(noise_scale=inf)),
         (TracingStageError, lambda: TracingConfig(noise_scale=nan)),
         (PipelineError, lambda: RunConfig(n_pairs=10**9)),
+        (PipelineError, lambda: RunConfig(n_per_len=10**9)),
         (PipelineError, lambda: RunConfig(min_accuracy=nan)),
         (OrganismTrainError, lambda: OrganismTrainConfig(lr=inf)),
         (OrganismTrainError, lambda: OrganismTrainConfig(copy_prob=nan)),
