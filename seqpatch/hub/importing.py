@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -265,23 +266,28 @@ def import_stage(
     from seqpatch.stages.base import Built
     from seqpatch.store import Store
 
-    dataset, provenance = resolve_parent(
-        source, stage, revision=revision, token=token, cache_dir=cache_dir
-    )
-    check_stage_provenance(provenance, stage, f"{source} stage {stage}")
-    check_rows(dataset, provenance, stage, f"{source} stage {stage}")
-    imported_from = {
-        **provenance.pop("published_source"),
-        "version": provenance.get("version"),
-        "fingerprint": provenance.get("fingerprint"),
-        "created": provenance.get("created"),
-    }
-    extra = {**(provenance.get("extra") or {}), "imported_from": imported_from}
-    return Store(data_dir).get_or_build(
-        stage,
-        provenance["schema_version"],
-        provenance["config"],
-        lambda: Built(dataset, extra),
-        parents=_parent_records(provenance),
-        model=provenance.get("model"),
-    )
+    # A folder's rows are read through a scratch cache that goes once they are stored: no
+    # stale copy is ever read back, and no copy (nor its paths) stays behind in the HF cache.
+    with tempfile.TemporaryDirectory(prefix="seqpatch-import-") as scratch:
+        if cache_dir is None and Path(source).is_dir():
+            cache_dir = scratch
+        dataset, provenance = resolve_parent(
+            source, stage, revision=revision, token=token, cache_dir=cache_dir
+        )
+        check_stage_provenance(provenance, stage, f"{source} stage {stage}")
+        check_rows(dataset, provenance, stage, f"{source} stage {stage}")
+        imported_from = {
+            **provenance.pop("published_source"),
+            "version": provenance.get("version"),
+            "fingerprint": provenance.get("fingerprint"),
+            "created": provenance.get("created"),
+        }
+        extra = {**(provenance.get("extra") or {}), "imported_from": imported_from}
+        return Store(data_dir).get_or_build(
+            stage,
+            provenance["schema_version"],
+            provenance["config"],
+            lambda: Built(dataset, extra),
+            parents=_parent_records(provenance),
+            model=provenance.get("model"),
+        )
