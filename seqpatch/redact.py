@@ -62,11 +62,14 @@ def saved_login() -> str | None:
     a saved token file exists."""
     from huggingface_hub import constants
 
-    if not Path(constants.HF_TOKEN_PATH).is_file():
-        return None
-    from huggingface_hub import get_token
+    try:  # a login this user cannot read is no token of theirs to leak
+        if not Path(constants.HF_TOKEN_PATH).is_file():
+            return None
+        from huggingface_hub import get_token
 
-    return get_token() or None
+        return get_token() or None
+    except OSError:
+        return None
 
 
 def secret(token: str | None = None) -> str | None:

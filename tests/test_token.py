@@ -201,3 +201,18 @@ def test_a_chart_is_drawn_from_a_redacted_spec(monkeypatch: pytest.MonkeyPatch) 
         assert TOKEN not in spec and MARKER in spec
     assert redact_chart(chart).to_dict()["mark"]["type"] == "point"  # the same chart otherwise
     assert isinstance(redact_chart(layered), alt.LayerChart)
+
+
+def test_a_login_this_user_cannot_read_is_no_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A colleague reading a shared store under another uid cannot stat root's login file:
+    redaction must not turn that into a PermissionError on every command."""
+    from seqpatch import redact
+
+    def denied(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(Path, "is_file", denied)
+    assert redact.secret() is None
+    assert str(SeqpatchError("plain")) == "plain"

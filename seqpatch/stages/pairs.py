@@ -57,7 +57,7 @@ from seqpatch.bounds import MAX_CANDIDATES, MAX_PAIRS, check_count
 from seqpatch.errors import SeqpatchError
 from seqpatch.pairs import PairError, RejectionCounts, make_counterfactual_pair
 from seqpatch.programs import Family, Program, derive_seed, get_family
-from seqpatch.stages.base import Built, Inputs, ParentSpec
+from seqpatch.stages.base import Built, Inputs, ParentSpec, no_artifacts, no_checks
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -166,6 +166,8 @@ class PairsConfig:
 
 CONFIG = PairsConfig
 PARENTS = (ParentSpec("benchmark", optional=True),)
+prepare = no_checks
+artifacts = no_artifacts
 
 
 def parse_divergence_indices(text: str, seq_len: int) -> tuple[int, ...]:
