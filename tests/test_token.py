@@ -70,6 +70,10 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
         s.run("build", "patching", "--sites", "resid_pre", *d)
         s.run("build", "tracing", "--n-programs", 1, "--n-samples", 2, *d)
         s.run("build", "das", "--top-n", 1, "--ks", 1, "--epochs", 1, *d)
+        sharded = ("build", "patching", "--sites", "resid_post", "--shard-size", 3)
+        s.run(*sharded, "--shard", "0/2", *d)  # shards wait in a work folder of the data dir
+        s.run(*sharded, "--shard", "1/2", *d)
+        s.run("merge", "patching", *d)
         for chart in ("accuracy", "heatmap", "traces", "tracing"):
             s.run("plot", chart, "--out", s.out, *d)
         s.run("list", *d)
@@ -93,17 +97,12 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
         s.run("build", TOKEN, ok=False)
         s.run("plot", "heatmap", "--metric", TOKEN, *d, ok=False)
         s.run("list", "--data-dir", s.root / TOKEN / "nothing-here")
-        s.run(
-            "organism",
-            "train",
-            "--out",
-            s.root / TOKEN / "org",
-            "--steps",
-            1,
-            "--lr",
-            TOKEN,
-            ok=False,
-        )
+        organism = ("organism", "train", "--steps", 1, "--out")
+        s.run(*organism, s.root / TOKEN / "org", "--lr", TOKEN, ok=False)
+        foreign = s.root / TOKEN / "notes"
+        foreign.mkdir(parents=True)
+        (foreign / "README.md").write_text("mine\n")
+        s.run(*organism, foreign, ok=False)  # a folder it did not write, named in the error
     finally:
         mp.undo()
     return s
