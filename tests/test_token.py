@@ -164,6 +164,13 @@ def test_the_version_does_not_depend_on_whether_the_token_is_set(
     )
     assert result.exit_code == 0, result.output
     assert "reused benchmark" in result.output
+    # the chosen model's path was stored with the marker: without the token it cannot be found
+    result = runner.invoke(
+        app,
+        ["build", "pairs", "--model", "chosen", "--n-pairs", "6", "--data-dir", str(study.data)],
+    )
+    assert result.exit_code == 2, result.output
+    assert "set HF_TOKEN again" in result.stderr
 
 
 def test_python_errors_and_values_are_redacted_at_one_place(

@@ -22,6 +22,7 @@ from seqpatch.models.adapters import adapter_for
 from seqpatch.models.errors import ModelLoadError
 from seqpatch.models.handle import ModelHandle
 from seqpatch.prompts import CodeFormat, CompactFormat, PromptFormat, get_prompt_format
+from seqpatch.redact import MARKER
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -264,6 +265,11 @@ def _classify(spec: str) -> Literal["builtin", "pretrained", "folder", "hub"]:
     if Path(spec).expanduser().exists():
         return "folder"
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    if MARKER in spec:
+        raise ModelLoadError(
+            f"no model folder at {spec!r}: the path held your Hugging Face token when it was "
+            f"stored, and {MARKER} stands in its place; set HF_TOKEN again to use it"
+        )
     if looks_like_path or not _HUB_ID_RE.match(spec):
         raise ModelLoadError(
             f"no model folder at {spec!r} (and it is not a Hub id like 'org/name'); check the "
