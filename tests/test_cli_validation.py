@@ -487,6 +487,7 @@ def test_a_cache_that_is_a_file_is_one_line(a_file: Path, monkeypatch: pytest.Mo
     assert a_file.read_text() == "keep me\n"
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_pickled_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
     import pickle
 
