@@ -510,3 +510,16 @@ def test_a_pickled_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
     line = user_error("build", "benchmark", "--models", f"{folder}:compact", "--data-dir", data)
     assert "a pickle holding more than tensors" in line
     assert not ran.exists()  # torch never ran it
+
+
+def test_a_cache_that_is_a_file_does_not_stop_a_build(
+    a_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store memoizes file hashes in the cache; without a usable cache it hashes again."""
+    monkeypatch.setenv("SEQPATCH_CACHE", str(a_file))
+    monkeypatch.delenv("SEQPATCH_HASH_MEMO", raising=False)
+    args = ["build", "programs", "--seq-lens", "1-2", "--n-per-len", "2", "--data-dir", tmp_path]
+    for _ in range(2):  # built, then reused (and read back)
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+    assert a_file.read_text() == "keep me\n"

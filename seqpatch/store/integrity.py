@@ -18,6 +18,7 @@ cache only costs the memo.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -81,8 +82,9 @@ def _remember(key: tuple[Any, ...], digest: str) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(digest)
         os.replace(tmp, target)
-    except OSError:  # no cache, no memo: the next read hashes again
-        tmp.unlink(missing_ok=True)
+    except OSError:  # no cache (or a file in its place), no memo: the next read hashes again
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def sha256_of(path: Path) -> str:
