@@ -9,13 +9,14 @@ or report that reads them share one definition without importing each other.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from seqpatch.charts.style import ChartError, check_metric
+from seqpatch.charts.tokens import display_token
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -41,65 +42,13 @@ def grid_axes(dataset: Dataset) -> tuple[str, ...]:
     return DEFAULT_AXES
 
 
-def aggregate(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
-    """Mean, std and count over pairs per (site, divergence index, grid cell).
-
-    Returns ``{"metric", "axes", "sites", "divergence_indices", "layers", "heads", "span",
-    "labels", "stats"}`` where ``stats`` is ``[sites, divergence_indices, 3 (mean, std, count),
-    *grid]`` float64 (``grid``: ``layers, positions`` by default, the sizes of ``axes``),
-    ``heads`` the head axis's values (empty without one), ``span`` the position set of a grid
-    without a position axis, and ``labels[k]`` the token labels of the first pair diverging at
-    ``k`` (starred where A and B differ). NaN cells (beyond a pair's length, a k/v site's
-    missing heads, or undefined normalisation) are skipped. Where the pairs of one divergence
-    index differ in token length (BPE tokenizers), their positions are aligned at their last
-    token (``aligned_to_end`` lists those indices; their labels are the longest pair's).
-    """
-    check_metric(metric)
-    cols = dataset.select_columns(["site", "divergence_index", metric]).with_format("numpy")
-    sites = list(dict.fromkeys(dataset["site"]))
-    ks = sorted(set(dataset["divergence_index"]))
-    site_col = np.asarray(dataset["site"])
-    k_col = np.asarray(dataset["divergence_index"])
-    values = np.array(cols[metric], dtype=np.float64)
-    lengths = np.asarray(dataset["n_tokens"])
-    aligned = _align_ends(values, k_col, lengths) if "pos" in grid_axes(dataset) else []
-    stats = np.full((len(sites), len(ks), 3, *values.shape[1:]), np.nan)
-    for si, site in enumerate(sites):
-        for ki, k in enumerate(ks):
-            chunk = values[(site_col == site) & (k_col == k)]
-            if len(chunk) == 0:
-                continue
-            count = np.sum(~np.isnan(chunk), axis=0)
-            with nan_quiet():
-                stats[si, ki, 0] = np.nanmean(chunk, axis=0)
-                stats[si, ki, 1] = np.nanstd(chunk, axis=0)
-            stats[si, ki, 2] = count
-    labels = {}
-    first = {}
-    for i, k in enumerate(dataset["divergence_index"]):
-        if k not in first or (k in aligned and lengths[i] > lengths[first[k]]):
-            first[k] = i  # an end-aligned index takes its labels from its longest pair
-    for k, i in first.items():
-        row = dataset[i]
-        diff = set(row["diff_positions"])
-        labels[k] = [tok + ("*" if t in diff else "") for t, tok in enumerate(row["tokens"])]
-    axes = grid_axes(dataset)
-    heads = max((row for row in dataset["heads"]), key=len) if "head" in axes else []
-    return {
-        "metric": metric,
-        "axes": axes,
-        "sites": sites,
-        "divergence_indices": ks,
-        "layers": list(dataset[0]["layers"]),
-        "heads": list(heads),
-        "span": dataset[0]["span"] if "span" in dataset.column_names else "",
-        "labels": labels,
-        "aligned_to_end": aligned,
-        "stats": stats,
-    }
+Aligner = Callable[[np.ndarray, np.ndarray, np.ndarray], list[int]]
+"""How ``aggregate`` lines up the position axis of pairs of different token lengths: called
+with the metric grids ``[rows, *grid]`` (shifted in place, positions last), each row's
+divergence index and token length; returns the divergence indices it moved."""
 
 
-def _align_ends(values: np.ndarray, k_col: np.ndarray, lengths: np.ndarray) -> list[int]:
+def align_ends(values: np.ndarray, k_col: np.ndarray, lengths: np.ndarray) -> list[int]:
     """Shift, in place, the position axis (last) of every row of a divergence index whose pairs
     differ in token length so that all of them end at its longest pair's last token; returns
     those indices. BPE tokenizers give pairs of different lengths (a digit is two tokens, a
@@ -117,6 +66,99 @@ def _align_ends(values: np.ndarray, k_col: np.ndarray, lengths: np.ndarray) -> l
             if shift:
                 values[i] = np.roll(values[i], shift, axis=-1)  # the NaN padding moves in front
     return aligned
+
+
+_align_ends = align_ends
+
+
+def _pick(name: str, wanted: Sequence[Any] | None, present: list[Any]) -> list[Any]:
+    """``wanted`` in the stage's order, or every value present; one error naming what exists."""
+    if wanted is None:
+        return present
+    missing = [w for w in wanted if w not in present]
+    if missing:
+        raise ChartError(
+            f"no {name} {missing[0]!r} in this patching stage; it has "
+            f"{', '.join(str(p) for p in present)}"
+        )
+    return [p for p in present if p in set(wanted)]
+
+
+def aggregate(
+    dataset: Dataset,
+    metric: str = "normalised",
+    *,
+    ks: Sequence[int] | None = None,
+    sites: Sequence[str] | None = None,
+    align: Aligner = align_ends,
+) -> dict[str, Any]:
+    """Mean, std and count over pairs per (site, divergence index, grid cell).
+
+    Returns ``{"metric", "method", "axes", "sites", "divergence_indices", "layers", "heads",
+    "span", "labels", "stats"}`` where ``stats`` is ``[sites, divergence_indices, 3 (mean, std,
+    count), *grid]`` float64 (``grid``: ``layers, positions`` by default, the sizes of
+    ``axes``), ``method`` ``exact`` or ``attribution`` (first-order estimates), ``heads`` the
+    head axis's values (empty without one), ``span`` the position set of a grid without a
+    position axis (or the cell selection of one with it), and ``labels[k]`` the display labels
+    (``tokens.display_token``: decoded, whitespace marked) of the first pair diverging at ``k``,
+    starred where A and B differ. ``ks`` and ``sites`` keep only those divergence indices and
+    sites. NaN cells (beyond a pair's length, a k/v site's missing heads, or undefined
+    normalisation) are skipped. Where the pairs of one divergence index differ in token length
+    (BPE tokenizers), ``align`` lines their positions up — by default at their last token
+    (``align_ends``; ``aligned_to_end`` lists those indices; their labels are the longest
+    pair's). An aligner by position role can be passed instead.
+    """
+    check_metric(metric)
+    site_col = np.asarray(dataset["site"])
+    k_col = np.asarray(dataset["divergence_index"])
+    sites = _pick("site", sites, list(dict.fromkeys(site_col.tolist())))
+    ks = _pick("divergence index", ks, sorted(set(k_col.tolist())))
+    keep = np.flatnonzero(np.isin(site_col, sites) & np.isin(k_col, ks))
+    if len(keep) < len(site_col):
+        dataset = dataset.select(keep)
+        site_col, k_col = site_col[keep], k_col[keep]
+    cols = dataset.select_columns([metric]).with_format("numpy")
+    values = np.array(cols[metric], dtype=np.float64)
+    lengths = np.asarray(dataset["n_tokens"])
+    aligned = align(values, k_col, lengths) if "pos" in grid_axes(dataset) else []
+    stats = np.full((len(sites), len(ks), 3, *values.shape[1:]), np.nan)
+    for si, site in enumerate(sites):
+        for ki, k in enumerate(ks):
+            chunk = values[(site_col == site) & (k_col == k)]
+            if len(chunk) == 0:
+                continue
+            count = np.sum(~np.isnan(chunk), axis=0)
+            with nan_quiet():
+                stats[si, ki, 0] = np.nanmean(chunk, axis=0)
+                stats[si, ki, 1] = np.nanstd(chunk, axis=0)
+            stats[si, ki, 2] = count
+    labels = {}
+    first: dict[int, int] = {}
+    for i, k in enumerate(k_col.tolist()):
+        if k not in first or (k in aligned and lengths[i] > lengths[first[k]]):
+            first[k] = i  # an aligned index takes its labels from its longest pair
+    for k, i in first.items():
+        row = dataset[i]
+        diff = set(row["diff_positions"])
+        labels[k] = [
+            display_token(tok) + ("*" if t in diff else "") for t, tok in enumerate(row["tokens"])
+        ]
+    axes = grid_axes(dataset)
+    heads = max((row for row in dataset["heads"]), key=len) if "head" in axes else []
+    methods = set(dataset["method"]) if "method" in dataset.column_names else set()
+    return {
+        "metric": metric,
+        "method": "attribution" if "attribution" in methods else "exact",
+        "axes": axes,
+        "sites": sites,
+        "divergence_indices": ks,
+        "layers": list(dataset[0]["layers"]),
+        "heads": list(heads),
+        "span": dataset[0]["span"] if "span" in dataset.column_names else "",
+        "labels": labels,
+        "aligned_to_end": aligned,
+        "stats": stats,
+    }
 
 
 def effect_cells(agg: dict[str, Any]) -> Any:
@@ -208,7 +250,7 @@ def example_frame(dataset: Dataset, metric: str, pair_id: str | None = None) -> 
                         "site": row["site"],
                         "layer": int(layer),
                         "position": t,
-                        "label": first["tokens"][t] + ("*" if t in diff else ""),
+                        "label": display_token(first["tokens"][t]) + ("*" if t in diff else ""),
                         "value": float(row[metric][li, t]),
                     }
                 )

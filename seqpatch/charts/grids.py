@@ -25,30 +25,60 @@ from seqpatch.charts.layout import (
     _layer_token_base,
     _panel_cells,
     _panel_group,
+    group_rows,
+    group_width,
 )
 from seqpatch.charts.style import (
-    LEGEND_TITLES,
     METRIC_MEANINGS,
     METRIC_TITLES,
     NO_DATA,
+    POSITION_SELECTION_TITLES,
     ChartError,
     _check_metric,
     color_scale,
+    legend_title,
+    mean_title,
+    method_title,
     ordinal,
     site_title,
+    span_title,
 )
 
 
-def heatmap_caption(metric: str, missing: bool = False) -> list[str]:
-    """The lines under the heatmap: what the token labels, ``*`` and the colours mean."""
+def heatmap_caption(
+    metric: str,
+    missing: bool = False,
+    method: str | None = None,
+    dropped: Mapping[int, tuple[int, int]] | None = None,
+) -> list[str]:
+    """The lines under the heatmap: what the token labels, ``*`` and the colours mean, and
+    which rows were left out (``dropped``: per ``k``, (positions drawn, positions))."""
     _check_metric(metric)
     lines = [
         "Rows: the tokens of one example pair per divergence index (B's prompt, numbered by "
-        "position); * marks the tokens where A and B differ.",
+        "position; · = a space, ↵ = a new line); * marks the tokens where A and B differ.",
         METRIC_MEANINGS[metric],
         "k = the statement that differs between A and B (counted from 0); each group of panels "
         "averages over the pairs that diverge there.",
     ]
+    if method == "attribution":
+        lines.insert(
+            1,
+            "Attribution patching: every value is a first-order (gradient × activation "
+            "difference) estimate of the patch's effect, not a measured patch; it can be far "
+            "from exact patching (e.g. where a patch saturates).",
+        )
+    if dropped:
+        counts = set(dropped.values())
+        if len(dropped) > 1 and len(counts) == 1:
+            drawn, n = counts.pop()
+            parts = f"{drawn} of {n} at every k"
+        else:
+            parts = ", ".join(f"{drawn} of {n} at k = {k}" for k, (drawn, n) in dropped.items())
+        lines.append(
+            f"Only patched positions are drawn ({parts}): the others were not patched (see the "
+            "gaps in the position numbers)."
+        )
     if metric != "logit_diff":
         lines.append("Values beyond ±1 are drawn at the end colours (clamped).")
     if missing:
@@ -111,6 +141,17 @@ def heatmap_cells(agg: Mapping[str, Any]) -> pl.DataFrame:
     ).with_columns(pl.col("mean").fill_nan(None), pl.col("std").fill_nan(None))
 
 
+def patched_positions(cells: pl.DataFrame) -> dict[int, list[int]]:
+    """Per divergence index, the positions some pair has a value at (any site or layer): the
+    rows a heatmap draws. An index with none keeps every position (drawn grey)."""
+    out: dict[int, list[int]] = {}
+    for k in cells["divergence_index"].unique(maintain_order=True).to_list():
+        block = cells.filter(pl.col("divergence_index") == k)
+        kept = block.filter(pl.col("count") > 0)["position"].unique().sort().to_list()
+        out[int(k)] = kept or block["position"].unique().sort().to_list()
+    return out
+
+
 def heatmap_figure(
     agg: Mapping[str, Any],
     metric: str | None = None,
@@ -119,29 +160,49 @@ def heatmap_figure(
     title: str | None = None,
     max_height: int = 900,
 ) -> alt.VConcatChart:
-    """Layer × token heatmaps of an aggregate (``seqpatch.stages.patching.aggregate``).
+    """Layer × token heatmaps of an aggregate (``charts.grid_data.aggregate``).
 
-    Layout: one group per divergence index (across), titled with its pair count
-    (``n_pairs_by_k``, else ``pairs_per_k(agg)``); inside it one panel per site (across, in
-    ``agg["sites"]`` order) sharing the token axis; layer labels horizontal. Row height shrinks
-    with the number of tokens so the chart stays under ``max_height`` CSS pixels (PNGs are
-    saved at 2×). A caption under the chart explains labels, ``*`` and colours.
+    Layout: one group per divergence index, titled with its pair count (``n_pairs_by_k``, else
+    ``pairs_per_k(agg)``), groups wrapped into rows so the figure stays ≤ ~1,200 CSS pixels
+    (2,400 px as PNG); inside a group one panel per site (across, in ``agg["sites"]`` order)
+    sharing the token axis. Only positions that some pair was patched at are drawn (a
+    ``changed+ends+last`` selection leaves most rows unpatched); the caption says how many.
+    Row height shrinks with the number of rows so the chart stays near ``max_height`` CSS
+    pixels. Attribution aggregates are named as estimates in the title, subtitle, legend and
+    caption.
     """
     metric = metric or agg.get("metric", "normalised")
     _check_metric(metric)
+    method = agg.get("method")
     cells = heatmap_cells(agg)
     counts = {int(k): int(v) for k, v in (n_pairs_by_k or pairs_per_k(agg)).items()}
     ks = [int(k) for k in agg["divergence_indices"]]
     sites = list(agg["sites"])
     layers = list(agg["layers"])
-    n_pos = max(len(agg["labels"][k]) for k in agg["divergence_indices"])
-    row_h, cell_w, font = _grid_sizes(n_pos, len(layers), max_height - 200)
+    kept = patched_positions(cells)
+    cells = cells.join(
+        pl.DataFrame(
+            [(k, t) for k, ts in kept.items() for t in ts],
+            schema={"divergence_index": cells.schema["divergence_index"], "position": pl.Int64},
+            orient="row",
+        ),
+        on=["divergence_index", "position"],
+        how="semi",
+    )
+    dropped = {
+        k: (len(kept[k]), len(agg["labels"][k])) for k in ks if len(kept[k]) < len(agg["labels"][k])
+    }
+    n_pos = max(len(kept[k]) for k in ks)
+    _, cell_w, _ = _grid_sizes(n_pos, len(layers), max_height)
+    n_rows = -(-len(ks) // group_rows(len(ks), group_width(len(sites), cell_w * len(layers))))
+    row_h, cell_w, font = _grid_sizes(n_pos, len(layers), (max_height - 200) // n_rows)
     missing = bool(cells["mean"].null_count())
     scale = color_scale(metric, cells["mean"].drop_nulls().to_list())
     data = cells.with_columns(
         pl.col("site").replace_strict({s: site_title(s, "|") for s in sites}).alias("site_title"),
-        pl.format("{} · {}", pl.col("label"), pl.col("position")).alias("token"),
+        pl.format("{} ({})", pl.col("label"), pl.col("position")).alias("token"),
     )
+    value_title = "estimate" if method == "attribution" else "mean"
     groups = []
     for k in ks:
         block = data.filter(pl.col("divergence_index") == k)
@@ -156,20 +217,20 @@ def heatmap_figure(
                 alt.Tooltip("layer:O"),
                 alt.Tooltip("position:O"),
                 alt.Tooltip("label:N", title="token (example pair)"),
-                alt.Tooltip("mean:Q", format=".3f"),
+                alt.Tooltip("mean:Q", title=value_title, format=".3f"),
                 alt.Tooltip("std:Q", format=".3f"),
                 alt.Tooltip("count:Q", title="pairs in cell"),
             ],
         )
         values = base.mark_rect().encode(
-            color=alt.Color("mean:Q", title=LEGEND_TITLES[metric], scale=scale)
+            color=alt.Color("mean:Q", title=legend_title(metric, method), scale=scale)
         )
         empty = base.mark_rect(color=NO_DATA)
         cells_view = alt.layer(
             empty.transform_filter("datum.count == 0"),
             values.transform_filter("datum.count > 0"),
             data=block,
-        ).properties(width=cell_w * len(layers), height=row_h * len(agg["labels"][k]))
+        ).properties(width=cell_w * len(layers), height=row_h * len(kept[k]))
         groups.append(
             _panel_group(
                 cells_view,
@@ -185,15 +246,19 @@ def heatmap_figure(
         )
     total = sum(counts.get(k, 0) for k in ks)
     heading = title or (
-        f"Activation patching A → B: where does the changed statement matter? ({total} pairs)"
+        f"{method_title(method)} A → B: where does the changed statement matter? ({total} pairs)"
     )
+    where = POSITION_SELECTION_TITLES.get(agg.get("span") or "", f"the cells {agg.get('span')!r}")
+    subtitle = f"{mean_title(method)} {METRIC_TITLES[metric]} over pairs, per site, layer and token"
+    if where != "every token":
+        subtitle += f"; patched at {where}"
     return _grid_figure(
         groups,
         len(sites),
         cell_w * len(layers),
-        heatmap_caption(metric, missing),
+        heatmap_caption(metric, missing, method, dropped),
         heading,
-        f"Mean {METRIC_TITLES[metric]} over pairs, per site, layer and token",
+        subtitle,
     )
 
 
@@ -233,12 +298,6 @@ def heatmap_name(metric: str) -> str:
     return f"heatmap-{metric}"
 
 
-POSITION_SET_TITLES = {
-    "all": "every position at once",
-    "from-divergence": "every position from the first changed token on, at once",
-}
-
-
 def layer_line_figure(
     cells: pl.DataFrame,
     agg: Mapping[str, Any],
@@ -250,6 +309,7 @@ def layer_line_figure(
     metric = metric or agg.get("metric", "normalised")
     _check_metric(metric)
     sites = list(agg["sites"])
+    method = agg.get("method")
     counts = {int(k): int(v) for k, v in (n_pairs_by_k or pairs_per_k(agg)).items()}
     data = _cells_frame(cells, sites).with_columns(
         pl.col("divergence_index")
@@ -267,7 +327,10 @@ def layer_line_figure(
     )
     band = base.mark_area(opacity=0.15).encode(y="low:Q", y2="high:Q")
     line = base.mark_line(point=True).encode(
-        y=alt.Y("mean:Q", title=METRIC_TITLES[metric]),
+        y=alt.Y(
+            "mean:Q",
+            title=("estimated " if method == "attribution" else "") + METRIC_TITLES[metric],
+        ),
         tooltip=[
             alt.Tooltip("site:N"),
             alt.Tooltip("k:N"),
@@ -277,7 +340,7 @@ def layer_line_figure(
             alt.Tooltip("count:Q", title="pairs"),
         ],
     )
-    span = POSITION_SET_TITLES.get(agg.get("span") or "all", "every position at once")
+    span = span_title(agg.get("span"))
     return (
         alt.layer(band, line, data=data)
         .properties(width=260, height=200)
@@ -290,9 +353,10 @@ def layer_line_figure(
         )
         .properties(
             title=alt.TitleParams(
-                "Whole-stream patching A → B: from which layer on does B take A's answer?",
-                subtitle=f"Mean {METRIC_TITLES[metric]} over pairs; A's activation patched at "
-                f"{span}",
+                f"Whole-stream {method_title(method).lower()} A → B: from which layer on does B "
+                "take A's answer?",
+                subtitle=f"{mean_title(method)} {METRIC_TITLES[metric]} over pairs; A's "
+                f"activation patched at {span}",
                 anchor="start",
             )
         )

@@ -9,18 +9,20 @@ from typing import Any
 import altair as alt
 import polars as pl
 
-from seqpatch.charts.grids import POSITION_SET_TITLES, pairs_per_k
+from seqpatch.charts.grids import pairs_per_k
 from seqpatch.charts.layout import _cells_frame
 from seqpatch.charts.style import (
-    LEGEND_TITLES,
     METRIC_TITLES,
     TOWARDS_A,
     TOWARDS_B,
     ChartError,
     _check_metric,
     color_scale,
+    legend_title,
+    mean_title,
     ordinal,
     site_title,
+    span_title,
 )
 
 
@@ -78,7 +80,7 @@ def head_heatmap_figure(
             y=alt.Y("head:O", sort=heads),
             color=alt.Color(
                 "mean:Q",
-                title=LEGEND_TITLES[metric],
+                title=legend_title(metric, agg.get("method")),
                 scale=color_scale(metric, data["mean"].to_list()),
             ),
             tooltip=tooltip,
@@ -100,14 +102,14 @@ def head_heatmap_figure(
         )
     )
     where = (
-        "at its strongest position"
-        if "position" in cells.columns
-        else POSITION_SET_TITLES.get(agg.get("span") or "all", "every position at once")
+        "at its strongest position" if "position" in cells.columns else span_title(agg.get("span"))
     )
     return chart.properties(
         title=alt.TitleParams(
-            "Which attention heads carry the changed statement? (A → B, one head patched)",
-            subtitle=f"Mean {METRIC_TITLES[metric]} over pairs, each head patched {where}; "
+            "Which attention heads carry the changed statement? (A → B, one head patched"
+            + ("; attribution estimates)" if agg.get("method") == "attribution" else ")"),
+            subtitle=f"{mean_title(agg.get('method'))} {METRIC_TITLES[metric]} over pairs, each "
+            f"head patched {where}; "
             "k = the statement that differs",
             anchor="start",
         )
@@ -200,11 +202,11 @@ def top_heads_figure(
             pl.col("divergence_index")
             .replace_strict(k_titles, return_dtype=pl.String)
             .alias("k_title"),
-            pl.format("{} · {}", pl.col("label"), pl.col("position")).alias("token"),
+            pl.format("{} ({})", pl.col("label"), pl.col("position")).alias("token"),
         )
     )
     n_pos = max(len(agg["labels"][k]) for k in ks)
-    changed = "indexof(datum.value, '* ·') >= 0"
+    changed = "indexof(datum.value, '* (') >= 0"
     chart = (
         alt.Chart(data)
         .mark_bar()
@@ -220,7 +222,11 @@ def top_heads_figure(
                     labelColor=alt.ExprRef(f"{changed} ? 'black' : '#666666'"),
                 ),
             ),
-            y=alt.Y("mean:Q", title=LEGEND_TITLES[metric], axis=alt.Axis(tickCount=3)),
+            y=alt.Y(
+                "mean:Q",
+                title=legend_title(metric, agg.get("method")),
+                axis=alt.Axis(tickCount=3),
+            ),
             color=alt.condition("datum.mean >= 0", alt.value(TOWARDS_A), alt.value(TOWARDS_B)),
             tooltip=[
                 alt.Tooltip("site:N"),
@@ -258,7 +264,13 @@ def top_heads_figure(
         title=alt.TitleParams(
             f"Where in the prompt do the top {len(chosen)} heads carry the changed statement?",
             subtitle=[
-                f"Mean {METRIC_TITLES[metric]} over pairs, one head at one token patched",
+                f"{mean_title(agg.get('method'))} {METRIC_TITLES[metric]} over pairs, one head at "
+                "one token patched"
+                + (
+                    " (attribution: first-order estimates)"
+                    if agg.get("method") == "attribution"
+                    else ""
+                ),
                 *caption,
             ],
             anchor="start",

@@ -49,7 +49,7 @@ def _layer_token_base(
 ) -> alt.Chart:
     """The encoding of a layer × token panel: layers across (labels thinned to fit ``cell_w``),
     tokens down in position order, the labels of ``*`` tokens bold and black."""
-    marked = "indexof(datum.value, '* ·') >= 0"
+    marked = "indexof(datum.value, '* (') >= 0"
     token_axis = alt.Axis(
         title=None,
         labelFontSize=font,
@@ -87,32 +87,52 @@ def _panel_group(
     ).properties(title=title)
 
 
+MAX_WIDTH = 1250  # CSS pixels: PNGs are saved at 2×, so a figure stays ≤ ~2,500 px wide
+
+
+def group_rows(n_groups: int, group_w: int, max_width: int = MAX_WIDTH) -> int:
+    """How many groups of ``group_w`` CSS pixels fit side by side in ``max_width`` (≥ 1)."""
+    return max(1, min(n_groups, (max_width + 18) // (group_w + 18)))
+
+
+def group_width(n_panels: int, panel_w: int) -> int:
+    """The estimated CSS width of one group: its token labels and ``n_panels`` panels."""
+    return 90 + n_panels * (panel_w + 6)
+
+
 def _grid_figure(
     groups: list[alt.FacetChart],
     n_panels: int,
     panel_w: int,
     caption: list[str],
     heading: str,
-    subtitle: str,
+    subtitle: str | list[str],
+    max_width: int = MAX_WIDTH,
 ) -> alt.VConcatChart:
-    """The groups side by side, the caption under them wrapped to the estimated chart width
-    (``n_panels`` panels of ``panel_w`` pixels per group), heading and subtitle above, one
-    colour scale shared by every panel."""
-    est_width = len(groups) * (90 + n_panels * (panel_w + 6))
+    """The groups side by side, wrapped into rows so the figure stays under ``max_width`` CSS
+    pixels (``n_panels`` panels of ``panel_w`` pixels per group), the caption under them
+    wrapped to that width, heading and subtitle above, one colour scale shared by every
+    panel."""
+    group_w = group_width(n_panels, panel_w)
+    per_row = group_rows(len(groups), group_w, max_width)
+    est_width = per_row * group_w
     wrapped = [part for line in caption for part in textwrap.wrap(line, max(est_width, 620) // 6)]
-    body = alt.hconcat(*groups, spacing=18).properties(
-        title=alt.TitleParams(
-            wrapped,
-            orient="bottom",
-            anchor="start",
-            fontSize=11,
-            fontWeight="normal",
-            color="#333333",
-            offset=14,
-        )
+    rows = [groups[i : i + per_row] for i in range(0, len(groups), per_row)]
+    footer = alt.TitleParams(
+        wrapped,
+        orient="bottom",
+        anchor="start",
+        fontSize=11,
+        fontWeight="normal",
+        color="#333333",
+        offset=14,
     )
+    if len(rows) == 1:
+        body: Any = alt.hconcat(*rows[0], spacing=18)
+    else:
+        body = alt.vconcat(*(alt.hconcat(*row, spacing=18) for row in rows), spacing=24)
     return (
-        alt.vconcat(body)
+        alt.vconcat(body.properties(title=footer))
         .properties(title=alt.TitleParams(heading, subtitle=subtitle, anchor="start", fontSize=15))
         .resolve_scale(color="shared")
         .configure_view(stroke=None)

@@ -48,6 +48,48 @@ class ChartError(SeqpatchError):
     """A chart was asked for data it cannot draw (unknown metric, empty frame)."""
 
 
+# Where A's activation is patched in a grid without a position axis (the rows' ``span``) or which
+# cells of a grid with one were patched: the subtitles' words.
+POSITION_SET_TITLES = {
+    "all": "every position at once",
+    "from-divergence": "every position from the first changed token on, at once",
+    "before-last": "every position from the first changed token up to, not including, the last "
+    "token, at once",
+    "last": "the last token alone",
+}
+POSITION_SELECTION_TITLES = {
+    "": "every token",
+    "all": "every token",
+    "changed+ends+last": "only the changed tokens, the end of every later line and the last token",
+}
+
+
+def span_title(span: str | None) -> str:
+    """The words for a position set (``POSITION_SET_TITLES``); an unknown one is named as it is,
+    never passed off as another."""
+    span = span or "all"
+    return POSITION_SET_TITLES.get(span, f"the position set {span!r} at once")
+
+
+def method_title(method: str | None) -> str:
+    """How a chart's heading names the method: exact patching, or attribution named as what it
+    is, a first-order estimate."""
+    if method == "attribution":
+        return "Attribution patching (first-order estimate, not exact patching)"
+    return "Activation patching"
+
+
+def mean_title(method: str | None) -> str:
+    """``Mean`` for exact patching, ``Estimated mean`` for attribution (subtitles)."""
+    return "Estimated mean" if method == "attribution" else "Mean"
+
+
+def legend_title(metric: str, method: str | None = None) -> list[str]:
+    """A colour legend's lines; attribution's start with ``estimated``."""
+    lines = list(LEGEND_TITLES[metric])
+    return ["estimated", *lines] if method == "attribution" else lines
+
+
 def site_title(site: str, sep: str = " ") -> str:
     """The display name of ``site`` (``resid_pre`` → ``residual stream (layer input)``)."""
     return sep.join(SITE_TITLES.get(site, (site,)))

@@ -13,6 +13,7 @@ import altair as alt
 import polars as pl
 
 from seqpatch.charts.style import METRIC_TITLES, ChartError, _check_metric, ordinal, site_title
+from seqpatch.charts.tokens import display_token
 
 ROLE_DASHES = {"changed": [1, 0], "strongest": [6, 3], "last": [2, 2]}
 ROLE_SHAPES = {"changed": "circle", "strongest": "square", "last": "triangle-up"}
@@ -24,15 +25,23 @@ def trace_lines(frame: pl.DataFrame, row: Mapping[str, Any], n_strongest: int = 
 
     Roles: ``changed`` (every position where A and B differ), ``strongest`` (the
     ``n_strongest`` other positions with the largest ``|value|`` over all sites and layers),
-    ``last`` (the last prompt token, where the answer is read).
+    ``last`` (the last prompt token, where the answer is read). Only positions with a value
+    (a patched cell) get a line, so the legend never names a line that is not drawn. Token
+    names are display labels (``tokens.display_token``: · = a space, ↵ = a new line).
     """
-    tokens_b = list(row["tokens"])
-    tokens_a = list(row.get("tokens_a") or tokens_b)
-    changed = [int(t) for t in row["diff_positions"]]
+    tokens_b = [display_token(t) for t in row["tokens"]]
+    tokens_a = [display_token(t) for t in (row.get("tokens_a") or row["tokens"])]
+    drawn = set(
+        frame.filter(pl.col("value").is_not_null() & pl.col("value").is_finite())["position"]
+        .unique()
+        .to_list()
+    )
+    changed = [int(t) for t in row["diff_positions"] if int(t) in drawn]
     last = int(row["n_tokens"]) - 1
     taken = {*changed, last}
     peaks = (
-        frame.filter(~pl.col("position").is_in(list(taken)))
+        frame.filter(~pl.col("position").is_in(list(taken)) & pl.col("position").is_in(list(drawn)))
+        .filter(pl.col("value").is_finite())
         .group_by("position")
         .agg(pl.col("value").abs().max().alias("peak"))
         .drop_nulls()
@@ -45,9 +54,12 @@ def trace_lines(frame: pl.DataFrame, row: Mapping[str, Any], n_strongest: int = 
         lines.append((t, "changed", name))
     for t in strongest:
         lines.append((t, "strongest", f"strongest other token: `{tokens_b[t]}` (position {t})"))
-    name = f"last token: `{tokens_b[last]}` (position {last}, where the answer is read)"
-    lines.append((last, "last", name))
-    return pl.DataFrame(lines, schema=["position", "role", "name"], orient="row")
+    if last in drawn:
+        name = f"last token: `{tokens_b[last]}` (position {last}, where the answer is read)"
+        lines.append((last, "last", name))
+    return pl.DataFrame(
+        lines, schema={"position": pl.Int64, "role": pl.String, "name": pl.String}, orient="row"
+    )
 
 
 def traces_title(
@@ -62,16 +74,24 @@ def traces_title(
     if statement_a and statement_b:
         change = f"{where} changed from `{statement_b}` (B) to `{statement_a}` (A)"
     else:
-        tokens_b, tokens_a = row["tokens"], row.get("tokens_a") or row["tokens"]
+        tokens_b = [display_token(t) for t in row["tokens"]]
+        tokens_a = [display_token(t) for t in (row.get("tokens_a") or row["tokens"])]
         diff = [int(t) for t in row["diff_positions"]]
         b = " ".join(tokens_b[t] for t in diff)
         a = " ".join(tokens_a[t] for t in diff)
         change = f"{where} changed token `{b}` (B) to `{a}` (A)"
     title = f"Pair {row['pair_id']}: {change}; {answers}"
-    subtitle = [
-        "Each line patches A's activation at one token of B into B's run, one layer at a time; "
-        "the legend names the token's role.",
-    ]
+    if row.get("method") == "attribution":
+        subtitle = [
+            "Attribution patching: each line is a first-order estimate (not a measured patch) of "
+            "patching A's activation at one token of B into B's run, one layer at a time; the "
+            "legend names the token's role.",
+        ]
+    else:
+        subtitle = [
+            "Each line patches A's activation at one token of B into B's run, one layer at a "
+            "time; the legend names the token's role.",
+        ]
     return title, subtitle
 
 
@@ -99,12 +119,15 @@ def traces_figure(
         raise ChartError(f"pair {row.get('pair_id')!r} has no cells to draw")
     sites = list(sites or frame["site"].unique(maintain_order=True).to_list())
     lines = trace_lines(frame, row, n_strongest)
+    if lines.is_empty():
+        raise ChartError(f"pair {row.get('pair_id')!r} has no patched cell to draw")
     names = lines["name"].to_list()
     roles = lines["role"].to_list()
     width = 0.1 * (len(names) - 1)
     offsets = {name: -width / 2 + 0.1 * i for i, name in enumerate(names)}
     data = (
         frame.join(lines, on="position", how="inner")
+        .filter(pl.col("value").is_finite())
         .with_columns(
             pl.col("site").replace_strict({s: site_title(s) for s in sites}).alias("site_title"),
             (pl.col("layer") + pl.col("name").replace_strict(offsets)).alias("x"),
@@ -113,8 +136,9 @@ def traces_figure(
         .sort("site", "name", "layer")
     )
     layers = sorted(frame["layer"].unique().to_list())
+    estimate = row.get("method") == "attribution"
     legend = alt.Legend(
-        title="patched token (role)",
+        title="patched token (role), attribution estimate" if estimate else "patched token (role)",
         orient="bottom",
         direction="vertical",
         symbolType="stroke",
@@ -130,7 +154,11 @@ def traces_figure(
             scale=alt.Scale(domain=[layers[0] - 0.4, layers[-1] + 0.4], nice=False),
             axis=alt.Axis(values=layers, format="d", labelAngle=0, grid=False),
         ),
-        y=alt.Y("value:Q", title=METRIC_TITLES[metric], scale=alt.Scale(zero=True)),
+        y=alt.Y(
+            "value:Q",
+            title=("estimated " if estimate else "") + METRIC_TITLES[metric],
+            scale=alt.Scale(zero=True),
+        ),
         color=alt.Color(
             "name:N",
             sort=names,
@@ -204,7 +232,7 @@ def trace_chart(
     Prefer ``traces_figure``, which names each line's role and the change in the title.
     """
     data = example.filter(pl.col("position").is_in(list(highlight))).with_columns(
-        pl.format("{} · {}", pl.col("label"), pl.col("position")).alias("token")
+        pl.format("{} ({})", pl.col("label"), pl.col("position")).alias("token")
     )
     sites = example["site"].unique(maintain_order=True).to_list()
     return (

@@ -150,7 +150,7 @@ def tracing_figure(
         .replace_strict({kind: tracing_panel_title(kind, window) for kind in kinds})
         .alias("panel"),
         pl.format(
-            "{}{} · {}",
+            "{}{} ({})",
             pl.col("label"),
             pl.when(pl.col("corrupted")).then(pl.lit("*")).otherwise(pl.lit("")),
             pl.col("position"),
