@@ -263,3 +263,37 @@ def test_aggregate_keeps_only_the_asked_k_and_sites():
         aggregate(rows, ks=[5])
     with pytest.raises(charts.ChartError, match="no site 'mlp_out'"):
         aggregate(rows, sites=["mlp_out"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The causal trace says what its outlined boxes are
+
+
+def test_tracing_caption_explains_outlined_boxes_and_decodes_tokens(tmp_path):
+    n_pos = len(TOKENS_B)
+    grid = np.zeros((1, 3, N_LAYERS, n_pos))
+    grid[0, 0, :2, CHANGED] = 0.6  # restoring the corrupted digit early brings the answer back
+    summary = {
+        "kinds": ["resid", "mlp", "attn"],
+        "layers": list(range(N_LAYERS)),
+        "divergence_indices": [3],
+        "by_position": grid,
+        "labels": {3: [display_token(t) for t in TOKENS_B]},
+        "corrupted": {3: [CHANGED]},
+        "counts": {3: 4},
+        "by_k": {3: (0.9, 0.2)},
+        "clean_prob": 0.9,
+        "corrupted_prob": 0.2,
+        "window": 1,
+        "sigma": 0.3,
+        "noise_scale": 3.0,
+        "n_samples": 2,
+        "corrupt": "changed",
+        "model": "m",
+    }
+    chart = charts.tracing_figure(summary)
+    caption = " ".join(charts.tracing_caption(summary, False, False))
+    assert "outlined" in caption and "outlined white box" in caption
+    text = text_of(chart)
+    assert '"stroke": "#222222"' in text  # the outline the caption explains is drawn
+    assert "Ġ" not in text and "Ċ" not in text

@@ -18,6 +18,8 @@ from seqpatch.charts.layout import (
     _layer_token_base,
     _panel_cells,
     _panel_group,
+    group_rows,
+    group_width,
 )
 from seqpatch.charts.style import NO_DATA, WHITE, ChartError, _nice_ceiling, ordinal
 
@@ -100,7 +102,9 @@ def tracing_caption(summary: Mapping[str, Any], diverging: bool, missing: bool) 
         "chain": "every statement of the query's reference chain",
     }.get(str(summary["corrupt"]), f"statement {summary['corrupt']}")
     lines = [
-        f"Corrupted: {what}, marked * and bold; their input embeddings get Gaussian noise of "
+        f"Corrupted: {what}, marked * and bold, their cells outlined (an outlined white box: "
+        "restoring that state alone does not bring the answer back); their input embeddings "
+        "get Gaussian noise of "
         f"σ = {summary['noise_scale']:g} × std(embeddings) = {summary['sigma']:.3g}, "
         f"{summary['n_samples']} draws per program (seeds stored in the rows).",
         "Rows: the tokens of one example program per k (numbered by position); the grid "
@@ -141,7 +145,9 @@ def tracing_figure(
     ks = [int(k) for k in summary["divergence_indices"]]
     window = int(summary["window"])
     n_pos = max(len(summary["labels"][k]) for k in summary["divergence_indices"])
-    row_h, cell_w, font = _grid_sizes(n_pos, len(layers), max_height - 220)
+    _, cell_w, _ = _grid_sizes(n_pos, len(layers), max_height)
+    n_rows = -(-len(ks) // group_rows(len(ks), group_width(len(kinds), cell_w * len(layers))))
+    row_h, cell_w, font = _grid_sizes(n_pos, len(layers), (max_height - 220) // n_rows)
     scale, diverging = aie_scale(cells["aie"].drop_nulls().to_list())
     missing = bool(cells["aie"].null_count())
     panel_titles = [tracing_panel_title(kind, window) for kind in kinds]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from seqpatch.charts.grid_data import nan_quiet
+from seqpatch.charts.tokens import display_token
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -107,7 +108,7 @@ def tracing_summary(
     marked: dict[int, list[int]] = {}
     for k in summary["divergence_indices"]:
         example = meta[int(np.flatnonzero(ks == k)[0])]
-        labels[k] = list(example["tokens"])
+        labels[k] = [display_token(t) for t in example["tokens"]]
         marked[k] = [int(t) for t in example["corrupted_positions"]]
     first = rows[0]
     return {
