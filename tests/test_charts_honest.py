@@ -297,3 +297,61 @@ def test_tracing_caption_explains_outlined_boxes_and_decodes_tokens(tmp_path):
     text = text_of(chart)
     assert '"stroke": "#222222"' in text  # the outline the caption explains is drawn
     assert "Ġ" not in text and "Ċ" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy: labels apart, the capped length shown
+
+
+def _accuracy_summary() -> pl.DataFrame:
+    acc = [1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.93, 0.93, 0.84, 0.8, 0.75, 0.7]
+    return pl.DataFrame(
+        [
+            {
+                "model_id": "seqpatch/organism",
+                "family": "binding",
+                "seq_len": n + 1,
+                "accuracy": a,
+                "ci_low": a - 0.05,
+                "ci_high": min(1.0, a + 0.03),
+                "n": 100,
+            }
+            for n, a in enumerate(acc)
+        ]
+    )
+
+
+def _texts(spec: dict) -> dict[str, dict]:
+    """Each text layer's words → its mark and the x of its data."""
+    out = {}
+    for layer in spec["layer"]:
+        if layer["mark"].get("type") == "text" and "value" in layer["encoding"]["text"]:
+            rows = spec["datasets"][layer["data"]["name"]]
+            out[layer["encoding"]["text"]["value"]] = {**layer["mark"], "x": rows[0].get("x")}
+    return out
+
+
+@pytest.mark.parametrize("chosen_len", [2, 10, 12])
+def test_threshold_label_sits_away_from_the_chosen_label(chosen_len):
+    spec = charts.accuracy_figure(
+        _accuracy_summary(), 0.8, ("seqpatch/organism", chosen_len)
+    ).to_dict()
+    label = _texts(spec)["choice threshold 0.8"]
+    assert label["baseline"] == "bottom"  # above its line
+    far_end = 1 - 0.45 if chosen_len >= 7.5 else 14 + 0.45
+    assert label["x"] == pytest.approx(far_end)
+
+
+def test_the_capped_length_studied_is_drawn_and_named():
+    spec = charts.accuracy_figure(
+        _accuracy_summary(),
+        0.8,
+        ("seqpatch/organism", 10),
+        studied=8,
+        cap_reason="capped by --max-seq-len 8",
+    ).to_dict()
+    assert "studied: length 8" in _texts(spec)
+    subtitle = " ".join(spec["title"]["subtitle"])
+    assert "the length studied, 8 (the chosen 10, capped by --max-seq-len 8)" in subtitle
+    plain = charts.accuracy_figure(_accuracy_summary(), 0.8, ("seqpatch/organism", 10), studied=10)
+    assert "studied" not in json.dumps(plain.to_dict())  # nothing to say when not capped

@@ -39,6 +39,8 @@ def accuracy_figure(
     version: str | None = None,
     *,
     title: str = "Exact-match accuracy by program length",
+    studied: int | None = None,
+    cap_reason: str = "",
 ) -> alt.LayerChart:
     """Accuracy by length, one line per model (colour + point shape + dash), Wilson 95% bars.
 
@@ -46,7 +48,12 @@ def accuracy_figure(
     ci_low, ci_high, n``). ``threshold`` (the choice's minimum accuracy; default
     ``chosen.min_accuracy``) is a dashed rule; ``chosen`` (a ``choose.Choice``, a mapping or a
     ``(model_id, seq_len)`` tuple) is ringed and labelled. Models are nudged apart along x so
-    their intervals do not hide each other. ``version`` goes in the subtitle.
+    their intervals do not hide each other. ``version`` goes in the subtitle. ``studied`` is
+    the length the study went on with when it differs from the chosen one (the main job caps it:
+    ``cap_reason`` says why), drawn as a dotted vertical line and named in the subtitle.
+
+    The threshold's label sits above its line at the end of the plot away from the chosen
+    length, so it never covers the chosen point's label.
     """
     if summary.is_empty():
         raise ChartError("the benchmark summary is empty: nothing to draw")
@@ -112,17 +119,37 @@ def accuracy_figure(
     )
     layers: list[alt.Chart] = [bars, lines, points]
     threshold = threshold if threshold is not None else _field(chosen, "min_accuracy")
+    pick = _chosen(chosen)
     if threshold is not None:
-        rule = pl.DataFrame({"t": [float(threshold)], "x": [lengths[-1] + 0.45]})
+        # the label goes to the end of the plot away from the chosen length
+        middle = (lengths[0] + lengths[-1]) / 2
+        at_left = pick is None or pick[1] >= middle
+        rule = pl.DataFrame(
+            {"t": [float(threshold)], "x": [lengths[0] - 0.45 if at_left else lengths[-1] + 0.45]}
+        )
         layers.append(alt.Chart(rule).mark_rule(strokeDash=[5, 4], color="#555555").encode(y="t:Q"))
         layers.append(
             alt.Chart(rule)
-            .mark_text(align="right", baseline="top", dy=3, color="#555555", fontSize=11)
+            .mark_text(
+                align="left" if at_left else "right",
+                baseline="bottom",
+                dy=-3,
+                color="#555555",
+                fontSize=11,
+            )
             .encode(x=alt.X("x:Q"), y="t:Q", text=alt.value(f"choice threshold {threshold:g}"))
         )
-    pick = _chosen(chosen)
     if pick is not None:
         layers += _choice_layers(data, pick, chosen, len(families) > 1)
+    if studied is not None and (pick is None or studied != pick[1]):
+        mark = pl.DataFrame({"x": [float(studied)], "y": [1.0]})
+        layers.append(alt.Chart(mark).mark_rule(strokeDash=[2, 3], color="black").encode(x="x:Q"))
+        for halo in ({"stroke": "white", "strokeWidth": 4, "strokeJoin": "round"}, {}):
+            layers.append(
+                alt.Chart(mark)
+                .mark_text(align="left", baseline="top", dx=4, dy=2, fontSize=11, **halo)
+                .encode(x="x:Q", y="y:Q", text=alt.value(f"studied: length {studied}"))
+            )
     subtitle = [
         "Error bars: Wilson 95% interval over the programs of each (model, length)",
         "; ".join(
@@ -134,6 +161,12 @@ def accuracy_figure(
                 ),
                 *(["ringed: the chosen (model, length)"] if pick is not None else []),
             ]
+        ),
+        (
+            f"dotted line: the length studied, {studied}"
+            + (f" (the chosen {pick[1]}, {cap_reason})" if pick and cap_reason else "")
+            if studied is not None and (pick is None or studied != pick[1])
+            else ""
         ),
         f"benchmark version {version}" if version else "",
     ]
