@@ -35,10 +35,11 @@ Positions beyond a shorter pair's ``n_tokens`` are NaN.
 
 Heatmap artifacts (``heatmap_artifacts``): one array per metric, named by it —
 ``heatmap_<metric>.npy``, ``[sites, divergence indices, (mean, std, count), *grid axes]``
-float64 over pairs (``layer, position`` by default) — and ``heatmap.json``, which names the
-axes, the sites, divergence indices, layers, heads and token labels they share, and maps each
-metric to its file. One file per metric, and
-never a bare ``heatmap.npy``, so that an array read without its index still says what it holds.
+float64 over pairs (``layer, position`` by default) — plus the roadmap's ``heatmap.npy``: the
+mean Δ = P(B's answer | patched) − P(B's answer | B) over pairs, ``[sites, divergence indices,
+*grid axes]`` (attribution stores no probabilities: its ``heatmap.npy`` is the mean normalised
+estimate). ``heatmap.json`` names the axes, the sites, divergence indices, layers, heads and
+token labels they share, maps each metric to its file and says what ``heatmap.npy`` holds.
 
 The stage is built in shards of ``shard_size`` pairs (``Store.build_sharded``): an interrupted
 build resumes without recomputing finished shards, and ``--shard i/n`` lets ``n`` jobs share the
@@ -90,6 +91,7 @@ STATEMENT_SEPARATORS = ("\n", ";")  # what ends a line: the code and compact ren
 METHODS = ("auto", "cached", "full", "attribution")
 HEATMAP_INDEX_FILE = "heatmap.json"
 HEATMAP_FILE = "heatmap_normalised.npy"  # the default metric's array, as heatmap_file() names it
+ROADMAP_HEATMAP_FILE = "heatmap.npy"  # the roadmap's deliverable: mean Δ over pairs, per site
 
 
 class PatchingStageError(SeqpatchError):
@@ -501,20 +503,27 @@ def heatmap_file(metric: str) -> str:
 
 
 def heatmap_artifacts(dataset: Dataset, metrics: Sequence[str] = METRICS) -> dict[str, bytes | str]:
-    """The aggregate of each metric as ``heatmap_<metric>.npy`` and their index ``heatmap.json``.
+    """The aggregate of each metric as ``heatmap_<metric>.npy``, the roadmap's ``heatmap.npy``
+    and their index ``heatmap.json``.
 
-    Each array is ``aggregate(dataset, metric)["stats"]``; the index names the axes and their
-    values (shared by every array), maps each metric to its file and says what it measures.
+    Each metric's array is ``aggregate(dataset, metric)["stats"]``; ``heatmap.npy`` is the mean
+    (statistic 0) of ``prob_delta``'s (of ``normalised``'s for attribution rows, which store no
+    probabilities). The index names the axes and their values (shared by every array), maps each
+    metric to its file and says what it measures.
     """
     import io
 
+    def npy(array: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        return buffer.getvalue()
+
     files: dict[str, bytes | str] = {}
     index: dict[str, Any] = {}
+    aggs = {}
     for metric in metrics:
-        agg = aggregate(dataset, metric)
-        buffer = io.BytesIO()
-        np.save(buffer, agg["stats"], allow_pickle=False)
-        files[heatmap_file(metric)] = buffer.getvalue()
+        agg = aggs[metric] = aggregate(dataset, metric)
+        files[heatmap_file(metric)] = npy(agg["stats"])
         index = index or {
             "axes": [
                 "site",
@@ -534,6 +543,15 @@ def heatmap_artifacts(dataset: Dataset, metrics: Sequence[str] = METRICS) -> dic
     index["metrics"] = {
         metric: {"file": heatmap_file(metric), "meaning": METRIC_INFO[metric].formula}
         for metric in metrics
+    }
+    delta = "normalised" if aggs[metrics[0]]["method"] == "attribution" else "prob_delta"
+    agg = aggs.get(delta) or aggregate(dataset, delta)
+    files[ROADMAP_HEATMAP_FILE] = npy(agg["stats"][:, :, 0])
+    index[ROADMAP_HEATMAP_FILE] = {
+        "metric": delta,
+        "statistic": "mean",
+        "axes": [a for a in index["axes"] if a != "statistic"],
+        "meaning": f"mean over pairs of {delta}: {METRIC_INFO[delta].formula}",
     }
     files[HEATMAP_INDEX_FILE] = json.dumps(index, indent=2, ensure_ascii=False) + "\n"
     return files
