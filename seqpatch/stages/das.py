@@ -23,7 +23,14 @@ One row per ``(site, layer, position, k, method)``:
 - ``full`` — the full-vector patch (``k = d_model``, the identity basis), one row per cell.
 
 At ``k = d_model`` every basis spans everything, so ``das``, ``shuffled`` and ``random`` are the
-full patch (identity basis, not trained: ``trained`` is false). ``basis`` is the ``[k, d_model]``
+full patch (identity basis, not trained: ``trained`` is false). ``trained`` says whether training
+moved a basis at all: true only when some epoch beat the random initialisation on the
+validation pairs (``best_epoch > 0``); a basis whose initialisation was never beaten is its
+random start, and says so.
+
+A split with fewer than ``MIN_TEST_PAIRS`` test pairs is refused before any training (each IIA
+would move in steps of 1/n_test: with one test pair every IIA is 0 or 1), unless the config's
+``allow_small`` says the study knowingly accepts it. ``basis`` is the ``[k, d_model]``
 float32 basis itself (orthonormal rows), and ``test_pair_ids`` the pairs its ``iia`` was measured
 on, so ``load_dataset`` users can reproduce and reuse it (``seqpatch.interventions.das.swap``).
 
@@ -55,6 +62,7 @@ STAGE = "das"
 SCHEMA_VERSION = 1
 METHODS = ("das", "shuffled", "random", "full")
 RANK_METRICS = ("normalised", "prob_delta", "logit_diff", "prob_delta_candidates")
+MIN_TEST_PAIRS = 20  # below this an IIA moves in steps of more than 5 points
 
 
 class DasStageError(SeqpatchError):
@@ -75,6 +83,9 @@ class DasConfig:
     batch_size: int = 16  # more steps per epoch: k ≤ 8 still improving at 40 steps of 32
     seed: int = 0
     tolerance: float = 0.02  # "within 2 points of the full-vector patch" (summary.json)
+    # accept fewer than MIN_TEST_PAIRS test pairs; in the version, so a knowingly small study is
+    # told apart from a sound one
+    allow_small: bool = False
 
     def __post_init__(self) -> None:
         if self.top_n < 1:
@@ -140,7 +151,8 @@ def model_specs(cfg: DasConfig, parents: Mapping[str, StageRef]) -> tuple[str, .
 
 
 def prepare(inputs: Inputs, cfg: DasConfig) -> None:
-    """The patching stage must be built from these pairs, and every ``k`` must fit the model."""
+    """The patching stage must be built from these pairs and rankable, the split must hold
+    enough test pairs (``check_split``), and every ``k`` must fit the model."""
     pairs_version = inputs.parents["pairs"].version
     patched_from = [
         p.get("version") for p in inputs.parents["patching"].parents if p.get("stage") == "pairs"
@@ -159,6 +171,7 @@ def prepare(inputs: Inputs, cfg: DasConfig) -> None:
             f"{patching_cfg.get('method', 'auto')}: pass --patching with a version built with "
             "--sites resid_pre,attn_out,mlp_out (axes layer,pos)"
         )
+    check_split(select_pairs(inputs.rows("pairs"), cfg), cfg, cfg.allow_small)
     d_model = inputs.model.d_model
     too_big = [k for k in cfg.ks if k > d_model]
     if too_big:
@@ -220,6 +233,21 @@ def select_pairs(pairs: Dataset, cfg: DasConfig) -> Study:
             f"{list(cfg.split)}; build more pairs (--n-pairs) or choose --divergence-index"
         )
     return Study(rows, int(divergence), int(n_tokens), train, val, test, dropped)
+
+
+def check_split(study: Study, cfg: DasConfig, allow_small: bool = False) -> None:
+    """Refuse a split whose test set is too small for an IIA to mean anything (one line)."""
+    if len(study.test) >= MIN_TEST_PAIRS or allow_small:
+        return
+    n_pairs = len(study.rows)
+    needed = math.ceil(MIN_TEST_PAIRS / cfg.split[2])
+    raise DasStageError(
+        f"only {len(study.test)} test pairs (n_train {len(study.train)}, n_val "
+        f"{len(study.val)}, n_test {len(study.test)} of {n_pairs} pairs at divergence index "
+        f"{study.divergence_index}): an IIA needs at least {MIN_TEST_PAIRS} test pairs to mean "
+        f"anything; build about {needed} pairs at that index (--n-pairs, --divergence-index) or "
+        "pass --allow-small"
+    )
 
 
 @dataclass(frozen=True)
@@ -365,7 +393,7 @@ def _study_cell(
                     **common,
                     "k": d_model if k is None else k,
                     "method": method,
-                    "trained": result is not None,
+                    "trained": result is not None and result.best_epoch > 0,
                     "iia": das.interchange_accuracy(model, basis, test, labels),
                     "iia_val": das.interchange_accuracy(model, basis, val, labels),
                     "iia_train": das.interchange_accuracy(model, basis, train, labels),
