@@ -269,7 +269,30 @@ def _classify(spec: str) -> Literal["builtin", "pretrained", "folder", "hub"]:
             f"path, or use {BUILTIN!r} for the built-in organism or a pretrained name "
             "(`seqpatch models list`)"
         )
+    near = _near_name(spec)
+    if near is not None:
+        raise ModelLoadError(
+            f"{spec!r} is neither {BUILTIN!r}, a pretrained name nor a local folder; did you mean "
+            f"{near!r}? (`seqpatch models list` shows the pretrained names)"
+        )
     return "hub"
+
+
+def _near_name(spec: str) -> str | None:
+    """The built-in or pretrained name a Hub-less ``spec`` (no ``org/``) is a misspelling of:
+    one that starts or ends the same way, or is close by edit distance. Asked before any
+    network request, so a typo fails at once offline instead of after the Hub's timeout."""
+    import difflib
+
+    if "/" in spec:
+        return None
+    names = [BUILTIN, *pretrained.REGISTRY]
+    lowered = spec.lower()
+    prefix = [n for n in names if n.startswith(lowered) or lowered.startswith(n)]
+    if prefix:
+        return prefix[0]
+    close = difflib.get_close_matches(lowered, names, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def _folder_source(spec: str) -> str:
