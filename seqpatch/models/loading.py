@@ -20,6 +20,7 @@ from seqpatch.models import pretrained
 from seqpatch.models.adapters import adapter_for
 from seqpatch.models.errors import ModelLoadError
 from seqpatch.models.handle import ModelHandle
+from seqpatch.progress import library_bars
 from seqpatch.prompts import CodeFormat, CompactFormat, PromptFormat, get_prompt_format
 
 if TYPE_CHECKING:
@@ -369,7 +370,8 @@ def load_model(
             raise ModelLoadError(
                 f"the built-in organism must be a llama model, not {config.model_type!r}"
             )
-        hf_model = LlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        with library_bars(False):
+            hf_model = LlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
         model_id, rev = ORGANISM_ID, _folder_revision(folder)
     else:
@@ -387,13 +389,14 @@ def load_model(
         try:
             config = _load_config(source, revision, trust_remote_code, cache_only)
             adapter_for(config)  # fail on an unknown architecture before loading weights
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                source,
-                revision=revision,
-                dtype=torch_dtype,
-                trust_remote_code=trust_remote_code,
-                local_files_only=cache_only,
-            )
+            with library_bars(False):  # its "Loading weights" bar: not one of seqpatch's bars
+                hf_model = AutoModelForCausalLM.from_pretrained(
+                    source,
+                    revision=revision,
+                    dtype=torch_dtype,
+                    trust_remote_code=trust_remote_code,
+                    local_files_only=cache_only,
+                )
             tokenizer = load_tokenizer(source, revision, trust_remote_code, cache_only)
         except (OSError, HfHubHTTPError) as error:
             if kind != "hub":
