@@ -15,19 +15,30 @@ from typing import TYPE_CHECKING, Any
 from seqpatch.charts.tracing_data import tracing_summary as tracing_summary
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from seqpatch.stages.base import Artifact
 
 DEFAULT_METRIC = "normalised"
 
 
-def heatmap_chart(rows: Any, metric: str = DEFAULT_METRIC) -> Any:
-    """Layer × token heatmaps of the mean effect over pairs, per divergence index and site."""
+def heatmap_chart(
+    rows: Any,
+    metric: str = DEFAULT_METRIC,
+    ks: Sequence[int] | None = None,
+    sites: Sequence[str] | None = None,
+) -> Any:
+    """Layer × token heatmaps of the mean effect over pairs, per divergence index and site;
+    ``ks`` and ``sites`` keep only those divergence indices and sites (``ChartError`` naming
+    the stage's own when one is missing)."""
     from seqpatch import charts
     from seqpatch.charts.grid_data import DEFAULT_AXES, aggregate, grid_axes
 
     if grid_axes(rows) != DEFAULT_AXES:  # heads or whole-stream: their own chart
-        return grid_chart(rows, metric)[0]
-    return charts.heatmap_figure(aggregate(rows, metric), metric, charts.count_pairs(rows))
+        return grid_chart(rows, metric, ks, sites)[0]
+    agg = aggregate(rows, metric, ks=ks, sites=sites)
+    counts = {k: n for k, n in charts.count_pairs(rows).items() if k in agg["divergence_indices"]}
+    return charts.heatmap_figure(agg, metric, counts)
 
 
 def traces_chart(
@@ -52,10 +63,22 @@ def traces_chart(
     return charts.traces_figure(frame, row, metric, **statements), row["pair_id"]
 
 
-def plot_heatmap(rows: Any, out_dir: Path, metric: str = DEFAULT_METRIC) -> list[Path]:
+def plot_heatmap(
+    rows: Any,
+    out_dir: Path,
+    metric: str = DEFAULT_METRIC,
+    ks: Sequence[int] | None = None,
+    sites: Sequence[str] | None = None,
+) -> list[Path]:
+    """Save ``heatmap_chart`` as ``heatmap-<metric>[-k<ks>][-<sites>].html/.png``."""
     from seqpatch.charts import heatmap_name, save_chart
 
-    return save_chart(heatmap_chart(rows, metric), Path(out_dir), heatmap_name(metric))
+    name = heatmap_name(metric)
+    if ks is not None:
+        name += "-k" + "_".join(str(k) for k in ks)
+    if sites is not None:
+        name += "-" + "_".join(sites)
+    return save_chart(heatmap_chart(rows, metric, ks, sites), Path(out_dir), name)
 
 
 def plot_traces(
@@ -125,13 +148,18 @@ def tracing_chart_artifacts(
     return chart_artifacts(tracing_chart(rows, model, noise_scale), tracing_name())
 
 
-def grid_chart(rows: Any, metric: str = DEFAULT_METRIC) -> tuple[Any, str]:
+def grid_chart(
+    rows: Any,
+    metric: str = DEFAULT_METRIC,
+    ks: Sequence[int] | None = None,
+    sites: Sequence[str] | None = None,
+) -> tuple[Any, str]:
     """The chart of a patching stage whose grid is not ``layer,pos``, and its file stem: a
     layer × head heatmap (``layer,head[,pos]``) or a layer line chart (whole-stream ``layer``)."""
     from seqpatch import charts
     from seqpatch.charts.grid_data import aggregate, effect_cells
 
-    agg = aggregate(rows, metric)
+    agg = aggregate(rows, metric, ks=ks, sites=sites)
     cells = effect_cells(agg)
     counts = charts.count_pairs(rows)
     if "head" in agg["axes"]:

@@ -355,3 +355,21 @@ def test_the_capped_length_studied_is_drawn_and_named():
     assert "the length studied, 8 (the chosen 10, capped by --max-seq-len 8)" in subtitle
     plain = charts.accuracy_figure(_accuracy_summary(), 0.8, ("seqpatch/organism", 10), studied=10)
     assert "studied" not in json.dumps(plain.to_dict())  # nothing to say when not capped
+
+
+def test_plot_heatmap_draws_only_the_asked_k_and_sites(tmp_path):
+    from seqpatch.plots import heatmap_chart, plot_heatmap
+
+    rows = pretrained_like(ks=(1, 4, 6), pairs=1)
+    spec = heatmap_chart(rows, ks=[1, 4], sites=["resid_pre"]).to_dict()
+    groups = spec["vconcat"][0]["hconcat"]
+    assert [g["title"]["text"].split(" (")[0] for g in groups] == ["k = 1", "k = 4"]
+    assert {g["facet"]["column"]["sort"][0] for g in groups} == {
+        charts.site_title("resid_pre", "|")
+    }
+    assert len(groups[0]["facet"]["column"]["sort"]) == 1 and "(2 pairs)" in spec["title"]["text"]
+    paths = plot_heatmap(rows, tmp_path, ks=[4], sites=["attn_out"])
+    assert {p.name for p in paths} == {
+        "heatmap-normalised-k4-attn_out.html",
+        "heatmap-normalised-k4-attn_out.png",
+    }
