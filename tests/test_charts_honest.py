@@ -373,3 +373,23 @@ def test_plot_heatmap_draws_only_the_asked_k_and_sites(tmp_path):
         "heatmap-normalised-k4-attn_out.html",
         "heatmap-normalised-k4-attn_out.png",
     }
+
+
+def test_a_wide_head_study_puts_each_k_on_its_own_row():
+    ks, layers, heads = list(range(8)), list(range(30)), list(range(9))
+    cells = pl.DataFrame(
+        [
+            {"site": "head_z", "divergence_index": k, "layer": la, "head": h, "mean": 0.1}
+            | {"std": 0.0, "count": 2}
+            for k in ks
+            for la in layers
+            for h in heads
+        ]
+    )
+    agg = {"sites": ["head_z"], "divergence_indices": ks, "layers": layers, "heads": heads}
+    spec = charts.head_heatmap_figure(cells, agg, "normalised", dict.fromkeys(ks, 2)).to_dict()
+    assert spec["facet"]["row"]["field"] == "k_title"  # 8 × 30 layers would be ~3,000 px across
+    narrow = {**agg, "divergence_indices": [0, 1]}
+    two = cells.filter(pl.col("divergence_index") < 2)
+    spec = charts.head_heatmap_figure(two, narrow, "normalised", {0: 2, 1: 2}).to_dict()
+    assert spec["facet"]["column"]["field"] == "k_title"

@@ -5,11 +5,15 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
+from seqpatch.charts.tokens import display_token
+
 
 def iia_figure(table: pl.DataFrame) -> alt.FacetChart:
     """IIA on the test pairs against k (log scale), one panel per cell: DAS and its controls as
     lines, the full-vector patch as a dashed rule. ``table`` is ``stages.das.table``'s frame."""
     frame = table.with_columns(
+        pl.col("token").map_elements(display_token, return_dtype=pl.String)
+    ).with_columns(
         pl.format("#{} {} L{} · {} '{}'", "rank", "site", "layer", "position", "token").alias(
             "cell"
         )

@@ -10,7 +10,7 @@ import altair as alt
 import polars as pl
 
 from seqpatch.charts.grids import pairs_per_k
-from seqpatch.charts.layout import _cells_frame
+from seqpatch.charts.layout import MAX_WIDTH, _cells_frame
 from seqpatch.charts.style import (
     METRIC_TITLES,
     TOWARDS_A,
@@ -33,7 +33,8 @@ def head_heatmap_figure(
     n_pairs_by_k: Mapping[int, int] | None = None,
 ) -> alt.TopLevelMixin:
     """Layer × head heatmaps (``patching.effect_cells`` of a ``layer,head[,pos]`` grid): one
-    row of panels per site, one panel per divergence index, layers across, heads down.
+    row of panels per site, one panel per divergence index, layers across, heads down; a study
+    whose divergence indices would not fit ``MAX_WIDTH`` across gets one row per index instead.
 
     With a position axis each (layer, head) shows its strongest position: the mean effect at
     the position whose mean has the largest magnitude (the tooltip names the token).
@@ -72,6 +73,25 @@ def head_heatmap_figure(
     if "position" in data.columns:
         tooltip += [alt.Tooltip("position:O"), alt.Tooltip("label:N", title="token")]
     cell = 22 if len(heads) <= 16 else 12
+    panel_w = max(90, cell * len(layers))
+    by_site = alt.Row(
+        "site_title:N",
+        sort=[site_title(s, "|") for s in sites],
+        header=alt.Header(title=None, labelExpr="split(datum.value, '|')"),
+    )
+    k_sort = [f"k = {k} · {counts.get(int(k), 0)} pairs" for k in agg["divergence_indices"]]
+    by_k = alt.Column("k_title:N", sort=k_sort, header=alt.Header(title=None))
+    if len(k_sort) * (panel_w + 20) > MAX_WIDTH:  # a wide study: one row per k, sites across
+        facets = {
+            "row": alt.Row("k_title:N", sort=k_sort, header=alt.Header(title=None)),
+            "column": alt.Column(
+                "site_title:N",
+                sort=[site_title(s, "|") for s in sites],
+                header=alt.Header(title=None, labelExpr="split(datum.value, '|')"),
+            ),
+        }
+    else:
+        facets = {"row": by_site, "column": by_k}
     chart = (
         alt.Chart(data)
         .mark_rect()
@@ -85,21 +105,8 @@ def head_heatmap_figure(
             ),
             tooltip=tooltip,
         )
-        .properties(width=max(90, cell * len(layers)), height=cell * len(heads))
-        .facet(
-            row=alt.Row(
-                "site_title:N",
-                sort=[site_title(s, "|") for s in sites],
-                header=alt.Header(title=None, labelExpr="split(datum.value, '|')"),
-            ),
-            column=alt.Column(
-                "k_title:N",
-                sort=[
-                    f"k = {k} · {counts.get(int(k), 0)} pairs" for k in agg["divergence_indices"]
-                ],
-                header=alt.Header(title=None),
-            ),
-        )
+        .properties(width=panel_w, height=cell * len(heads))
+        .facet(**facets)
     )
     where = (
         "at its strongest position" if "position" in cells.columns else span_title(agg.get("span"))
