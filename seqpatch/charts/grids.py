@@ -11,7 +11,7 @@ patching's effect by layer (``layer_line_figure``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import altair as alt
@@ -50,9 +50,11 @@ def heatmap_caption(
     missing: bool = False,
     method: str | None = None,
     dropped: Mapping[int, tuple[int, int]] | None = None,
+    aligned: Sequence[int] = (),
 ) -> list[str]:
-    """The lines under the heatmap: what the token labels, ``*`` and the colours mean, and
-    which rows were left out (``dropped``: per ``k``, (positions drawn, positions))."""
+    """The lines under the heatmap: what the token labels, ``*`` and the colours mean, which
+    rows were left out (``dropped``: per ``k``, (positions drawn, positions)) and where pairs
+    of different token lengths were aligned at their last token (``aligned``: those ``k``)."""
     _check_metric(metric)
     lines = [
         "Rows: the tokens of one example pair per divergence index (B's prompt, numbered by "
@@ -78,6 +80,12 @@ def heatmap_caption(
         lines.append(
             f"Only patched positions are drawn ({parts}): the others were not patched (see the "
             "gaps in the position numbers)."
+        )
+    if aligned:
+        lines.append(
+            "Pairs of different token lengths (k = "
+            + ", ".join(str(k) for k in aligned)
+            + ") are aligned at their last token; the labels are the longest pair's."
         )
     if metric != "logit_diff":
         lines.append("Values beyond ±1 are drawn at the end colours (clamped).")
@@ -256,7 +264,7 @@ def heatmap_figure(
         groups,
         len(sites),
         cell_w * len(layers),
-        heatmap_caption(metric, missing, method, dropped),
+        heatmap_caption(metric, missing, method, dropped, agg.get("aligned_to_end") or ()),
         heading,
         subtitle,
     )

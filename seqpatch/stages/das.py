@@ -313,6 +313,7 @@ def build(inputs: Inputs, cfg: DasConfig) -> Built:
             bar.update()
     rows = Dataset.from_list(out, features=features(handle.d_model))
     stats = {
+        "patching_version": inputs.parents["patching"].version,  # the heatmap that was ranked
         "divergence_index": study.divergence_index,
         "n_tokens": study.n_tokens,
         "n_pairs": len(study.rows),
