@@ -130,7 +130,9 @@ def test_heatmap_shows_decoded_tokens_not_raw_bpe(rows):
     chart = charts.heatmap_figure(aggregate(rows))
     labels = set(drawn_cells(chart)["label"].to_list())
     assert {"↵", "·"} <= labels and not any("Ġ" in x or "Ċ" in x for x in labels)
-    assert "· = a space, ↵ = a new line" in " ".join(charts.heatmap_caption("normalised"))
+    caption = " ".join(charts.heatmap_caption("normalised", whitespace=True))
+    assert "· = a space, ↵ = a new line" in caption
+    assert "· =" in text_of(chart)  # the caption (wrapped) says what the marks are
     assert "↵ (12)" in set(drawn_cells(chart)["token"].to_list())  # label, then its position
 
 

@@ -43,6 +43,7 @@ from seqpatch.charts.style import (
     site_title,
     span_title,
 )
+from seqpatch.charts.tokens import NEWLINE, SPACE
 
 
 def heatmap_caption(
@@ -51,14 +52,17 @@ def heatmap_caption(
     method: str | None = None,
     dropped: Mapping[int, tuple[int, int]] | None = None,
     aligned: Sequence[int] = (),
+    whitespace: bool = False,
 ) -> list[str]:
     """The lines under the heatmap: what the token labels, ``*`` and the colours mean, which
     rows were left out (``dropped``: per ``k``, (positions drawn, positions)) and where pairs
-    of different token lengths were aligned at their last token (``aligned``: those ``k``)."""
+    of different token lengths were aligned at their last token (``aligned``: those ``k``);
+    ``whitespace``: the labels show the marks for spaces and new lines, so say what they are."""
     _check_metric(metric)
     lines = [
         "Rows: the tokens of one example pair per divergence index (B's prompt, numbered by "
-        "position; · = a space, ↵ = a new line); * marks the tokens where A and B differ.",
+        f"position{'; · = a space, ↵ = a new line' if whitespace else ''}); * marks the tokens "
+        "where A and B differ.",
         METRIC_MEANINGS[metric],
         "k = the statement that differs between A and B (counted from 0); each group of panels "
         "averages over the pairs that diverge there.",
@@ -264,7 +268,16 @@ def heatmap_figure(
         groups,
         len(sites),
         cell_w * len(layers),
-        heatmap_caption(metric, missing, method, dropped, agg.get("aligned_to_end") or ()),
+        heatmap_caption(
+            metric,
+            missing,
+            method,
+            dropped,
+            agg.get("aligned_to_end") or (),
+            whitespace=any(
+                SPACE in label or NEWLINE in label for k in ks for label in agg["labels"][k]
+            ),
+        ),
         heading,
         subtitle,
     )
