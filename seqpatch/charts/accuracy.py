@@ -140,14 +140,15 @@ def accuracy_figure(
             .encode(x=alt.X("x:Q"), y="t:Q", text=alt.value(f"choice threshold {threshold:g}"))
         )
     if pick is not None:
-        layers += _choice_layers(data, pick, chosen, len(families) > 1)
+        middle = (lengths[0] + lengths[-1]) / 2
+        layers += _choice_layers(data, pick, chosen, len(families) > 1, threshold, middle)
     if studied is not None and (pick is None or studied != pick[1]):
-        mark = pl.DataFrame({"x": [float(studied)], "y": [1.0]})
+        mark = pl.DataFrame({"x": [float(studied)], "y": [0.0]})  # at the foot: the top is busy
         layers.append(alt.Chart(mark).mark_rule(strokeDash=[2, 3], color="black").encode(x="x:Q"))
         for halo in ({"stroke": "white", "strokeWidth": 4, "strokeJoin": "round"}, {}):
             layers.append(
                 alt.Chart(mark)
-                .mark_text(align="left", baseline="top", dx=4, dy=2, fontSize=11, **halo)
+                .mark_text(align="left", baseline="bottom", dx=4, dy=-3, fontSize=11, **halo)
                 .encode(x="x:Q", y="y:Q", text=alt.value(f"studied: length {studied}"))
             )
     subtitle = [
@@ -184,9 +185,15 @@ def accuracy_figure(
 
 
 def _choice_layers(
-    data: pl.DataFrame, pick: tuple[str, int, str | None], chosen: Any, by_family: bool
+    data: pl.DataFrame,
+    pick: tuple[str, int, str | None],
+    chosen: Any,
+    by_family: bool,
+    threshold: float | None = None,
+    middle: float = 0.0,
 ) -> list[alt.Chart]:
-    """A black ring on the chosen (model, length) and a label above it (below, near 1.0)."""
+    """A black ring on the chosen (model, length) and a label above it (below near 1.0; beside
+    it when the threshold line runs just below)."""
     model_id, seq_len, family = pick
     match = data.filter((pl.col("model_id") == model_id) & (pl.col("seq_len") == seq_len))
     if family is not None and by_family:
@@ -203,15 +210,31 @@ def _choice_layers(
         .head(1)
         .with_columns(pl.lit(f"chosen: {model_id}, length {seq_len}").alias("label"))
     )
-    high = float(mark["accuracy"][0]) > 0.85
+    acc = float(mark["accuracy"][0])
+    # above the ring where the label fits under 1.0, else below it; a threshold line in the
+    # way below puts the label beside the ring instead
+    high = acc > 0.9
+    beside = high and threshold is not None and acc - 0.14 <= threshold <= acc
     ring = (
         alt.Chart(mark)
         .mark_point(shape="circle", size=420, filled=False, strokeWidth=2.5, color="black")
         .encode(x="x:Q", y="accuracy:Q")
     )
-    text = dict(
-        align="center", baseline="top" if high else "bottom", dy=16 if high else -16, fontSize=11
-    )
+    if beside:
+        right_half = float(mark["x"][0]) > middle
+        text: dict[str, Any] = dict(
+            align="right" if right_half else "left",
+            baseline="middle",
+            dx=-16 if right_half else 16,
+            fontSize=11,
+        )
+    else:
+        text = dict(
+            align="center",
+            baseline="top" if high else "bottom",
+            dy=16 if high else -16,
+            fontSize=11,
+        )
     halo = alt.Chart(mark).mark_text(
         **text, fontWeight="bold", stroke="white", strokeWidth=4, strokeJoin="round"
     )
