@@ -395,3 +395,21 @@ def test_a_wide_head_study_puts_each_k_on_its_own_row():
     two = cells.filter((pl.col("divergence_index") < 2) & (pl.col("layer") < 4))
     spec = charts.head_heatmap_figure(two, narrow, "normalised", {0: 2, 1: 2}).to_dict()
     assert spec["facet"]["column"]["field"] == "k_title"
+
+
+def test_top_heads_of_a_wide_study_wrap_into_rows():
+    ks, n_pos = list(range(6)), 80
+    cells = pl.DataFrame(
+        [
+            {"site": "head_z", "divergence_index": k, "layer": 0, "head": h, "position": t}
+            | {"label": f"t{t}", "mean": 0.1 * h, "std": 0.0, "count": 2}
+            for k in ks
+            for h in range(3)
+            for t in range(n_pos)
+        ]
+    )
+    agg = {"sites": ["head_z"], "divergence_indices": ks, "labels": {k: ["t"] * n_pos for k in ks}}
+    spec = charts.top_heads_figure(cells, agg, "normalised", dict.fromkeys(ks, 2)).to_dict()
+    rows = spec["vconcat"]
+    per_row = [len(r["facet"]["column"]["sort"]) for r in rows]
+    assert sum(per_row) == len(ks) and max(per_row) * (9 * n_pos + 14) + 150 <= 1250

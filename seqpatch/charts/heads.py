@@ -123,6 +123,9 @@ def head_heatmap_figure(
     ).configure_view(stroke=None)
 
 
+HEAD_LABEL_W = 150  # CSS pixels of a row's head label ("L0 H5 · peak +0.93")
+
+
 def top_heads(cells: pl.DataFrame, n: int = 6) -> pl.DataFrame:
     """The ``n`` (layer, head) pairs of each site with the largest peak mean effect.
 
@@ -214,8 +217,9 @@ def top_heads_figure(
     )
     n_pos = max(len(agg["labels"][k]) for k in ks)
     changed = "indexof(datum.value, '* (') >= 0"
-    chart = (
-        alt.Chart(data)
+    panel_w = max(160, 9 * n_pos)
+    bars = (
+        alt.Chart()
         .mark_bar()
         .encode(
             x=alt.X(
@@ -246,20 +250,32 @@ def top_heads_figure(
                 alt.Tooltip("count:Q", title="pairs in cell"),
             ],
         )
-        .properties(width=max(160, 9 * n_pos), height=70)
-        .facet(
-            row=alt.Row(
-                "head_title:N",
-                sort=alt.EncodingSortField(field="rank", order="ascending"),
-                header=alt.Header(title=None, labelAngle=0, labelAlign="left", labelFontSize=11),
-            ),
-            column=alt.Column(
-                "k_title:N", sort=[k_titles[k] for k in ks], header=alt.Header(title=None)
-            ),
-            spacing={"row": 8, "column": 14},
-        )
-        .resolve_scale(x="independent")
+        .properties(width=panel_w, height=70)
     )
+
+    def columns(chunk: list[int]) -> alt.FacetChart:
+        return (
+            bars.properties(data=data.filter(pl.col("divergence_index").is_in(chunk)))
+            .facet(
+                row=alt.Row(
+                    "head_title:N",
+                    sort=alt.EncodingSortField(field="rank", order="ascending"),
+                    header=alt.Header(
+                        title=None, labelAngle=0, labelAlign="left", labelFontSize=11
+                    ),
+                ),
+                column=alt.Column(
+                    "k_title:N", sort=[k_titles[k] for k in chunk], header=alt.Header(title=None)
+                ),
+                spacing={"row": 8, "column": 14},
+            )
+            .resolve_scale(x="independent")
+        )
+
+    # a wide study: its divergence indices wrapped into rows of columns under MAX_WIDTH
+    per_row = max(1, (MAX_WIDTH - HEAD_LABEL_W) // (panel_w + 14))
+    chunks = [ks[i : i + per_row] for i in range(0, len(ks), per_row)]
+    chart: Any = columns(ks) if len(chunks) == 1 else alt.vconcat(*map(columns, chunks))
     caption = [
         "Bars: mean over pairs of patching A's activation of that one head, at that one token, "
         "into B; blue = towards A's answer, red = away from it.",
