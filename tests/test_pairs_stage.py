@@ -305,3 +305,10 @@ def test_unreachable_target_says_why(compact_llama, tmp_path):
 def test_bad_divergence_index():
     with pytest.raises(PairsStageError, match="out of range"):
         PairsConfig(model="builtin", seq_len=4, divergence_indices=(4,))
+
+
+def test_the_rejection_summary_does_not_count_changes_drawn_as_a_rejection():
+    from seqpatch.stages.pairs import describe_rejections
+
+    text = describe_rejections({"token_length": 3, "changes_drawn": 120, "wrong_answer_a": 1})
+    assert text == "rejections: token_length=3, wrong_answer_a=1; 120 changes drawn"
