@@ -138,7 +138,7 @@ def execute(
     version = store.version_for(stage, module.SCHEMA_VERSION, cfg, refs.values(), model)
     found = store.find(stage, version)
     if found is not None:
-        return dataclasses.replace(found, reused=True)
+        return dataclasses.replace(store.check(found), reused=True)  # reused: read next
     inputs = Inputs(refs, models, specs, progress, version)
     prepare = getattr(module, "prepare", None)
     artifacts = getattr(module, "artifacts", None)

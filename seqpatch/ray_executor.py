@@ -98,6 +98,7 @@ class RayExecutor:
         missing = [i for i in store.missing_shards(stage, version, n_shards) if i in wanted]
         if not missing:
             return []
+        store.check_parents(inputs.parents.values())  # workers read them: never a damaged one
         ray = _ray()
         started = self._connect(ray)
         actors: list[Any] = []

@@ -176,8 +176,10 @@ def verify(
 ) -> None:
     """Check every stored version against the SHA-256 and row count recorded at its commit.
 
-    Also lists debris that interrupted builds left. Exits 1 when anything is damaged (after
-    --clean: when anything could not be removed).
+    Anything standing at a version's name that is not a complete version (no seqpatch.json, a
+    file instead of a folder, provenance without its checksum) is damaged too. Also lists debris
+    that interrupted builds left. Exits 1 when anything is damaged (after --clean: when
+    anything could not be removed), 2 for a stage that is not stored.
     """
     from seqpatch.store import Store
 
