@@ -42,15 +42,15 @@ def plot_accuracy(
     """Redraw accuracy by program length (Wilson 95% intervals) from a stored benchmark."""
     from seqpatch.choose import CHOSEN_FILE, read_chosen
     from seqpatch.plots import default_charts_dir
-    from seqpatch.stages.benchmark import STAGE, write_accuracy_chart
-    from seqpatch.store import Store
+    from seqpatch.stages.benchmark import STAGE, accuracy_chart_artifacts
+    from seqpatch.store import Store, write_artifacts
 
     store = Store(data_dir)
     out = store.output_folder(out) if out is not None else None
     ref = store.resolve(STAGE, benchmark)
     chosen = read_chosen(data_dir) if (store.data_dir / CHOSEN_FILE).is_file() else None
-    out = out or store.output_folder(default_charts_dir(ref))
-    for path in write_accuracy_chart(ref, out, chosen=chosen):
+    charts = accuracy_chart_artifacts(ref, chosen=chosen)
+    for path in write_artifacts(out or store.output_folder(default_charts_dir(ref)), charts):
         typer.echo(f"chart: {path}")
 
 

@@ -24,9 +24,10 @@ its tokenizer (``prepare``), before anything is written.
 
 ``summarize(rows)`` gives accuracy per (model, family, seq_len) with Wilson 95% intervals; the
 stage's artifact ``results_summary.csv`` is written into the version at its commit. The accuracy
-chart is drawn once per study, outside the version (``write_accuracy_chart``: ``seqpatch run``,
-``seqpatch plot accuracy``), where it can mark the choice made from this version and the length
-studied; the version holds no second, unannotated copy.
+chart is drawn once per study, outside the version (``accuracy_chart_artifacts``: ``seqpatch
+run``, ``seqpatch plot accuracy``), where it can mark the choice made from this version and the
+length studied; the version holds no second, unannotated copy. ``summary_artifacts`` redraws the
+summary elsewhere.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from datasets import Features, Value
 
 from seqpatch.errors import SeqpatchError
-from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec
+from seqpatch.options import option
+from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec, chart_artifacts
 
 if TYPE_CHECKING:
     import polars as pl
@@ -90,9 +91,16 @@ class BenchmarkConfig:
     (default: ``compact`` for the organism, ``code`` otherwise).
     """
 
-    models: tuple[str, ...]
-    batch_size: int = 64  # rows per forward pass; recorded since padding can move the last ulp
-    max_new_tokens: int = 8  # enough for '-123' plus a stop token under digit-wise tokenizers
+    models: tuple[str, ...] = option(
+        ("builtin",),
+        "Comma-separated: builtin, local folders, Hub ids; add :compact, :code or :code-chat to "
+        "choose a model's prompt format.",
+        parse=lambda text: parse_models(text),
+    )
+    # rows per forward pass; in the config since padding can move the last ulp
+    batch_size: int = option(64, "Prompts per forward.")
+    # enough for '-123' plus a stop token under digit-wise tokenizers
+    max_new_tokens: int = option(8, "Longest greedy continuation, in tokens.")
 
     def __post_init__(self) -> None:
         models = tuple(m.strip() for m in self.models)
@@ -118,6 +126,7 @@ def parse_models(text: str) -> tuple[str, ...]:
 
 CONFIG = BenchmarkConfig
 PARENTS = (ParentSpec(PARENT_STAGE),)
+SHARD_SIZE = None  # one shard per model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +326,7 @@ def build_shard(inputs: Inputs, cfg: BenchmarkConfig, index: int) -> Built:
 
 def artifacts(rows: Dataset, cfg: BenchmarkConfig, inputs: Inputs) -> dict[str, Artifact]:
     """``results_summary.csv``, written into the version at commit (the accuracy chart is drawn
-    outside it: ``write_accuracy_chart``)."""
+    outside it: ``accuracy_chart_artifacts``)."""
     return {SUMMARY_CSV: summarize(rows).write_csv}
 
 
@@ -411,30 +420,27 @@ def load_summary(ref: StageRef) -> pl.DataFrame:
     return summarize(Dataset.load_from_disk(str(ref.path)))
 
 
-def write_summary(ref: StageRef, out_dir: Path) -> Path:
-    """Write ``results_summary.csv`` of a stored version into ``out_dir``; returns its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / SUMMARY_CSV
-    load_summary(ref).write_csv(path)
-    return path
+def summary_artifacts(ref: StageRef) -> dict[str, Artifact]:
+    """``results_summary.csv`` of a stored version, as an artifact to write elsewhere
+    (``seqpatch.store.write_artifacts``)."""
+    return {SUMMARY_CSV: load_summary(ref).write_csv}
 
 
-def write_accuracy_chart(
+def accuracy_chart_artifacts(
     ref: StageRef,
-    out_dir: Path,
     formats: Sequence[str] = ("html", "png"),
     chosen: Mapping[str, Any] | None = None,
     studied: int | None = None,
     cap_reason: str = "",
-) -> list[Path]:
-    """Draw accuracy by length (one line per model) of a stored version into ``out_dir``.
+) -> dict[str, Artifact]:
+    """Accuracy by length (one line per model) of a stored version, as artifacts to write
+    elsewhere (``seqpatch.store.write_artifacts``).
 
     ``chosen`` (``chosen_model.json``'s contents) marks the choice and its threshold when it
     was made from this version; ``studied`` the length the study went on with when it is not the
     chosen one (``cap_reason`` says why).
     """
-    from seqpatch.charts import accuracy_figure, save_chart
+    from seqpatch.charts import accuracy_figure
 
     mark = chosen if chosen and chosen.get("benchmark_version") == ref.version else None
     chart = accuracy_figure(
@@ -445,4 +451,4 @@ def write_accuracy_chart(
         studied=studied,
         cap_reason=cap_reason,
     )
-    return save_chart(chart, Path(out_dir), CHART_NAME, formats)
+    return chart_artifacts(chart, CHART_NAME, tuple(formats))

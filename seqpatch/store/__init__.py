@@ -35,7 +35,7 @@ resumable builds whose shards carry their own hashes), ``verify`` (``seqpatch ve
 """
 
 from seqpatch.store.core import Store, load_stage
-from seqpatch.store.files import write_json
+from seqpatch.store.files import write_artifacts, write_json
 from seqpatch.store.integrity import content_hash, hash_memo_dir
 from seqpatch.store.refs import (
     DATA_DIR_ENV,
@@ -97,5 +97,6 @@ __all__ = [
     "parent_record",
     "parents_of",
     "resolve_data_dir",
+    "write_artifacts",
     "write_json",
 ]

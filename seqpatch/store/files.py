@@ -75,6 +75,18 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
         raise
 
 
+def write_artifacts(
+    folder: str | os.PathLike[str], artifacts: Mapping[str, Artifact]
+) -> list[Path]:
+    """Write artifacts (as a stage module returns them) into ``folder`` — charts and tables
+    redrawn outside a version folder; returns the paths written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, artifact in artifacts.items():
+        write_artifact(folder, name, artifact)
+    return [folder / name for name in artifacts]
+
+
 def write_artifact(folder: Path, name: str, artifact: Artifact) -> None:
     target = folder / name
     if target.resolve().parent != folder.resolve() or name in (PROVENANCE_FILE,):

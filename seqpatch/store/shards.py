@@ -109,6 +109,8 @@ class ShardedBuilds:
         finish: Callable[[Dataset], Artifacts] | None = None,
         before: Callable[[], None] | None = None,
         runtime: Callable[[], Mapping[str, Any]] | None = None,
+        manifest: Mapping[str, Any] | None = None,
+        join: bool = True,
     ) -> StageRef | None:
         """Like ``get_or_build``, one shard at a time, resuming after an interruption.
 
@@ -121,7 +123,10 @@ class ShardedBuilds:
         ``only_shards`` just those shards are built (one job of several sharing the work
         folder); the version is committed, and returned, only once every shard exists. Shards
         another process is computing are waited for, never computed twice. Every stored parent
-        is checked (content hashes) before anything is computed.
+        is checked (content hashes) before anything is computed. ``manifest`` (the config,
+        parents and shard size) is kept in the work folder's manifest, so ``seqpatch merge`` can
+        join the shards exactly; ``join=False`` builds shards only and returns ``None`` (a
+        ``--shard i/n`` job).
         """
         if n_shards < 1:
             raise StoreError(f"n_shards must be >= 1, got {n_shards}")
@@ -137,13 +142,13 @@ class ShardedBuilds:
         work = self.stage_dir(stage) / f"{version}{PARTIAL_SUFFIX}"
         self._check_work_folder(stage, work)
         if work.is_dir():
-            self._check_manifest(work, version, n_shards)  # may start a damaged folder over
+            self._check_manifest(work, version, n_shards, manifest)  # may start a damaged one over
         missing = [i for i in wanted if not shard_ok(work / shard_name(i))]
         if missing and before is not None:
             before()  # a failing check leaves nothing behind
         self._make_stage_dir(stage)
         if missing:
-            self._check_manifest(work, version, n_shards)
+            self._check_manifest(work, version, n_shards, manifest)
         waiting = []
         for index in missing:
             if self.find(stage, version) is not None:
@@ -162,6 +167,8 @@ class ShardedBuilds:
             with self._shard_lock(work, index):
                 if self.find(stage, version) is None:
                     self._build_shard(stage, version, work, index, n_shards, build_shard_fn)
+        if not join:
+            return None
 
         with self.lock(stage, version):
             found = self.find(stage, version)
@@ -263,11 +270,29 @@ class ShardedBuilds:
         removes while a racing one may still be taking locks."""
         return shard_lock_at(work.parent / f".{work.name}.{shard_name(index)}{LOCK_SUFFIX}")
 
-    def _check_manifest(self, work: Path, version: str, n_shards: int) -> None:
+    def unfinished(self, stage: str) -> list[tuple[str, dict[str, Any], list[int]]]:
+        """Work folders of ``stage`` holding shards: ``(version, manifest, missing shards)``."""
+        found = []
+        stage_dir = self.stage_dir(stage)
+        for work in sorted(stage_dir.glob(f"*{PARTIAL_SUFFIX}")) if stage_dir.is_dir() else []:
+            try:
+                manifest = json.loads((work / SHARD_MANIFEST).read_text())
+                version, n_shards = manifest["version"], int(manifest["n_shards"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            missing = [i for i in range(n_shards) if not shard_ok(work / shard_name(i))]
+            found.append((version, manifest, missing))
+        return found
+
+    def _check_manifest(
+        self, work: Path, version: str, n_shards: int, extra: Mapping[str, Any] | None = None
+    ) -> None:
         """Refuse to mix shards cut for a different ``n_shards`` into one version; a manifest
-        that does not parse means the work folder cannot be trusted, so it starts over."""
+        that does not parse means the work folder cannot be trusted, so it starts over.
+        ``extra`` (what built the shards) is added to the manifest when it lacks it."""
         manifest = work / SHARD_MANIFEST
-        wanted = {"version": version, "n_shards": n_shards}
+        key = {"version": version, "n_shards": n_shards}
+        wanted = {**(extra or {}), **key}
         if manifest.exists() or manifest.is_symlink():
             try:
                 found = json.loads(manifest.read_text())
@@ -276,13 +301,13 @@ class ShardedBuilds:
             if not isinstance(found, dict) or found.get("version") != version:
                 logger.warning("%s has an unreadable manifest; starting its shards over", work)
                 remove(work)
-            elif found != wanted:
+            elif {k: found.get(k) for k in key} != key:
                 raise StoreError(
                     f"{work} holds shards of an interrupted build with n_shards="
                     f"{found.get('n_shards')}, not {n_shards}; rerun with the same number of "
-                    f"shards, or delete {work} to start over"
+                    f"shards (--shard-size), or delete {work} to start over"
                 )
-            else:
+            elif set(wanted) <= set(found):
                 return
         for attempt in range(3):  # a finished racing build may remove the folder meanwhile
             work.mkdir(parents=True, exist_ok=True)
