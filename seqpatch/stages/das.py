@@ -94,9 +94,12 @@ class DasConfig:
     batch_size: int = option(16, "Pairs per step.", min=1)
     seed: int = option(0, SEED_HELP)
     tolerance: float = 0.02  # "within 2 points of the full-vector patch" (summary.json)
-    # accept fewer than MIN_TEST_PAIRS test pairs; in the version, so a knowingly small study is
-    # told apart from a sound one
-    allow_small: bool = False
+    # in the version, so a knowingly small study is told apart from a sound one
+    allow_small: bool = option(
+        False,
+        f"Accept a split with fewer than {MIN_TEST_PAIRS} test pairs (each IIA then moves in "
+        f"steps of more than {100 // MIN_TEST_PAIRS} points).",
+    )
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
