@@ -309,6 +309,24 @@ def test_exported_bases_reproduce_stored_iia(organism_study, tmp_path):
     assert checked == 4
 
 
+def test_das_cli_refuses_a_small_split_and_names_the_version_it_ranked(organism_study):
+    from typer.testing import CliRunner
+
+    from seqpatch.cli import app
+
+    store, _, ref = organism_study
+    patching = next(p["version"] for p in ref.provenance["parents"] if p["stage"] == "patching")
+    command = ["build", "das", "--top-n", "1", "--ks", "1", "--epochs", "1"]
+    command += ["--data-dir", str(store.data_dir)]
+    refused = CliRunner().invoke(app, command)
+    assert refused.exit_code == 2
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--allow-small" in lines[0] and "test pairs" in lines[0]
+    done = CliRunner().invoke(app, [*command, "--allow-small"])
+    assert done.exit_code == 0, done.output
+    assert f"ranked the cells of patching version {patching}" in done.output
+
+
 def test_das_refuses_a_patching_parent_it_cannot_rank(tmp_path) -> None:
     """Head grids and attribution estimates have no (site, layer, position) cells to rotate."""
     from seqpatch.stages import das

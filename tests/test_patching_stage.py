@@ -248,6 +248,23 @@ def test_heatmap_arrays_are_named_by_their_metric(handle, data_dir, models):
     written = {p.name for p in ref.path.iterdir()}
     assert {patching.HEATMAP_FILE, patching.HEATMAP_INDEX_FILE, "heatmap.npy"} <= written
 
+    # seqpatch plot heatmap --k --sites draws part of the study, and names what exists otherwise
+    from typer.testing import CliRunner
+
+    from seqpatch.cli import app
+
+    out = data_dir.parent / "figures"
+    plot = ["plot", "heatmap", "--data-dir", str(data_dir), "--out", str(out)]
+    done = CliRunner().invoke(app, [*plot, "--k", "3", "--sites", "mlp_out"])
+    assert done.exit_code == 0, done.output
+    assert {p.name for p in out.iterdir()} == {
+        "heatmap-normalised-k3-mlp_out.html",
+        "heatmap-normalised-k3-mlp_out.png",
+    }
+    wrong = CliRunner().invoke(app, [*plot, "--k", "7"])
+    assert wrong.exit_code == 2
+    assert "no divergence index 7 in this patching stage; it has 1, 3" in wrong.output
+
 
 def test_cached_activations_give_the_same_effects(data_dir, models):
     pipeline.build_activations(("resid_pre",), data_dir=data_dir, models=models)
