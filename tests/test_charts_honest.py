@@ -413,3 +413,20 @@ def test_top_heads_of_a_wide_study_wrap_into_rows():
     rows = spec["vconcat"]
     per_row = [len(r["facet"]["column"]["sort"]) for r in rows]
     assert sum(per_row) == len(ks) and max(per_row) * (9 * n_pos + 14) + 150 <= 1250
+
+
+@pytest.mark.parametrize(("metric", "blue_when"), [("normalised", ">="), ("prob_delta", "<=")])
+def test_top_head_bars_are_blue_where_the_metric_means_towards_a(metric, blue_when):
+    cells = pl.DataFrame(
+        [
+            {"site": "head_z", "divergence_index": 1, "layer": 0, "head": h, "position": t}
+            | {"label": f"t{t}", "mean": -0.5 if h else 0.5, "std": 0.0, "count": 2}
+            for h in range(2)
+            for t in range(3)
+        ]
+    )
+    agg = {"sites": ["head_z"], "divergence_indices": [1], "labels": {1: ["t"] * 3}}
+    spec = charts.top_heads_figure(cells, agg, metric, {1: 2}).to_dict()
+    color = spec["spec"]["encoding"]["color"]
+    assert color["condition"]["test"] == f"datum.mean {blue_when} 0"
+    assert color["condition"]["value"] == charts.TOWARDS_A

@@ -24,6 +24,7 @@ from seqpatch.charts.style import (
     site_title,
     span_title,
 )
+from seqpatch.metrics import METRIC_INFO
 
 
 def head_heatmap_figure(
@@ -238,7 +239,11 @@ def top_heads_figure(
                 title=legend_title(metric, agg.get("method")),
                 axis=alt.Axis(tickCount=3),
             ),
-            color=alt.condition("datum.mean >= 0", alt.value(TOWARDS_A), alt.value(TOWARDS_B)),
+            color=alt.condition(  # blue where the metric's sign means "towards A's answer"
+                "datum.mean >= 0" if METRIC_INFO[metric].towards_a > 0 else "datum.mean <= 0",
+                alt.value(TOWARDS_A),
+                alt.value(TOWARDS_B),
+            ),
             tooltip=[
                 alt.Tooltip("site:N"),
                 alt.Tooltip("head_title:N", title="head"),
