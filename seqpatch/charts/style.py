@@ -60,7 +60,7 @@ POSITION_SET_TITLES = {
 POSITION_SELECTION_TITLES = {
     "": "every token",
     "all": "every token",
-    "changed+ends+last": "only the changed tokens, the end of every later line and the last token",
+    "changed+ends+last": "only the changed tokens, later line ends and the last token",
 }
 
 
