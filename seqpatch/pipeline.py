@@ -491,9 +491,15 @@ def run(
         "choose",
         lambda: choose(cfg.min_accuracy, cfg.min_seq_len, bench.version, store.data_dir),
     )
-    charts = accuracy_chart_artifacts(bench, ("png",), chosen=read_chosen(store.data_dir))
-    report.charts += write_artifacts(default_charts_dir(bench), charts)
     seq_len = min(choice.seq_len, cfg.max_seq_len)
+    charts = accuracy_chart_artifacts(
+        bench,
+        ("png",),
+        chosen=read_chosen(store.data_dir),
+        studied=seq_len,
+        cap_reason=f"capped by --max-seq-len {cfg.max_seq_len}",
+    )
+    report.charts += write_artifacts(default_charts_dir(bench), charts)
     if seq_len < choice.seq_len:
         echo(
             f"  studying seq_len {seq_len}: the chosen length {choice.seq_len} is capped by "

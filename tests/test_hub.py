@@ -134,7 +134,14 @@ def patching_snapshot(tmp_path: Path, n: int = 4) -> StageSnapshot:
         "divergence_indices": [0],
         "layers": list(range(LAYERS)),
         "labels": {"0": [f"t{i}" for i in range(POSITIONS)]},
+        "heatmap.npy": {
+            "metric": "prob_delta",
+            "statistic": "mean",
+            "axes": ["site", "divergence_index", "layer", "position"],
+            "meaning": "mean over pairs of prob_delta",
+        },
     }
+    np.save(version_dir / "heatmap.npy", rng.standard_normal((2, 1, LAYERS, POSITIONS)))
     (version_dir / "heatmap.json").write_text(json.dumps(index))
     (version_dir / "heatmap.png").write_bytes(b"\x89PNG\r\n\x1a\nnot-a-real-image")
     (version_dir / "heatmap.html").write_text("<html></html>")
@@ -177,6 +184,7 @@ def test_exported_stages_load_back_with_same_rows_and_features(tmp_path: Path) -
     assert json.loads((folder / "activations" / "seqpatch.json").read_text())["version"] == "act-v1"
     assert sorted(p.name for p in (folder / "patching").iterdir()) == [
         "heatmap.json",
+        "heatmap.npy",
         "heatmap.png",
         "heatmap_prob_delta.npy",
         "seqpatch.json",
@@ -239,6 +247,8 @@ def test_card_lists_every_config_and_shows_real_statistics(tmp_path: Path) -> No
         f"| `patching/heatmap_prob_delta.npy` | prob_delta: Δ P(B) | 2 × 1 × 3 × {LAYERS} × {POSITIONS} |"
         in text
     )
+    assert "| `patching/heatmap.npy` | prob_delta (mean only" in text  # the roadmap's array
+    assert f"| 2 × 1 × {LAYERS} × {POSITIONS} |" in text
     assert "`mlp_out`, `resid_pre`" in text  # patching sites
     assert 'load_dataset("alice/study", "pairs", split="train")' in text
     assert '"seed": 0' in text and "0.1.0" in text  # config and seqpatch version

@@ -383,7 +383,8 @@ def test_build_das_refuses_a_damaged_patching_parent(study, damage: str) -> None
     with pytest.raises(DamagedVersionError, match=rf"patching/{patching.name}.*--clean"):
         # what `seqpatch build das` does: the newest rankable patching version, then execute
         ref = store.versions("patching")[-1]
-        execute("das", DasConfig(epochs=1), {"patching": ref}, store=store, models=models)
+        cfg = DasConfig(epochs=1, allow_small=True)  # a 6-pair study: the damage is the point
+        execute("das", cfg, {"patching": ref}, store=store, models=models)
     assert not store.stage_dir("das").exists()
 
 

@@ -114,11 +114,13 @@ def _pairs(options: dict[str, Any], runtime: RuntimeSettings, **given: Any) -> N
     divergence = given.pop("divergence_index")
     ref = build_pairs(divergence=divergence, runtime=runtime, **given, **options)
     report(ref)
+    from seqpatch.stages.pairs import describe_rejections
+
     extra = ref.provenance.get("extra", {})
     if "rejections" in extra:
         typer.echo(
-            f"candidates {extra['candidates']}, accepted {extra['accepted']}; rejections: "
-            + ", ".join(f"{k}={v}" for k, v in extra["rejections"].items())
+            f"candidates {extra['candidates']}, accepted {extra['accepted']}; "
+            + describe_rejections(extra["rejections"])
         )
 
 
@@ -223,6 +225,8 @@ def _das(
 
     ref = build_das(cfg, patching, pairs, data_dir, runtime=runtime)
     report(ref)
+    ranked = next((p["version"] for p in ref.parents if p.get("stage") == "patching"), None)
+    typer.echo(f"ranked the cells of patching version {ranked}")
     for name in ("iia.csv", "summary.json", "iia_vs_k.png"):
         if (ref.path / name).exists():
             typer.echo(f"{name}: {ref.path / name}")

@@ -21,6 +21,7 @@ from seqpatch.models import pretrained
 from seqpatch.models.adapters import adapter_for
 from seqpatch.models.errors import ModelLoadError
 from seqpatch.models.handle import ModelHandle
+from seqpatch.progress import library_bars
 from seqpatch.prompts import CodeFormat, CompactFormat, PromptFormat, get_prompt_format
 from seqpatch.redact import MARKER
 
@@ -276,7 +277,30 @@ def _classify(spec: str) -> Literal["builtin", "pretrained", "folder", "hub"]:
             f"path, or use {BUILTIN!r} for the built-in organism or a pretrained name "
             "(`seqpatch models list`)"
         )
+    near = _near_name(spec)
+    if near is not None:
+        raise ModelLoadError(
+            f"{spec!r} is neither {BUILTIN!r}, a pretrained name nor a local folder; did you mean "
+            f"{near!r}? (`seqpatch models list` shows the pretrained names)"
+        )
     return "hub"
+
+
+def _near_name(spec: str) -> str | None:
+    """The built-in or pretrained name a Hub-less ``spec`` (no ``org/``) is a misspelling of:
+    one that starts or ends the same way, or is close by edit distance. Asked before any
+    network request, so a typo fails at once offline instead of after the Hub's timeout."""
+    import difflib
+
+    if "/" in spec:
+        return None
+    names = [BUILTIN, *pretrained.REGISTRY]
+    lowered = spec.lower()
+    prefix = [n for n in names if n.startswith(lowered) or lowered.startswith(n)]
+    if prefix:
+        return prefix[0]
+    close = difflib.get_close_matches(lowered, names, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def _folder_source(spec: str) -> str:
@@ -353,7 +377,8 @@ def load_model(
             raise ModelLoadError(
                 f"the built-in organism must be a llama model, not {config.model_type!r}"
             )
-        hf_model = LlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        with library_bars(False):
+            hf_model = LlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
         model_id, rev = ORGANISM_ID, _folder_revision(folder)
     else:
@@ -371,13 +396,14 @@ def load_model(
         try:
             config = _load_config(source, revision, trust_remote_code, cache_only)
             adapter_for(config)  # fail on an unknown architecture before loading weights
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                source,
-                revision=revision,
-                dtype=torch_dtype,
-                trust_remote_code=trust_remote_code,
-                local_files_only=cache_only,
-            )
+            with library_bars(False):  # its "Loading weights" bar: not one of seqpatch's bars
+                hf_model = AutoModelForCausalLM.from_pretrained(
+                    source,
+                    revision=revision,
+                    dtype=torch_dtype,
+                    trust_remote_code=trust_remote_code,
+                    local_files_only=cache_only,
+                )
             tokenizer = load_tokenizer(source, revision, trust_remote_code, cache_only)
         except pickle.UnpicklingError as error:  # torch's weights_only refused the pickle: good
             raise ModelLoadError(
