@@ -48,7 +48,7 @@ def build_programs(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Sample programs of one family: the task rows every later stage starts from."""
-    from seqpatch.stages import build_stage
+    from seqpatch.executor import execute as build_stage
     from seqpatch.stages.programs import ProgramsConfig, parse_seq_lens
 
     lens = check_seq_lens(parse_seq_lens(seq_lens), "--seq-lens")

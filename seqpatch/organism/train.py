@@ -509,4 +509,4 @@ def render_model_card(metrics: dict[str, Any]) -> str:
     """The model card (``README.md``) of a trained organism, from its ``training.json``."""
     from seqpatch.organism.card import render_card
 
-    return render_card(metrics)
+    return render_card(metrics, asdict(OrganismTrainConfig()))
