@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from seqpatch.stages.benchmark import BenchmarkConfig
     from seqpatch.stages.das import DasConfig
     from seqpatch.stages.pairs import PairsConfig
-    from seqpatch.stages.programs import ProgramsConfig
     from seqpatch.store import StageRef, Store
 
 DataDir = str | os.PathLike[str] | None
@@ -110,10 +109,13 @@ def _models(
     return models
 
 
-def build_programs(cfg: ProgramsConfig, data_dir: DataDir = None) -> StageRef:
-    """Sample the programs of ``cfg`` (or find them stored)."""
+def build_programs(*args: Any, data_dir: DataDir = None, **options: Any) -> StageRef:
+    """Sample programs (or find them stored): a ``ProgramsConfig``, or its fields positionally
+    or by name (``build_programs(family="binding", n_per_len=50)``; see ``stage_options``)."""
     from seqpatch.executor import execute
+    from seqpatch.stages.programs import ProgramsConfig
 
+    cfg, _ = stage_options(ProgramsConfig, args, options, None)
     return execute("programs", cfg, data_dir=data_dir)
 
 

@@ -151,7 +151,7 @@ def run(
         echo(f"  {what} ({seconds:.1f} s)")
         return result
 
-    programs = step("programs", lambda: build_programs(programs_cfg, store.data_dir))
+    programs = step("programs", lambda: build_programs(programs_cfg, data_dir=store.data_dir))
     bench = step(
         "benchmark",
         lambda: build_benchmark(
