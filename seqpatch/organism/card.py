@@ -12,10 +12,12 @@ TARGET_ACCURACY = 0.99  # the accuracy seqpatch asks of its organism at every tr
 _CLI_OPTIONS = frozenset({"family", "seed", "steps", "max_len", "batch_size", "lr", "threads"})
 
 
-def reproduce_command(config: dict[str, Any], defaults: dict[str, Any]) -> str:
-    """The command line that retrains an organism with ``config`` (the options that differ from
-    ``defaults``, the training config's defaults: the card is rendered below the trainer)."""
-    changed = {k: v for k, v in config.items() if defaults.get(k) != v}
+def reproduce_command(config: dict[str, Any]) -> str:
+    """The command line that retrains an organism with ``config`` (non-default options only)."""
+    from seqpatch.organism.config import OrganismTrainConfig
+
+    defaults = OrganismTrainConfig()
+    changed = {k: v for k, v in config.items() if getattr(defaults, k, None) != v}
     options = [f"--{name.replace('_', '-')} {value}" for name, value in changed.items()]
     program = (
         "seqpatch organism train"
@@ -53,9 +55,7 @@ def _length_weights(cfg: dict[str, Any]) -> str:
     return "its length" if power == 1 else f"its length to the power {power:g}"
 
 
-def render_card(metrics: dict[str, Any], defaults: dict[str, Any]) -> str:
-    """The model card of a trained organism from its ``training.json`` (``defaults``: the
-    ``OrganismTrainConfig`` defaults, so that the reproduce command names only changes)."""
+def render_card(metrics: dict[str, Any]) -> str:
     cfg = metrics["config"]
     family = metrics["family"]
     params = ", ".join(f"{k}={v!r}" for k, v in family["params"].items())
@@ -145,7 +145,7 @@ trained length. Lowest accuracy at a trained length: **{100 * lowest:.1f}%**.
 ## Reproduce
 
 ```
-{reproduce_command(cfg, defaults)}
+{reproduce_command(cfg)}
 # scripts/train_organism.py takes every OrganismTrainConfig field as an option
 ```
 
