@@ -6,6 +6,8 @@ time), except those under ``if TYPE_CHECKING:`` (never executed). Importing ``a.
 imports the packages ``a.b`` and ``a`` (their ``__init__``), so those count too — except a
 package the importing module lives in, which Python has already imported before the module
 runs; ``from a.b import x`` counts ``a.b`` itself only when ``x`` is not a submodule of it.
+Imports by name at run time (``importlib.import_module``, as the stage registry loads a stage
+module) are not statements and are not counted.
 """
 
 from __future__ import annotations
