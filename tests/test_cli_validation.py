@@ -189,7 +189,7 @@ def test_interrupt_exits_130_with_one_line(tmp_path: Path, monkeypatch: pytest.M
     def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("seqpatch.stages.build_stage", interrupted)
+    monkeypatch.setattr("seqpatch.executor.execute", interrupted)
     result = invoke("build", "programs", "--data-dir", tmp_path)
     assert result.exit_code == 130
     assert result.stdout == ""
@@ -200,10 +200,10 @@ def test_a_real_sigint_exits_130_with_one_line(tmp_path: Path) -> None:
     """The process signals itself mid-command: Python's own SIGINT handling, no timing."""
     code = (
         "import os, signal, sys\n"
-        "import seqpatch.stages\n"
+        "import seqpatch.executor\n"
         "def build(*a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
-        "seqpatch.stages.build_stage = build\n"
+        "seqpatch.executor.execute = build\n"
         "from seqpatch.cli import app\n"
         "sys.argv = ['seqpatch', 'build', 'programs', '--data-dir', sys.argv[1]]\n"
         "app()\n"

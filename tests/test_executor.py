@@ -35,7 +35,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """programs → benchmark → choose → pairs → activations → patching on the organism, small."""
     data_dir = tmp_path_factory.mktemp("study")
     models = ModelCache()
-    programs = pipeline.build_programs(ProgramsConfig("binding", (2, 3), 10), data_dir)
+    programs = pipeline.build_programs(ProgramsConfig("binding", (2, 3), 10), data_dir=data_dir)
     bench = pipeline.build_benchmark(
         BenchmarkConfig(("builtin",)), programs=programs.version, data_dir=data_dir, models=models
     )

@@ -40,7 +40,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     """A store with a real programs stage (two versions)."""
-    from seqpatch.stages import build_stage
+    from seqpatch.executor import execute as build_stage
     from seqpatch.stages.programs import ProgramsConfig
 
     data = tmp_path / "data"

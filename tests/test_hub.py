@@ -544,7 +544,7 @@ def test_resolve_parent_errors_are_clear(tmp_path: Path) -> None:
 @pytest.fixture
 def stored(tmp_path: Path) -> Path:
     """A data dir holding a real programs stage and a patching-like stage with a chart."""
-    from seqpatch.stages import build_stage
+    from seqpatch.executor import execute as build_stage
     from seqpatch.stages.base import Built
     from seqpatch.stages.programs import ProgramsConfig
     from seqpatch.store import Store

@@ -68,7 +68,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except SeqpatchError as err:
-        _fail(str(err))
+        _fail(_with_build_example(err))
     except UsageError as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # the help text, shown by click
             raise
@@ -77,6 +77,23 @@ def _user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo(INTERRUPTED_MESSAGE, err=True)
         raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+
+
+def _with_build_example(err: SeqpatchError) -> str:
+    """The error's text, where the store named a bare ``seqpatch build <stage>``, completed
+    with the stage's example options (the registry's, which the store does not import)."""
+    from seqpatch.store import StageNotFoundError
+
+    if not isinstance(err, StageNotFoundError) or not err.command or not err.stage:
+        return str(err)
+    from seqpatch.stages import STAGES
+
+    info = STAGES.get(err.stage)
+    if info is None or not info.example:
+        return str(err)
+    prefix = f"seqpatch build {err.stage}"
+    full = f"{prefix} {info.example}{err.command[len(prefix) :]}"
+    return str(err).replace(err.command, full)
 
 
 def _fail(message: str) -> None:

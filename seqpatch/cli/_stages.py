@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from seqpatch.cli._common import (
+    MAX_SEQ_LEN,
     DataDirOpt,
     FromOpt,
     PairsVersionOpt,
@@ -106,6 +107,14 @@ def _tracing(cfg: Any, runtime: RuntimeSettings, shard: str | None, **extra: Any
         return
     report(ref)
     _charts(ref)
+
+
+def _programs(cfg: Any, runtime: RuntimeSettings, data_dir: Any) -> None:
+    from seqpatch.cli._common import check_seq_lens
+    from seqpatch.pipeline import build_programs
+
+    check_seq_lens(cfg.seq_lens, "--seq-lens")
+    report(build_programs(cfg, data_dir=data_dir))
 
 
 def _pairs(options: dict[str, Any], runtime: RuntimeSettings, **given: Any) -> None:
@@ -253,6 +262,21 @@ def _shard_size(module: str) -> Callable[[], int | None]:
 RUNTIME = ("shard_size", "engine", "executor", "ray_address", "device")
 
 STAGE_COMMANDS: dict[str, StageCommand] = {
+    "programs": StageCommand(
+        _config("seqpatch.stages.programs", "ProgramsConfig"),
+        _programs,
+        f"""Sample programs of one family: the task rows every later stage starts from.
+
+        Each length is at most {MAX_SEQ_LEN} statements.
+        """,
+        examples(
+            "seqpatch build programs --family arithmetic --seq-lens 1-10 --n-per-len 200 --seed 0",
+            "seqpatch build programs --family binding --seq-lens 3,5,8 --n-per-len 50",
+            "seqpatch build programs --family modular --seq-lens 1-4,8 --data-dir /tmp/sp",
+        ),
+        lambda: [param("data_dir", DataDirOpt, None)],
+        (),
+    ),
     "pairs": StageCommand(
         _config("seqpatch.stages.pairs", "PairsConfig"),
         _pairs,

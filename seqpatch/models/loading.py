@@ -94,18 +94,23 @@ def load_tokenizer(
     )
 
 
-def _folder_revision(folder: Path) -> str:
-    """A cheap content id of a local checkpoint: configs, tokenizer, and weight file sizes.
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
-    Small checkpoints (< 64 MB of weights, like the organism) hash their weights too. A folder
-    converted by ``seqpatch models install`` reports its GGUF's SHA-256 instead.
+
+def _folder_revision(folder: Path) -> str:
+    """A local checkpoint's content id: its configs, tokenizer and every byte of its weights.
+
+    Each weight file's SHA-256 is memoized by file state in the seqpatch cache
+    (``seqpatch.hashing``), so a large folder is read once, not at every command, and a weight
+    changed in place (even at the same size) gives a new revision. A folder converted by
+    ``seqpatch models install`` reports its GGUF's SHA-256 instead.
     """
+    from seqpatch.hashing import content_hash
+
     converted = pretrained.folder_revision(folder)
     if converted is not None:
         return converted
     digest = hashlib.sha256()
-    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
-    small = sum(p.stat().st_size for p in weights) < 64 * 2**20
     for name in (
         "config.json",
         "generation_config.json",
@@ -114,10 +119,8 @@ def _folder_revision(folder: Path) -> str:
     ):
         if (folder / name).is_file():
             digest.update(name.encode() + (folder / name).read_bytes())
-    for path in weights:
-        digest.update(f"{path.name}:{path.stat().st_size}".encode())
-        if small:
-            digest.update(path.read_bytes())
+    for path in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        digest.update(f"{path.name}:{content_hash(path)}".encode())
     return "sha256:" + digest.hexdigest()[:16]
 
 

@@ -11,49 +11,97 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
-
-from datasets import Features, List, Value
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from seqpatch.bounds import MAX_PROGRAMS, check_count
+from seqpatch.options import SEED_HELP, option
 from seqpatch.programs import ProgramError, get_family, make_sequence, program_rng
 from seqpatch.stages.base import Built, Inputs, no_artifacts, no_checks, no_models
+
+if TYPE_CHECKING:
+    from datasets import Features
 
 STAGE = "programs"
 SCHEMA_VERSION = 1
 MAX_SEED = 2**63 - 1  # stored as int64
 
-FEATURES = Features(
-    {
-        "program_id": Value("string"),
-        "family": Value("string"),
-        "seq_len": Value("int32"),
-        "index": Value("int32"),
-        "seed": Value("int64"),
-        "text": Value("string"),
-        "compact": Value("string"),
-        "statements": List(Value("string")),
-        "query": Value("string"),
-        "answer": Value("int64"),
-        "variables": List(Value("string")),
-        "intermediates": List(List(Value("int64"))),
-        "dependencies": List(Value("int32")),
-        "depth": Value("int32"),
-    }
-)
-"""``intermediates[i][j]``: value of ``variables[j]`` after statement ``i`` (null before its first
-assignment). ``dependencies``: indices of the statements the answer depends on (backward slice);
-``depth = len(dependencies)`` (the referential depth for ``binding``)."""
+
+@cache
+def features() -> Features:
+    """The row schema (``FEATURES``). ``intermediates[i][j]``: value of ``variables[j]`` after
+    statement ``i`` (null before its first assignment). ``dependencies``: indices of the
+    statements the answer depends on (backward slice); ``depth = len(dependencies)`` (the
+    referential depth for ``binding``). Built on first use: the config and ``seqpatch build
+    programs --help`` import no ``datasets``."""
+    from datasets import Features, List, Value
+
+    return Features(
+        {
+            "program_id": Value("string"),
+            "family": Value("string"),
+            "seq_len": Value("int32"),
+            "index": Value("int32"),
+            "seed": Value("int64"),
+            "text": Value("string"),
+            "compact": Value("string"),
+            "statements": List(Value("string")),
+            "query": Value("string"),
+            "answer": Value("int64"),
+            "variables": List(Value("string")),
+            "intermediates": List(List(Value("int64"))),
+            "dependencies": List(Value("int32")),
+            "depth": Value("int32"),
+        }
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FEATURES":
+        return features()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+
+
+def parse_seq_lens(text: str) -> tuple[int, ...]:
+    """``"1-10"``, ``"3,5,8"`` or ``"1-4,8"`` → sorted distinct lengths."""
+    lens: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if part.isdigit():
+            lens.add(int(part))
+        elif (m := _RANGE.match(part)) is not None:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if lo > hi:
+                raise ProgramError(
+                    f"seq-lens range {part!r} is empty; write it low-high, e.g. 1-10"
+                )
+            lens.update(range(lo, hi + 1))
+        else:
+            raise ProgramError(
+                f"cannot read seq-lens {text!r} (bad part {part!r}); "
+                "use a range '1-10', a list '3,5,8' or both '1-4,8'"
+            )
+    if 0 in lens:
+        raise ProgramError(f"seq-lens {text!r} includes 0; every length must be >= 1")
+    return tuple(sorted(lens))
 
 
 @dataclass(frozen=True)
 class ProgramsConfig:
     """Which programs to sample. ``seq_lens`` is normalised to a sorted tuple of distinct lengths."""
 
-    family: str
-    seq_lens: tuple[int, ...]
-    n_per_len: int
-    seed: int = 0
+    family: str = option("arithmetic", "Program family: arithmetic, binding or modular.")
+    seq_lens: tuple[int, ...] = option(
+        tuple(range(1, 11)),
+        "Lengths: a range 1-10, a list 3,5,8, or 1-4,8.",
+        parse=parse_seq_lens,
+        cli_default="1-10",
+    )
+    n_per_len: int = option(200, "Programs sampled per length.")
+    seed: int = option(0, SEED_HELP)
 
     def __post_init__(self) -> None:
         get_family(self.family)
@@ -90,39 +138,12 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
-
-
-def parse_seq_lens(text: str) -> tuple[int, ...]:
-    """``"1-10"``, ``"3,5,8"`` or ``"1-4,8"`` → sorted distinct lengths."""
-    lens: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        if part.isdigit():
-            lens.add(int(part))
-        elif (m := _RANGE.match(part)) is not None:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if lo > hi:
-                raise ProgramError(
-                    f"seq-lens range {part!r} is empty; write it low-high, e.g. 1-10"
-                )
-            lens.update(range(lo, hi + 1))
-        else:
-            raise ProgramError(
-                f"cannot read seq-lens {text!r} (bad part {part!r}); "
-                "use a range '1-10', a list '3,5,8' or both '1-4,8'"
-            )
-    if 0 in lens:
-        raise ProgramError(f"seq-lens {text!r} includes 0; every length must be >= 1")
-    return tuple(sorted(lens))
-
-
 def program_id(family: str, seq_len: int, index: int) -> str:
     return f"{family}-L{seq_len}-{index:05d}"
 
 
 def _rows(batch: dict[str, list], cfg: ProgramsConfig) -> dict[str, list]:
-    out: dict[str, list] = {name: [] for name in FEATURES}
+    out: dict[str, list] = {name: [] for name in features()}
     for seq_len, index in zip(batch["seq_len"], batch["index"], strict=True):
         rng = program_rng(cfg.seed, cfg.family, seq_len, index)
         row = make_sequence(cfg.family, seq_len, rng).to_row()
@@ -132,7 +153,7 @@ def _rows(batch: dict[str, list], cfg: ProgramsConfig) -> dict[str, list]:
             seed=cfg.seed,
             depth=len(row["dependencies"]),
         )
-        for name in FEATURES:
+        for name in features():
             out[name].append(row[name])
     return out
 
@@ -151,7 +172,7 @@ def build(inputs: Inputs, cfg: ProgramsConfig) -> Built:
         _rows,
         batched=True,
         fn_kwargs={"cfg": cfg},
-        features=FEATURES,
+        features=features(),
         new_fingerprint=inputs.fingerprint("programs"),
         desc=f"sampling {cfg.family} programs",
     )

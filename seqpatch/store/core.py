@@ -279,10 +279,7 @@ class Store(ShardedBuilds, Verifying):
         if version == LATEST:
             available = self.versions(stage)  # raises if any version is damaged
             if not available:
-                raise StageNotFoundError(
-                    f"no stored {stage!r} stage in {self.data_dir}; build it first with "
-                    f"`{_build_hint(stage, self.data_dir)}`"
-                )
+                raise _not_stored(stage, self.data_dir)
             return self.check(available[-1])
         names = [entry.name for entry in self._version_entries(stage)]
         matches = [name for name in names if name == version] or [
@@ -294,14 +291,14 @@ class Store(ShardedBuilds, Verifying):
                 raise damaged_error(stage, matches[0], self.data_dir, f"no {PROVENANCE_FILE}")
             return self.check(found)
         if not names:
-            raise StageNotFoundError(
-                f"no stored {stage!r} stage in {self.data_dir}; build it first with "
-                f"`{_build_hint(stage, self.data_dir)}`"
-            )
+            raise _not_stored(stage, self.data_dir)
         what = "matches several versions" if matches else "is not stored"
+        command = _build_hint(stage, self.data_dir)
         raise StageNotFoundError(
             f"{stage} version {version!r} {what} in {self.data_dir}; stored versions: "
-            f"{', '.join(names)} (or build it with `{_build_hint(stage, self.data_dir)}`)"
+            f"{', '.join(names)} (or build it with `{command}`)",
+            stage=stage,
+            command=command,
         )
 
     def load(self, stage: str, version: str = LATEST) -> Dataset:
@@ -459,9 +456,19 @@ def _holds_versions(folder: Path) -> bool:
 
 
 def _build_hint(stage: str, data_dir: Path) -> str:
-    from seqpatch.stages import build_command
+    """``seqpatch build <stage>`` (with ``--data-dir`` unless it is the default); the CLI
+    completes it with the stage's required options (``StageNotFoundError.command``)."""
+    where = "" if data_dir == resolve_data_dir(None) else f" --data-dir {data_dir}"
+    return f"seqpatch build {stage}{where}"
 
-    return build_command(stage, data_dir)
+
+def _not_stored(stage: str, data_dir: Path) -> StageNotFoundError:
+    command = _build_hint(stage, data_dir)
+    return StageNotFoundError(
+        f"no stored {stage!r} stage in {data_dir}; build it first with `{command}`",
+        stage=stage,
+        command=command,
+    )
 
 
 def load_stage(
