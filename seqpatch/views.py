@@ -328,10 +328,13 @@ class Study:
             raise StudyError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
         ref = self.ref("patching", version)
         rows = self.rows(ref)
-        if site is not None:
-            rows = rows.filter(lambda s: s == site, input_columns="site")
-        if divergence_index is not None:
-            rows = rows.filter(lambda k: k == divergence_index, input_columns="divergence_index")
+        if site is not None or divergence_index is not None:
+            keep = np.ones(len(rows), dtype=bool)
+            if site is not None:
+                keep &= np.asarray(rows["site"]) == site
+            if divergence_index is not None:
+                keep &= np.asarray(rows["divergence_index"]) == divergence_index
+            rows = rows.select(np.flatnonzero(keep))
         if len(rows) == 0:
             return pl.DataFrame()
         grid = self.grid(ref)
