@@ -533,8 +533,20 @@ def _vega_bundle() -> str:
 
 
 def _script_json(payload: Any) -> str:
-    text = json.dumps(payload, ensure_ascii=False, allow_nan=False, default=_json_default)
+    """``payload`` as JSON a browser parses: NaN and infinities (which charts may carry for
+    cells without data) become null, and no ``</`` can close the script element."""
+    text = json.dumps(_finite(payload), ensure_ascii=False, allow_nan=False, default=_json_default)
     return text.replace("</", "<\\/")
+
+
+def _finite(node: Any) -> Any:
+    if isinstance(node, float):
+        return node if math.isfinite(node) else None
+    if isinstance(node, dict):
+        return {key: _finite(value) for key, value in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_finite(value) for value in node]
+    return node
 
 
 def _json_default(obj: Any) -> Any:

@@ -349,6 +349,8 @@ class Study:
         layers = np.asarray(meta[0]["layers"])
         heads = rows["heads"][0] if "head" in axes else []
         index = np.nonzero(~np.isnan(values))
+        if index[0].size == 0:  # e.g. probabilities of an attribution grid: not estimated
+            return pl.DataFrame()
         cell: dict[str, Any] = {}
         for axis, idx in zip(axes, index[1:], strict=True):
             if axis == "layer":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -144,3 +146,16 @@ def test_an_artifact_that_changed_on_disk_is_refused(organism_study, tmp_path):
     path.write_text(text.replace('"site"', '"sitf"', 1))  # same size: only the hash can tell
     with pytest.raises(DamagedVersionError, match="recorded hash"):
         study.das_summary()
+
+
+def test_the_readme_example_reads_a_study(organism_study):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Reading a study", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(
+        compile(code.replace('"seqpatch-data"', repr(str(organism_study))), "README", "exec"),
+        namespace,
+    )
+    assert set(namespace["cells"]["metric"]) == {"normalised"}
+    assert set(namespace["per_pair"]["site"]) == {"resid_pre"}
