@@ -101,6 +101,8 @@ class Study:
         self.data_dir = self.store.data_dir
         self.pairs_ref = self.store.resolve("pairs", pairs)
         self._rows: dict[tuple[str, str], Dataset] = {}
+        self._values: dict[tuple[str, str], pl.DataFrame] = {}  # (version, metric): pair values
+        self._summaries: dict[tuple[str, str], Any] = {}
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{stage} {len(self.refs(stage))}" for stage in self.STAGES)
@@ -327,6 +329,9 @@ class Study:
         if metric not in METRICS:
             raise StudyError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
         ref = self.ref("patching", version)
+        key = (ref.version, metric)
+        if site is None and divergence_index is None and key in self._values:
+            return self._values[key]
         rows = self.rows(ref)
         if site is not None or divergence_index is not None:
             keep = np.ones(len(rows), dtype=bool)
@@ -339,7 +344,8 @@ class Study:
             return pl.DataFrame()
         grid = self.grid(ref)
         axes = grid_axes(rows)
-        values = np.array(rows.with_format("numpy")[metric], dtype=np.float64)  # [rows, *grid]
+        column = rows.select_columns([metric]).with_format("numpy")[:][metric]  # one batch
+        values = np.array(column, dtype=np.float64)  # [rows, *grid]
         k_col = np.asarray(rows["divergence_index"])
         lengths = np.asarray(rows["n_tokens"])
         meta = rows.select_columns(["pair_id", "site", "tokens", "diff_positions", "layers"])
@@ -393,7 +399,10 @@ class Study:
                 "role": pl.String,
             },
         )
-        return frame.join(lookup, on=["divergence_index", "position"], how="left")
+        frame = frame.join(lookup, on=["divergence_index", "position"], how="left")
+        if site is None and divergence_index is None:
+            self._values[key] = frame
+        return frame
 
     # -- tracing and DAS -------------------------------------------------------------------------
 
@@ -401,11 +410,9 @@ class Study:
         """ROME's average indirect effect by position: ``version, divergence_index, kind,
         layer, position, label, aie, n_programs`` (the AIE over the programs of that ``k``;
         labels from its first program, ``*`` on the corrupted tokens)."""
-        from seqpatch.stages.tracing import aie
-
         ref = self.ref("tracing", version)
         rows = self.rows(ref)
-        summary = aie(rows)
+        summary = self._aie(ref)
         meta = rows.select_columns(["divergence_index", "tokens", "corrupted_positions"])
         k_col = np.asarray(meta["divergence_index"])
         records = []
@@ -438,9 +445,7 @@ class Study:
 
     def tracing_roles(self, version: str | None = None) -> pl.DataFrame:
         """The AIE by token role (ROME's Figure 2 rows): ``kind, layer, role, aie``."""
-        from seqpatch.stages.tracing import aie
-
-        summary = aie(self.rows(self.ref("tracing", version)))
+        summary = self._aie(self.ref("tracing", version))
         return pl.DataFrame(
             [
                 {"kind": kind, "layer": int(layer), "role": role, "aie": float(v)}
@@ -450,6 +455,14 @@ class Study:
                 if not np.isnan(v := summary["by_role"][kind_i, li, ri])
             ]
         )
+
+    def _aie(self, ref: StageRef) -> dict[str, Any]:
+        from seqpatch.stages.tracing import aie
+
+        key = ("aie", ref.version)
+        if key not in self._summaries:
+            self._summaries[key] = aie(self.rows(ref))
+        return self._summaries[key]
 
     def das(self, version: str | None = None) -> pl.DataFrame:
         """Interchange accuracy per ``(site, layer, position, k, method)`` of a DAS version
