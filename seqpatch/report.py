@@ -168,63 +168,64 @@ class _Page:
 
     def _findings(self) -> str:
         study = self.study
-        parts: list[str] = []
         top = study.findings(self.metric)
-        moves = study.moves(self.metric)
         if top.is_empty():
-            parts.append("<p>No patching grid is stored for these pairs yet.</p>")
-        for row in moves.iter_rows(named=True) if not moves.is_empty() else []:
-            answer = row["answer_from"]
-            changed = row["changed_until"]
-            where = (
-                f"the changed token holds the strongest effect up to layer {changed}"
-                if changed is not None
-                else "the changed token never holds the strongest effect"
+            return _section(
+                "findings", "Findings", "<p>No patching grid is stored for these pairs yet.</p>"
             )
-            then = (
-                f"; the answer's position holds it from layer {answer} on"
-                if answer is not None
-                else "; the answer's position never holds the strongest effect"
-            )
-            parts.append(
-                f"<li><b>{_e(row['site'])}</b>, k = {row['divergence_index']} "
-                f"(patching {_e(row['version'])}): {where}{then}. "
-                f"<span class='path'>{_e(row['path'])}</span></li>"
-            )
-        if parts and parts[0].startswith("<li>"):
-            parts = ["<ul>", *parts, "</ul>"]
-        table = ""
-        if not top.is_empty():
-            shown = top.with_columns(
-                pl.format(
-                    "{} [{}, {}]",
-                    pl.col("mean").round(3),
-                    pl.col("ci_low").round(3),
-                    pl.col("ci_high").round(3),
-                ).alias("mean [95% CI]")
-            ).select(
-                "version",
-                "method",
+        parts = [
+            "<p>Computed from the stored grids when this page was written (mean "
+            f"<code>{_e(self.metric)}</code> over pairs, 95% intervals of the mean).</p>"
+        ]
+        moves = study.moves(self.metric)
+        if not moves.is_empty():
+            path = moves.select(
                 "site",
                 pl.col("divergence_index").alias("k"),
-                "rank",
-                "layer",
-                "head",
-                "position",
-                "label",
-                "role",
-                "mean [95% CI]",
-                "n",
+                pl.col("version").alias("patching"),
+                pl.col("changed_until").alias("changed token strongest through layer"),
+                pl.col("answer_from").alias("answer's position strongest from layer"),
+                pl.col("path").alias("strongest cell per layer: token (role) mean"),
             )
-            table = (
-                f"<h3>Strongest cells per site and k (mean {_e(self.metric)} over pairs)</h3>"
-                + _table(shown)
+            parts.append(
+                "<h3>Where the value sits, layer by layer</h3><p>For each layer the cell with "
+                "the largest mean: read down the layers, the value moves from the changed token "
+                "(role <code>changed</code>, starred) to the token where the answer is read "
+                "(<code>last</code>).</p>" + _table(path)
             )
-        das = ""
+        shown = top.with_columns(
+            pl.format(
+                "{} [{}, {}]",
+                pl.col("mean").round(3),
+                pl.col("ci_low").round(3),
+                pl.col("ci_high").round(3),
+            ).alias("mean [95% CI]")
+        ).select(
+            "version",
+            "method",
+            "site",
+            pl.col("divergence_index").alias("k"),
+            "rank",
+            "layer",
+            "head",
+            "position",
+            "label",
+            "role",
+            "mean [95% CI]",
+            "n",
+        )
+        parts.append(
+            "<h3>The strongest cell per grid, site and k</h3>"
+            + _table(shown.filter(pl.col("rank") == 1).drop("rank"))
+            + f"<details><summary>the {shown['rank'].max()} strongest</summary>"
+            + _table(shown)
+            + "</details>"
+        )
+        das = []
         for ref in study.refs("das"):
             for cell in study.das_summary(ref.version):
                 smallest = cell.get("smallest_k")
-                das += (
+                das.append(
                     f"<li>DAS {_e(ref.version)}: {_e(cell['site'])} L{cell['layer']} position "
                     f"{cell['position']} ('{_e(cell['token'])}'): full-vector IIA "
                     f"{_fmt(cell.get('full_iia'))}; "
@@ -236,14 +237,8 @@ class _Page:
                     + "</li>"
                 )
         if das:
-            das = f"<ul>{das}</ul>"
-        return _section(
-            "findings",
-            "Findings",
-            "<p>Computed from the stored grids when this page was written: where the value sits "
-            "at each layer (the strongest cell of the layer, its token and role) and the "
-            "strongest cells with their 95% intervals.</p>" + "".join(parts) + table + das,
-        )
+            parts.append("<h3>Distributed alignment search</h3><ul>" + "".join(das) + "</ul>")
+        return _section("findings", "Findings", "".join(parts))
 
     def _accuracy(self, choice: dict[str, Any]) -> str:
         from seqpatch.charts import accuracy_figure
