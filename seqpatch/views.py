@@ -324,7 +324,7 @@ class Study:
         (NaN cells — beyond a pair's length, not selected, undefined — left out). Where pairs
         of one ``k`` differ in token length their positions are aligned at the last token, as
         the stored heatmap aligns them (``label``/``role`` are then the longest pair's)."""
-        from seqpatch.stages.patching import METRICS, _align_ends, grid_axes
+        from seqpatch.stages.patching import METRICS, grid_axes
 
         if metric not in METRICS:
             raise StudyError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -600,6 +600,18 @@ def _summarise(values: pl.DataFrame) -> pl.DataFrame:
     return out.with_columns(ci_low=pl.Series(low), ci_high=pl.Series(high)).with_columns(
         pl.col("ci_low").fill_nan(None), pl.col("ci_high").fill_nan(None)
     )
+
+
+def _align_ends(values: np.ndarray, k_col: np.ndarray, lengths: np.ndarray) -> None:
+    """Shift, in place, the position axis (last) of the rows of every ``k`` whose pairs differ
+    in token length so that each ends at its longest pair's last token — the alignment the
+    stored heatmap uses (``tests/test_views.py`` checks the means agree with it)."""
+    for k in set(k_col.tolist()):
+        rows = np.flatnonzero(k_col == k)
+        longest = int(lengths[rows].max())
+        for i in rows:
+            if (shift := longest - int(lengths[i])) > 0:
+                values[i] = np.roll(values[i], shift, axis=-1)  # NaN padding moves in front
 
 
 def _position_labels(

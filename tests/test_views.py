@@ -159,3 +159,49 @@ def test_the_readme_example_reads_a_study(organism_study):
     )
     assert set(namespace["cells"]["metric"]) == {"normalised"}
     assert set(namespace["per_pair"]["site"]) == {"resid_pre"}
+
+
+def test_pairs_of_different_lengths_are_aligned_at_their_last_token_as_the_stage_aligns_them(
+    organism_study, tmp_path
+):
+    """A stored grid where half of one k's pairs are a token shorter (as BPE tokenizers make
+    them): the API's means are the stage's own ``aggregate`` (end-aligned) and the labels and
+    roles are the longest pair's."""
+    from seqpatch.stages import patching
+    from seqpatch.stages.base import Built
+
+    copy = tmp_path / "study"
+    shutil.copytree(organism_study, copy)
+    store = Store(copy)
+    study = Study(copy)
+    source = study.rows(_layer_pos(study))
+    records = source.to_list()
+    for row in records[::2]:  # every other pair: its first token dropped, one token shorter
+        row["n_tokens"] -= 1
+        row["tokens"] = row["tokens"][1:]
+        row["diff_positions"] = [t - 1 for t in row["diff_positions"]]
+        for name in ("normalised", "prob_delta", "logit_diff", "prob_delta_candidates", "lse"):
+            grid = np.asarray(row[name], dtype=np.float32)
+            shifted = np.concatenate([grid[:, 1:], np.full_like(grid[:, :1], np.nan)], axis=1)
+            row[name] = shifted.tolist()
+    rows = source.from_list(records, features=source.features)
+    ref = store.get_or_build(
+        "patching",
+        patching.SCHEMA_VERSION,
+        patching.PatchingConfig(sites=("resid_pre", "attn_out"), shard_size=7),
+        lambda: Built(rows),
+        parents=[study.pairs_ref],
+    )
+    agg = patching.aggregate(rows, "normalised")
+    assert agg["aligned_to_end"]  # the case under test
+    cells = Study(copy).patching(ref.version, ("normalised",))
+    for row in cells.iter_rows(named=True):
+        si = agg["sites"].index(row["site"])
+        ki = agg["divergence_indices"].index(row["divergence_index"])
+        li = agg["layers"].index(row["layer"])
+        mean, _, count = agg["stats"][si, ki, :, li, row["position"]]
+        assert (row["mean"], row["n"]) == (pytest.approx(mean, abs=1e-6), count)
+        expected = agg["labels"][row["divergence_index"]][row["position"]]
+        assert row["label"] == display_token(expected.rstrip("*")) + "*" * expected.endswith("*")
+    last = cells.filter(pl.col("role") == "last")
+    assert set(last["label"]) == {":"} and (last["n"] == 8).all()  # every pair's last token
