@@ -297,16 +297,25 @@ class Study:
         """Mean, std, ``n`` and 95% CI over pairs per cell, long: ``version, method, axes, span,
         site, divergence_index, layer, head, position, label, role, metric, mean, std, n,
         ci_low, ci_high`` (``head``/``position`` null on grids without that axis). ``version``
-        ``None`` stacks every patching version of the study; ``metrics`` ``None``: all four."""
+        ``None`` stacks every patching version of the study; ``metrics`` ``None``: all four.
+        A ``--positions slice`` grid (pairs of different layouts) is summarised by token role:
+        ``position`` null, ``label`` and ``role`` the role (``hop1:value``, ``last``…)."""
         from seqpatch.stages.patching import METRICS
 
         refs = self.patching_refs() if version is None else [self.ref("patching", version)]
         frames = []
         for ref in refs:
+            by_role = self.grid(ref)["positions"] == "slice"
             for metric in metrics or METRICS:
                 values = self.pair_values(ref.version, metric)
                 if values.is_empty():
                     continue
+                if by_role:  # pairs of different layouts: a cell is a token role, not an index
+                    values = values.with_columns(
+                        position=pl.lit(None, pl.Int64),
+                        label=pl.col("token_role"),
+                        role=pl.col("token_role"),
+                    )
                 frames.append(_summarise(values))
         if not frames:
             return pl.DataFrame()
@@ -320,8 +329,10 @@ class Study:
         divergence_index: int | None = None,
     ) -> pl.DataFrame:
         """Every pair's value of ``metric`` at every cell: ``version, method, axes, span,
-        site, divergence_index, pair_id, layer, head, position, label, role, metric, value``
-        (NaN cells — beyond a pair's length, not selected, undefined — left out). Where pairs
+        site, divergence_index, pair_id, layer, head, position, label, role, metric, value,
+        token_role`` (NaN cells — beyond a pair's length, not selected, undefined — left out;
+        ``token_role``: that pair's own token's role in its program's data flow when the rows
+        store ``roles``, else null). Where pairs
         of one ``k`` differ in token length their positions are aligned at the last token, as
         the stored heatmap aligns them (``label``/``role`` are then the longest pair's)."""
         from seqpatch.stages.patching import METRICS, grid_axes
@@ -385,7 +396,17 @@ class Study:
             schema_overrides={"head": pl.Int64, "position": pl.Int64},
         )
         if "position" not in cell:
-            return frame.with_columns(label=pl.lit(None, pl.String), role=pl.lit(None, pl.String))
+            return frame.with_columns(
+                label=pl.lit(None, pl.String),
+                role=pl.lit(None, pl.String),
+                token_role=pl.lit(None, pl.String),
+            )
+        frame = frame.with_columns(
+            token_role=pl.Series(
+                _token_roles(rows, k_col, lengths, values.shape[-1])[index[0], index[-1]],
+                dtype=pl.String,
+            )
+        )
         lookup = pl.DataFrame(
             [
                 {"divergence_index": int(k), "position": t, "label": label, "role": role}
@@ -600,6 +621,21 @@ def _summarise(values: pl.DataFrame) -> pl.DataFrame:
     return out.with_columns(ci_low=pl.Series(low), ci_high=pl.Series(high)).with_columns(
         pl.col("ci_low").fill_nan(None), pl.col("ci_high").fill_nan(None)
     )
+
+
+def _token_roles(rows: Any, k_col: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """``[rows, width]`` the role each pair's own token has in its program's data flow (the
+    rows' ``roles`` column, ``seqpatch.roles``: ``hop1:value``, ``question:0``, ``last``…) at
+    each end-aligned position; ``None`` where a pair has no token or the rows carry no roles."""
+    out = np.full((len(rows), width), None, dtype=object)
+    if "roles" not in rows.column_names:
+        return out
+    longest = {k: int(lengths[k_col == k].max()) for k in set(k_col.tolist())}
+    for i, roles in enumerate(rows["roles"]):
+        if roles:
+            shift = longest[int(k_col[i])] - int(lengths[i])
+            out[i, shift : shift + len(roles)] = roles[: width - shift]
+    return out
 
 
 def _align_ends(values: np.ndarray, k_col: np.ndarray, lengths: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -205,3 +206,38 @@ def test_pairs_of_different_lengths_are_aligned_at_their_last_token_as_the_stage
         assert row["label"] == display_token(expected.rstrip("*")) + "*" * expected.endswith("*")
     last = cells.filter(pl.col("role") == "last")
     assert set(last["label"]) == {":"} and (last["n"] == 8).all()  # every pair's last token
+
+
+def test_token_roles_label_positions_and_a_slice_grid_is_summarised_by_role(
+    organism_study, tmp_path
+):
+    """Rows that store each token's role (``seqpatch.roles``) expose it per pair, and a
+    ``slice`` grid's cells are roles: each role's mean is the mean over the pairs' tokens that
+    have it, wherever they sit."""
+    from seqpatch.stages import patching
+    from seqpatch.stages.base import Built
+
+    copy = tmp_path / "study"
+    shutil.copytree(organism_study, copy)
+    study = Study(copy)
+    source = study.rows(_layer_pos(study))
+    records = source.to_list()
+    for row in records:  # made-up roles: by parity of the position, the last token "last"
+        n = row["n_tokens"]
+        row["roles"] = [("even" if t % 2 == 0 else "odd") for t in range(n - 1)] + ["last"]
+    rows = source.from_list(records)
+    config = {**dataclasses.asdict(patching.PatchingConfig(sites=("resid_pre", "attn_out")))}
+    config["positions"] = "slice"
+    ref = Store(copy).get_or_build(
+        "patching", patching.SCHEMA_VERSION, config, lambda: Built(rows), [study.pairs_ref]
+    )
+    study = Study(copy)
+    values = study.pair_values(ref.version, site="resid_pre", divergence_index=1)
+    assert set(values.filter(pl.col("position") % 2 == 1)["token_role"]) <= {"odd", "last"}
+    cells = study.patching(ref.version, ("normalised",)).filter(
+        pl.col("site") == "resid_pre", pl.col("divergence_index") == 1, pl.col("layer") == 0
+    )
+    assert cells["position"].is_null().all() and set(cells["role"]) == {"even", "odd", "last"}
+    even = values.filter(pl.col("layer") == 0, pl.col("token_role") == "even")["value"]
+    row = cells.filter(pl.col("role") == "even").row(0, named=True)
+    assert row["mean"] == pytest.approx(even.mean()) and row["n"] == len(even)
