@@ -407,15 +407,13 @@ class _Page:
         return _section("tracing", "Causal tracing (ROME)", body) if body else ""
 
     def _das(self) -> str:
-        from seqpatch.stages.das import iia_chart
-
         study = self.study
         body = ""
         for ref in study.refs("das"):
             frame = study.das(ref.version)
             parents = ", ".join(f"{p['stage']}/{p['version']}" for p in ref.parents)
             body += f"<h3>DAS {_e(ref.version)} (from {_e(parents)})</h3>"
-            body += self.chart(iia_chart(study.rows(ref)))
+            body += self.chart(_das_chart(study.rows(ref)))
             splits = frame.select("n_train", "n_val", "n_test").unique()
             body += (
                 "<p>Pairs per split (train / validation / test): "
@@ -479,6 +477,16 @@ def _grid_description(grid: dict[str, Any]) -> str:
         else ""
     )
     return f"{method} Sites {', '.join(grid['sites'])}; each cell patches {what}.{selection}"
+
+
+def _das_chart(rows: Any) -> Any:
+    """The DAS stage's own IIA-vs-k chart: ``charts.iia_figure`` of its table where the charts
+    package has it, else the stage's ``iia_chart`` (the module it lived in before)."""
+    from seqpatch import charts
+    from seqpatch.stages import das
+
+    figure = getattr(charts, "iia_figure", None)
+    return figure(das.table(rows)) if figure is not None else das.iia_chart(rows)
 
 
 def _add_ci_tooltips(spec: Any) -> None:

@@ -15,7 +15,7 @@ plotting are one expression each (``study.patching().filter(pl.col("site") == "r
 - ``patching()`` — per (patching version, site, ``k`` = divergence index, layer, head, position,
   metric): ``mean, std, n`` over pairs and the 95% confidence interval of the mean
   (``ci_low, ci_high``: mean ± 1.96 · sample std / √n), with the position's token ``label`` (from
-  the example pair, decoded for display: ``␣`` a space, ``↵`` a newline, ``*`` where A and B
+  the example pair, decoded for display: ``·`` a space, ``↵`` a newline, ``*`` where A and B
   differ) and its ``role`` in the program (``changed``, ``after``, ``last``, …);
 - ``pair_values()`` — the same cells per pair (the drill-down behind a mean);
 - ``tracing()`` / ``tracing_roles()`` — ROME's average indirect effect by position and by role;
@@ -51,7 +51,15 @@ ANSWER_ROLE = "last"  # the position where the answer is read
 CHANGED_ROLE = "changed"
 # The patching axes' names in the frames (``pos`` is a position).
 AXIS_COLUMNS = {"layer": "layer", "head": "head", "pos": "position"}
-VISIBLE = {" ": "␣", "Ġ": "␣", "\n": "↵", "Ċ": "↵", "\t": "⇥", "ĉ": "⇥"}
+VISIBLE = {
+    " ": "·",
+    "Ġ": "·",
+    "▁": "·",
+    "\n": "↵",
+    "Ċ": "↵",
+    "\t": "⇥",
+    "ĉ": "⇥",
+}  # as the charts mark them
 
 
 class StudyError(SeqpatchError):
@@ -60,7 +68,7 @@ class StudyError(SeqpatchError):
 
 def display_token(token: str) -> str:
     """A token string as a reader should see it: byte-level BPE's ``Ġ``/``Ċ`` and raw spaces,
-    newlines and tabs as visible marks (``␣``, ``↵``, ``⇥``); an empty token as ``∅``."""
+    newlines and tabs as visible marks (``·``, ``↵``, ``⇥``); an empty token as ``∅``."""
     if not token:
         return "∅"
     return "".join(VISIBLE.get(ch, ch) for ch in token)

@@ -95,8 +95,8 @@ def test_pair_values_are_the_stored_rows_and_the_ci_is_the_sample_interval(organ
 
 
 def test_labels_are_decoded_and_roles_name_the_changed_and_last_tokens(organism_study):
-    assert display_token("Ġhelpful") == "␣helpful"
-    assert display_token("Ċ") == "↵" and display_token("a\nb c") == "a↵b␣c"
+    assert display_token("Ġhelpful") == "·helpful"
+    assert display_token("Ċ") == "↵" and display_token("a\nb c") == "a↵b·c"
     assert display_token("") == "∅"
     study = Study(organism_study)
     cells = study.patching(_layer_pos(study).version, ("normalised",))
