@@ -336,6 +336,7 @@ def test_roles_follow_romes_token_groups():
 
 def test_stage_builds_through_the_executor(tmp_path, organism, monkeypatch):
     from seqpatch.executor import execute
+    from seqpatch.options import RuntimeSettings
     from seqpatch.pipeline import default_family
     from seqpatch.stages import STAGES, StageInfo
     from seqpatch.stages.base import ModelCache
@@ -353,8 +354,15 @@ def test_stage_builds_through_the_executor(tmp_path, organism, monkeypatch):
         model="builtin", seq_len=3, n_pairs=3, family=family, family_params=params
     )
     pairs = execute("pairs", pairs_cfg, store=store, models=models, progress=False)
-    cfg = stage.TracingConfig(n_programs=2, n_samples=2, shard_size=1, corrupt="chain")
-    ref = execute("tracing", cfg, {"pairs": pairs}, store=store, models=models, progress=False)
+    cfg = stage.TracingConfig(n_programs=2, n_samples=2, corrupt="chain")
+    ref = execute(
+        "tracing",
+        cfg,
+        {"pairs": pairs},
+        store=store,
+        models=models,
+        runtime=RuntimeSettings(shard_size=1, progress=False),
+    )
     rows = store.load("tracing", ref.version)
     assert len(rows) == 2
     n_width = max(rows["n_tokens"])

@@ -56,7 +56,7 @@ from datasets import Features, List, Value
 from seqpatch.errors import SeqpatchError
 from seqpatch.pairs import PairError, RejectionCounts, make_counterfactual_pair
 from seqpatch.programs import Family, Program, derive_seed, get_family
-from seqpatch.stages.base import Built, Inputs, ParentSpec
+from seqpatch.stages.base import Built, Inputs, ParentSpec, no_artifacts, no_checks
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -159,6 +159,8 @@ class PairsConfig:
 
 CONFIG = PairsConfig
 PARENTS = (ParentSpec("benchmark", optional=True),)
+prepare = no_checks
+artifacts = no_artifacts
 
 
 def parse_divergence_indices(text: str, seq_len: int) -> tuple[int, ...]:

@@ -48,7 +48,8 @@ from seqpatch.interventions.tracing import (
     noise_seeds,
     trace,
 )
-from seqpatch.stages.base import Built, ParentSpec, nan_quiet
+from seqpatch.options import SEED_HELP, check_seed, csv, option
+from seqpatch.stages.base import Built, ParentSpec, nan_quiet, no_checks
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -76,7 +77,7 @@ ROLES = (
 ``between``, which ROME's subject-first prompts rarely have). ``last`` wins over every other."""
 
 
-METHODS = ("auto", "cached", "full")  # the engine's strategies (seqpatch.interventions.tracing)
+SHARD_SIZE = 25  # programs per resumable shard
 
 
 class TracingStageError(SeqpatchError):
@@ -87,18 +88,34 @@ class TracingStageError(SeqpatchError):
 class TracingConfig:
     """ROME's parameters (defaults are the paper's) and which programs and tokens to trace."""
 
-    corrupt: str = "changed"  # changed | diff | chain | <statement index>
-    program: str = "b"  # which program of each pair: "a" (source) or "b" (target)
-    noise_scale: float = ROME_NOISE_SCALE  # ν: σ = ν · std(embeddings); ROME §2.1 uses 3
-    n_samples: int = ROME_SAMPLES  # noise draws per program (ROME: 10)
-    window: int | None = None  # MLP/attn window; None: max(1, round(10·L/48)), ROME's 10 of 48
-    sigma_basis: str = "vocab"  # std over the whole embedding matrix; "corrupted": over the
-    # corrupted tokens of every traced program (ROME's choice; depends on the pairs traced)
-    kinds: tuple[str, ...] = KINDS
-    n_programs: int = 100  # first N pairs (0: all); each costs 3·L·T restorations × samples
-    seed: int = 0
-    shard_size: int = 25  # programs per resumable shard
-    method: str = "auto"
+    corrupt: str = option(
+        "changed",
+        "Tokens to corrupt: changed (the changed statement), diff (where A and B differ), chain "
+        "(the query's reference chain) or a statement index such as 0.",
+    )
+    program: str = option("b", "Which program of each pair: a (source) or b (target).")
+    noise_scale: float = option(
+        ROME_NOISE_SCALE, "ν: noise σ = ν × std(input embeddings) (ROME: 3).", min=0
+    )
+    n_samples: int = option(ROME_SAMPLES, "Noise draws per program (ROME: 10).", min=1)
+    window: int | None = option(
+        None,
+        "Layers per restored MLP/attention window [default: max(1, round(10·L/48)), ROME's 10 "
+        "of 48 scaled to the model's depth].",
+        min=1,
+        show_default=False,
+    )
+    sigma_basis: str = option(
+        "vocab",
+        "std over the whole embedding matrix (vocab) or over the corrupted tokens of every "
+        "traced program (corrupted, ROME's choice).",
+    )
+    kinds: tuple[str, ...] = option(
+        KINDS, "What to restore: resid, mlp, attn (comma-separated).", parse=csv
+    )
+    # each program costs 3·L·T restorations × samples
+    n_programs: int = option(100, "Trace the first N pairs (0: all of them).", min=0)
+    seed: int = option(0, SEED_HELP)
 
     def __post_init__(self) -> None:
         corrupt = str(self.corrupt)
@@ -126,15 +143,13 @@ class TracingConfig:
         if not kinds or any(k not in KINDS for k in kinds):
             raise TracingStageError(f"kinds must be a non-empty subset of {', '.join(KINDS)}")
         object.__setattr__(self, "kinds", kinds)
-        if self.n_programs < 0 or self.shard_size < 1:
-            raise TracingStageError("n_programs must be >= 0 and shard_size >= 1")
-        if self.method not in METHODS:
-            raise TracingStageError(
-                f"unknown tracing method {self.method!r}; use one of {', '.join(METHODS)}"
-            )
+        check_seed(self.seed)
+        if self.n_programs < 0:
+            raise TracingStageError(f"n_programs must be >= 0, got {self.n_programs}")
 
 
 CONFIG = TracingConfig
+prepare = no_checks
 
 
 def features(n_kinds: int, n_layers: int, n_positions: int) -> Features:
@@ -297,7 +312,7 @@ def sigma_for(handle: ModelHandle, cfg: TracingConfig, programs: list[_Program])
 
 
 def n_shards(inputs: Inputs, cfg: TracingConfig) -> int:
-    return max(1, -(-len(_selected(inputs, cfg)) // cfg.shard_size))
+    return max(1, -(-len(_selected(inputs, cfg)) // inputs.shard_size))
 
 
 def build_shard(inputs: Inputs, cfg: TracingConfig, index: int) -> Built:
@@ -316,13 +331,14 @@ def build_shard(inputs: Inputs, cfg: TracingConfig, index: int) -> Built:
     else:  # σ depends on every traced program, so each shard reads them all
         traced = [prepare_program(handle, cfg, row, family) for row in selected]
         sigma = sigma_for(handle, cfg, traced)
-    begin = index * cfg.shard_size
-    rows = selected.select(range(begin, min(begin + cfg.shard_size, len(selected))))
+    begin = index * inputs.shard_size
+    rows = selected.select(range(begin, min(begin + inputs.shard_size, len(selected))))
     out: dict[str, list] = {name: [] for name in features(1, 1, 1)}
     with progress_bar(len(rows), f"tracing shard {index}", enabled=inputs.progress) as bar:
         for row in rows:
             prog = prepare_program(handle, cfg, row, family)
-            _append(out, trace_program(handle, cfg, prog, sigma, window, width))
+            engine = inputs.runtime.engine
+            _append(out, trace_program(handle, cfg, prog, sigma, window, width, engine))
             bar.update(1)
     dataset = Dataset.from_dict(out, features=features(len(cfg.kinds), handle.n_layers, width))
     return Built(dataset, {"sigma": sigma, "window": window, "programs": len(rows)})
@@ -344,6 +360,7 @@ def trace_program(
     sigma: float,
     window: int,
     width: int,
+    engine: str = "auto",
 ) -> dict[str, Any]:
     """One row: the program's causal trace, grids padded with NaN to ``width`` positions."""
     row = prog.row
@@ -356,7 +373,7 @@ def trace_program(
         corruption,
         kinds=cfg.kinds,
         window=window,
-        method=cfg.method,  # type: ignore[arg-type]
+        method=engine,  # type: ignore[arg-type]
     )
     grid = np.full((len(cfg.kinds), handle.n_layers, width), np.nan, dtype=np.float32)
     restored, effect = grid.copy(), grid.copy()
