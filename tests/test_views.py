@@ -189,7 +189,7 @@ def test_pairs_of_different_lengths_are_aligned_at_their_last_token_as_the_stage
     ref = store.get_or_build(
         "patching",
         patching.SCHEMA_VERSION,
-        patching.PatchingConfig(sites=("resid_pre", "attn_out"), shard_size=7),
+        patching.PatchingConfig(sites=("resid_pre", "attn_out"), layers=(0, 1, 2, 3)),
         lambda: Built(rows),
         parents=[study.pairs_ref],
     )
