@@ -49,7 +49,7 @@ DATA = Path(os.environ.get("SEQPATCH_TUTORIAL_DATA", "seqpatch-tutorial"))
 # ```
 #
 # The command is one call of `seqpatch.pipeline.run`; here with small settings (programs of 1–6
-# statements, 120 pairs) and ROME's causal trace of 12 of them. Every step reuses a stored
+# statements, 60 pairs) and ROME's causal trace of 6 of them. Every step reuses a stored
 # version with the same config, so running this cell again does no work.
 
 # %%
@@ -57,14 +57,14 @@ from seqpatch.pipeline import RunConfig, run
 
 config = RunConfig(
     seq_lens="1-6",
-    n_per_len=20,
+    n_per_len=12,
     min_accuracy=0.8,
     min_seq_len=4,
     max_seq_len=6,
-    n_pairs=120,
+    n_pairs=60,
     sites=("resid_pre", "attn_out", "mlp_out"),
     tracing=True,
-    tracing_programs=12,
+    tracing_programs=6,
 )
 result = run(config, DATA, progress=False)
 
