@@ -23,8 +23,11 @@ plotting are one expression each (``study.patching().filter(pl.col("site") == "r
 - ``benchmark()`` and ``choice()`` — accuracy with Wilson intervals and the chosen model;
 - ``pairs()`` and ``pair_stats()`` — the programs, answers and why candidates were rejected;
 - ``lineage()`` — every version with its parents, model and config;
-- ``findings()`` — the strongest cells per site and ``k``, and where the value moves from its
-  token to the answer (``flow()``), computed from the data.
+- ``findings()`` — the strongest cells per site and ``k``; ``flow()`` — the strongest cell of
+  each layer; ``moves()`` — from it, where the value moves from its token to the answer.
+
+``seqpatch.Study`` is this class. Token roles stored by the pairs (``roles``, ``seqpatch.roles``)
+appear per pair as ``token_role``; a ``--positions slice`` grid is summarised by them.
 """
 
 from __future__ import annotations
