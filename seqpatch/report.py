@@ -591,7 +591,7 @@ nav { margin-top: 8px; font-size: 13px; }
 nav a { margin-right: 14px; }
 .layout { display: flex; align-items: flex-start; }
 main { flex: 1; min-width: 0; padding: 0 24px 40px 24px; }
-aside { position: sticky; top: 0; width: 430px; max-height: 100vh; overflow: auto;
+aside { position: sticky; top: 0; width: 520px; max-height: 100vh; overflow: auto;
         border-left: 1px solid #ddd; padding: 12px 16px; box-sizing: border-box;
         background: #fcfcfc; font-size: 13px; }
 section { border-bottom: 1px solid #eee; padding-bottom: 16px; }
@@ -644,17 +644,20 @@ function drill(version, datum) {
   const drivers = entries.slice().sort((a, b) => sign * (a.value - b.value)).slice(0, DATA.n_drivers);
   const rows = drivers.map((e) => {
     const p = DATA.pairs[e.pair];
+    const oneLine = (text) => esc(String(text ?? '').trim().split('\n').join('; '));
     return `<tr><td>${esc(p[0])}</td><td>${fmt(e.value)}</td>` +
-      `<td class="program">${esc(p[2])}</td><td class="program">${esc(p[3])}</td>` +
-      `<td>${esc(p[4])}</td><td>${esc(p[5])}</td></tr>`;
+      `<td>${esc(p[4])}</td><td>${esc(p[5])}</td>` +
+      `<td class="program">${esc(p[6])} / ${esc(p[7])}</td>` +
+      `<td class="program">${oneLine(p[2])}</td><td class="program">${oneLine(p[3])}</td></tr>`;
   }).join('');
   panel.innerHTML = `<h3>${esc(where.join(' · '))}</h3>` +
     `<p>patching ${esc(version)} · ${esc(DATA.metric)}: mean <b>${fmt(s.mean)}</b>, ` +
     `std ${fmt(s.std)}, n ${s.n}, 95% CI [${fmt(s.low)}, ${fmt(s.high)}]</p>` +
     `<div id="drill-hist"></div>` +
     `<h4>The ${drivers.length} pairs that drive the mean most</h4>` +
-    `<table id="drill-pairs"><thead><tr><th>pair</th><th>value</th><th>program A</th>` +
-    `<th>program B</th><th>answer A</th><th>answer B</th></tr></thead><tbody>${rows}</tbody></table>`;
+    `<table id="drill-pairs"><thead><tr><th>pair</th><th>value</th><th>answer A</th>` +
+    `<th>answer B</th><th>changed statement A / B</th><th>program A</th><th>program B</th>` +
+    `</tr></thead><tbody>${rows}</tbody></table>`;
   panel.dataset.cell = key;
   vegaEmbed('#drill-hist', {
     $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
