@@ -1,16 +1,13 @@
-"""Labelled results of one study, read from stored versions only: what notebooks, the report
-page and the README's findings read.
+"""Labelled results of one study, read from stored versions only (notebooks, the report page).
 
 A **study** is one stored ``pairs`` version with everything around it: the ``benchmark`` and
 ``programs`` it came from, the model choice, and every ``activations``, ``patching``,
 ``tracing`` and ``das`` version built from those pairs. ``Study(data_dir)`` takes the newest
 pairs version; ``Study(data_dir, pairs="1279")`` another one. Nothing is recomputed from a
-model: rows come through ``Store.load_ref`` (row count checked against the provenance, file
-sizes checked by ``Store.find``) and the few artifacts read (``summary.json`` of DAS) are checked
-against the SHA-256 their provenance records.
+model: rows come through ``Store.load_ref`` (sizes and row counts checked) and artifacts
+(DAS's ``summary.json``) through ``read_artifact`` (their recorded SHA-256 checked).
 
-Results are **polars long frames**, one row per labelled value, so that filtering, grouping and
-plotting are one expression each (``study.patching().filter(pl.col("site") == "resid_pre")``):
+Results are **polars long frames**, one row per labelled value (``study.patching().filter(...)``):
 
 - ``patching()`` — per (patching version, site, ``k`` = divergence index, layer, head, position,
   metric): ``mean, std, n`` over pairs and the 95% confidence interval of the mean
@@ -23,11 +20,10 @@ plotting are one expression each (``study.patching().filter(pl.col("site") == "r
 - ``benchmark()`` and ``choice()`` — accuracy with Wilson intervals and the chosen model;
 - ``pairs()`` and ``pair_stats()`` — the programs, answers and why candidates were rejected;
 - ``lineage()`` — every version with its parents, model and config;
-- ``findings()`` — the strongest cells per site and ``k``; ``flow()`` — the strongest cell of
-  each layer; ``moves()`` — from it, where the value moves from its token to the answer.
+- ``findings()``, ``flow()``, ``moves()`` — the strongest cells, the strongest cell of each
+  layer, and where the value moves from its token to the answer.
 
-``seqpatch.Study`` is this class. Token roles stored by the pairs (``roles``, ``seqpatch.roles``)
-appear per pair as ``token_role``; a ``--positions slice`` grid is summarised by them.
+Token roles stored with the rows (``roles``) appear per pair as ``token_role``.
 """
 
 from __future__ import annotations
@@ -40,7 +36,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
+from seqpatch.cells import (
+    ANSWER_ROLE,
+    CHANGED_ROLE,
+    align_ends,
+    confidence_interval,
+    display_token,
+    position_labels,
+    position_roles,
+    summarise,
+    token_roles,
+)
 from seqpatch.errors import SeqpatchError
+
+__all__ = [
+    "Study",
+    "StudyError",
+    "confidence_interval",
+    "display_token",
+    "position_roles",
+    "read_artifact",
+]
 
 if TYPE_CHECKING:
     import os
@@ -49,57 +65,12 @@ if TYPE_CHECKING:
 
     from seqpatch.store import StageRef
 
-Z_95 = 1.959963984540054  # two-sided 95% normal quantile
-ANSWER_ROLE = "last"  # the position where the answer is read
-CHANGED_ROLE = "changed"
 # The patching axes' names in the frames (``pos`` is a position).
 AXIS_COLUMNS = {"layer": "layer", "head": "head", "pos": "position"}
-VISIBLE = {
-    " ": "·",
-    "Ġ": "·",
-    "▁": "·",
-    "\n": "↵",
-    "Ċ": "↵",
-    "\t": "⇥",
-    "ĉ": "⇥",
-}  # as the charts mark them
 
 
 class StudyError(SeqpatchError):
     """A study that cannot be read as asked (no such stage or version in it)."""
-
-
-def display_token(token: str) -> str:
-    """A token string as a reader should see it: byte-level BPE's ``Ġ``/``Ċ`` and raw spaces,
-    newlines and tabs as visible marks (``·``, ``↵``, ``⇥``); an empty token as ``∅``."""
-    if not token:
-        return "∅"
-    return "".join(VISIBLE.get(ch, ch) for ch in token)
-
-
-def position_roles(n_tokens: int, diff_positions: list[int]) -> list[str]:
-    """The role of each position of a pair's prompt: ``before`` the change, ``changed`` (where A
-    and B differ), ``after`` it, and ``last`` (where the answer is read; it wins)."""
-    changed = set(diff_positions)
-    first = min(changed) if changed else n_tokens - 1
-    roles = []
-    for t in range(n_tokens):
-        if t == n_tokens - 1:
-            roles.append(ANSWER_ROLE)
-        elif t in changed:
-            roles.append(CHANGED_ROLE)
-        else:
-            roles.append("before" if t < first else "after")
-    return roles
-
-
-def confidence_interval(mean: Any, std: Any, n: Any) -> tuple[Any, Any]:
-    """The 95% normal interval of a mean from the population ``std`` (``numpy.nanstd``) of ``n``
-    values: mean ± z · s / √n with the sample std s = std · √(n / (n − 1)); NaN for n < 2."""
-    mean, std, n = (np.asarray(x, dtype=np.float64) for x in (mean, std, n))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        half = np.where(n > 1, Z_95 * std / np.sqrt(np.maximum(n - 1, 1)), np.nan)
-    return mean - half, mean + half
 
 
 class Study:
@@ -327,7 +298,7 @@ class Study:
                         label=pl.col("token_role"),
                         role=pl.col("token_role"),
                     )
-                frames.append(_summarise(values))
+                frames.append(summarise(values))
         if not frames:
             return pl.DataFrame()
         return pl.concat(frames, how="diagonal_relaxed")
@@ -371,9 +342,9 @@ class Study:
         k_col = np.asarray(rows["divergence_index"])
         lengths = np.asarray(rows["n_tokens"])
         meta = rows.select_columns(["pair_id", "site", "tokens", "diff_positions", "layers"])
-        labels, roles = _position_labels(meta, k_col, lengths)
+        labels, roles = position_labels(meta, k_col, lengths)
         if "pos" in axes:
-            _align_ends(values, k_col, lengths)
+            align_ends(values, k_col, lengths)
         layers = np.asarray(meta[0]["layers"])
         heads = rows["heads"][0] if "head" in axes else []
         index = np.nonzero(~np.isnan(values))
@@ -414,7 +385,7 @@ class Study:
             )
         frame = frame.with_columns(
             token_role=pl.Series(
-                _token_roles(rows, k_col, lengths, values.shape[-1])[index[0], index[-1]],
+                token_roles(rows, k_col, lengths, values.shape[-1])[index[0], index[-1]],
                 dtype=pl.String,
             )
         )
@@ -605,79 +576,6 @@ class Study:
         return pl.DataFrame(records, schema_overrides=schema).sort(
             ["version", "site", "divergence_index"]
         )
-
-
-def _summarise(values: pl.DataFrame) -> pl.DataFrame:
-    """Per-cell mean, population std (as the stored heatmap), n and 95% CI of pair values."""
-    keys = [
-        "version",
-        "method",
-        "axes",
-        "span",
-        "site",
-        "divergence_index",
-        "layer",
-        "head",
-        "position",
-        "label",
-        "role",
-        "metric",
-    ]
-    out = values.group_by(keys, maintain_order=True).agg(
-        pl.col("value").mean().alias("mean"),
-        pl.col("value").std(ddof=0).alias("std"),
-        pl.len().alias("n"),
-    )
-    low, high = confidence_interval(out["mean"], out["std"], out["n"])
-    return out.with_columns(ci_low=pl.Series(low), ci_high=pl.Series(high)).with_columns(
-        pl.col("ci_low").fill_nan(None), pl.col("ci_high").fill_nan(None)
-    )
-
-
-def _token_roles(rows: Any, k_col: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
-    """``[rows, width]`` the role each pair's own token has in its program's data flow (the
-    rows' ``roles`` column, ``seqpatch.roles``: ``hop1:value``, ``question:0``, ``last``…) at
-    each end-aligned position; ``None`` where a pair has no token or the rows carry no roles."""
-    out = np.full((len(rows), width), None, dtype=object)
-    if "roles" not in rows.column_names:
-        return out
-    longest = {k: int(lengths[k_col == k].max()) for k in set(k_col.tolist())}
-    for i, roles in enumerate(rows["roles"]):
-        if roles:
-            shift = longest[int(k_col[i])] - int(lengths[i])
-            out[i, shift : shift + len(roles)] = roles[: width - shift]
-    return out
-
-
-def _align_ends(values: np.ndarray, k_col: np.ndarray, lengths: np.ndarray) -> None:
-    """Shift, in place, the position axis (last) of the rows of every ``k`` whose pairs differ
-    in token length so that each ends at its longest pair's last token — the alignment the
-    stored heatmap uses (``tests/test_views.py`` checks the means agree with it)."""
-    for k in set(k_col.tolist()):
-        rows = np.flatnonzero(k_col == k)
-        longest = int(lengths[rows].max())
-        for i in rows:
-            if (shift := longest - int(lengths[i])) > 0:
-                values[i] = np.roll(values[i], shift, axis=-1)  # NaN padding moves in front
-
-
-def _position_labels(
-    meta: Any, k_col: np.ndarray, lengths: np.ndarray
-) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
-    """Display labels and roles of each ``k``'s positions, from its longest pair (the pair the
-    end-aligned positions are counted from; the first pair when all are equally long)."""
-    labels: dict[int, list[str]] = {}
-    roles: dict[int, list[str]] = {}
-    for k in sorted(set(k_col.tolist())):
-        members = np.flatnonzero(k_col == k)
-        i = int(members[np.argmax(lengths[members])])
-        row = meta[i]
-        diff = set(row["diff_positions"])
-        labels[k] = [
-            display_token(tok) + ("*" if t in diff else "") for t, tok in enumerate(row["tokens"])
-        ]
-        roles[k] = position_roles(len(row["tokens"]), list(diff))
-    return labels, roles
 
 
 def read_artifact(ref: StageRef, name: str) -> bytes:
