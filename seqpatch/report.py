@@ -22,6 +22,7 @@ import html
 import json
 import math
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -155,8 +156,17 @@ class _Page:
         return out
 
     def chart(self, spec: Any, drill: str | None = None, css: str = "chart") -> str:
-        """A placeholder for ``spec`` (an altair chart or a Vega-Lite dict), rendered by the
-        page's script; ``drill`` names the patching version a click drills into."""
+        """A placeholder for ``spec`` (an altair chart, a Vega-Lite dict, or a function that
+        draws one), rendered by the page's script; ``drill`` names the patching version a click
+        drills into. A chart that cannot be drawn (``ChartError``: e.g. a metric the grid has
+        no values of) becomes a one-line note."""
+        from seqpatch.charts import ChartError
+
+        if callable(spec):
+            try:
+                spec = spec()
+            except ChartError as err:
+                return f'<p class="note">Not drawn: {_e(err)}</p>'
         spec_dict = spec if isinstance(spec, dict) else spec.to_dict()
         _add_ci_tooltips(spec_dict)
         chart_id = f"chart-{len(self.charts)}"
@@ -325,13 +335,14 @@ class _Page:
             axes = grid_axes(rows)
             self.drill[ref.version] = self._drill_data(ref)
             body = f"<p>{_e(_grid_description(grid))}</p>"
-            body += self.chart(plots.heatmap_chart(rows, self.metric), drill=ref.version)
+            body += self.chart(partial(plots.heatmap_chart, rows, self.metric), drill=ref.version)
             if axes == DEFAULT_AXES:
-                traces, pair_id = plots.traces_chart(rows, self.metric, pairs=pairs_rows)
-                body += f"<h3>One pair's traces ({_e(pair_id)})</h3>" + self.chart(traces)
+                body += "<h3>One pair's traces</h3>" + self.chart(
+                    partial(_traces, rows, self.metric, pairs_rows)
+                )
             elif axes == ("layer", "head", "pos"):
                 body += "<h3>The strongest heads by position</h3>" + self.chart(
-                    plots.top_heads_chart(rows, self.metric)
+                    partial(plots.top_heads_chart, rows, self.metric)
                 )
             title = f"Patching {ref.version}: {', '.join(grid['sites'])} over " + ",".join(axes)
             if grid["method"] == "attribution":
@@ -477,6 +488,13 @@ def _grid_description(grid: dict[str, Any]) -> str:
         else ""
     )
     return f"{method} Sites {', '.join(grid['sites'])}; each cell patches {what}.{selection}"
+
+
+def _traces(rows: Any, metric: str, pairs: Any) -> Any:
+    """One pair's traces (the first pair's, as the patching stage draws them)."""
+    from seqpatch import plots
+
+    return plots.traces_chart(rows, metric, pairs=pairs)[0]
 
 
 def _das_chart(rows: Any) -> Any:
