@@ -138,7 +138,7 @@ SITE_TABLE: dict[str, SiteInfo] = {
         ),
         SiteInfo(
             "head_q",
-            ("query heads", "(before RoPE)"),
+            ("attention heads", "(queries, pre-RoPE)"),
             "query projection per head, before rotary embeddings (TransformerLens hook_q)",
             None,
             "output",
@@ -149,7 +149,7 @@ SITE_TABLE: dict[str, SiteInfo] = {
         ),
         SiteInfo(
             "head_k",
-            ("key heads", "(before RoPE)"),
+            ("attention heads", "(keys, pre-RoPE)"),
             "key projection per key/value head, before rotary embeddings (hook_k)",
             None,
             "output",
@@ -159,7 +159,7 @@ SITE_TABLE: dict[str, SiteInfo] = {
         ),
         SiteInfo(
             "head_v",
-            ("value heads", "(per k/v head)"),
+            ("attention heads", "(values)"),
             "value projection per key/value head (hook_v)",
             None,
             "output",
