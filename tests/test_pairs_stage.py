@@ -177,7 +177,16 @@ def check_rows(rows, handle, family, equal_answers=False):
             assert ids[row[index]] == token and ids.index(token) == row[index]
             assert handle.tokenizer.decode([token]).strip() == labels[row[index]]
             assert labels[row[index]] in str(program.answer)
-        assert len(row["tokens"]) == row["n_tokens"]
+        assert len(row["tokens"]) == row["n_tokens"] == len(row["roles"])
+        roles = row["roles"]
+        assert roles[-1] == "last"
+        changed = {roles[t] for t in row["diff_positions"]}
+        if row["affects_query"]:  # the changed tokens are the changed statement's
+            assert all(r.startswith("hop0:") for r in changed), (changed, row["tokens"])
+        else:
+            assert changed == {"stmt"}
+        hops = {r.split(":")[0] for r in roles if r.startswith("hop")}
+        assert len(hops) == (row["chain_depth"] if row["affects_query"] else 0)
 
 
 def test_bpe_pairs_have_equal_lengths_and_counts(bpe_llama, tmp_path):

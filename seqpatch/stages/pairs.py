@@ -61,7 +61,8 @@ from seqpatch.pairs import (
     chain_depth,
     make_counterfactual_pair,
 )
-from seqpatch.programs import Family, Program, derive_seed, get_family
+from seqpatch.programs import Family, Program, Renderer, derive_seed, get_family
+from seqpatch.roles import token_roles
 from seqpatch.stages.base import Built, Inputs, ParentSpec
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ FEATURES = Features(
         "input_ids_b": List(Value("int32")),
         "tokens": List(Value("string")),
         "tokens_a": List(Value("string")),
+        "roles": List(Value("string")),
         "diff_positions": List(Value("int32")),
         "answer_prefix_len": Value("int32"),
         "candidate_ids": List(Value("int64")),
@@ -127,7 +129,9 @@ FEATURES = Features(
 """``tokens`` are the target (B) prompt's token strings, ``tokens_a`` the source's (they differ
 at ``diff_positions``). ``candidate_ids`` has ``n_candidates(family)`` entries on every row (see
 the module docstring); ``answer_index_a/b`` index the first slot holding each answer's first
-differing token (its first token when the answers are equal). ``chain_depth`` is how many
+differing token (its first token when the answers are equal). ``roles`` gives each token of
+B its role in the data flow (``seqpatch.roles.token_roles``: ``hop0:value``, ``question:3``,
+``last``…), which ``--positions slice`` patches and charts align by. ``chain_depth`` is how many
 statements of the query's slice the changed value passes through (``seqpatch.pairs.chain_depth``:
 1 = the queried variable is assigned directly, 0 = the change cannot reach the query)."""
 
@@ -261,6 +265,13 @@ def _generate(batch: dict[str, list], cfg: PairsConfig, handle: ModelHandle) -> 
     return out
 
 
+def _renderer(handle: ModelHandle) -> Renderer:
+    """How the handle's prompts show the program (the organism's compact lines, else code)."""
+    from seqpatch.prompts import CompactFormat
+
+    return "compact" if isinstance(handle.prompt_format, CompactFormat) else "code"
+
+
 def n_candidates(fam: Family) -> int:
     """Candidate slots per row: the ten digits, plus A's and B's answer tokens unless every
     answer of ``fam`` is one digit."""
@@ -382,6 +393,9 @@ def _score(batch: dict[str, list], cfg: PairsConfig, handle: ModelHandle) -> dic
             "input_ids_b": row["input_b"],
             "tokens": tokens_b,
             "tokens_a": tokens_a,
+            "roles": token_roles(
+                handle.tokenizer, row["prompt_b"], row["input_b"], b, k, _renderer(handle)
+            ),
             "diff_positions": [
                 i
                 for i, (x, y) in enumerate(zip(row["input_a"], row["input_b"], strict=True))

@@ -69,14 +69,16 @@ if TYPE_CHECKING:
     from seqpatch.models import ModelHandle
 
 STAGE = "patching"
-SCHEMA_VERSION = 4  # 2: full-vocabulary lse; 3: `method` (exact/attribution); 4: named axes
+SCHEMA_VERSION = 5  # 2: full-vocabulary lse; 3: `method`; 4: named axes; 5: token roles
 DEFAULT_AXES = ("layer", "pos")
 STAGE_AXES = (("layer", "pos"), ("layer", "head"), ("layer", "head", "pos"), ("layer",))
 POSITION_SETS = ("all", "from-divergence", "before-last", "last")
 # Position selections of a grid with a pos axis: "all" (every position; those before a pair's
 # divergence are skipped by the engine as provable no-ops) or, per pair, its changed tokens, the
-# last token of every line from the divergence on and the final token (``selected_positions``).
-POS_SELECTIONS = ("all", "changed+ends+last")
+# last token of every line from the divergence on and the final token (``selected_positions``);
+# or "slice": every token of the changed statement and of the later statements of the query's
+# slice, the question's tokens and the last token (``seqpatch.roles.slice_positions``).
+POS_SELECTIONS = ("all", "changed+ends+last", "slice")
 STATEMENT_SEPARATORS = ("\n", ";")  # what ends a line: the code and compact renderers' separators
 # The name each engine axis has in heatmap.json and the charts.
 AXIS_NAMES = {"layer": "layer", "head": "head", "pos": "position"}
@@ -184,6 +186,7 @@ def features(*shape: int) -> Features:
             "n_tokens": Value("int32"),
             "tokens": List(Value("string")),
             "tokens_a": List(Value("string")),
+            "roles": List(Value("string")),
             "diff_positions": List(Value("int32")),
             "layers": List(Value("int32")),
             "axes": List(Value("string")),
@@ -261,7 +264,13 @@ def _patch(
                 handle, src, tgt, site, cand, ans_a, ans_b, layers=layers, axes=cfg.axes
             )
         elif "pos" in cfg.axes and cfg.positions != "all":
-            readout = _selected_grid(handle, src, tgt, site, cand, layers, cfg, cached.get(site))
+            chosen = [
+                _chosen_positions(cfg.positions, batch, i, handle.tokenizer)
+                for i in range(len(src))
+            ]
+            readout = _selected_grid(
+                handle, src, tgt, site, cand, layers, cfg, cached.get(site), chosen
+            )
         else:
             spec = PatchSpec(site, cfg.axes, layers=layers, spans=(cfg.positions,))
             readout = patch_grid(
@@ -296,6 +305,7 @@ def _patch(
                 "answer_index_b",
             ):
                 out[name].append(batch[name][i])
+            out["roles"].append(batch["roles"][i] if "roles" in batch else [])
             out["site"].append(site)
             out["method"].append("attribution" if cfg.method == "attribution" else "exact")
             out["layers"].append(layers)
@@ -331,6 +341,21 @@ def selected_positions(ids_a: Sequence[int], ids_b: Sequence[int], tokenizer: An
     return sorted({*changed, *ends, length - 1})
 
 
+def _chosen_positions(selection: str, batch: dict[str, list], i: int, tokenizer: Any) -> list[int]:
+    """The cells of pair ``i`` of ``batch`` under a ``POS_SELECTIONS`` entry other than ``all``."""
+    from seqpatch.roles import slice_positions
+
+    if selection == "slice":
+        roles = batch["roles"][i] if "roles" in batch else []
+        if not roles:
+            raise PatchingStageError(
+                "--positions slice needs the pairs' token roles, which pairs built before "
+                "schema 2 lack; rebuild the pairs stage"
+            )
+        return slice_positions(roles)
+    return selected_positions(batch["input_ids_a"][i], batch["input_ids_b"][i], tokenizer)
+
+
 def _selected_grid(
     handle: ModelHandle,
     src: list[Any],
@@ -340,8 +365,9 @@ def _selected_grid(
     layers: list[int],
     cfg: PatchingConfig,
     cached: list[np.ndarray] | None,
+    chosen_positions: list[list[int]],
 ) -> tuple[Any, Any]:
-    """A ``layer,pos`` grid computed at each pair's ``selected_positions`` only, NaN elsewhere.
+    """A ``layer,pos`` grid computed at each pair's ``chosen_positions`` only, NaN elsewhere.
 
     Pairs whose selections sit at the same offsets from their ends share one engine call
     (negative ``PatchSpec.positions``, so pairs of different lengths batch together), and every
@@ -354,8 +380,7 @@ def _selected_grid(
     logits = torch.full((len(tgt), len(layers), width, cand.shape[-1]), float("nan"))
     lse = torch.full((len(tgt), len(layers), width), float("nan"))
     groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (a, b) in enumerate(zip(src, tgt, strict=True)):
-        chosen = selected_positions(a.tolist(), b.tolist(), handle.tokenizer)
+    for i, (b, chosen) in enumerate(zip(tgt, chosen_positions, strict=True)):
         groups.setdefault(tuple(t - len(b) for t in chosen), []).append(i)
     for offsets, members in groups.items():
         spec = PatchSpec(site, ("layer", "pos"), layers=layers, positions=list(offsets))
