@@ -564,7 +564,7 @@ def test_slice_positions_are_the_full_grid_at_the_chain_cells(handle, tmp_path, 
     row = rows[0]
     pair = pairs[row["pair_id"]]
     program = Program.parse(pair["program_b"], "binding")
-    hop = [i for i in program.dependencies() if i > int(row["divergence_index"])][0]
+    hop = next(i for i in program.dependencies() if i > int(row["divergence_index"]))
     pos = int(row["n_tokens"]) - 4 * program.seq_len - 3 + 4 * hop + 2  # the hop's copied variable
     want = hooked_logits(handle, pair["input_ids_a"], pair["input_ids_b"], row["site"], 1, pos)
     got = np.asarray(row["logits"])[1, pos]
