@@ -569,3 +569,26 @@ def test_slice_positions_are_the_full_grid_at_the_chain_cells(handle, tmp_path, 
     want = hooked_logits(handle, pair["input_ids_a"], pair["input_ids_b"], row["site"], 1, pos)
     got = np.asarray(row["logits"])[1, pos]
     np.testing.assert_allclose(got, want[pair["candidate_ids"]], atol=1e-5)
+
+    # the heatmap averages by role: each role's cell is the mean over pairs of that role's token
+    agg = patching.aggregate(rows)
+    assert agg["position_axis"] == "role"
+    frame = rows.with_format("numpy")
+    for ki, k in enumerate(agg["divergence_indices"]):
+        labels = agg["labels"][k]
+        assert labels[-1] == "last" and labels[0] == "hop0:var"
+        assert not any(r in ("stmt", "context") for r in labels)  # only patched rows
+        for c, role in enumerate(labels):
+            picked = [
+                frame[i]["normalised"][:, list(frame[i]["roles"]).index(role)]
+                for i in range(len(rows))
+                if rows[i]["site"] == "resid_pre"
+                and rows[i]["divergence_index"] == k
+                and role in rows[i]["roles"]
+            ]
+            with np.errstate(invalid="ignore"):
+                want = np.nanmean(np.stack(picked), axis=0)
+            np.testing.assert_allclose(agg["stats"][0, ki, 0, :, c], want, atol=1e-6)
+    index = json.loads(patching.heatmap_artifacts(rows)[patching.HEATMAP_INDEX_FILE])
+    assert index["axes"][-1] == "role"
+    assert list(chain.path.glob("heatmap-normalised.png"))

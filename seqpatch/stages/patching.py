@@ -548,9 +548,12 @@ def aggregate(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
     missing heads, or undefined normalisation) are skipped. Where the pairs of one divergence
     index differ in token length (BPE tokenizers), their positions are aligned at their last
     token (``aligned_to_end`` lists those indices; their labels are the longest pair's).
+    A ``slice`` grid is aggregated by token role instead (``aggregate_by_role``).
     """
     if metric not in METRICS:
         raise PatchingStageError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    if by_role(dataset):
+        return aggregate_by_role(dataset, metric)
     cols = dataset.select_columns(["site", "divergence_index", metric]).with_format("numpy")
     sites = list(dict.fromkeys(dataset["site"]))
     ks = sorted(set(dataset["divergence_index"]))
@@ -591,6 +594,73 @@ def aggregate(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
         "span": dataset[0]["span"] if "span" in dataset.column_names else "",
         "labels": labels,
         "aligned_to_end": aligned,
+        "stats": stats,
+    }
+
+
+def by_role(dataset: Dataset) -> bool:
+    """Whether ``dataset`` is a ``slice`` grid with token roles: aggregated by role, not index."""
+    return (
+        grid_axes(dataset) == DEFAULT_AXES
+        and "roles" in dataset.column_names
+        and len(dataset) > 0
+        and dataset[0]["span"] == "slice"
+    )
+
+
+def aggregate_by_role(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
+    """``aggregate`` of a ``slice`` grid with the position axis replaced by token roles.
+
+    Pairs of one divergence index may differ in length and chain depth; each patched cell is
+    averaged with the cells of the same role (``seqpatch.roles``: ``hop1:value``,
+    ``question:2``, ``last``) in the other pairs. ``labels[k]`` are the roles present among
+    ``k``'s pairs in reading order (``role_key``), and only those: unpatched positions have no
+    row. ``stats`` is ``[sites, divergence_indices, 3, layers, roles]`` (NaN beyond a ``k``'s
+    roles); ``position_axis`` is ``"role"``.
+    """
+    from seqpatch.roles import role_key, slice_positions
+
+    sites = list(dict.fromkeys(dataset["site"]))
+    ks = sorted(set(dataset["divergence_index"]))
+    site_col = np.asarray(dataset["site"])
+    k_col = np.asarray(dataset["divergence_index"])
+    roles_col = dataset["roles"]
+    values = np.array(
+        dataset.select_columns([metric]).with_format("numpy")[metric], dtype=np.float64
+    )
+    patched = [slice_positions(roles) for roles in roles_col]
+    labels: dict[int, list[str]] = {}
+    for k in ks:
+        present = {roles_col[i][t] for i in np.flatnonzero(k_col == k) for t in patched[i]}
+        labels[k] = sorted(present, key=role_key)
+    width = max(len(v) for v in labels.values())
+    stats = np.full((len(sites), len(ks), 3, values.shape[1], width), np.nan)
+    for si, site in enumerate(sites):
+        for ki, k in enumerate(ks):
+            rows = np.flatnonzero((site_col == site) & (k_col == k))
+            if len(rows) == 0:
+                continue
+            column = {role: c for c, role in enumerate(labels[k])}
+            chunk = np.full((len(rows), values.shape[1], len(column)), np.nan)
+            for j, i in enumerate(rows):
+                for t in patched[i]:
+                    chunk[j, :, column[roles_col[i][t]]] = values[i, :, t]
+            n = len(column)
+            with nan_quiet():
+                stats[si, ki, 0, :, :n] = np.nanmean(chunk, axis=0)
+                stats[si, ki, 1, :, :n] = np.nanstd(chunk, axis=0)
+            stats[si, ki, 2, :, :n] = np.sum(~np.isnan(chunk), axis=0)
+    return {
+        "metric": metric,
+        "axes": DEFAULT_AXES,
+        "sites": sites,
+        "divergence_indices": ks,
+        "layers": list(dataset[0]["layers"]),
+        "heads": [],
+        "span": "slice",
+        "labels": labels,
+        "aligned_to_end": [],
+        "position_axis": "role",
         "stats": stats,
     }
 
@@ -736,7 +806,12 @@ def heatmap_artifacts(dataset: Dataset, metrics: Sequence[str] = METRICS) -> dic
                 "site",
                 "divergence_index",
                 "statistic",
-                *(AXIS_NAMES[axis] for axis in agg["axes"]),
+                *(
+                    agg.get("position_axis", AXIS_NAMES[axis])
+                    if axis == "pos"
+                    else AXIS_NAMES[axis]
+                    for axis in agg["axes"]
+                ),
             ],
             "statistic": ["mean", "std", "count"],
             "sites": agg["sites"],
