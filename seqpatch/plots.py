@@ -106,7 +106,6 @@ def tracing_summary(
     ν; default: ROME's 3); ``model`` names the model in the title."""
     import numpy as np
 
-    from seqpatch.interventions.tracing import ROME_NOISE_SCALE
     from seqpatch.stages.tracing import aie
 
     summary = aie(rows)
@@ -136,11 +135,22 @@ def tracing_summary(
         "corrupted_prob": float(corrupted.mean()),
         "window": int(first["window"]),
         "sigma": float(first["sigma"]),
-        "noise_scale": float(noise_scale if noise_scale is not None else ROME_NOISE_SCALE),
+        "noise_scale": _noise_scale(noise_scale, first),
         "n_samples": len(first["seeds"]),
         "corrupt": first["corrupt"],
         "model": model,
     }
+
+
+def _noise_scale(given: Any, first: Any) -> float:
+    """ν for the chart: the one given, else the row's (a calibrated ``auto``), else ROME's 3."""
+    from seqpatch.interventions.tracing import ROME_NOISE_SCALE
+
+    if isinstance(given, int | float):
+        return float(given)
+    if "noise_scale" in first and first["noise_scale"] is not None:
+        return float(first["noise_scale"])
+    return ROME_NOISE_SCALE
 
 
 def tracing_chart(rows: Any, model: str | None = None, noise_scale: float | None = None) -> Any:

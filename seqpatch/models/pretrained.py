@@ -41,6 +41,7 @@ from typing import Any
 
 from seqpatch.errors import SeqpatchError
 from seqpatch.progress import Bar, library_bars, progress_bar
+from seqpatch.prompts import FamilyFormat, PromptFormat
 
 CACHE_ENV = "SEQPATCH_CACHE"
 METADATA_FILE = "seqpatch-pretrained.json"
@@ -87,6 +88,17 @@ class PretrainedEntry:
     licence: str
     chunks: tuple[PackageFile, ...]  # the GGUF is their concatenation, in order
     extras: tuple[PackageFile, ...] = ()  # licence and notice files copied into the folder
+    # the format of each family where it differs from ``prompt_format``, measured per family
+    # (docs/pretrained.md, scripts/pretrained_prompts.py): one prompt can be degenerate on
+    # another family
+    family_formats: tuple[tuple[str, str], ...] = ()
+
+    def default_format(self) -> str | PromptFormat:
+        """What ``load_model(name)`` renders with: ``prompt_format``, or per family a
+        ``FamilyFormat`` when ``family_formats`` names any."""
+        if not self.family_formats:
+            return self.prompt_format
+        return FamilyFormat(self.family_formats, default=self.prompt_format)
 
     @property
     def packages(self) -> tuple[str, ...]:
