@@ -130,9 +130,16 @@ REGISTRY: dict[str, PretrainedEntry] = {
             upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
             architecture="LlamaForCausalLM (30 layers, d_model 576, 9 heads, 3 KV heads)",
             instruct=True,
-            # binding, lengths 3 and 5, 50 programs: code-chat 0-shot 31/50, code 3-shot 29/50,
-            # code 0-shot 22/50, code-chat 3-shot 8/50 (scripts/pretrained_prompts.py)
+            # measured per family (docs/pretrained.md, scripts/pretrained_prompts.py; lengths
+            # 1, 3, 5, 20 programs each): the most accurate format that never answers one
+            # constant to >= 90% of a length's programs. code-chat answers `1` to every
+            # one-statement arithmetic program, so arithmetic reads plain code.
             prompt_format="code-chat",
+            family_formats=(
+                ("arithmetic", "code"),
+                ("binding", "code-3shot"),
+                ("modular", "code-chat"),
+            ),
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             quantization="Q4_1",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
