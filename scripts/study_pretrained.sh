@@ -18,8 +18,9 @@ if [ ! -d "$code" ]; then
 fi
 mkdir -p "$studies"
 echo "[$(date -u +%FT%TZ)] start: $model (code $(cat "$code/COMMIT"))" >> "$studies/$model.log"
+python="${PYTHON:-$here/../.venv/bin/python}"  # the checkout's environment, the snapshot's code
 PYTHONPATH="$code" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" nohup nice -n 15 \
-    python "$code/study_pretrained.py" "$model" --data-dir "$studies/$model" "$@" \
+    "$python" "$code/study_pretrained.py" "$model" --data-dir "$studies/$model" "$@" \
     >> "$studies/$model.log" 2>&1 &
 echo "$!" > "$studies/$model.pid"
 echo "study of $model: pid $!, log $studies/$model.log"
