@@ -388,6 +388,8 @@ def labelled(summary: pl.DataFrame) -> pl.DataFrame:
 
     from seqpatch.stages.base import split_model_spec
 
+    if "model_spec" not in summary.columns:  # one row per model already
+        return summary
     specs = summary.select("model_id", "model_spec").unique()
     shared = {m for m, n in specs.group_by("model_id").len().iter_rows() if n > 1}
     labels = [

@@ -310,10 +310,17 @@ def _selected(inputs: Inputs, cfg: TracingConfig) -> Dataset:
 
 
 def sigma_for(
-    handle: ModelHandle, cfg: TracingConfig, programs: list[_Program], noise_scale: float
+    handle: ModelHandle,
+    cfg: TracingConfig,
+    programs: list[_Program],
+    noise_scale: float | None = None,
 ) -> float:
     """σ = ν × std: of the whole embedding matrix (``vocab``), or of the corrupted tokens of
-    every traced program (``corrupted``)."""
+    every traced program (``corrupted``). ν is ``noise_scale``, else the config's number."""
+    if noise_scale is None:
+        if cfg.noise_scale == "auto":
+            raise TracingStageError("sigma_for needs ν: calibrate it first (resolve_noise)")
+        noise_scale = float(cfg.noise_scale)
     if cfg.sigma_basis == "vocab":
         return noise_scale * embedding_std(handle)
     ids = [p.ids[t] for p in programs for t in p.positions]
