@@ -21,6 +21,7 @@ from seqpatch.interventions.tracing import (
     window_layers,
 )
 from seqpatch.models import load_model
+from seqpatch.programs import get_family
 from seqpatch.stages import tracing as stage
 
 TOL = 1e-5
@@ -461,3 +462,29 @@ def test_bad_noise_settings_are_refused_before_work():
         stage.TracingConfig(noise_scale="loud")
     with pytest.raises(stage.TracingStageError, match="calibration_programs"):
         stage.TracingConfig(noise_scale="auto", calibration_programs=0)
+
+
+@pytest.mark.parametrize("shared_prefix", [1, 0])
+def test_the_target_is_the_token_that_carries_the_value(shared_prefix):
+    """SmolLM2 reads `` 6`` as ``Ġ`` then ``6``: the trace appends the whitespace token (whether
+    or not the pair shares it as an answer prefix) and targets ``6``, not ``Ġ`` — the space is
+    the same for every value, so P(``Ġ``) cannot show a corruption of the value (schema 1)."""
+    from seqpatch.models import pretrained as pt
+    from seqpatch.programs import Program
+
+    pt.install("smollm2-135m-instruct", progress=False)
+    handle = load_model("smollm2-135m-instruct", prompt_format="code")
+    program = Program.parse("a = 6\nb = a\n#b:", "binding", "code")
+    prompt = handle.prompt_format.prompt(program)
+    space, six = handle.answer_token_ids([6], prompt=prompt)[0]
+    ids = handle.prompt_ids(program)
+    row = {
+        "pair_id": "p", "program_b": program.render("code"), "prompt_b": prompt,
+        "input_ids_b": ids + [space] * shared_prefix, "n_tokens": len(ids) + shared_prefix,
+        "answer_prefix_len": shared_prefix, "ground_truth_b": 6, "divergence_index": 0,
+        "dependencies_b": [0, 1], "diff_positions": [],
+    }  # fmt: skip
+    prog = stage.prepare_program(handle, stage.TracingConfig(), row, get_family("binding"))
+    assert handle.tokenizer.decode([space]).strip() == ""
+    assert prog.target == six and prog.ids == [*ids, space]
+    assert [prog.tokens[t] for t in prog.positions][-1] == "6"  # the changed statement's value

@@ -1,8 +1,11 @@
 """Stage ``tracing``: ROME's causal trace of one program of each pair (Meng et al. 2022, §2.1).
 
 One row per traced program (program B of each pair by default). The program reads its prompt
-(``input_ids`` without any answer prefix); the target is the first token of its correct answer,
-read at the last position over the full vocabulary. The embeddings of the corrupted tokens
+followed by the answer tokens that do not tell values apart — the pair's shared answer prefix,
+and any leading whitespace-only token — and the target is the next answer token, the first one
+that carries the value, read at the last position over the full vocabulary. (Tokenizers that
+split `` 6`` into ``Ġ`` and ``6``, like SmolLM2's and Gemma-3's, would otherwise make every
+trace measure P(``Ġ``), which no corruption of the program's values changes: schema 1 did.) The embeddings of the corrupted tokens
 (``corrupt``, below) get Gaussian noise of σ = ν × std(embeddings) in each of ``n_samples``
 draws, each from a recorded seed (``seeds``); then each state is restored in turn
 (``seqpatch.interventions.tracing``): the residual stream entering a layer at one position
@@ -68,7 +71,7 @@ if TYPE_CHECKING:
     from seqpatch.store import StageRef
 
 STAGE = "tracing"
-SCHEMA_VERSION = 2  # 2: the row's ν (``noise_scale``), calibrated with noise_scale="auto"
+SCHEMA_VERSION = 3  # 2: the row's ν (noise_scale="auto"); 3: the target carries the value
 NOISE_LADDER = (3.0, 6.0, 12.0, 24.0, 48.0, 96.0)  # ROME's ν first, then doubling
 AUTO_FRACTION = 0.5  # "corrupted": mean corrupted P(answer) at most half the clean one
 PARENTS = (ParentSpec("pairs"),)
@@ -273,14 +276,20 @@ def prepare_program(
     side = cfg.program
     program = Program.parse(row[f"program_{side}"], family)
     prompt = row[f"prompt_{side}"]
-    ids = list(row[f"input_ids_{side}"])[: int(row["n_tokens"]) - int(row["answer_prefix_len"])]
-    if list(handle.tokenizer(prompt)["input_ids"]) != ids:
+    stored = list(row[f"input_ids_{side}"])
+    prompt_ids = stored[: int(row["n_tokens"]) - int(row["answer_prefix_len"])]
+    if list(handle.tokenizer(prompt)["input_ids"]) != prompt_ids:
         raise TracingStageError(
             f"pair {row['pair_id']}: the model's tokenizer no longer reads the stored prompt as "
             "the stored input ids; rebuild the pairs stage with this model"
         )
     truth = int(row[f"ground_truth_{side}"])
-    target = handle.answer_token_ids([truth], prompt=prompt)[0][0]
+    answer = handle.answer_token_ids([truth], prompt=prompt)[0]
+    n = int(row["answer_prefix_len"])  # shared with the other program's answer
+    while n < len(answer) - 1 and not handle.tokenizer.decode([answer[n]]).strip():
+        n += 1  # a whitespace-only token says nothing about the value
+    ids = prompt_ids + list(answer[:n])
+    target = answer[n]
     statements = statement_positions(handle, program, prompt)
     positions = corrupted_positions(cfg.corrupt, row, program, statements, side)
     tokens = handle.tokenizer.convert_ids_to_tokens(ids)
