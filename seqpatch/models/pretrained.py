@@ -156,9 +156,15 @@ REGISTRY: dict[str, PretrainedEntry] = {
             upstream="google/gemma-3-270m",
             architecture="Gemma3ForCausalLM (18 layers, d_model 640, 4 heads, 1 KV head)",
             instruct=False,
-            # no chat template; binding length 3, 20 programs: 3-shot 12/20, 0-shot 9/20 (not
-            # a significant difference, and a spec suffix cannot say shots: 0-shot stays)
+            # no chat template; measured per family like SmolLM2 (docs/pretrained.md §4): three
+            # worked examples help binding, and answer `1` to every 5-statement arithmetic
+            # program
             prompt_format="code",
+            family_formats=(
+                ("arithmetic", "code"),
+                ("binding", "code-3shot"),
+                ("modular", "code"),
+            ),
             gguf_file="gemma-3-270m-q4_k_m.gguf",
             quantization="Q4_K_M",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
