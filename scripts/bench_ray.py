@@ -96,7 +96,7 @@ def main() -> None:
         executor = RayExecutor(workers=args.workers)
         data_dir = fresh(f"ray-{shard_size}")
         ref, seconds = build(data_dir, shard_size, executor=executor)
-        same = None  # shard_size is part of the config: another version, other batches
+        same = None  # another shard size: the same version, other batches (float rounding)
         if shard_size == args.shard_size:
             rows = rows_bytes(Store(data_dir).load_ref(ref))
             same = ref.version == local.version and rows == expected

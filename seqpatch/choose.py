@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 CHOSEN_FILE = "chosen_model.json"
 CHOSEN_KEYS = ("model_spec", "family", "seq_len", "benchmark_version")  # what later stages read
+_CHOSEN_TYPES = {"model_spec": str, "family": str, "seq_len": int, "benchmark_version": str}
+_TYPE_NAMES = {str: "non-empty string", int: "positive integer"}
 
 
 class ChooseError(SeqpatchError):
@@ -120,21 +122,28 @@ def choose_model(summary: pl.DataFrame, min_accuracy: float, min_seq_len: int) -
 def write_chosen(
     choice: Choice, data_dir: str | os.PathLike[str] | None, benchmark_version: str
 ) -> Path:
-    """Write ``chosen_model.json`` into the data folder (atomically); returns its path."""
-    from seqpatch.store import resolve_data_dir
+    """Write ``chosen_model.json`` into the data folder under the store's lock for it, through
+    a temporary file of this writer's own (concurrent ``choose`` runs never collide); returns
+    its path."""
+    from seqpatch.store import Store, write_json
 
-    folder = resolve_data_dir(data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    store = Store(data_dir)
     payload = {
         **asdict(choice),
         "rule": choice.rule,
         "benchmark_version": benchmark_version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    path = folder / CHOSEN_FILE
-    tmp = folder / f".{CHOSEN_FILE}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    path = store.data_dir / CHOSEN_FILE
+    try:
+        store.data_dir.mkdir(parents=True, exist_ok=True)
+        with store.file_lock(CHOSEN_FILE):
+            write_json(path, payload)
+    except OSError as err:
+        raise ChooseError(
+            f"cannot write {path} ({err.strerror or err} on {err.filename or path}); "
+            "give a data dir you can write with --data-dir"
+        ) from err
     return path
 
 
@@ -165,6 +174,8 @@ def read_chosen(data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any
         )
     try:
         chosen = json.loads(path.read_text())
+    except OSError as err:
+        raise ChooseError(f"cannot read {path} ({err.strerror or err})") from err
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ChooseError(f"{path} is not valid JSON ({err}); rerun `seqpatch choose`") from err
     missing = [key for key in CHOSEN_KEYS if not isinstance(chosen, dict) or key not in chosen]
@@ -172,4 +183,12 @@ def read_chosen(data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any
         raise ChooseError(
             f"{path} is damaged (no {', '.join(missing)}); rerun `seqpatch choose` to rewrite it"
         )
+    for key, kind in _CHOSEN_TYPES.items():
+        value = chosen[key]
+        wrong_type = not isinstance(value, kind) or isinstance(value, bool)
+        if wrong_type or (value < 1 if kind is int else not value):
+            raise ChooseError(
+                f"{path} is damaged ({key} is {value!r}, not a {_TYPE_NAMES[kind]}); rerun "
+                "`seqpatch choose` to rewrite it"
+            )
     return chosen

@@ -25,8 +25,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from seqpatch.options import RuntimeSettings
 from seqpatch.progress import progress_bar, quiet_libraries
-from seqpatch.stages import get_stage
+from seqpatch.stages import get_stage, is_sharded
 from seqpatch.stages.base import Inputs, ModelCache, StageError, split_model_spec
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def resolve_parents(
     """The stage's parents as stored versions, in ``PARENTS`` order."""
     from seqpatch.store import LATEST, StageRef
 
-    declared = {spec.stage: spec for spec in getattr(module, "PARENTS", ())}
+    declared = {spec.stage: spec for spec in module.PARENTS}
     unknown = sorted(set(given) - set(declared))
     if unknown:
         raise StageError(
@@ -112,8 +113,10 @@ def execute(
     data_dir: str | os.PathLike[str] | None = None,
     models: ModelCache | None = None,
     shard: tuple[int, int] | None = None,
-    progress: bool = True,
-    executor: str | Any = "local",
+    runtime: RuntimeSettings | None = None,
+    expect_version: str | None = None,
+    progress: bool | None = None,
+    executor: str | Any | None = None,
     ray_address: str | None = None,
 ) -> StageRef | None:
     """Build stage ``stage`` from ``cfg`` (or find it stored) and return its ``StageRef``.
@@ -121,42 +124,59 @@ def execute(
     ``parents`` maps parent stage names to a ``StageRef``, a version (prefix or ``latest``) or
     ``None`` (leave an optional parent out). ``models`` shares loaded models between calls.
     ``shard=(i, n)`` builds only shards ``i, i+n, …`` of a sharded stage and returns ``None``
-    until every shard exists (then a call without ``shard`` commits the version).
-    ``executor="ray"`` computes a sharded stage's missing shards on Ray (``ray_address``: an
-    existing cluster) before this process commits them (``seqpatch.ray_executor``); an object
-    with that ``run`` method (a configured ``RayExecutor``) may be passed instead.
+    (a call without ``shard``, e.g. ``seqpatch merge``, commits the version).
+    ``runtime`` says how the build runs (``RuntimeSettings``: shard size, engine path, device,
+    executor); it never enters the version and is recorded under provenance's ``runtime``.
+    ``executor="ray"`` computes a sharded stage's missing shards on Ray before this process
+    commits them (``seqpatch.ray_executor``); an object with that ``run`` method (a configured
+    ``RayExecutor``) may be passed instead. ``progress``/``executor``/``ray_address`` override
+    the runtime's. ``expect_version`` refuses (before any work) a build whose version differs.
     """
-    from seqpatch.store import Store
+    from seqpatch.store import Store, config_dict
 
+    runtime = runtime if runtime is not None else RuntimeSettings()
+    overrides = {"progress": progress, "executor": executor, "ray_address": ray_address}
+    runtime = dataclasses.replace(runtime, **{k: v for k, v in overrides.items() if v is not None})
     module = get_stage(stage)
     store = store if store is not None else Store(data_dir)
     models = models if models is not None else ModelCache()
+    if not models.remote and models.device == "auto":
+        models.device = runtime.resolved_device()
     refs = resolve_parents(module, store, parents or {})
-    specs_fn = getattr(module, "model_specs", None)
-    specs = tuple(specs_fn(cfg, refs)) if specs_fn is not None else ()
+    specs = tuple(module.model_specs(cfg, refs))
     model = model_identity(specs, models)
     version = store.version_for(stage, module.SCHEMA_VERSION, cfg, refs.values(), model)
+    if expect_version is not None and version != expect_version:
+        raise StageError(
+            f"these options give {stage} version {version}, not {expect_version}; nothing built"
+        )
     found = store.find(stage, version)
     if found is not None:
-        return dataclasses.replace(found, reused=True)
-    inputs = Inputs(refs, models, specs, progress, version)
-    prepare = getattr(module, "prepare", None)
-    artifacts = getattr(module, "artifacts", None)
+        return dataclasses.replace(store.check(found), reused=True)  # reused: read next
+    sharded = is_sharded(module)
+    # rows per shard; None for a stage built whole or cut its own way (a model per shard)
+    shard_size = runtime.shard_size_for(module.SHARD_SIZE) if sharded else None
+    inputs = Inputs(refs, models, specs, runtime.progress, version, runtime, shard_size or 0)
     common = {
         "parents": list(refs.values()),
         "model": model,
-        "finish": lambda rows: artifacts(rows, cfg, inputs) if artifacts is not None else {},
-        "runtime": _runtime,
+        "finish": lambda rows: module.artifacts(rows, cfg, inputs),
+        "runtime": lambda: runtime.record(shard_size),
     }
     with datasets_caching_off(), quiet_libraries():
-        if hasattr(module, "build_shard"):
+        if sharded:
             n_shards = module.n_shards(inputs, cfg)
             only = None if shard is None else range(shard[0], n_shards, shard[1])
             total = n_shards if only is None else len(only)
-            remote = _shard_executor(executor, ray_address)
+            remote = _shard_executor(runtime.executor, runtime.ray_address)
+            manifest = {
+                "config": config_dict(cfg),
+                "parents": {name: ref.version for name, ref in refs.items()},
+                "runtime": {"shard_size": shard_size},
+            }
             if remote is not None:
-                remote.run(store, module, cfg, inputs, n_shards, only, progress)
-            local_bar = progress and remote is None
+                remote.run(store, module, cfg, inputs, n_shards, only, runtime.progress)
+            local_bar = runtime.progress and remote is None
             with progress_bar(total, f"{stage} (shards)", enabled=local_bar) as bar:
 
                 def build_shard(index: int) -> Any:
@@ -171,16 +191,17 @@ def execute(
                     n_shards,
                     build_shard,
                     only_shards=only,
-                    before=None if prepare is None else lambda: prepare(inputs, cfg),
+                    before=lambda: module.prepare(inputs, cfg),
+                    manifest=manifest,
+                    join=shard is None,
                     **common,
                 )
         if shard is not None:
             raise StageError(f"stage {stage!r} is not built in shards; drop --shard")
-        if executor != "local":
+        if runtime.executor != "local":
             raise StageError(f"stage {stage!r} is not built in shards; drop --executor")
 
-        if prepare is not None:
-            prepare(inputs, cfg)  # before the store creates anything
+        module.prepare(inputs, cfg)  # before the store creates anything
         return store.get_or_build(
             stage, module.SCHEMA_VERSION, cfg, lambda: module.build(inputs, cfg), **common
         )
@@ -197,10 +218,3 @@ def _shard_executor(executor: str | Any, ray_address: str | None) -> Any:
     if isinstance(executor, str):
         raise StageError(f"unknown executor {executor!r}; use local or ray")
     return executor
-
-
-def _runtime() -> dict[str, Any]:
-    """How the build ran, for provenance (not part of the version: results do not depend on it)."""
-    import torch
-
-    return {"torch_threads": torch.get_num_threads(), "device_count": torch.cuda.device_count()}

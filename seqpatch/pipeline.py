@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +18,7 @@ from seqpatch.errors import SeqpatchError
 
 if TYPE_CHECKING:
     from seqpatch.models import ModelHandle
+    from seqpatch.options import RuntimeSettings
     from seqpatch.stages.base import ModelCache
     from seqpatch.stages.benchmark import BenchmarkConfig
     from seqpatch.stages.das import DasConfig
@@ -71,6 +72,35 @@ def import_parents(source: str, stages: Sequence[str], data_dir: DataDir) -> dic
     return versions
 
 
+def stage_options(
+    cls: type, args: Sequence[Any], options: Mapping[str, Any], runtime: RuntimeSettings | None
+) -> tuple[Any, RuntimeSettings]:
+    """The config and execution settings of a ``build_*`` call.
+
+    ``args`` is a config of ``cls``, or its fields positionally in declaration order;
+    ``options`` name config fields (``None``: the field's default) or ``RuntimeSettings``
+    fields, which update ``runtime``. So a field added to a config is at once an option of its
+    ``build_*`` function (and of its CLI command), with no default written twice.
+    """
+    import dataclasses
+
+    from seqpatch.options import RuntimeSettings, config_from, split_options
+
+    cfg_values, runtime_values = split_options(cls, options)
+    base = args[0] if len(args) == 1 and isinstance(args[0], cls) else None
+    if base is None:
+        names = [f.name for f in dataclasses.fields(cls)]
+        if len(args) > len(names):
+            raise PipelineError(f"{cls.__name__} takes at most {len(names)} options, got {args}")
+        clash = sorted(set(names[: len(args)]) & set(cfg_values))
+        if clash:
+            raise PipelineError(f"option {clash[0]!r} given twice")
+        cfg_values = {**dict(zip(names, args, strict=False)), **cfg_values}
+    cfg = config_from(cls, base, **cfg_values)
+    runtime = dataclasses.replace(runtime or RuntimeSettings(), **runtime_values)
+    return cfg, runtime
+
+
 def _models(
     models: ModelCache | None, handle: ModelHandle | None = None, remote: bool = False
 ) -> ModelCache:
@@ -96,9 +126,10 @@ def build_benchmark(
     data_dir: DataDir = None,
     remote: bool = False,
     models: ModelCache | None = None,
-    progress: bool = True,
-    executor: str | Any = "local",
+    progress: bool | None = None,
+    executor: str | Any | None = None,
     ray_address: str | None = None,
+    runtime: RuntimeSettings | None = None,
 ) -> StageRef:
     """Benchmark ``cfg.models`` on a stored ``programs`` version, one resumable shard per model.
 
@@ -110,6 +141,7 @@ def build_benchmark(
     the rows are the same nnsight computation on the same weights (model id and revision);
     provenance says ``"remote": true`` per model. ``executor="ray"`` benchmarks the models on
     Ray actors instead, one shard (model) per actor task (``ray_address``: an existing cluster).
+    ``progress``, ``executor`` and ``ray_address`` override ``runtime``'s when given.
     """
     from seqpatch.executor import execute
 
@@ -127,6 +159,7 @@ def build_benchmark(
         progress=progress,
         executor=executor,
         ray_address=ray_address,
+        runtime=runtime,
     )
 
 
@@ -139,13 +172,15 @@ def pairs_config(
     family: str | None = None,
     allow_equal_answers: bool = False,
     data_dir: DataDir = None,
+    **options: Any,
 ) -> tuple[PairsConfig, dict[str, str]]:
     """The pairs config for these options and its parents.
 
     ``model="chosen"`` studies what ``seqpatch choose`` chose — its model, family and length
     (unless ``seq_len`` says otherwise) — and records the benchmark version as the parent.
     Without a family the organism is asked about the family it was trained on, other models
-    about ``binding``; ``seq_len`` defaults to 8.
+    about ``binding``; ``seq_len`` defaults to 8. ``options`` are any other ``PairsConfig``
+    fields (``None``: the field's default).
     """
     from seqpatch.stages.pairs import PairsConfig, parse_divergence_indices
 
@@ -162,7 +197,10 @@ def pairs_config(
     if family is None:
         family, params = default_family(model)
     seq_len = seq_len or 8
-    cfg = PairsConfig(
+    from seqpatch.options import config_from
+
+    cfg = config_from(
+        PairsConfig,
         model=model,
         seq_len=seq_len,
         n_pairs=n_pairs,
@@ -171,6 +209,7 @@ def pairs_config(
         seed=seed,
         allow_equal_answers=allow_equal_answers,
         family_params=params,
+        **options,
     )
     return cfg, parents
 
@@ -201,12 +240,15 @@ def build_pairs(
     progress: bool = True,
     handle: ModelHandle | None = None,
     models: ModelCache | None = None,
+    runtime: RuntimeSettings | None = None,
+    **options: Any,
 ) -> StageRef:
-    """Build (or reuse) the pairs stage; see ``pairs_config`` for the options."""
+    """Build (or reuse) the pairs stage; see ``pairs_config`` for the options (``options``:
+    any other ``PairsConfig`` field)."""
     from seqpatch.executor import execute
 
     cfg, parents = pairs_config(
-        model, seq_len, divergence, n_pairs, seed, family, allow_equal_answers, data_dir
+        model, seq_len, divergence, n_pairs, seed, family, allow_equal_answers, data_dir, **options
     )
     return execute(
         "pairs",
@@ -215,34 +257,34 @@ def build_pairs(
         data_dir=data_dir,
         models=_models(models, handle),
         progress=progress,
+        runtime=runtime,
     )
 
 
 def build_activations(
-    sites: Sequence[str] = ("resid_pre",),
-    dtype: str = "float32",
-    layers: Sequence[int] = (),
+    *args: Any,
     pairs: str = "latest",
     data_dir: DataDir = None,
     handle: ModelHandle | None = None,
     from_source: str | None = None,
     remote: bool = False,
     models: ModelCache | None = None,
-    progress: bool = True,
-    executor: str | Any = "local",
-    ray_address: str | None = None,
+    runtime: RuntimeSettings | None = None,
+    **options: Any,
 ) -> StageRef:
     """Cache both programs' activations of every pair of a stored ``pairs`` version.
 
-    ``from_source`` (a Hub repo id or an exported folder) imports the pairs from there first.
-    ``remote=True`` runs the pairs' model on NDIF through nnsight (``get_activations`` is one
-    trace per batch); where it runs is not part of the version. ``executor="ray"`` builds the
-    shards on Ray actors (``ray_address``: an existing cluster; see ``seqpatch.ray_executor``).
+    ``args``/``options``: an ``ActivationsConfig`` or its fields, and ``RuntimeSettings``
+    fields (``stage_options``). ``from_source`` (a Hub repo id or an exported folder) imports
+    the pairs from there first. ``remote=True`` runs the pairs' model on NDIF through nnsight
+    (``get_activations`` is one trace per batch); where it runs is not part of the version.
+    ``executor="ray"`` builds the shards on Ray actors (``ray_address``: an existing cluster;
+    see ``seqpatch.ray_executor``).
     """
     from seqpatch.executor import execute
     from seqpatch.stages.activations import ActivationsConfig
 
-    cfg = ActivationsConfig(sites=tuple(sites), dtype=dtype, layers=tuple(layers))
+    cfg, runtime = stage_options(ActivationsConfig, args, options, runtime)
     if remote and handle is None:
         from seqpatch.models import require_ndif_key
 
@@ -255,9 +297,7 @@ def build_activations(
         {"pairs": pairs},
         data_dir=data_dir,
         models=_models(models, handle, remote),
-        progress=progress,
-        executor=executor,
-        ray_address=ray_address,
+        runtime=runtime,
     )
 
 
@@ -278,50 +318,36 @@ def find_activations(store: Store, pairs_ref: StageRef, sites: Sequence[str]) ->
 
 
 def build_patching(
-    sites: Sequence[str] = ("resid_pre",),
-    layers: Sequence[int] = (),
+    *args: Any,
     pairs: str = "latest",
     activations: str = "auto",
-    method: str = "auto",
-    shard_size: int = 250,
     shard: tuple[int, int] | None = None,
     data_dir: DataDir = None,
     handle: ModelHandle | None = None,
     from_source: str | None = None,
     models: ModelCache | None = None,
-    progress: bool = True,
-    executor: str | Any = "local",
-    ray_address: str | None = None,
-    axes: Sequence[str] = ("layer", "pos"),
-    positions: str = "all",
+    runtime: RuntimeSettings | None = None,
+    expect_version: str | None = None,
+    **options: Any,
 ) -> StageRef | None:
     """Sweep every cell of ``sites`` over ``axes`` for every pair; resumable, in shards.
 
-    ``axes``: ``layer,pos`` (default), ``layer,head`` / ``layer,head,pos`` (head sites), or
-    ``layer`` (whole-stream); ``positions`` (``all`` or ``from-divergence``) is the position set
-    patched at once by grids without a ``pos`` axis; with one, ``changed+ends+last`` keeps only
-    each pair's changed tokens, the line ends after them and the final token
-    (``patching.selected_positions``).
+    ``args``/``options``: a ``PatchingConfig`` or its fields (``sites``, ``layers``, ``method``,
+    ``axes``, ``positions``: see the config), and ``RuntimeSettings`` fields (``shard_size``,
+    ``engine``, ``executor``, ``device``, …), which never change the version.
 
     ``activations``: ``auto`` (use a cached activations stage of these pairs if one exists),
     ``none`` (recompute sources), or a version. With ``shard=(i, n)`` only shards ``i, i+n, …``
-    are built and ``None`` is returned; a later call without ``shard`` (``seqpatch merge``)
-    joins them once every shard exists. ``from_source`` (a Hub repo id or an exported folder)
-    imports the pairs, and the activations when published, from there first.
-    ``executor="ray"`` builds the missing shards on Ray actors (``ray_address``: an existing
-    cluster), then commits here: the same version as a local build.
+    are built and ``None`` is returned; ``seqpatch merge patching`` joins them once every shard
+    exists. ``from_source`` (a Hub repo id or an exported folder) imports the pairs, and the
+    activations when published, from there first. ``executor="ray"`` builds the missing shards
+    on Ray actors (``ray_address``: an existing cluster), then commits here: the same version as
+    a local build.
     """
     from seqpatch.executor import execute
     from seqpatch.stages.patching import PatchingConfig
 
-    cfg = PatchingConfig(
-        sites=tuple(sites),
-        layers=tuple(layers),
-        method=method,
-        shard_size=shard_size,
-        axes=tuple(axes),
-        positions=positions,
-    )
+    cfg, runtime = stage_options(PatchingConfig, args, options, runtime)
     if from_source is not None:
         imported = import_parents(from_source, ["pairs", "activations"], data_dir)
         pairs = imported["pairs"]
@@ -339,9 +365,8 @@ def build_patching(
         store=store,
         models=_models(models, handle),
         shard=shard,
-        progress=progress,
-        executor=executor,
-        ray_address=ray_address,
+        runtime=runtime,
+        expect_version=expect_version,
     )
 
 
@@ -401,20 +426,23 @@ def run(
     data_dir: DataDir = None,
     echo: Callable[[str], None] = print,
     progress: bool = True,
+    device: str = "auto",
 ) -> RunReport:
     """programs → benchmark → choose → pairs → activations → patching → charts, on the organism
     (then ``tracing`` of the same pairs when ``cfg.tracing``).
 
     One ``ModelCache`` serves every step, so the organism is loaded at most once; a step whose
-    version is stored loads nothing.
+    version is stored loads nothing. ``device`` is where it runs (``RuntimeSettings.device``).
     """
     from seqpatch.choose import choose, read_chosen
+    from seqpatch.options import RuntimeSettings
     from seqpatch.plots import default_charts_dir
     from seqpatch.stages.activations import ActivationsConfig
     from seqpatch.stages.base import ModelCache
-    from seqpatch.stages.benchmark import BenchmarkConfig, write_accuracy_chart
+    from seqpatch.stages.benchmark import BenchmarkConfig, accuracy_chart_artifacts
     from seqpatch.stages.patching import PatchingConfig
     from seqpatch.stages.programs import ProgramsConfig, parse_seq_lens
+    from seqpatch.store import write_artifacts
 
     ActivationsConfig(sites=cfg.sites, dtype=cfg.activations_dtype)  # bad options fail first
     PatchingConfig(sites=cfg.sites)
@@ -427,7 +455,7 @@ def run(
     programs_cfg = ProgramsConfig(family, parse_seq_lens(cfg.seq_lens), cfg.n_per_len, cfg.seed)
     report = RunReport()
     store = _store(data_dir)
-    models = ModelCache()
+    models = ModelCache(device=RuntimeSettings(device=device).resolved_device())
 
     def step(name: str, action: Callable[[], Any]) -> Any:
         if progress:
@@ -455,9 +483,8 @@ def run(
         "choose",
         lambda: choose(cfg.min_accuracy, cfg.min_seq_len, bench.version, store.data_dir),
     )
-    report.charts += write_accuracy_chart(
-        bench, default_charts_dir(bench), ("png",), chosen=read_chosen(store.data_dir)
-    )
+    charts = accuracy_chart_artifacts(bench, ("png",), chosen=read_chosen(store.data_dir))
+    report.charts += write_artifacts(default_charts_dir(bench), charts)
     seq_len = min(choice.seq_len, cfg.max_seq_len)
     if seq_len < choice.seq_len:
         echo(
@@ -532,53 +559,31 @@ def _describe(result: Any) -> str:
 
 
 def build_tracing(
-    corrupt: str = "changed",
-    n_programs: int = 100,
-    n_samples: int | None = None,
-    noise_scale: float | None = None,
-    window: int | None = None,
-    kinds: Sequence[str] | None = None,
-    program: str = "b",
-    sigma_basis: str = "vocab",
-    seed: int = 0,
-    shard_size: int = 25,
-    method: str = "auto",
+    *args: Any,
     pairs: str = "latest",
     shard: tuple[int, int] | None = None,
     data_dir: DataDir = None,
     handle: ModelHandle | None = None,
     models: ModelCache | None = None,
-    progress: bool = True,
-    executor: str | Any = "local",
-    ray_address: str | None = None,
+    runtime: RuntimeSettings | None = None,
+    expect_version: str | None = None,
+    **options: Any,
 ) -> StageRef | None:
     """ROME's causal trace of one program of each of the first ``n_programs`` pairs (0: all).
 
-    Options become a ``seqpatch.stages.tracing.TracingConfig`` (``None`` keeps its default:
-    ROME's ν = 3 and 10 noise samples, the depth-scaled window, every kind); ``pairs`` is the
-    stored pairs version traced. Resumable in shards of ``shard_size`` programs; with
-    ``shard=(i, n)`` only shards ``i, i+n, …`` are built and ``None`` is returned until every
-    shard exists. The version holds the rows, the AIE arrays and the three-panel chart.
-    ``executor="ray"`` traces the missing shards on Ray actors (``ray_address``: an existing
-    cluster; see ``seqpatch.ray_executor``); the version is the local build's.
+    ``args``/``options``: a ``seqpatch.stages.tracing.TracingConfig`` or its fields (``None``
+    keeps a default: ROME's ν = 3 and 10 noise samples, the depth-scaled window, every kind),
+    and ``RuntimeSettings`` fields (``shard_size`` programs per shard, ``engine``, …);
+    ``pairs`` is the stored pairs version traced. With ``shard=(i, n)`` only shards ``i, i+n,
+    …`` are built and ``None`` is returned until every shard exists. The version holds the rows,
+    the AIE arrays and the three-panel chart. ``executor="ray"`` traces the missing shards on
+    Ray actors (``ray_address``: an existing cluster; see ``seqpatch.ray_executor``); the
+    version is the local build's.
     """
     from seqpatch.executor import execute
     from seqpatch.stages.tracing import TracingConfig
 
-    defaults = TracingConfig()
-    cfg = TracingConfig(
-        corrupt=corrupt,
-        program=program,
-        noise_scale=defaults.noise_scale if noise_scale is None else noise_scale,
-        n_samples=defaults.n_samples if n_samples is None else n_samples,
-        window=window,
-        sigma_basis=sigma_basis,
-        kinds=defaults.kinds if kinds is None else tuple(kinds),
-        n_programs=n_programs,
-        seed=seed,
-        shard_size=shard_size,
-        method=method,
-    )
+    cfg, runtime = stage_options(TracingConfig, args, options, runtime)
     return execute(
         "tracing",
         cfg,
@@ -586,9 +591,8 @@ def build_tracing(
         data_dir=data_dir,
         models=_models(models, handle),
         shard=shard,
-        progress=progress,
-        executor=executor,
-        ray_address=ray_address,
+        runtime=runtime,
+        expect_version=expect_version,
     )
 
 
@@ -598,6 +602,7 @@ def build_das(
     pairs: str | None = None,
     data_dir: Any = None,
     progress: bool = True,
+    runtime: RuntimeSettings | None = None,
 ) -> StageRef | None:
     """Build (or reuse) the ``das`` stage on a stored patching version; ``pairs`` defaults to the
     pairs that patching version was built from.
@@ -629,4 +634,5 @@ def build_das(
         parents={"pairs": pairs, "patching": patching_ref},
         store=store,
         progress=progress,
+        runtime=runtime,
     )

@@ -98,6 +98,7 @@ class RayExecutor:
         missing = [i for i in store.missing_shards(stage, version, n_shards) if i in wanted]
         if not missing:
             return []
+        store.check_parents(inputs.parents.values())  # workers read them: never a damaged one
         ray = _ray()
         started = self._connect(ray)
         actors: list[Any] = []
@@ -190,6 +191,8 @@ class RayExecutor:
             models={name: model_identity((name,), inputs.models) for name in inputs.specs},
             build_shard=self.build_shard,
             threads=None if gpus else 1,
+            runtime=dataclasses.replace(inputs.runtime, executor="local", progress=False),
+            shard_size=inputs.shard_size,
         )
         return [worker.remote(spec) for _ in range(count)]
 
@@ -226,12 +229,15 @@ class WorkerSpec:
     models: dict[str, dict[str, Any] | None]
     build_shard: ShardFn | None
     threads: int | None
+    runtime: Any = None  # the driver's RuntimeSettings (engine path, device), run here locally
+    shard_size: int = 0
 
 
 class ShardWorker:
     """A Ray actor: one model copy (loaded on first use), building shards of one stage version."""
 
     def __init__(self, spec: WorkerSpec) -> None:
+        from seqpatch.options import RuntimeSettings
         from seqpatch.stages import get_stage
         from seqpatch.stages.base import Inputs, ModelCache
         from seqpatch.store import Store
@@ -242,7 +248,11 @@ class ShardWorker:
         self.spec = spec
         self.module = get_stage(spec.stage)
         self.store = Store(spec.data_dir)
-        self.inputs = Inputs(dict(spec.parents), ModelCache(), spec.specs, False, spec.version)
+        runtime = spec.runtime if spec.runtime is not None else RuntimeSettings(progress=False)
+        models = ModelCache(device=runtime.resolved_device())  # this node's device
+        self.inputs = Inputs(
+            dict(spec.parents), models, spec.specs, False, spec.version, runtime, spec.shard_size
+        )
         self.ready = False
 
     def pid(self) -> int:
@@ -276,9 +286,7 @@ class ShardWorker:
 
     def _setup(self) -> None:
         """The stage's ``prepare`` (checks that must pass before anything is written)."""
-        prepare = getattr(self.module, "prepare", None)
-        if prepare is not None:
-            prepare(self.inputs, self.spec.cfg)
+        self.module.prepare(self.inputs, self.spec.cfg)
         self.ready = True
 
     def _check_models(self) -> None:

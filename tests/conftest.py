@@ -46,6 +46,13 @@ def _seed_everything() -> None:
         torch.manual_seed(SEED)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _hash_memo_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The store's content-hash memo of test files goes to a temporary folder (subprocesses
+    inherit it), not into the user's cache."""
+    os.environ["SEQPATCH_HASH_MEMO"] = str(tmp_path_factory.mktemp("hash-memo"))
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Two tiny benchmarkable model specs saved to disk: a word-level Llama read in the compact

@@ -283,7 +283,7 @@ def organism_stages(tmp_path_factory):
                 progress=False,
             ).version,
         )
-        for method in ("auto", "attribution")
+        for method in ("exact", "attribution")
     }
     heads = PatchingConfig(sites=("head_z",), axes=("layer", "head"), method="attribution")
     built["heads"] = store.load(
@@ -298,7 +298,7 @@ def organism_stages(tmp_path_factory):
 
 
 def test_stage_stores_attribution_rows(organism_stages):
-    exact, attribution = organism_stages["auto"], organism_stages["attribution"]
+    exact, attribution = organism_stages["exact"], organism_stages["attribution"]
     assert exact.num_rows == attribution.num_rows > 0
     assert set(attribution["method"]) == {"attribution"}
     assert set(exact["method"]) == {"exact"}
@@ -312,7 +312,7 @@ def test_stage_stores_attribution_rows(organism_stages):
 
 
 def test_attribution_ranks_cells_like_exact_patching(organism_stages):
-    report = compare_methods(organism_stages["auto"], organism_stages["attribution"])
+    report = compare_methods(organism_stages["exact"], organism_stages["attribution"])
     assert set(report) == {"resid_pre", "attn_out", "mlp_out"}
     for site, numbers in report.items():
         assert numbers["pairs"] == 30
@@ -320,7 +320,7 @@ def test_attribution_ranks_cells_like_exact_patching(organism_stages):
         assert numbers["spearman_moved"] >= MIN_SPEARMAN_MOVED, (site, numbers)
         assert numbers["recall_pairs"] >= MIN_RECALL, (site, numbers)
     # the same rows against themselves: a perfect score, so the comparison can tell
-    same = compare_methods(organism_stages["auto"], organism_stages["auto"])
+    same = compare_methods(organism_stages["exact"], organism_stages["exact"])
     assert all(v["spearman"] == pytest.approx(1.0) for v in same.values())
     assert all(v["recall_pairs"] == 1.0 for v in same.values())
 

@@ -109,8 +109,11 @@ def _is_group(command: object) -> bool:
 
 
 def _commands(group: object, prefix: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
-    """Every (path, command) below ``group``, sub-groups included."""
-    for name, command in group.commands.items():  # type: ignore[attr-defined]
+    """Every (path, command) below ``group``, sub-groups included (commands made on first use,
+    like the derived ``build`` commands, too)."""
+    ctx = typer.Context(group)  # type: ignore[arg-type]
+    for name in group.list_commands(ctx):  # type: ignore[attr-defined]
+        command = group.get_command(ctx, name)  # type: ignore[attr-defined]
         path = (*prefix, name)
         yield path, command
         if _is_group(command):

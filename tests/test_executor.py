@@ -159,14 +159,114 @@ def test_every_registered_stage_follows_the_contract(stage: str) -> None:
     assert (ROOT / "datasets_cards" / f"{stage}.md").is_file()
 
 
+OS_WRITES = {"replace", "rename", "renames", "remove", "unlink", "rmdir", "removedirs", "mkdir"}
+OS_WRITES |= {"makedirs", "symlink", "link", "truncate", "write", "open", "chmod", "utime"}
+WRITE_PREFIXES = ("write", "save", "to_csv", "to_parquet", "to_json", "to_sql", "to_file")
+PATH_WRITES = {"mkdir", "touch", "unlink", "rmdir", "rmtree", "tofile", "savez", "dump"}
+
+
+def _is_buffer(node: ast.AST) -> bool:
+    """``io.BytesIO()`` or ``io.StringIO()``: a file in memory, which a stage may write."""
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("BytesIO", "StringIO")
+    )
+
+
+def _open_mode(node: ast.Call) -> str:
+    at = 0 if isinstance(node.func, ast.Attribute) else 1  # path.open(mode) or open(path, mode)
+    mode = node.args[at] if len(node.args) > at else None
+    mode = next((k.value for k in node.keywords if k.arg == "mode"), mode)
+    return mode.value if isinstance(mode, ast.Constant) and isinstance(mode.value, str) else "r"
+
+
+def write_calls(source: str) -> list[str]:
+    """The calls in ``source`` that write, move or delete files (writes into an in-memory
+    buffer excepted): the guard's definition of "a stage writes files"."""
+    tree = ast.parse(source)
+    buffers = {
+        target.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and _is_buffer(node.value)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        owner = (
+            func.value.id
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+            else ""
+        )
+        first = node.args[0] if node.args else None
+        if owner in buffers or (isinstance(first, ast.Name) and first.id in buffers):
+            continue
+        if name == "save" and not node.args and not node.keywords:
+            continue  # nnsight's `proxy.save()` keeps a traced value; a file save needs a path
+        if (
+            owner == "shutil"
+            or (owner == "os" and name in OS_WRITES)
+            or name.startswith(WRITE_PREFIXES)
+            or name in PATH_WRITES
+            or (name == "open" and set(_open_mode(node)) & set("wax+"))
+        ):
+            found.append(f"{owner + '.' if owner else ''}{name} (line {node.lineno})")
+    return found
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "path.write_bytes(b'')",
+        "Path(p).write_text('x')",
+        "open(p, 'w')",
+        "open(p, mode='ab')",
+        "path.open('x')",
+        "chart.save(p)",
+        "frame.to_csv(p)",
+        "frame.write_csv(p)",
+        "frame.to_parquet(p)",
+        "np.save(p, a)",
+        "torch.save(t, p)",
+        "rows.save_to_disk(p)",
+        "shutil.copy(a, b)",
+        "shutil.rmtree(p)",
+        "os.replace(a, b)",
+        "os.rename(a, b)",
+        "os.remove(p)",
+        "path.unlink()",
+        "path.mkdir()",
+        "json.dump(x, handle)",
+    ],
+)
+def test_the_write_guard_catches_every_kind_of_write(code: str) -> None:
+    assert write_calls(code), code
+
+
+def test_the_write_guard_allows_reads_and_memory_buffers() -> None:
+    code = "buffer = io.BytesIO()\nnp.save(buffer, a)\nopen(p)\nopen(p, 'rb')\ns.replace('a', 'b')"
+    code += "\nout = tracer.result.save()"
+    assert write_calls(code) == []
+
+
 def test_stage_modules_hold_no_wiring() -> None:
     """Stage modules neither resolve parents, nor load models, nor write files: the executor
-    and the store do. (The one chaining place is ``seqpatch.executor``.)"""
-    forbidden = {"Store", "load_model", "save_to_disk", "execute", "resolve", "build_stage"}
+    and the store do. (The one chaining place is ``seqpatch.executor``.) A stage hands files to
+    the store as artifacts (bytes, text, or a function the store calls with a path inside its
+    staging folder); ``base.chart_artifacts`` is such a function and the one exception."""
+    forbidden = {"Store", "load_model", "execute", "resolve", "build_stage"}
     for path in sorted((ROOT / "seqpatch" / "stages").glob("*.py")):
+        source = path.read_text()
+        if path.name != "base.py":
+            assert write_calls(source) == [], f"{path.name} writes files"
         if path.name in ("__init__.py", "base.py"):
             continue
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(source)
         called = {
             node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
             for node in ast.walk(tree)

@@ -18,7 +18,7 @@ from datasets import Dataset
 from seqpatch import hub
 from seqpatch.hub import HubError, StageSnapshot, export_snapshot, export_stage, push_snapshot
 from seqpatch.stages.base import Built
-from seqpatch.store import Store
+from seqpatch.store import DamagedVersionError, Store
 from tests.test_hub import (
     TOKEN,
     FakeHub,
@@ -333,6 +333,6 @@ def test_a_garbage_heatmap_is_not_exported(data_dir: Path, tmp_path: Path) -> No
     store = Store(data_dir)
     ref = _child(store, "patching", store.versions("programs")[0], 1, **{"heatmap.npy": b"1234"})
     (ref.path / "heatmap.npy").write_bytes(b"abcd")  # same size, other bytes
-    with pytest.raises(HubError, match="does not match the SHA-256"):
+    with pytest.raises(DamagedVersionError, match=f"patching/{ref.version}.*heatmap.npy.*SHA-256"):
         export_stage("patching", tmp_path / "study", data_dir=data_dir)
     assert not (tmp_path / "study").exists()

@@ -279,8 +279,9 @@ def test_interrupted_patching_resumes_without_recomputing(data_dir, models, monk
 def test_shards_split_across_jobs_then_join(data_dir, models):
     kw = dict(activations="none", shard_size=4, data_dir=data_dir, models=models)
     assert pipeline.build_patching(("resid_pre",), shard=(0, 2), **kw) is None
-    joined = pipeline.build_patching(("resid_pre",), shard=(1, 2), **kw)
-    assert joined is not None
+    assert pipeline.build_patching(("resid_pre",), shard=(1, 2), **kw) is None  # jobs never join
+    assert not Store(data_dir).versions("patching")
+    joined = pipeline.build_patching(("resid_pre",), **kw)  # what `seqpatch merge` calls
     whole = Store(data_dir).load("patching", joined.version)
     assert whole["pair_id"] == Store(data_dir).load("pairs")["pair_id"]
     assert joined.provenance["extra"]["n_shards"] == 3

@@ -12,7 +12,6 @@ import pytest
 from datasets import Dataset
 
 import seqpatch
-from seqpatch import store as store_module
 from seqpatch.stages import build_stage
 from seqpatch.stages.programs import ProgramsConfig
 from seqpatch.store import (
@@ -24,6 +23,7 @@ from seqpatch.store import (
     load_stage,
     merge_extra,
 )
+from seqpatch.store import files as store_files
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def test_crash_while_writing_leaves_nothing_complete(tmp_path: Path, monkeypatch
 
     store = Store(tmp_path)
     with monkeypatch.context() as patch:
-        patch.setattr(store_module, "_write_json", fail)
+        patch.setattr(store_files, "write_json", fail)
         with pytest.raises(OSError, match="disk full"):
             store.get_or_build("toy", 1, ToyConfig(3), Builder(3))
     left = [p for p in (tmp_path / "toy").iterdir() if not p.name.endswith(".lock")]

@@ -337,6 +337,7 @@ def test_roles_follow_romes_token_groups():
 
 def test_stage_builds_through_the_executor(tmp_path, organism, monkeypatch):
     from seqpatch.executor import execute
+    from seqpatch.options import RuntimeSettings
     from seqpatch.pipeline import default_family
     from seqpatch.stages import STAGES, StageInfo
     from seqpatch.stages.base import ModelCache
@@ -354,8 +355,15 @@ def test_stage_builds_through_the_executor(tmp_path, organism, monkeypatch):
         model="builtin", seq_len=3, n_pairs=3, family=family, family_params=params
     )
     pairs = execute("pairs", pairs_cfg, store=store, models=models, progress=False)
-    cfg = stage.TracingConfig(n_programs=2, n_samples=2, shard_size=1, corrupt="chain")
-    ref = execute("tracing", cfg, {"pairs": pairs}, store=store, models=models, progress=False)
+    cfg = stage.TracingConfig(n_programs=2, n_samples=2, corrupt="chain")
+    ref = execute(
+        "tracing",
+        cfg,
+        {"pairs": pairs},
+        store=store,
+        models=models,
+        runtime=RuntimeSettings(shard_size=1, progress=False),
+    )
     rows = store.load("tracing", ref.version)
     assert len(rows) == 2
     n_width = max(rows["n_tokens"])
@@ -404,6 +412,7 @@ def test_auto_noise_is_the_smallest_rung_that_halves_the_answer(tmp_path, organi
     the clean one on the calibration programs (the rung before it is not); the rows, provenance
     and chart carry it."""
     from seqpatch.executor import execute
+    from seqpatch.options import RuntimeSettings
     from seqpatch.pipeline import default_family
     from seqpatch.stages import STAGES, StageInfo
     from seqpatch.stages.base import ModelCache
@@ -424,10 +433,10 @@ def test_auto_noise_is_the_smallest_rung_that_halves_the_answer(tmp_path, organi
     )
     pairs = execute("pairs", pairs_cfg, store=store, models=models, progress=False)
     cfg = stage.TracingConfig(
-        n_programs=4, n_samples=3, shard_size=2, kinds=("resid",), noise_scale="auto",
-        calibration_programs=3,
+        n_programs=4, n_samples=3, kinds=("resid",), noise_scale="auto", calibration_programs=3,
     )  # fmt: skip
-    ref = execute("tracing", cfg, {"pairs": pairs}, store=store, models=models, progress=False)
+    runtime = RuntimeSettings(shard_size=2, progress=False)
+    ref = execute("tracing", cfg, {"pairs": pairs}, store=store, models=models, runtime=runtime)
     rows = store.load("tracing", ref.version)
     steps = ref.provenance["extra"]["calibration"]
     nu = steps[-1]["noise_scale"]

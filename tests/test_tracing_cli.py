@@ -111,7 +111,7 @@ def test_plot_tracing_writes_into_the_charts_dir_not_the_version(pairs_dir):
         (["--corrupt", "nope"], "unknown corrupt target 'nope'"),
         (["--program", "c"], "program must be 'a' or 'b'"),
         (["--kinds", "resid,heads"], "kinds must be a non-empty subset of resid, mlp, attn"),
-        (["--method", "fast"], "unknown tracing method 'fast'; use one of auto, cached, full"),
+        (["--engine", "fast"], "unknown --engine 'fast'; use one of auto, cached, full"),
         (["--n-samples", "0"], "--n-samples"),
     ],
 )

@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.options import csv as csv  # re-exported: the CLI modules read lists with it
 
 try:  # typer >= 0.22 runs on its own copy of click, whose usage errors it does not re-export
     from typer._click.exceptions import UsageError
@@ -104,30 +105,6 @@ def report(ref: Any) -> None:
     action = "reused" if ref.reused else "built"
     rows = ref.provenance.get("row_count")
     typer.echo(f"{action} {ref.stage} version {ref.version} ({rows} rows): {ref.path}")
-
-
-def csv(text: str) -> tuple[str, ...]:
-    """``"a, b,,c"`` -> ``("a", "b", "c")``."""
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def layers(text: str | None) -> tuple[int, ...]:
-    """``--layers 0,2,3`` -> ``(0, 2, 3)``; empty or absent means every layer (``()``).
-
-    A repeated index is refused: it would store (or sweep) the same layer twice.
-    """
-    if not text:
-        return ()
-    try:
-        indices = tuple(int(part) for part in csv(text))
-    except ValueError:
-        raise OptionError(f"cannot read --layers {text!r}; give indices like 0,1,2") from None
-    repeated = sorted({i for i in indices if indices.count(i) > 1})
-    if repeated:
-        raise OptionError(
-            f"--layers {text!r} repeats layer {', '.join(map(str, repeated))}; give each layer once"
-        )
-    return indices
 
 
 def check_seq_lens(lens: tuple[int, ...], option: str) -> tuple[int, ...]:

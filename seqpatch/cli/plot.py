@@ -42,13 +42,15 @@ def plot_accuracy(
     """Redraw accuracy by program length (Wilson 95% intervals) from a stored benchmark."""
     from seqpatch.choose import CHOSEN_FILE, read_chosen
     from seqpatch.plots import default_charts_dir
-    from seqpatch.stages.benchmark import STAGE, write_accuracy_chart
-    from seqpatch.store import Store
+    from seqpatch.stages.benchmark import STAGE, accuracy_chart_artifacts
+    from seqpatch.store import Store, write_artifacts
 
     store = Store(data_dir)
+    out = store.output_folder(out) if out is not None else None
     ref = store.resolve(STAGE, benchmark)
     chosen = read_chosen(data_dir) if (store.data_dir / CHOSEN_FILE).is_file() else None
-    for path in write_accuracy_chart(ref, out or default_charts_dir(ref), chosen=chosen):
+    charts = accuracy_chart_artifacts(ref, chosen=chosen)
+    for path in write_artifacts(out or store.output_folder(default_charts_dir(ref)), charts):
         typer.echo(f"chart: {path}")
 
 
@@ -71,8 +73,9 @@ def plot_heatmap(
     from seqpatch.store import Store
 
     store = Store(data_dir)
+    out = store.output_folder(out) if out is not None else None
     ref = store.resolve("patching", patching)
-    out = out or default_charts_dir(ref)
+    out = out or store.output_folder(default_charts_dir(ref))
     for path in plot(store.load("patching", ref.version), out, metric):
         typer.echo(f"chart: {path}")
 
@@ -99,10 +102,12 @@ def plot_traces(
     from seqpatch.store import Store
 
     store = Store(data_dir)
+    out = store.output_folder(out) if out is not None else None
     ref = store.resolve("patching", patching)
     rows = store.load("patching", ref.version)
     pairs = parent_rows(store, ref, "pairs")
-    for path in plot(rows, out or default_charts_dir(ref), metric, pair_id, pairs):
+    out = out or store.output_folder(default_charts_dir(ref))
+    for path in plot(rows, out, metric, pair_id, pairs):
         typer.echo(f"chart: {path}")
 
 
@@ -130,6 +135,7 @@ def plot_tracing(
     from seqpatch.store import Store
 
     store = Store(data_dir)
+    out = store.output_folder(out) if out is not None else None
     ref = store.resolve("tracing", tracing)
     rows = store.load("tracing", ref.version)
     model = next(
@@ -142,5 +148,6 @@ def plot_tracing(
         (ref.provenance.get("model") or {}).get("id"),
     )
     noise_scale = ref.provenance["config"].get("noise_scale")
-    for path in plot(rows, out or default_charts_dir(ref), model, noise_scale):
+    out = out or store.output_folder(default_charts_dir(ref))
+    for path in plot(rows, out, model, noise_scale):
         typer.echo(f"chart: {path}")

@@ -15,6 +15,7 @@ from seqpatch.cli._common import (
     csv,
     examples,
 )
+from seqpatch.cli._stages import DeviceOpt
 
 app = typer.Typer()
 
@@ -93,6 +94,7 @@ def run(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only results: no progress bars.")
     ] = False,
+    device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
 ) -> None:
     """The main job: the whole pipeline on the built-in model, end to end.
@@ -114,7 +116,7 @@ def run(
         tracing=tracing,
         tracing_programs=tracing_programs,
     )
-    result = run_pipeline(cfg, data_dir, echo=typer.echo, progress=not quiet)
+    result = run_pipeline(cfg, data_dir, echo=typer.echo, progress=not quiet, device=device)
     total = sum(seconds for _, _, seconds in result.steps)
     typer.echo(f"done in {total:.0f} s. Charts:")
     for path in result.charts:

@@ -6,16 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from seqpatch.cli._common import (
-    DataDirOpt,
-    PairsVersionOpt,
-    SitesOpt,
-    check_data_dir,
-    csv,
-    examples,
-    layers,
-    report,
-)
+from seqpatch.cli._common import DataDirOpt, check_data_dir, examples, report
 
 app = typer.Typer()
 
@@ -122,34 +113,33 @@ def _list_row(stage: str, version: str, prov: Any) -> list[str]:
 @app.command(
     "merge",
     epilog=examples(
-        "seqpatch merge --sites resid_pre",
-        "seqpatch merge --sites resid_pre --shard-size 100 --data-dir /shared/sp",
+        "seqpatch merge patching",
+        "seqpatch merge tracing --data-dir /shared/sp",
+        "seqpatch merge patching --version 3f2a   # when several builds left shards",
     ),
 )
 def merge(
-    sites: SitesOpt = "resid_pre",
-    layer_list: Annotated[
-        str | None, typer.Option("--layers", help="As given to the jobs.")
+    stage: Annotated[
+        str, typer.Argument(help="The sharded stage the jobs built: patching, tracing, ….")
+    ],
+    version: Annotated[
+        str | None,
+        typer.Option(
+            "--version",
+            help=r"The version (or a prefix) whose shards to join \[default: the only one].",
+            show_default=False,
+        ),
     ] = None,
-    pairs: PairsVersionOpt = "latest",
-    activations: Annotated[
-        str, typer.Option("--activations", help="As given to the jobs.")
-    ] = "auto",
-    shard_size: Annotated[
-        int, typer.Option("--shard-size", help="As given to the jobs.", min=1)
-    ] = 250,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Join the shards that `seqpatch build patching --shard i/n` jobs built (same options).
+    """Join the shards that `seqpatch build STAGE --shard i/n` jobs built into their version.
 
-    Shards that no job finished are built here, so merge always ends with a complete stage.
+    The config, parents and shard size come from the shards' manifest, so merge commits exactly
+    the version the jobs were building; it computes nothing and never builds another version.
     """
-    from seqpatch.pipeline import build_patching as build
+    from seqpatch.merge import merge_shards
 
-    ref = build(
-        csv(sites), layers(layer_list), pairs, activations, shard_size=shard_size, data_dir=data_dir
-    )
-    report(ref)
+    report(merge_shards(stage, version, data_dir))
 
 
 @app.command(
@@ -176,8 +166,10 @@ def verify(
 ) -> None:
     """Check every stored version against the SHA-256 and row count recorded at its commit.
 
-    Also lists debris that interrupted builds left. Exits 1 when anything is damaged (after
-    --clean: when anything could not be removed).
+    Anything standing at a version's name that is not a complete version (no seqpatch.json, a
+    file instead of a folder, provenance without its checksum) is damaged too. Also lists debris
+    that interrupted builds left. Exits 1 when anything is damaged (after --clean: when
+    anything could not be removed), 2 for a stage that is not stored.
     """
     from seqpatch.store import Store
 

@@ -20,7 +20,8 @@ import numpy as np
 from datasets import Array3D, Features, List, Value
 
 from seqpatch.errors import SeqpatchError
-from seqpatch.stages.base import Built, Inputs, ParentSpec
+from seqpatch.options import csv, layer_list, option
+from seqpatch.stages.base import Built, Inputs, ParentSpec, no_artifacts
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -32,6 +33,7 @@ STAGE = "activations"
 SCHEMA_VERSION = 1
 CACHEABLE_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 DTYPES = ("float32", "float16", "bfloat16")
+SHARD_SIZE = 250  # pairs per resumable shard: an interrupt loses seconds, not the stage
 
 
 class ActivationsStageError(SeqpatchError):
@@ -42,11 +44,21 @@ class ActivationsStageError(SeqpatchError):
 class ActivationsConfig:
     """Which activations to cache. ``layers`` empty = every layer."""
 
-    sites: tuple[str, ...] = ("resid_pre",)
-    dtype: str = "float32"  # exact patching; float16 halves the size for sharing
-    layers: tuple[int, ...] = ()
+    sites: tuple[str, ...] = option(
+        ("resid_pre",),
+        "Comma-separated sites: resid_pre, resid_post, attn_out, mlp_out.",
+        parse=csv,
+    )
+    # float32: exact patching; float16 halves the size for sharing
+    dtype: str = option("float32", "float32 (exact), float16 or bfloat16 (half size).")
+    layers: tuple[int, ...] = option(
+        (),
+        "Layers to cache [default: all].",
+        parse=layer_list,
+        cli_default=None,
+        show_default=False,
+    )
     batch_size: int = 64
-    shard_size: int = 250  # pairs per resumable shard: an interrupt loses seconds, not the stage
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -60,13 +72,14 @@ class ActivationsConfig:
             raise ActivationsStageError(f"unknown dtype {self.dtype!r}; use {', '.join(DTYPES)}")
         if len(set(self.layers)) != len(self.layers):
             raise ActivationsStageError(f"layers lists a layer twice: {list(self.layers)}")
-        if self.shard_size < 1 or self.batch_size < 1:
-            raise ActivationsStageError("batch_size and shard_size must be >= 1")
+        if self.batch_size < 1:
+            raise ActivationsStageError(f"batch_size must be >= 1, got {self.batch_size}")
         object.__setattr__(self, "sites", tuple(dict.fromkeys(self.sites)))
 
 
 CONFIG = ActivationsConfig
 PARENTS = (ParentSpec("pairs"),)
+artifacts = no_artifacts
 
 
 def features(cfg: ActivationsConfig, n_layers: int, n_positions: int, d_model: int) -> Features:
@@ -148,7 +161,7 @@ def check_layers(layers: Sequence[int], n_layers: int, error: type[SeqpatchError
 
 
 def n_shards(inputs: Inputs, cfg: ActivationsConfig) -> int:
-    return max(1, math.ceil(inputs.rows("pairs").num_rows / cfg.shard_size))
+    return max(1, math.ceil(inputs.rows("pairs").num_rows / inputs.shard_size))
 
 
 def build_shard(inputs: Inputs, cfg: ActivationsConfig, index: int) -> Built:
@@ -160,8 +173,8 @@ def build_shard(inputs: Inputs, cfg: ActivationsConfig, index: int) -> Built:
     handle = inputs.model
     layers = list(cfg.layers) if cfg.layers else list(range(handle.n_layers))
     width = max(parent["n_tokens"])
-    start = index * cfg.shard_size
-    shard = parent.select(range(start, min(start + cfg.shard_size, parent.num_rows)))
+    start = index * inputs.shard_size
+    shard = parent.select(range(start, min(start + inputs.shard_size, parent.num_rows)))
     rows = shard.select_columns(["pair_id", "n_tokens", "input_ids_a", "input_ids_b"]).map(
         _cache,
         batched=True,

@@ -1,18 +1,24 @@
 """What every stage module shares: its declared parents, what it returns, what it is handed.
 
-A stage is a module ``seqpatch/stages/<name>.py`` with
+A stage is a module ``seqpatch/stages/<name>.py`` following the ``Stage`` protocol (checked by
+``seqpatch.stages.get_stage``):
 
 - ``STAGE`` (its name), ``SCHEMA_VERSION`` (bumped when its rows change meaning), ``CONFIG`` (a
-  frozen dataclass; its canonical JSON is part of the version) and ``PARENTS`` (``ParentSpec``s);
+  frozen dataclass of ``seqpatch.options.option`` fields; its canonical JSON is part of the
+  version) and ``PARENTS`` (``ParentSpec``s);
 - ``model_specs(cfg, parents) -> tuple[str, ...]``: the models it runs (their identities enter the
   version, and the executor loads them only when the version is not stored);
-- ``build(inputs, cfg) -> Built``, or for a resumable stage ``n_shards(inputs, cfg)`` and
-  ``build_shard(inputs, cfg, index) -> Built`` (shards are concatenated in index order);
-- optionally ``prepare(inputs, cfg)`` (checks that must pass before anything is written) and
+- ``build(inputs, cfg) -> Built``, or for a resumable stage ``SHARD_SIZE``,
+  ``n_shards(inputs, cfg)`` and ``build_shard(inputs, cfg, index) -> Built`` (shards are
+  concatenated in index order; ``inputs.shard_size`` is the size to cut);
+- ``prepare(inputs, cfg)`` (checks that must pass before anything is written) and
   ``artifacts(rows, cfg, inputs) -> {file name: Artifact}`` (charts, arrays, csv written into the
-  version folder before it is committed).
+  version folder before it is committed); ``no_models``, ``no_checks`` and ``no_artifacts`` are
+  the hooks of a stage that needs none.
 
-Stage modules never resolve parents, load models or write files: ``seqpatch.executor`` does.
+``inputs.runtime`` (``RuntimeSettings``) says how to run (engine path, device) and never changes
+a row. Stage modules never resolve parents, load models or write files: ``seqpatch.executor``
+and the store do.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from seqpatch.models import ModelHandle
+    from seqpatch.options import RuntimeSettings
     from seqpatch.store import StageRef
 
 Artifact = bytes | str | Callable[[Path], None]
@@ -56,6 +63,12 @@ class Built:
     artifacts: Mapping[str, Artifact] = field(default_factory=dict)
 
 
+def _runtime_settings() -> RuntimeSettings:
+    from seqpatch.options import RuntimeSettings
+
+    return RuntimeSettings()
+
+
 class ModelCache:
     """Models loaded at most once per process run (``seqpatch run`` chains stages on one model).
 
@@ -63,8 +76,9 @@ class ModelCache:
     large models one after another).
     """
 
-    def __init__(self, remote: bool = False) -> None:
+    def __init__(self, remote: bool = False, device: str = "auto") -> None:
         self.remote = remote
+        self.device = device  # where load_model puts a model this cache loads
         self._handles: dict[str, ModelHandle] = {}
 
     def get(self, spec: str) -> ModelHandle:
@@ -73,7 +87,9 @@ class ModelCache:
             from seqpatch.models import load_model
 
             name, fmt = split_model_spec(spec)
-            self.put(spec, load_model(name, prompt_format=fmt, remote=self.remote))
+            self.put(
+                spec, load_model(name, prompt_format=fmt, remote=self.remote, device=self.device)
+            )
         return self._handles[spec]
 
     def put(self, spec: str, handle: ModelHandle) -> None:
@@ -123,6 +139,8 @@ class Inputs:
     specs: tuple[str, ...] = ()
     progress: bool = True
     version: str = ""
+    runtime: RuntimeSettings = field(default_factory=lambda: _runtime_settings())
+    shard_size: int = 0  # the runtime's shard size, else the stage's SHARD_SIZE (sharded stages)
     _rows: dict[str, Dataset] = field(default_factory=dict)
 
     def fingerprint(self, *parts: Any) -> str:
@@ -156,6 +174,20 @@ class Inputs:
     def each_model(self) -> Iterator[ModelHandle]:
         for spec in self.specs:
             yield self.models.get(spec)
+
+
+def no_models(cfg: Any, parents: Mapping[str, StageRef]) -> tuple[str, ...]:
+    """``model_specs`` of a stage that runs no model."""
+    return ()
+
+
+def no_checks(inputs: Inputs, cfg: Any) -> None:
+    """``prepare`` of a stage with nothing to check before it writes."""
+
+
+def no_artifacts(rows: Dataset, cfg: Any, inputs: Inputs) -> dict[str, Artifact]:
+    """``artifacts`` of a stage that stores its rows only."""
+    return {}
 
 
 def chart_artifacts(

@@ -24,7 +24,7 @@ its tokenizer (``prepare``), before anything is written.
 
 ``summarize(rows)`` gives accuracy per (model, family, seq_len) with Wilson 95% intervals; the
 stage's artifacts ``results_summary.csv`` and ``accuracy.html/.png`` are written into the version
-at its commit; ``write_summary``/``write_accuracy_chart`` redraw them elsewhere.
+at its commit; ``summary_artifacts``/``accuracy_chart_artifacts`` redraw them elsewhere.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from datasets import Features, Value
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.options import option
 from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec, chart_artifacts
 
 if TYPE_CHECKING:
@@ -88,9 +88,16 @@ class BenchmarkConfig:
     (default: ``compact`` for the organism, ``code`` otherwise).
     """
 
-    models: tuple[str, ...]
-    batch_size: int = 64  # rows per forward pass; recorded since padding can move the last ulp
-    max_new_tokens: int = 8  # enough for '-123' plus a stop token under digit-wise tokenizers
+    models: tuple[str, ...] = option(
+        ("builtin",),
+        "Comma-separated: builtin, local folders, Hub ids; add :compact, :code or :code-chat to "
+        "choose a model's prompt format.",
+        parse=lambda text: parse_models(text),
+    )
+    # rows per forward pass; in the config since padding can move the last ulp
+    batch_size: int = option(64, "Prompts per forward.")
+    # enough for '-123' plus a stop token under digit-wise tokenizers
+    max_new_tokens: int = option(8, "Longest greedy continuation, in tokens.")
 
     def __post_init__(self) -> None:
         models = tuple(m.strip() for m in self.models)
@@ -116,6 +123,7 @@ def parse_models(text: str) -> tuple[str, ...]:
 
 CONFIG = BenchmarkConfig
 PARENTS = (ParentSpec(PARENT_STAGE),)
+SHARD_SIZE = None  # one shard per model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,27 +439,24 @@ def load_summary(ref: StageRef) -> pl.DataFrame:
     return summarize(Dataset.load_from_disk(str(ref.path)))
 
 
-def write_summary(ref: StageRef, out_dir: Path) -> Path:
-    """Write ``results_summary.csv`` of a stored version into ``out_dir``; returns its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / SUMMARY_CSV
-    load_summary(ref).write_csv(path)
-    return path
+def summary_artifacts(ref: StageRef) -> dict[str, Artifact]:
+    """``results_summary.csv`` of a stored version, as an artifact to write elsewhere
+    (``seqpatch.store.write_artifacts``)."""
+    return {SUMMARY_CSV: load_summary(ref).write_csv}
 
 
-def write_accuracy_chart(
+def accuracy_chart_artifacts(
     ref: StageRef,
-    out_dir: Path,
     formats: Sequence[str] = ("html", "png"),
     chosen: Mapping[str, Any] | None = None,
-) -> list[Path]:
-    """Draw accuracy by length (one line per model) of a stored version into ``out_dir``.
+) -> dict[str, Artifact]:
+    """Accuracy by length (one line per model) of a stored version, as artifacts to write
+    elsewhere (``seqpatch.store.write_artifacts``).
 
     ``chosen`` (``chosen_model.json``'s contents) marks the choice and its threshold when it
     was made from this version.
     """
-    from seqpatch.charts import accuracy_figure, save_chart
+    from seqpatch.charts import accuracy_figure
 
     mark = chosen if chosen and chosen.get("benchmark_version") == ref.version else None
     chart = accuracy_figure(
@@ -460,4 +465,4 @@ def write_accuracy_chart(
         chosen=(mark["model_id"], mark["seq_len"]) if mark else None,
         version=ref.version,
     )
-    return save_chart(chart, Path(out_dir), CHART_NAME, formats)
+    return chart_artifacts(chart, CHART_NAME, tuple(formats))

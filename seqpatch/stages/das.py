@@ -44,6 +44,7 @@ import numpy as np
 from datasets import Array2D, Dataset, Features, List, Value
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.options import SEED_HELP, check_seed, int_list, option
 from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec, chart_artifacts
 
 if TYPE_CHECKING:
@@ -65,18 +66,29 @@ class DasStageError(SeqpatchError):
 class DasConfig:
     """Which cells, which subspace sizes, and how each basis is trained."""
 
-    top_n: int = 3  # strongest heatmap cells studied
-    metric: str = "normalised"  # patching metric the cells are ranked by (mean over pairs)
-    divergence_index: int | None = None  # None: the most common one among the pairs
-    ks: tuple[int, ...] = ()  # subspace dimensions; empty: 1, 2, 4, … and d_model
+    top_n: int = option(3, "Strongest heatmap cells.", min=1)
+    # the patching metric the cells are ranked by (mean over pairs)
+    metric: str = option("normalised", "Patching metric that ranks the cells.")
+    divergence_index: int | None = option(
+        None, "Study pairs diverging here [default: the commonest].", show_default=False
+    )
+    ks: tuple[int, ...] = option(
+        (),
+        "Subspace dimensions [default: 1,2,4,… and d_model].",
+        parse=int_list("--ks", "1,2,4,8"),
+        cli_default=None,
+        show_default=False,
+    )
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train / validation / test, by pair
-    epochs: int = 20  # 80 Adam steps at 60 train pairs (batch 16)
-    lr: float = 1e-2
-    batch_size: int = 16  # more steps per epoch: k ≤ 8 still improving at 40 steps of 32
-    seed: int = 0
+    epochs: int = option(20, "Training epochs.", min=1)  # 80 Adam steps at 60 train pairs
+    lr: float = option(1e-2, "Adam learning rate.")
+    # more steps per epoch: k ≤ 8 still improving at 40 steps of 32
+    batch_size: int = option(16, "Pairs per step.", min=1)
+    seed: int = option(0, SEED_HELP)
     tolerance: float = 0.02  # "within 2 points of the full-vector patch" (summary.json)
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         if self.top_n < 1:
             raise DasStageError(f"top_n must be >= 1, got {self.top_n}")
         if self.metric not in RANK_METRICS:

@@ -54,6 +54,7 @@ import numpy as np
 from datasets import Features, List, Value
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.options import option
 from seqpatch.pairs import (
     CHANGED_ROLES,
     PairError,
@@ -63,7 +64,7 @@ from seqpatch.pairs import (
 )
 from seqpatch.programs import Family, Program, Renderer, derive_seed, get_family
 from seqpatch.roles import token_roles
-from seqpatch.stages.base import Built, Inputs, ParentSpec
+from seqpatch.stages.base import Built, Inputs, ParentSpec, no_artifacts, no_checks
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -160,9 +161,18 @@ class PairsConfig:
     batch_size: int = 512  # candidates per forward pass: large batches amortise Python overhead
     max_candidates_factor: int = 10  # give up after n_pairs * factor candidates
     family_params: dict[str, Any] = field(default_factory=dict)  # non-stock family settings
-    min_depth: int = 0  # keep changes whose chain to the query has at least this many statements
-    max_depth: int = 0  # ... at most this many (0: no bound)
-    changed_role: str = "any"  # or root | link | update (seqpatch.pairs.statement_role)
+    min_depth: int = option(
+        0,
+        "Keep changes that reach the query through a chain of at least this many statements "
+        "(2: at least one hop, as in a = 5; b = a; #b:). 0: no bound.",
+        min=0,
+    )
+    max_depth: int = option(0, "Keep chains of at most this many statements (0: no bound).", min=0)
+    changed_role: str = option(
+        "any",
+        "Keep one kind of change: any, root (a constant in both programs), link (a copy in "
+        "both) or update (an op in place).",
+    )
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
@@ -205,6 +215,8 @@ class PairsConfig:
 
 CONFIG = PairsConfig
 PARENTS = (ParentSpec("benchmark", optional=True),)
+prepare = no_checks
+artifacts = no_artifacts
 
 
 def parse_divergence_indices(text: str, seq_len: int) -> tuple[int, ...]:

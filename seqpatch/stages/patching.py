@@ -58,6 +58,7 @@ import numpy as np
 from datasets import Array2D, Array3D, Array4D, Features, List, Value
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.options import ENGINES, csv, layer_list, option
 from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec, nan_quiet
 from seqpatch.store import StageRef
 
@@ -93,8 +94,9 @@ METRIC_MEANINGS = {
     "prob_delta_candidates": "P(B's answer | patched) − P(B's answer | B), softmax over the "
     "answer candidates only",
 }
-# Exact engine strategies (auto/cached/full: rows record "exact") and attribution patching.
-METHODS = ("auto", "cached", "full", "attribution")
+# Exact patching of every cell (its engine path is RuntimeSettings.engine) or attribution.
+METHODS = ("exact", "attribution")
+SHARD_SIZE = 250  # pairs per resumable shard: a lost shard costs seconds, not minutes
 HEATMAP_INDEX_FILE = "heatmap.json"
 HEATMAP_FILE = "heatmap_normalised.npy"  # the default metric's array, as heatmap_file() names it
 
@@ -111,15 +113,41 @@ class PatchingConfig:
     ``pos`` axis patches at once (``POSITION_SETS``).
     """
 
-    sites: tuple[str, ...] = ("resid_pre",)
-    layers: tuple[int, ...] = ()
-    method: str = "auto"  # the engine picks its compute-floor path where the architecture allows
-    # (or "attribution": first-order estimates, see seqpatch.interventions.attribution)
-    shard_size: int = 250  # pairs per resumable shard: a lost shard costs seconds, not minutes
-    axes: tuple[str, ...] = DEFAULT_AXES
+    sites: tuple[str, ...] = option(
+        ("resid_pre",),
+        "Comma-separated sites: resid_pre, resid_post, attn_out, mlp_out, or the attention "
+        "heads head_z, head_q, head_k, head_v (with --axes layer,head).",
+        parse=csv,
+    )
+    layers: tuple[int, ...] = option(
+        (),
+        "Layers to sweep [default: all].",
+        parse=layer_list,
+        cli_default=None,
+        show_default=False,
+    )
+    # exact patching of every cell, or first-order estimates (seqpatch.interventions.attribution);
+    # how exact cells are computed is an execution setting (RuntimeSettings.engine)
+    method: str = option(
+        "exact",
+        "exact (patch every cell) or attribution (first-order estimates of the logit "
+        "difference from one backward pass). The exact engine path is --engine.",
+    )
+    axes: tuple[str, ...] = option(
+        DEFAULT_AXES,
+        "The grid: layer,pos; layer,head or layer,head,pos (head sites head_z, head_q, head_k, "
+        "head_v); layer (whole-stream: all --positions at once).",
+        parse=csv,
+    )
     # grids without a pos axis: the set patched at once (POSITION_SETS); with one: the cells
     # (POS_SELECTIONS; "changed+ends+last" leaves the other cells NaN)
-    positions: str = "all"
+    positions: str = option(
+        "all",
+        "Without a pos axis, the positions patched at once: all, from-divergence, before-last "
+        "(from the divergence up to the last token) or last. With a pos axis, the cells: all, or "
+        "changed+ends+last (per pair: the changed tokens, the last token of every line from "
+        "there on and the final token; other cells NaN).",
+    )
 
     def __post_init__(self) -> None:
         from seqpatch.interventions import GRID_SITES
@@ -157,11 +185,10 @@ class PatchingConfig:
                 f"from-divergence), not {self.positions!r}; use the exact method for it"
             )
         if self.method not in METHODS:
+            engine = " (the engine path is --engine)" if self.method in ENGINES else ""
             raise PatchingStageError(
-                f"unknown method {self.method!r}; use one of {', '.join(METHODS)}"
+                f"unknown method {self.method!r}; use one of {', '.join(METHODS)}{engine}"
             )
-        if self.shard_size < 1:
-            raise PatchingStageError(f"shard_size must be >= 1, got {self.shard_size}")
         if len(set(self.layers)) != len(self.layers):
             raise PatchingStageError(f"layers lists a layer twice: {list(self.layers)}")
         object.__setattr__(self, "sites", tuple(dict.fromkeys(self.sites)))
@@ -238,6 +265,7 @@ def _patch(
     layers: list[int],
     width: int,
     activations: Dataset | None,
+    engine: str = "auto",
 ) -> dict[str, list]:
     import torch
 
@@ -269,12 +297,12 @@ def _patch(
                 for i in range(len(src))
             ]
             readout = _selected_grid(
-                handle, src, tgt, site, cand, layers, cfg, cached.get(site), chosen
+                handle, src, tgt, site, cand, layers, cached.get(site), engine, chosen
             )
         else:
             spec = PatchSpec(site, cfg.axes, layers=layers, spans=(cfg.positions,))
             readout = patch_grid(
-                handle, src, tgt, spec, cand, source_activations=cached.get(site), method=cfg.method
+                handle, src, tgt, spec, cand, source_activations=cached.get(site), method=engine
             ).readout
         logits, lse = (_pad(x.numpy(), shape) for x in readout)
         heads = list(range(site_heads(handle, site) or 0)) if "head" in cfg.axes else []
@@ -363,8 +391,8 @@ def _selected_grid(
     site: str,
     cand: Any,
     layers: list[int],
-    cfg: PatchingConfig,
     cached: list[np.ndarray] | None,
+    engine: str,
     chosen_positions: list[list[int]],
 ) -> tuple[Any, Any]:
     """A ``layer,pos`` grid computed at each pair's ``chosen_positions`` only, NaN elsewhere.
@@ -392,7 +420,7 @@ def _selected_grid(
             spec,
             cand[members] if cand.dim() == 2 else cand,
             source_activations=sources,
-            method=cfg.method,
+            method=engine,
         )
         for row, i in enumerate(members):
             at = [len(tgt[i]) + offset for offset in offsets]
@@ -476,7 +504,7 @@ def prepare(inputs: Inputs, cfg: PatchingConfig) -> None:
 
 
 def n_shards(inputs: Inputs, cfg: PatchingConfig) -> int:
-    return max(1, math.ceil(inputs.rows("pairs").num_rows / cfg.shard_size))
+    return max(1, math.ceil(inputs.rows("pairs").num_rows / inputs.shard_size))
 
 
 def build_shard(inputs: Inputs, cfg: PatchingConfig, index: int, batch_pairs: int = 250) -> Built:
@@ -487,8 +515,8 @@ def build_shard(inputs: Inputs, cfg: PatchingConfig, index: int, batch_pairs: in
     layers = list(cfg.layers) if cfg.layers else list(range(handle.n_layers))
     width = max(parent["n_tokens"])
     n_candidates = len(parent[0]["candidate_ids"])
-    start = index * cfg.shard_size
-    rows = parent.select(range(start, min(start + cfg.shard_size, len(parent))))
+    start = index * inputs.shard_size
+    rows = parent.select(range(start, min(start + inputs.shard_size, len(parent))))
     patched = rows.map(
         _patch,
         batched=True,
@@ -500,6 +528,7 @@ def build_shard(inputs: Inputs, cfg: PatchingConfig, index: int, batch_pairs: in
             "layers": layers,
             "width": width,
             "activations": activations,
+            "engine": inputs.runtime.engine,
         },
         features=features(*grid_shape(cfg, handle, len(layers), width), n_candidates),
         new_fingerprint=inputs.fingerprint(STAGE, index),
@@ -828,19 +857,3 @@ def heatmap_artifacts(dataset: Dataset, metrics: Sequence[str] = METRICS) -> dic
     }
     files[HEATMAP_INDEX_FILE] = json.dumps(index, indent=2, ensure_ascii=False) + "\n"
     return files
-
-
-def write_heatmap(folder: Any, dataset: Dataset, metrics: Sequence[str] = METRICS) -> list[Any]:
-    """Write ``heatmap_artifacts`` into ``folder``; returns the paths written."""
-    from pathlib import Path
-
-    folder = Path(folder)
-    written = []
-    for name, content in heatmap_artifacts(dataset, metrics).items():
-        path = folder / name
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-        written.append(path)
-    return written

@@ -16,7 +16,7 @@ from typing import Any
 from datasets import Features, List, Value
 
 from seqpatch.programs import ProgramError, get_family, make_sequence, program_rng
-from seqpatch.stages.base import Built, Inputs
+from seqpatch.stages.base import Built, Inputs, no_artifacts, no_checks, no_models
 
 STAGE = "programs"
 SCHEMA_VERSION = 1
@@ -73,6 +73,9 @@ class ProgramsConfig:
 
 CONFIG = ProgramsConfig
 PARENTS = ()
+model_specs = no_models
+prepare = no_checks
+artifacts = no_artifacts
 
 
 def _is_int(value: Any) -> bool:

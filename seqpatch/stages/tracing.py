@@ -60,7 +60,8 @@ from seqpatch.interventions.tracing import (
     noise_seeds,
     trace,
 )
-from seqpatch.stages.base import Built, ParentSpec, nan_quiet
+from seqpatch.options import SEED_HELP, check_seed, csv, option
+from seqpatch.stages.base import Built, ParentSpec, nan_quiet, no_checks
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -90,7 +91,22 @@ ROLES = (
 ``between``, which ROME's subject-first prompts rarely have). ``last`` wins over every other."""
 
 
-METHODS = ("auto", "cached", "full")  # the engine's strategies (seqpatch.interventions.tracing)
+SHARD_SIZE = 25  # programs per resumable shard
+
+
+def parse_noise_scale(text: str) -> float | str:
+    """``auto`` or a positive number (the CLI's ``--noise-scale``)."""
+    from seqpatch.options import OptionsError
+
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise OptionsError(f"--noise-scale takes a number > 0 or auto, not {text!r}") from None
+    if value <= 0:
+        raise OptionsError(f"--noise-scale must be > 0 (or auto), got {text}")
+    return value
 
 
 class TracingStageError(SeqpatchError):
@@ -101,20 +117,42 @@ class TracingStageError(SeqpatchError):
 class TracingConfig:
     """ROME's parameters (defaults are the paper's) and which programs and tokens to trace."""
 
-    corrupt: str = "changed"  # changed | diff | chain | <statement index>
-    program: str = "b"  # which program of each pair: "a" (source) or "b" (target)
-    noise_scale: float | str = ROME_NOISE_SCALE  # ν: σ = ν · std(embeddings); ROME §2.1 uses 3;
-    # "auto": the smallest ν of NOISE_LADDER that halves P(answer) (calibrate_noise)
-    calibration_programs: int = 10  # programs the auto calibration averages over
-    n_samples: int = ROME_SAMPLES  # noise draws per program (ROME: 10)
-    window: int | None = None  # MLP/attn window; None: max(1, round(10·L/48)), ROME's 10 of 48
-    sigma_basis: str = "vocab"  # std over the whole embedding matrix; "corrupted": over the
-    # corrupted tokens of every traced program (ROME's choice; depends on the pairs traced)
-    kinds: tuple[str, ...] = KINDS
-    n_programs: int = 100  # first N pairs (0: all); each costs 3·L·T restorations × samples
-    seed: int = 0
-    shard_size: int = 25  # programs per resumable shard
-    method: str = "auto"
+    corrupt: str = option(
+        "changed",
+        "Tokens to corrupt: changed (the changed statement), diff (where A and B differ), chain "
+        "(the query's reference chain) or a statement index such as 0.",
+    )
+    program: str = option("b", "Which program of each pair: a (source) or b (target).")
+    noise_scale: float | str = option(
+        ROME_NOISE_SCALE,
+        "ν: noise σ = ν × std(input embeddings) (ROME: 3), or auto: the smallest ν of "
+        f"{', '.join(f'{x:g}' for x in NOISE_LADDER)} that brings the mean P(answer) of the "
+        "first --calibration-programs programs to at most half its clean value.",
+        parse=parse_noise_scale,
+        cli_default="3",
+    )
+    calibration_programs: int = option(
+        10, "Programs the auto noise calibration averages over.", min=1
+    )
+    n_samples: int = option(ROME_SAMPLES, "Noise draws per program (ROME: 10).", min=1)
+    window: int | None = option(
+        None,
+        "Layers per restored MLP/attention window [default: max(1, round(10·L/48)), ROME's 10 "
+        "of 48 scaled to the model's depth].",
+        min=1,
+        show_default=False,
+    )
+    sigma_basis: str = option(
+        "vocab",
+        "std over the whole embedding matrix (vocab) or over the corrupted tokens of every "
+        "traced program (corrupted, ROME's choice).",
+    )
+    kinds: tuple[str, ...] = option(
+        KINDS, "What to restore: resid, mlp, attn (comma-separated).", parse=csv
+    )
+    # each program costs 3·L·T restorations × samples
+    n_programs: int = option(100, "Trace the first N pairs (0: all of them).", min=0)
+    seed: int = option(0, SEED_HELP)
 
     def __post_init__(self) -> None:
         corrupt = str(self.corrupt)
@@ -150,15 +188,13 @@ class TracingConfig:
         if not kinds or any(k not in KINDS for k in kinds):
             raise TracingStageError(f"kinds must be a non-empty subset of {', '.join(KINDS)}")
         object.__setattr__(self, "kinds", kinds)
-        if self.n_programs < 0 or self.shard_size < 1:
-            raise TracingStageError("n_programs must be >= 0 and shard_size >= 1")
-        if self.method not in METHODS:
-            raise TracingStageError(
-                f"unknown tracing method {self.method!r}; use one of {', '.join(METHODS)}"
-            )
+        check_seed(self.seed)
+        if self.n_programs < 0:
+            raise TracingStageError(f"n_programs must be >= 0, got {self.n_programs}")
 
 
 CONFIG = TracingConfig
+prepare = no_checks
 
 
 def features(n_kinds: int, n_layers: int, n_positions: int) -> Features:
@@ -424,7 +460,7 @@ _CALIBRATIONS: dict[tuple, tuple[float, list[dict[str, Any]]]] = {}
 
 
 def n_shards(inputs: Inputs, cfg: TracingConfig) -> int:
-    return max(1, -(-len(_selected(inputs, cfg)) // cfg.shard_size))
+    return max(1, -(-len(_selected(inputs, cfg)) // inputs.shard_size))
 
 
 def build_shard(inputs: Inputs, cfg: TracingConfig, index: int) -> Built:
@@ -444,13 +480,14 @@ def build_shard(inputs: Inputs, cfg: TracingConfig, index: int) -> Built:
     else:  # σ depends on every traced program, so each shard reads them all
         traced = [prepare_program(handle, cfg, row, family) for row in selected]
         sigma = sigma_for(handle, cfg, traced, noise_scale)
-    begin = index * cfg.shard_size
-    rows = selected.select(range(begin, min(begin + cfg.shard_size, len(selected))))
+    begin = index * inputs.shard_size
+    rows = selected.select(range(begin, min(begin + inputs.shard_size, len(selected))))
     out: dict[str, list] = {name: [] for name in features(1, 1, 1)}
     with progress_bar(len(rows), f"tracing shard {index}", enabled=inputs.progress) as bar:
         for row in rows:
             prog = prepare_program(handle, cfg, row, family)
-            values = trace_program(handle, cfg, prog, sigma, window, width)
+            engine = inputs.runtime.engine
+            values = trace_program(handle, cfg, prog, sigma, window, width, engine)
             _append(out, {**values, "noise_scale": noise_scale})
             bar.update(1)
     dataset = Dataset.from_dict(out, features=features(len(cfg.kinds), handle.n_layers, width))
@@ -476,6 +513,7 @@ def trace_program(
     sigma: float,
     window: int,
     width: int,
+    engine: str = "auto",
 ) -> dict[str, Any]:
     """One row: the program's causal trace, grids padded with NaN to ``width`` positions."""
     row = prog.row
@@ -488,7 +526,7 @@ def trace_program(
         corruption,
         kinds=cfg.kinds,
         window=window,
-        method=cfg.method,  # type: ignore[arg-type]
+        method=engine,  # type: ignore[arg-type]
     )
     grid = np.full((len(cfg.kinds), handle.n_layers, width), np.nan, dtype=np.float32)
     restored, effect = grid.copy(), grid.copy()
