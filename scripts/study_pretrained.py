@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from seqpatch.executor import execute
+from seqpatch.options import RuntimeSettings
 from seqpatch.stages.base import ModelCache
 from seqpatch.stages.das import DasConfig
 from seqpatch.stages.pairs import PairsConfig, PairsStageError
@@ -65,11 +66,21 @@ class Study:
         self.record.setdefault("model", model)
         self.record.setdefault("steps", {})
 
-    def step(self, name: str, stage: str, cfg: Any, parents: dict | None, n_pairs: int) -> Any:
-        """Build (or reuse) one stage version and record its wall time and pairs per minute."""
+    def step(
+        self,
+        name: str,
+        stage: str,
+        cfg: Any,
+        parents: dict | None,
+        n_pairs: int,
+        shard_size: int | None = None,
+    ) -> Any:
+        """Build (or reuse) one stage version and record its wall time and pairs per minute;
+        ``shard_size`` pairs (tracing: programs) per resumable shard of a sharded stage."""
         start = time.perf_counter()
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {stage} …", flush=True)
-        ref = execute(stage, cfg, parents, store=self.store, models=self.models, progress=False)
+        runtime = RuntimeSettings(shard_size=shard_size, progress=False)
+        ref = execute(stage, cfg, parents, store=self.store, models=self.models, runtime=runtime)
         seconds = time.perf_counter() - start
         old = self.record["steps"].get(name)
         if ref.reused and old and old.get("version") == ref.version:
@@ -174,27 +185,24 @@ def main() -> None:
     pairs_cfg = PairsConfig(model=spec, seq_len=seq_len, n_pairs=args.n_pairs, **CHAIN)  # type: ignore[arg-type]
     pairs = study.step("pairs", "pairs", pairs_cfg, {"benchmark": None}, args.n_pairs)
     n = args.n_pairs
-    patch_cfg = PatchingConfig(sites=SITES, positions="slice", shard_size=8)
+    patch_cfg = PatchingConfig(sites=SITES, positions="slice")
     patching = study.step(
-        "patching", "patching", patch_cfg, {"pairs": pairs, "activations": None}, n
+        "patching", "patching", patch_cfg, {"pairs": pairs, "activations": None}, n, 8
     )
     trace_cfg = TracingConfig(
         noise_scale="auto",
         n_programs=args.trace_programs,
         n_samples=args.trace_samples,
-        shard_size=2,
     )
-    study.step("tracing", "tracing", trace_cfg, {"pairs": pairs}, args.trace_programs)
+    study.step("tracing", "tracing", trace_cfg, {"pairs": pairs}, args.trace_programs, 2)
     for span in ("before-last", "last"):
-        cfg = PatchingConfig(sites=("resid_pre",), axes=("layer",), positions=span, shard_size=40)
-        study.step(f"stream-{span}", "patching", cfg, {"pairs": pairs, "activations": None}, n)
+        cfg = PatchingConfig(sites=("resid_pre",), axes=("layer",), positions=span)
+        study.step(f"stream-{span}", "patching", cfg, {"pairs": pairs, "activations": None}, n, 40)
     rows = study.store.load("patching", patching.version)
     layers = top_layers(rows, "attn_out", args.head_layers)
     study.record["head_layers"] = layers
-    heads_cfg = PatchingConfig(
-        sites=("head_z",), axes=("layer", "head"), layers=tuple(layers), shard_size=20
-    )
-    study.step("heads", "patching", heads_cfg, {"pairs": pairs, "activations": None}, n)
+    heads_cfg = PatchingConfig(sites=("head_z",), axes=("layer", "head"), layers=tuple(layers))
+    study.step("heads", "patching", heads_cfg, {"pairs": pairs, "activations": None}, n, 20)
     das_pairs_cfg = PairsConfig(
         model=spec,
         seq_len=seq_len,
@@ -203,13 +211,14 @@ def main() -> None:
         **CHAIN,  # type: ignore[arg-type]
     )
     das_pairs = study.step("das-pairs", "pairs", das_pairs_cfg, {"benchmark": None}, args.das_pairs)
-    das_patch_cfg = PatchingConfig(sites=("resid_pre",), positions="slice", shard_size=20)
+    das_patch_cfg = PatchingConfig(sites=("resid_pre",), positions="slice")
     das_patching = study.step(
         "das-patching",
         "patching",
         das_patch_cfg,
         {"pairs": das_pairs, "activations": None},
         args.das_pairs,
+        20,
     )
     das_cfg = DasConfig(top_n=3, ks=(1, 2, 4, 8, 16, 32), split=(0.4, 0.2, 0.4))
     study.step(
