@@ -7,8 +7,8 @@ short still leaves the most basic results):
 
 1. ``probe`` — which prompt format and program length the model solves best *with chains*:
    for each (format, length) a small chain-pairs build (``min_depth=2``, ``changed_role=root``)
-   whose acceptance rate (pairs answered correctly on both programs / candidates) is measured;
-   the best rate wins (ties: the longer length, then the earlier format);
+   whose solve rate (candidates answered correctly on both programs / candidates scored) is
+   measured; the best rate wins (ties: the longer length, then the earlier format);
 2. ``pairs`` — ``--n-pairs`` chain pairs at that (format, length);
 3. ``patching`` — ``resid_pre``, ``attn_out``, ``mlp_out`` over every layer at the ``slice``
    positions (changed statement, hops, question, last), aggregated by token role;
@@ -111,6 +111,16 @@ def spec_for(model: str, fmt: str) -> str:
     return model if fmt == "default" else f"{model}:{fmt}"
 
 
+def solved_rate(extra: dict[str, Any]) -> float:
+    """The share of scored candidates whose two programs the model answered correctly. (Not
+    ``accepted / candidates``: the build stops at ``n`` accepted pairs, so that ratio is capped
+    by the last batch's size.)"""
+    rejections = extra["rejections"]
+    failed = sum(rejections[r] for r in ("a_wrong", "b_wrong", "answer_is_prefix"))
+    scored = extra["candidates"] - rejections["no_valid_change"]
+    return (scored - failed) / scored if scored else 0.0
+
+
 def probe(study: Study, formats: list[str], lengths: list[int], n: int) -> tuple[str, int]:
     """The (format, length) with the best chain-pair acceptance rate; every rate recorded."""
     rates: dict[str, float] = study.record.setdefault("probe", {})
@@ -128,7 +138,7 @@ def probe(study: Study, formats: list[str], lengths: list[int], n: int) -> tuple
             try:
                 ref = study.step(f"probe {key}", "pairs", cfg, {"benchmark": None}, n)
                 extra = ref.provenance["extra"]
-                rates[key] = extra["accepted"] / extra["candidates"]
+                rates[key] = solved_rate(extra)
             except PairsStageError as err:  # fewer than n pairs in n * factor candidates
                 print(f"    probe {key}: {err}", flush=True)
                 rates[key] = 0.0
