@@ -22,7 +22,10 @@ import numpy as np
 from seqpatch.stages.patching import aggregate
 from seqpatch.store import Store
 
-ROLES = ("hop0:value+1", "hop0:value", "hop0:end", "hop1:value", "hop1:end", "last")
+ROLES = (
+    "hop0:value+1", "hop0:value", "hop0:end", "hop1:value", "hop1:end", "hop2:value", "hop2:end",
+    "question:0", "question:1", "last",
+)  # fmt: skip
 
 
 def patching_summary(store: Store, version: str) -> None:
