@@ -24,7 +24,14 @@ def heatmap_chart(rows: Any, metric: str = DEFAULT_METRIC) -> Any:
 
     if grid_axes(rows) != DEFAULT_AXES:  # heads or whole-stream: their own chart
         return grid_chart(rows, metric)[0]
-    return charts.heatmap_figure(aggregate(rows, metric), metric, charts.count_pairs(rows))
+    agg = aggregate(rows, metric)
+    title = None
+    if agg.get("position_axis") == "role":  # a slice grid: one row per role, not per token
+        title = (
+            "Activation patching A → B along the data flow: rows are token roles (the changed "
+            "statement hop0, later hops, question, last), averaged across pairs by role"
+        )
+    return charts.heatmap_figure(agg, metric, charts.count_pairs(rows), title=title)
 
 
 def traces_chart(
