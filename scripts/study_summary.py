@@ -28,8 +28,7 @@ ROLES = (
 )  # fmt: skip
 
 
-def patching_summary(store: Store, version: str) -> None:
-    rows = store.load("patching", version)
+def patching_summary(rows, version: str) -> None:
     agg = aggregate(rows, "normalised")
     layers = agg["layers"]
     n_layers = len(layers)
@@ -58,6 +57,14 @@ def patching_summary(store: Store, version: str) -> None:
                 f"    {site:9s} {role:13s} max {pooled[best]:+.2f} at layer {layers[best]}; "
                 f"≥0.5 up to layer {last_held}; pairs {int(counts.sum(0).max())}"
             )
+
+
+def finished_shards(folder: Path):
+    """The rows of every finished shard of a version still being built (``<v>.partial``)."""
+    from datasets import Dataset, concatenate_datasets
+
+    shards = sorted(p for p in folder.glob("shard-*") if (p / "dataset_info.json").exists())
+    return concatenate_datasets([Dataset.load_from_disk(str(p)) for p in shards])
 
 
 def stream_summary(store: Store, record: dict) -> None:
@@ -121,6 +128,12 @@ def das_summary(store: Store, version: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", type=Path)
+    parser.add_argument(
+        "--partial-patching",
+        type=Path,
+        help="a patching version folder still being built (<data-dir>/patching/<v>.partial): "
+        "summarise its finished shards, labelled as such",
+    )
     args = parser.parse_args()
     record = json.loads((args.data_dir / "study.json").read_text())
     store = Store(args.data_dir)
@@ -132,7 +145,12 @@ def main() -> None:
             f"{step['pairs_per_minute']} pairs/min"
         )
     if "patching" in steps:
-        patching_summary(store, steps["patching"]["version"])
+        version = steps["patching"]["version"]
+        patching_summary(store.load("patching", version), version)
+    elif args.partial_patching:
+        rows = finished_shards(args.partial_patching)
+        print(f"  patching: NOT FINISHED; {len(set(rows['pair_id']))} pairs of its finished shards")
+        patching_summary(rows, args.partial_patching.name)
     else:
         print("  patching: not built yet")
     stream_summary(store, record)
