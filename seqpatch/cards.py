@@ -177,6 +177,17 @@ def heatmap_summary(folder: Path, stage: str) -> dict[str, Any] | None:
                 "shape": shape,
             }
         )
+    roadmap = index.get("heatmap.npy")
+    if isinstance(roadmap, Mapping) and (folder / "heatmap.npy").is_file():
+        arrays.append(
+            {
+                "metric": f"{roadmap.get('metric')} (mean only, axes "
+                f"{' × '.join(roadmap.get('axes') or [])})",
+                "array": f"{stage}/heatmap.npy",
+                "meaning": roadmap.get("meaning"),
+                "shape": list(np.load(folder / "heatmap.npy", mmap_mode="r").shape),
+            }
+        )
     axes = []
     for axis in index.get("axes") or []:
         keys = (axis, f"{axis}s", re.sub(r"ex$", "ices", axis))

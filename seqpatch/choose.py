@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.redact import restore
 
 if TYPE_CHECKING:
     import polars as pl
@@ -173,7 +174,7 @@ def read_chosen(data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any
             "--min-accuracy 0.8 --min-seq-len 6` after `seqpatch build benchmark`"
         )
     try:
-        chosen = json.loads(path.read_text())
+        chosen = restore(json.loads(path.read_text()))
     except OSError as err:
         raise ChooseError(f"cannot read {path} ({err.strerror or err})") from err
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -19,35 +19,20 @@ rows: the store's versions are the only cache.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from seqpatch.options import RuntimeSettings
 from seqpatch.progress import progress_bar, quiet_libraries
+from seqpatch.shard_runner import ShardRunner, datasets_caching_off, model_identity
 from seqpatch.stages import get_stage, is_sharded
-from seqpatch.stages.base import Inputs, ModelCache, StageError, split_model_spec
+from seqpatch.stages.base import Inputs, ModelCache, StageError
 
 if TYPE_CHECKING:
     from types import ModuleType
 
     from seqpatch.store import StageRef, Store
-
-
-@contextmanager
-def datasets_caching_off() -> Iterator[None]:
-    """Disable ``datasets``' cache files for the block (maps write to a temporary folder)."""
-    from datasets import fingerprint
-
-    was = fingerprint.is_caching_enabled()
-    fingerprint.disable_caching()
-    try:
-        yield
-    finally:
-        if was:
-            fingerprint.enable_caching()
 
 
 def resolve_parents(
@@ -72,38 +57,6 @@ def resolve_parents(
     return refs
 
 
-def model_identity(specs: tuple[str, ...], models: ModelCache) -> dict[str, str] | None:
-    """``{"id", "revision"}`` of the models a stage runs (several models: one combined record)."""
-    if not specs:
-        return None
-    records = [_identify(spec, models) for spec in specs]
-    if len(records) == 1:
-        return records[0]
-    from seqpatch.store import canonical_json
-
-    key = canonical_json(
-        [[spec, r["id"], r["revision"]] for spec, r in zip(specs, records, strict=True)]
-    )
-    return {
-        "id": ",".join(r["id"] for r in records),
-        "revision": "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:16],
-    }
-
-
-def _identify(spec: str, models: ModelCache) -> dict[str, str]:
-    from seqpatch.store import model_record
-
-    name, _ = split_model_spec(spec)
-    if spec in models or models.remote:
-        return model_record(models.get(spec))
-    from seqpatch import models as model_api
-
-    identify = getattr(model_api, "identify", None)
-    if identify is None:  # no cheap identity for this kind of model: load it (kept in the cache)
-        return model_record(models.get(spec))
-    return model_record(identify(name))
-
-
 def execute(
     stage: str,
     cfg: Any,
@@ -116,7 +69,7 @@ def execute(
     runtime: RuntimeSettings | None = None,
     expect_version: str | None = None,
     progress: bool | None = None,
-    executor: str | Any | None = None,
+    executor: str | ShardRunner | None = None,
     ray_address: str | None = None,
 ) -> StageRef | None:
     """Build stage ``stage`` from ``cfg`` (or find it stored) and return its ``StageRef``.
@@ -128,7 +81,7 @@ def execute(
     ``runtime`` says how the build runs (``RuntimeSettings``: shard size, engine path, device,
     executor); it never enters the version and is recorded under provenance's ``runtime``.
     ``executor="ray"`` computes a sharded stage's missing shards on Ray before this process
-    commits them (``seqpatch.ray_executor``); an object with that ``run`` method (a configured
+    commits them (``seqpatch.ray_executor``); any ``ShardRunner`` (a configured
     ``RayExecutor``) may be passed instead. ``progress``/``executor``/``ray_address`` override
     the runtime's. ``expect_version`` refuses (before any work) a build whose version differs.
     """
@@ -207,8 +160,8 @@ def execute(
         )
 
 
-def _shard_executor(executor: str | Any, ray_address: str | None) -> Any:
-    """``None`` for in-process shards, else the object whose ``run`` computes them elsewhere."""
+def _shard_executor(executor: str | ShardRunner, ray_address: str | None) -> ShardRunner | None:
+    """``None`` for in-process shards, else the ``ShardRunner`` that computes them elsewhere."""
     if executor == "local":
         return None
     if executor == "ray":

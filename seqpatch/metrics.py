@@ -42,6 +42,7 @@ is where two different one-digit answers differ.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -171,3 +172,64 @@ def normalised(
     else:
         span = np.where(span == 0, np.nan, span)
     return (ld_patched - ld_target) / span
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What one stored metric grid means, in every wording seqpatch shows it.
+
+    ``formula`` is what ``heatmap.json`` records beside the array; ``title`` an axis title,
+    ``legend`` a colour legend's two lines, ``colour`` the sentence a chart's caption gives its
+    colours. ``towards_a`` is the sign that means "B moved towards A's answer" (+1 or −1):
+    charts draw that side blue, the other red, 0 white.
+    """
+
+    formula: str
+    title: str
+    legend: tuple[str, str]
+    colour: str
+    towards_a: int
+
+
+# The one table of metric meanings: the patching stage, heatmap.json, the charts and the report
+# read it (the grids' order is the stage's column order).
+METRIC_INFO: dict[str, MetricInfo] = {
+    "normalised": MetricInfo(
+        formula="(LD_patched − LD_B) / (LD_A − LD_B), LD = logit(A's answer) − logit(B's "
+        "answer): 0 = no effect, 1 = B prefers A's answer as much as A does",
+        title="normalised effect (0 = none, 1 = switched to A)",
+        legend=("normalised", "effect"),
+        colour="mean normalised effect over pairs: 0 (white) = B's answer unchanged, 1 (dark "
+        "blue) = B now prefers A's answer as much as A does, below 0 (red) = B's own answer "
+        "strengthened",
+        towards_a=1,
+    ),
+    "prob_delta": MetricInfo(
+        formula="P(B's answer | patched) − P(B's answer | B), probabilities over the whole "
+        "vocabulary (the roadmap's Δ)",
+        title="Δ P(B's answer)",
+        legend=("Δ P(B's", "answer)"),
+        colour="mean change in the probability of B's answer: 0 (white) = no change, −1 (blue) "
+        "= B's answer lost, +1 (red) = B's answer strengthened",
+        towards_a=-1,
+    ),
+    "logit_diff": MetricInfo(
+        formula="logit(A's answer) − logit(B's answer) in the patched run",
+        title="logit(A's answer) − logit(B's answer)",
+        legend=("logit(A) −", "logit(B)"),
+        colour="mean logit(A's answer) − logit(B's answer) after the patch: 0 (white) = both "
+        "answers equally likely, blue = prefers A's, red = prefers B's (as unpatched B does)",
+        towards_a=1,
+    ),
+    "prob_delta_candidates": MetricInfo(
+        formula="P(B's answer | patched) − P(B's answer | B), softmax over the answer "
+        "candidates only",
+        title="Δ P(B's answer), softmax over the candidates",
+        legend=("Δ P(B's answer)", "(candidates)"),
+        colour="mean change in the probability of B's answer among the answer candidates "
+        "(softmax over the candidates only): 0 (white) = no change, −1 (blue) = B's answer "
+        "lost, +1 (red) = strengthened",
+        towards_a=-1,
+    ),
+}
+METRICS = tuple(METRIC_INFO)

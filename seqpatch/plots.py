@@ -1,7 +1,8 @@
 """Charts drawn from stored stages: what ``seqpatch plot`` and the stages' artifacts call.
 
-Each function reads rows (a stored stage's ``Dataset``) and builds an altair chart with
-``seqpatch.charts``; ``save_chart`` writes it. A stage's own charts are artifacts of its
+Each function reads rows (a stored stage's ``Dataset``), turns them into frames with the
+charts' data views (``seqpatch.charts.grid_data``, ``tracing_data``) and builds an altair chart
+with ``seqpatch.charts``; ``save_chart`` writes it. A stage's own charts are artifacts of its
 version (written once, at commit); ``seqpatch plot`` redraws into a folder of the user's
 choice, never into a stored version.
 """
@@ -11,27 +12,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seqpatch.charts.tracing_data import tracing_summary as tracing_summary
+
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from seqpatch.stages.base import Artifact
 
 DEFAULT_METRIC = "normalised"
 
 
-def heatmap_chart(rows: Any, metric: str = DEFAULT_METRIC) -> Any:
-    """Layer × token heatmaps of the mean effect over pairs, per divergence index and site."""
+def heatmap_chart(
+    rows: Any,
+    metric: str = DEFAULT_METRIC,
+    ks: Sequence[int] | None = None,
+    sites: Sequence[str] | None = None,
+) -> Any:
+    """Layer × token heatmaps of the mean effect over pairs, per divergence index and site;
+    ``ks`` and ``sites`` keep only those divergence indices and sites (``ChartError`` naming
+    the stage's own when one is missing)."""
     from seqpatch import charts
-    from seqpatch.stages.patching import DEFAULT_AXES, aggregate, grid_axes
+    from seqpatch.charts.grid_data import DEFAULT_AXES, aggregate, grid_axes
 
     if grid_axes(rows) != DEFAULT_AXES:  # heads or whole-stream: their own chart
-        return grid_chart(rows, metric)[0]
-    agg = aggregate(rows, metric)
+        return grid_chart(rows, metric, ks, sites)[0]
+    agg = aggregate(rows, metric, ks=ks, sites=sites)
+    counts = {k: n for k, n in charts.count_pairs(rows).items() if k in agg["divergence_indices"]}
     title = None
     if agg.get("position_axis") == "role":  # a slice grid: one row per role, not per token
         title = (
             "Activation patching A → B along the data flow: rows are token roles (the changed "
             "statement hop0, later hops, question, last), averaged across pairs by role"
         )
-    return charts.heatmap_figure(agg, metric, charts.count_pairs(rows), title=title)
+    return charts.heatmap_figure(agg, metric, counts, title=title)
 
 
 def traces_chart(
@@ -45,7 +58,7 @@ def traces_chart(
     ``pairs`` (the parent pairs rows) supply the changed statements for the title.
     """
     from seqpatch import charts
-    from seqpatch.stages.patching import example_frame
+    from seqpatch.charts.grid_data import example_frame
 
     frame, row = example_frame(rows, metric, pair_id)
     statements: dict[str, str] = {}
@@ -56,10 +69,22 @@ def traces_chart(
     return charts.traces_figure(frame, row, metric, **statements), row["pair_id"]
 
 
-def plot_heatmap(rows: Any, out_dir: Path, metric: str = DEFAULT_METRIC) -> list[Path]:
+def plot_heatmap(
+    rows: Any,
+    out_dir: Path,
+    metric: str = DEFAULT_METRIC,
+    ks: Sequence[int] | None = None,
+    sites: Sequence[str] | None = None,
+) -> list[Path]:
+    """Save ``heatmap_chart`` as ``heatmap-<metric>[-k<ks>][-<sites>].html/.png``."""
     from seqpatch.charts import heatmap_name, save_chart
 
-    return save_chart(heatmap_chart(rows, metric), Path(out_dir), heatmap_name(metric))
+    name = heatmap_name(metric)
+    if ks is not None:
+        name += "-k" + "_".join(str(k) for k in ks)
+    if sites is not None:
+        name += "-" + "_".join(sites)
+    return save_chart(heatmap_chart(rows, metric, ks, sites), Path(out_dir), name)
 
 
 def plot_traces(
@@ -103,66 +128,10 @@ def parent_rows(store: Any, ref: Any, stage: str) -> Any:
     return None
 
 
-def tracing_summary(
-    rows: Any, model: str | None = None, noise_scale: float | None = None
-) -> dict[str, Any]:
-    """What ``charts.tracing_figure`` draws, from ``tracing`` rows: the AIE grid by position
-    (``seqpatch.stages.tracing.aie``), one example program's tokens and corrupted positions per
-    divergence index, program counts, mean clean / corrupted probabilities (overall and per
-    ``k``) and the trace's parameters. ``noise_scale`` is the config's ν (the rows store σ, not
-    ν; default: ROME's 3); ``model`` names the model in the title."""
-    import numpy as np
-
-    from seqpatch.stages.tracing import aie
-
-    summary = aie(rows)
-    meta = rows.select_columns(
-        ["divergence_index", "tokens", "corrupted_positions", "clean_prob", "corrupted_prob"]
-    )
-    ks = np.asarray(meta["divergence_index"])
-    clean = np.asarray(meta["clean_prob"], dtype=np.float64)
-    corrupted = np.asarray(meta["corrupted_prob"], dtype=np.float64)
-    labels: dict[int, list[str]] = {}
-    marked: dict[int, list[int]] = {}
-    for k in summary["divergence_indices"]:
-        example = meta[int(np.flatnonzero(ks == k)[0])]
-        labels[k] = list(example["tokens"])
-        marked[k] = [int(t) for t in example["corrupted_positions"]]
-    first = rows[0]
-    return {
-        **summary,
-        "labels": labels,
-        "corrupted": marked,
-        "counts": {k: int((ks == k).sum()) for k in summary["divergence_indices"]},
-        "by_k": {
-            k: (float(clean[ks == k].mean()), float(corrupted[ks == k].mean()))
-            for k in summary["divergence_indices"]
-        },
-        "clean_prob": float(clean.mean()),
-        "corrupted_prob": float(corrupted.mean()),
-        "window": int(first["window"]),
-        "sigma": float(first["sigma"]),
-        "noise_scale": _noise_scale(noise_scale, first),
-        "n_samples": len(first["seeds"]),
-        "corrupt": first["corrupt"],
-        "model": model,
-    }
-
-
-def _noise_scale(given: Any, first: Any) -> float:
-    """ν for the chart: the one given, else the row's (a calibrated ``auto``), else ROME's 3."""
-    from seqpatch.interventions.tracing import ROME_NOISE_SCALE
-
-    if isinstance(given, int | float):
-        return float(given)
-    if "noise_scale" in first and first["noise_scale"] is not None:
-        return float(first["noise_scale"])
-    return ROME_NOISE_SCALE
-
-
 def tracing_chart(rows: Any, model: str | None = None, noise_scale: float | None = None) -> Any:
     """ROME's three-panel causal-trace chart of stored ``tracing`` rows."""
     from seqpatch import charts
+    from seqpatch.charts.tracing_data import tracing_summary
 
     return charts.tracing_figure(tracing_summary(rows, model, noise_scale))
 
@@ -185,13 +154,18 @@ def tracing_chart_artifacts(
     return chart_artifacts(tracing_chart(rows, model, noise_scale), tracing_name())
 
 
-def grid_chart(rows: Any, metric: str = DEFAULT_METRIC) -> tuple[Any, str]:
+def grid_chart(
+    rows: Any,
+    metric: str = DEFAULT_METRIC,
+    ks: Sequence[int] | None = None,
+    sites: Sequence[str] | None = None,
+) -> tuple[Any, str]:
     """The chart of a patching stage whose grid is not ``layer,pos``, and its file stem: a
     layer × head heatmap (``layer,head[,pos]``) or a layer line chart (whole-stream ``layer``)."""
     from seqpatch import charts
-    from seqpatch.stages.patching import aggregate, effect_cells
+    from seqpatch.charts.grid_data import aggregate, effect_cells
 
-    agg = aggregate(rows, metric)
+    agg = aggregate(rows, metric, ks=ks, sites=sites)
     cells = effect_cells(agg)
     counts = charts.count_pairs(rows)
     if "head" in agg["axes"]:
@@ -210,7 +184,7 @@ def grid_chart_artifacts(rows: Any) -> dict[str, Artifact]:
 def top_heads_chart(rows: Any, metric: str = DEFAULT_METRIC, n_top: int = 6) -> Any:
     """Per-position panels for the strongest heads of a ``layer,head,pos`` patching stage."""
     from seqpatch import charts
-    from seqpatch.stages.patching import aggregate, effect_cells
+    from seqpatch.charts.grid_data import aggregate, effect_cells
 
     agg = aggregate(rows, metric)
     return charts.top_heads_figure(effect_cells(agg), agg, metric, charts.count_pairs(rows), n_top)
@@ -220,8 +194,8 @@ def head_positions_chart_artifacts(rows: Any) -> dict[str, Artifact]:
     """The top heads' per-position chart (HTML + PNG) of a ``layer,head,pos`` stage; nothing
     for other grids."""
     from seqpatch.charts import top_heads_name
+    from seqpatch.charts.grid_data import grid_axes
     from seqpatch.stages.base import chart_artifacts
-    from seqpatch.stages.patching import grid_axes
 
     if grid_axes(rows) != ("layer", "head", "pos"):
         return {}

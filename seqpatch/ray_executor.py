@@ -59,7 +59,8 @@ def _ray() -> Any:
 
 @dataclasses.dataclass
 class RayExecutor:
-    """Computes a sharded stage's missing shards on Ray; ``execute`` commits them.
+    """Computes a sharded stage's missing shards on Ray; ``execute`` commits them (a
+    ``seqpatch.shard_runner.ShardRunner``).
 
     ``address``: a running cluster (``ray://host:10001`` or ``host:6379``); ``None`` connects to
     the instance this process already started, else starts a local one. ``workers`` caps the
@@ -168,7 +169,7 @@ class RayExecutor:
         inputs: Inputs,
         n_missing: int,
     ) -> list[Any]:
-        from seqpatch.executor import model_identity
+        from seqpatch.shard_runner import model_identity
 
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
@@ -260,8 +261,8 @@ class ShardWorker:
 
     def build(self, index: int, n_shards: int) -> dict[str, Any]:
         """Build and write shard ``index`` unless finished: ``{index, built}`` and timings."""
-        from seqpatch.executor import datasets_caching_off
         from seqpatch.progress import quiet_libraries
+        from seqpatch.shard_runner import datasets_caching_off
 
         spec = self.spec
         build_shard = spec.build_shard or self.module.build_shard
@@ -292,7 +293,7 @@ class ShardWorker:
     def _check_models(self) -> None:
         """Every model this worker loaded is the one the version names (same id and revision),
         so a node with other model files never writes a shard into this version."""
-        from seqpatch.executor import model_identity
+        from seqpatch.shard_runner import model_identity
         from seqpatch.stages.base import StageError
 
         for spec, expected in self.spec.models.items():

@@ -195,11 +195,14 @@ def scale_of(chart) -> dict:
     return color_layer(chart.to_dict()["vconcat"][0]["hconcat"][0])["color"]["scale"]
 
 
-def test_normalised_is_sequential_with_zero_white(rows):
+def test_normalised_diverges_so_negative_effects_are_visible(rows):
+    """A negative normalised effect (B's own answer strengthened, e.g. the README's SmolLM2
+    cell of −0.33) is red, not white: the scale is centred at a white 0."""
     scale = scale_of(charts.heatmap_figure(patching.aggregate(rows, "normalised")))
-    assert scale["domain"][0] == 0 and scale["range"][0] == "#ffffff"
-    assert scale["domain"][-1] == 1 and scale["clamp"] is True
+    assert scale["domain"] == [-1, 0, 1] and scale["clamp"] is True
+    assert scale["range"] == [charts.TOWARDS_B, "#ffffff", charts.TOWARDS_A]
     assert len(set(scale["range"])) == len(scale["range"])  # white only at 0
+    assert "drawn white" not in spec_text(charts.heatmap_figure(patching.aggregate(rows)))
 
 
 @pytest.mark.parametrize("metric", ["prob_delta", "logit_diff", "prob_delta_candidates"])

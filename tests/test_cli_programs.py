@@ -98,7 +98,7 @@ def test_other_errors_keep_their_traceback(tmp_path: Path, monkeypatch) -> None:
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("seqpatch.stages.build_stage", broken)
+    monkeypatch.setattr("seqpatch.executor.execute", broken)
     result = invoke("build", "programs", "--data-dir", tmp_path)
     assert result.exit_code == 1
     assert isinstance(result.exception, RuntimeError)

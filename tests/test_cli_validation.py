@@ -189,7 +189,7 @@ def test_interrupt_exits_130_with_one_line(tmp_path: Path, monkeypatch: pytest.M
     def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("seqpatch.stages.build_stage", interrupted)
+    monkeypatch.setattr("seqpatch.executor.execute", interrupted)
     result = invoke("build", "programs", "--data-dir", tmp_path)
     assert result.exit_code == 130
     assert result.stdout == ""
@@ -200,10 +200,10 @@ def test_a_real_sigint_exits_130_with_one_line(tmp_path: Path) -> None:
     """The process signals itself mid-command: Python's own SIGINT handling, no timing."""
     code = (
         "import os, signal, sys\n"
-        "import seqpatch.stages\n"
+        "import seqpatch.executor\n"
         "def build(*a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
-        "seqpatch.stages.build_stage = build\n"
+        "seqpatch.executor.execute = build\n"
         "from seqpatch.cli import app\n"
         "sys.argv = ['seqpatch', 'build', 'programs', '--data-dir', sys.argv[1]]\n"
         "app()\n"
@@ -323,3 +323,203 @@ def test_run_help_wraps_sentences_at_the_terminal_not_the_source(
     result = invoke("run", "--help")
     assert result.exit_code == 0
     assert "Every step reuses a stored version with the same config, so a rerun" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# `organism train --out` writes only into a folder of its own (issue 27 item 5)
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("training started")
+
+    monkeypatch.setattr("seqpatch.organism.train._fit", refuse)
+
+
+def test_organism_train_refuses_a_folder_it_did_not_write(
+    tmp_path: Path, no_training: None
+) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes\n")
+    line = user_error("organism", "train", "--out", out, "--steps", "1")
+    assert "not written by `seqpatch organism train`" in line and "--force" in line
+    assert (out / "README.md").read_text() == "my notes\n"
+    assert snapshot(out) == ["README.md"]
+    line = user_error("organism", "train", "--out", out, "--steps", "1", "--force")
+    assert f"{out / 'README.md'} was not written by seqpatch" in line  # --force replaces nothing
+    assert snapshot(out) == ["README.md"]
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_organism_train_refuses_a_file_path_before_training(
+    a_file: Path, no_training: None, below: str
+) -> None:
+    line = user_error("organism", "train", "--out", a_file / below if below else a_file)
+    assert f"{a_file} is a file, not a folder" in line
+    assert a_file.read_text() == "keep me\n"
+
+
+def test_organism_output_adds_beside_foreign_files_and_replaces_only_its_own(
+    tmp_path: Path,
+) -> None:
+    from seqpatch.organism.output import OrganismOutError, save
+
+    def write(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"weights")
+        (folder / "training.json").write_text('{"config": {}, "accuracy_by_length": {}}')
+        (folder / "README.md").write_text("card\n")
+
+    fresh = tmp_path / "fresh"
+    save(fresh, write)
+    assert snapshot(fresh) == ["README.md", "model.safetensors", "training.json"]
+    (fresh / "README.md").write_text("old card\n")
+    save(fresh, write)  # an organism folder: its own files are replaced
+    assert (fresh / "README.md").read_text() == "card\n"
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "notes.txt").write_text("mine\n")
+    with pytest.raises(OrganismOutError, match="not empty"):
+        save(shared, write)
+    save(shared, write, force=True)
+    assert snapshot(shared) == ["README.md", "model.safetensors", "notes.txt", "training.json"]
+    assert (shared / "notes.txt").read_text() == "mine\n"
+
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    (clash / "model.safetensors").write_bytes(b"someone else's")
+    with pytest.raises(OrganismOutError, match="would replace it"):
+        save(clash, write, force=True)
+    assert snapshot(clash) == ["model.safetensors"]
+    assert (clash / "model.safetensors").read_bytes() == b"someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clash", "fresh", "shared"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers finite and in range, sizes one machine can hold: checked by the configs themselves
+# (issue 27 item 6), so the CLI, `seqpatch run`, notebooks and imports all refuse them at once
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["build", "programs", "--n-per-len", "1000000000"], "more than one machine can hold"),
+        (["build", "pairs", "--n-pairs", "1000000000"], "n_pairs 1,000,000,000 is more than"),
+        (["build", "das", "--lr", "nan"], "lr must be a finite number > 0, got nan"),
+        (["build", "das", "--lr", "inf"], "lr must be a finite number > 0, got inf"),
+        (["build", "tracing", "--noise-scale", "inf"], "noise_scale must be a finite number"),
+        (["build", "tracing", "--noise-scale", "1e9"], "noise_scale must be a finite number"),
+    ],
+)
+def test_unbounded_or_non_finite_values_are_one_line_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = user_error(*args, "--data-dir", tmp_path / "data")
+    assert message in line
+    assert snapshot(tmp_path) == []
+
+
+def test_run_with_too_many_pairs_on_an_existing_store_builds_nothing(tmp_path: Path) -> None:
+    from seqpatch.stages import build_stage
+    from seqpatch.stages.programs import ProgramsConfig
+
+    build_stage("programs", ProgramsConfig("binding", (1, 2), 3, 0), data_dir=tmp_path)
+    before = snapshot(tmp_path)
+    line = user_error("run", "--n-pairs", "1000000000", "--data-dir", tmp_path)
+    assert "n_pairs 1,000,000,000 is more than one machine can hold" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_organism_train_refuses_an_infinite_learning_rate(
+    tmp_path: Path, no_training: None
+) -> None:
+    line = user_error("organism", "train", "--out", tmp_path / "out", "--lr", "inf")
+    assert "lr must be a finite number" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_configs_themselves_refuse_what_the_options_refuse() -> None:
+    """The checks live in the config dataclasses, whatever builds them."""
+    from seqpatch.organism.train import OrganismTrainConfig, OrganismTrainError
+    from seqpatch.pipeline import PipelineError, RunConfig
+    from seqpatch.programs import ProgramError
+    from seqpatch.stages.das import DasConfig, DasStageError
+    from seqpatch.stages.pairs import PairsConfig, PairsStageError
+    from seqpatch.stages.programs import ProgramsConfig
+    from seqpatch.stages.tracing import TracingConfig, TracingStageError
+
+    nan, inf = float("nan"), float("inf")
+    cases = [
+        (ProgramError, lambda: ProgramsConfig("binding", (1, 2), 10**9)),
+        (PairsStageError, lambda: PairsConfig("builtin", 3, n_pairs=10**9)),
+        (
+            PairsStageError,
+            lambda: PairsConfig("builtin", 3, n_pairs=10**6, max_candidates_factor=99),
+        ),
+        (DasStageError, lambda: DasConfig(lr=nan)),
+        (DasStageError, lambda: DasConfig(lr=inf)),
+        (DasStageError, lambda: DasConfig(tolerance=nan)),
+        (TracingStageError, lambda: TracingConfig(noise_scale=inf)),
+        (TracingStageError, lambda: TracingConfig(noise_scale=nan)),
+        (PipelineError, lambda: RunConfig(n_pairs=10**9)),
+        (PipelineError, lambda: RunConfig(n_per_len=10**9)),
+        (PipelineError, lambda: RunConfig(min_accuracy=nan)),
+        (OrganismTrainError, lambda: OrganismTrainConfig(lr=inf)),
+        (OrganismTrainError, lambda: OrganismTrainConfig(copy_prob=nan)),
+    ]
+    for error, make in cases:
+        with pytest.raises(error):
+            make()
+
+
+# ---------------------------------------------------------------------------------------------
+# A cache that is a file, weights torch refuses: one line
+
+
+def test_a_cache_that_is_a_file_is_one_line(a_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEQPATCH_CACHE", str(a_file))
+    for args in (["models", "install", "smollm2-135m-instruct"], ["models", "list"]):
+        line = user_error(*args)
+        assert f"{a_file} is a file, not a folder" in line and "SEQPATCH_CACHE" in line
+    assert a_file.read_text() == "keep me\n"
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_pickled_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
+    import pickle
+
+    from seqpatch.stages import build_stage
+    from seqpatch.stages.programs import ProgramsConfig
+    from seqpatch.testing import save_tiny_model
+
+    folder = save_tiny_model("llama", tmp_path / "model", seed=0, tokenizer="wordlevel")
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    ran = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (Path.touch, (ran,))
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    data = tmp_path / "data"
+    build_stage("programs", ProgramsConfig("binding", (1,), 2, 0), data_dir=data)
+    line = user_error("build", "benchmark", "--models", f"{folder}:compact", "--data-dir", data)
+    assert "a pickle holding more than tensors" in line
+    assert not ran.exists()  # torch never ran it
+
+
+def test_a_cache_that_is_a_file_does_not_stop_a_build(
+    a_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store memoizes file hashes in the cache; without a usable cache it hashes again."""
+    monkeypatch.setenv("SEQPATCH_CACHE", str(a_file))
+    monkeypatch.delenv("SEQPATCH_HASH_MEMO", raising=False)
+    args = ["build", "programs", "--seq-lens", "1-2", "--n-per-len", "2", "--data-dir", tmp_path]
+    for _ in range(2):  # built, then reused (and read back)
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+    assert a_file.read_text() == "keep me\n"

@@ -224,7 +224,7 @@ def organism_study(tmp_path_factory):
         models=models,
         progress=False,
     )
-    das_cfg = DasConfig(top_n=2, ks=(1, 4), epochs=2)
+    das_cfg = DasConfig(top_n=2, ks=(1, 4), epochs=2, allow_small=True)  # 30 pairs: 6 test
     ref = build_das(das_cfg, patching.version, data_dir=data_dir, progress=False)
     return store, models, ref
 
@@ -247,6 +247,30 @@ def test_stage_rows_and_artifacts(organism_study):
         assert (ref.path / name).stat().st_size > 0
     full = [r for r in rows if r["method"] == "full"]
     assert all(r["k"] == handle.d_model and not r["trained"] for r in full)
+    # trained says whether training beat the random start, not merely that it ran
+    for r in rows:
+        assert r["trained"] == (r["method"] in ("das", "shuffled") and r["best_epoch"] > 0)
+
+
+def test_das_refuses_a_split_too_small_to_mean_anything(organism_study):
+    from seqpatch.stages.das import MIN_TEST_PAIRS, check_split, select_pairs
+
+    store, _, ref = organism_study
+    pairs_version = next(p["version"] for p in ref.provenance["parents"] if p["stage"] == "pairs")
+    pairs = store.load("pairs", pairs_version)
+    study = select_pairs(pairs, DasConfig())
+    assert len(study.test) < MIN_TEST_PAIRS
+    with pytest.raises(DasStageError, match=r"only \d+ test pairs .* --allow-small") as err:
+        check_split(study, DasConfig())
+    assert "\n" not in str(err.value) and "n_train" in str(err.value)
+    check_split(study, DasConfig(), allow_small=True)  # knowingly small: accepted
+    with pytest.raises(DasStageError, match="--allow-small"):
+        build_das(
+            DasConfig(top_n=1, ks=(1,), epochs=1),
+            next(p["version"] for p in ref.provenance["parents"] if p["stage"] == "patching"),
+            data_dir=store.data_dir,
+            progress=False,
+        )
 
 
 def test_exported_bases_reproduce_stored_iia(organism_study, tmp_path):
@@ -283,6 +307,24 @@ def test_exported_bases_reproduce_stored_iia(organism_study, tmp_path):
         assert math.isclose(iia, float(row["iia"]), abs_tol=1e-6)
         checked += 1
     assert checked == 4
+
+
+def test_das_cli_refuses_a_small_split_and_names_the_version_it_ranked(organism_study):
+    from typer.testing import CliRunner
+
+    from seqpatch.cli import app
+
+    store, _, ref = organism_study
+    patching = next(p["version"] for p in ref.provenance["parents"] if p["stage"] == "patching")
+    command = ["build", "das", "--top-n", "1", "--ks", "1", "--epochs", "1"]
+    command += ["--data-dir", str(store.data_dir)]
+    refused = CliRunner().invoke(app, command)
+    assert refused.exit_code == 2
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--allow-small" in lines[0] and "test pairs" in lines[0]
+    done = CliRunner().invoke(app, [*command, "--allow-small"])
+    assert done.exit_code == 0, done.output
+    assert f"ranked the cells of patching version {patching}" in done.output
 
 
 def test_das_refuses_a_patching_parent_it_cannot_rank(tmp_path) -> None:

@@ -9,6 +9,8 @@ the stage was built from.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     """A store with a real programs stage (two versions)."""
-    from seqpatch.stages import build_stage
+    from seqpatch.executor import execute as build_stage
     from seqpatch.stages.programs import ProgramsConfig
 
     data = tmp_path / "data"
@@ -134,7 +136,7 @@ def test_a_failed_export_leaves_nothing_half_written(
 
     export_snapshot(programs_snapshot(), tmp_path / "study")
     before = _tree(tmp_path / "study")
-    monkeypatch.setattr(hub, "build_card", broken)
+    monkeypatch.setattr(hub.files, "build_card", broken)
     with pytest.raises(HubError, match="boom"):
         export_snapshot(pairs_snapshot(), tmp_path / "fresh")
     with pytest.raises(HubError, match="boom"):
@@ -189,7 +191,7 @@ def test_push_renders_the_card_before_calling_the_hub(
     def broken(*args: object, **kwargs: object) -> None:
         raise hub.CardError("template broke")
 
-    monkeypatch.setattr(hub, "build_card", broken)
+    monkeypatch.setattr(hub.files, "build_card", broken)
     with pytest.raises(HubError, match="template broke"):
         push_snapshot(pairs_snapshot(), "alice/study", token=TOKEN)
     assert FakeHub.calls == []
@@ -336,3 +338,185 @@ def test_a_garbage_heatmap_is_not_exported(data_dir: Path, tmp_path: Path) -> No
     with pytest.raises(DamagedVersionError, match=f"patching/{ref.version}.*heatmap.npy.*SHA-256"):
         export_stage("patching", tmp_path / "study", data_dir=data_dir)
     assert not (tmp_path / "study").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Imports stay inside their folder, and their rows are what their config says (issue 27 item 4)
+
+
+def _front_matter_path(folder: Path, new: str) -> None:
+    readme = folder / "README.md"
+    text = readme.read_text()
+    assert "path: programs/train-*.parquet" in text
+    readme.write_text(text.replace("path: programs/train-*.parquet", f"path: {new}"))
+
+
+def _hostile(folder: Path, how: str, outside: Path) -> None:
+    stage_dir = folder / "programs"
+    (shard,) = stage_dir.glob("train-*.parquet")
+    path = stage_dir / "seqpatch.json"
+    provenance = json.loads(path.read_text())
+    outside.mkdir(exist_ok=True)
+    shutil.copy(shard, outside / shard.name)
+    if how == "data_files ../outside":
+        _front_matter_path(folder, f"../{outside.name}/train-*.parquet")
+    elif how == "data_files programs/../../outside":
+        _front_matter_path(folder, f"programs/../../{outside.name}/train-*.parquet")
+    elif how == "data_files absolute":
+        _front_matter_path(folder, f"{outside}/train-*.parquet")
+    elif how == "data file symlinked outside":
+        shard.unlink()
+        shard.symlink_to(outside / shard.name)
+    elif how == "parquet symlinked to a system file":
+        shard.unlink()
+        shard.symlink_to("/etc/passwd")
+    elif how == "stage folder symlinked outside":
+        shutil.copy(path, outside / "seqpatch.json")
+        shutil.rmtree(stage_dir)
+        stage_dir.symlink_to(outside, target_is_directory=True)
+    elif how == "parent ../../../x":
+        parents = [{"stage": "programs", "version": "../../../x", "fingerprint": None}]
+        path.write_text(json.dumps({**provenance, "parents": parents}))
+    elif how == "nested brackets":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif how == "another stage's parquet":
+        rows = {"pair_id": [f"p{i}" for i in range(provenance["row_count"])]}
+        Dataset.from_dict(rows).to_parquet(shard)
+    elif how == "not parquet":
+        shard.write_bytes(b"PAR1 this is not a parquet file PAR1")
+    elif how == "n_per_len 7, 5 rows per length":
+        path.write_text(
+            json.dumps({**provenance, "config": {**provenance["config"], "n_per_len": 7}})
+        )
+    elif how == "family arithmetic, binding rows":
+        config = {**provenance["config"], "family": "arithmetic"}
+        path.write_text(json.dumps({**provenance, "config": config}))
+    elif how == "seed 7, rows of another seed":
+        path.write_text(json.dumps({**provenance, "config": {**provenance["config"], "seed": 7}}))
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("data_files ../outside", "outside the stage's folder"),
+        ("data_files programs/../../outside", "outside the stage's folder"),
+        ("data_files absolute", "outside the stage's folder"),
+        ("data file symlinked outside", "leads outside"),
+        ("parquet symlinked to a system file", "leads outside"),
+        ("stage folder symlinked outside", "leads outside"),
+        ("parent ../../../x", "version '../../../x', not a name"),
+        ("nested brackets", "nested too deeply"),
+        ("another stage's parquet", "do not load as one dataset \\(Couldn't cast"),
+        ("not parquet", "do not load as one dataset"),
+        ("n_per_len 7, 5 rows per length", "rows per length"),
+        ("family arithmetic, binding rows", "config family 'arithmetic', rows of \\['binding'\\]"),
+        ("seed 7, rows of another seed", "is not the one config"),
+    ],
+)
+def test_a_hostile_import_is_one_line_and_registers_nothing(
+    data_dir: Path, tmp_path: Path, how: str, message: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from seqpatch.cli import app
+    from tests.cli_output import error_line
+
+    folder = tmp_path / "study"
+    export_stage("programs", folder, data_dir=data_dir)
+    _hostile(folder, how, tmp_path / "outside")
+    with pytest.raises(HubError, match=message) as info:
+        hub.import_stage(folder, "programs", tmp_path / "other", cache_dir=tmp_path / "c")
+    assert len(str(info.value).splitlines()) == 1
+    result = CliRunner().invoke(
+        app, ["import", "programs", "--from", str(folder), "--data-dir", str(tmp_path / "other")]
+    )
+    assert result.exit_code == 2, result.output
+    assert message.replace("\\", "") in error_line(result.stderr) or how == "nested brackets"
+    assert not Store(tmp_path / "other").versions("programs")
+
+
+def test_an_untouched_export_still_imports(data_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "study"
+    exported = export_stage("programs", folder, data_dir=data_dir)
+    ref = hub.import_stage(folder, "programs", tmp_path / "other", cache_dir=tmp_path / "c")
+    assert ref.version == exported.versions["programs"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Export never replaces a link, and a folder it cannot use is one line (issue 27 items 5-6)
+
+
+def _cli(*args: object):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from seqpatch.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("link", ["programs", "README.md", "programs/seqpatch.json"])
+def test_export_force_never_replaces_a_symlink(data_dir: Path, tmp_path: Path, link: str) -> None:
+    from tests.cli_output import error_line
+
+    study, elsewhere = tmp_path / "study", tmp_path / "elsewhere"
+    export_stage("programs", study, data_dir=data_dir)  # a seqpatch export: its files are ours
+    elsewhere.mkdir()
+    target = elsewhere / Path(link).name
+    os_path = study / link
+    shutil.move(os_path, target)
+    if target.is_dir():
+        (target / "mine.txt").write_text("the user's\n")
+    os_path.symlink_to(target)
+    before, outside = _tree(study), _tree(elsewhere)
+    result = _cli("export", "programs", "--to", study, "--force", "--data-dir", data_dir)
+    assert result.exit_code == 2, result.output
+    assert "is a symlink" in error_line(result.stderr)
+    assert os_path.is_symlink() and os_path.resolve() == target.resolve()
+    assert _tree(study) == before and _tree(elsewhere) == outside
+    assert sorted(p.name for p in study.iterdir() if p.name.startswith(".")) == []
+
+
+def test_export_into_an_unreadable_subfolder_is_one_line_naming_it(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.cli_output import error_line
+
+    study = tmp_path / "study"
+    (study / "private").mkdir(parents=True)
+    (study / "notes.txt").write_text("mine\n")
+    real_iterdir = Path.iterdir
+
+    def iterdir(self: Path):  # type: ignore[no-untyped-def]
+        if self.name == "private":  # what a folder of mode 000 does to a non-root user
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    result = _cli("export", "programs", "--to", study, "--force", "--data-dir", data_dir)
+    assert result.exit_code == 2, result.output
+    line = error_line(result.stderr)
+    assert str(study / "private") in line and "Permission denied" in line
+
+
+def test_export_to_an_unwritable_folder_is_one_line_naming_it(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.cli_output import error_line
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args: object, dir: object = None, **kwargs: object) -> str:
+        if dir is not None and Path(str(dir)) == locked:  # a folder of mode 555
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_mkdtemp(*args, dir=dir, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    result = _cli("export", "programs", "--to", locked / "study", "--data-dir", data_dir)
+    assert result.exit_code == 2, result.output
+    line = error_line(result.stderr)
+    assert str(locked) in line and "Permission denied" in line
+    assert list(locked.iterdir()) == []

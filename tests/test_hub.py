@@ -19,7 +19,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCa
 from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
 from huggingface_hub.utils import httpx
 
-from seqpatch import hub
+from seqpatch import hub, redact
 from seqpatch.hub import HubError, StageSnapshot, export_snapshot, push_snapshot, resolve_parent
 
 TOKEN = "hf_seqpatchTESTtoken0123456789abcdef"
@@ -134,7 +134,14 @@ def patching_snapshot(tmp_path: Path, n: int = 4) -> StageSnapshot:
         "divergence_indices": [0],
         "layers": list(range(LAYERS)),
         "labels": {"0": [f"t{i}" for i in range(POSITIONS)]},
+        "heatmap.npy": {
+            "metric": "prob_delta",
+            "statistic": "mean",
+            "axes": ["site", "divergence_index", "layer", "position"],
+            "meaning": "mean over pairs of prob_delta",
+        },
     }
+    np.save(version_dir / "heatmap.npy", rng.standard_normal((2, 1, LAYERS, POSITIONS)))
     (version_dir / "heatmap.json").write_text(json.dumps(index))
     (version_dir / "heatmap.png").write_bytes(b"\x89PNG\r\n\x1a\nnot-a-real-image")
     (version_dir / "heatmap.html").write_text("<html></html>")
@@ -177,6 +184,7 @@ def test_exported_stages_load_back_with_same_rows_and_features(tmp_path: Path) -
     assert json.loads((folder / "activations" / "seqpatch.json").read_text())["version"] == "act-v1"
     assert sorted(p.name for p in (folder / "patching").iterdir()) == [
         "heatmap.json",
+        "heatmap.npy",
         "heatmap.png",
         "heatmap_prob_delta.npy",
         "seqpatch.json",
@@ -239,6 +247,8 @@ def test_card_lists_every_config_and_shows_real_statistics(tmp_path: Path) -> No
         f"| `patching/heatmap_prob_delta.npy` | prob_delta: Δ P(B) | 2 × 1 × 3 × {LAYERS} × {POSITIONS} |"
         in text
     )
+    assert "| `patching/heatmap.npy` | prob_delta (mean only" in text  # the roadmap's array
+    assert f"| 2 × 1 × {LAYERS} × {POSITIONS} |" in text
     assert "`mlp_out`, `resid_pre`" in text  # patching sites
     assert 'load_dataset("alice/study", "pairs", split="train")' in text
     assert '"seed": 0' in text and "0.1.0" in text  # config and seqpatch version
@@ -374,9 +384,9 @@ class FakeHub:
 def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     remote = tmp_path / "remote"
     FakeHub.instances, FakeHub.calls, FakeHub.fail_with, FakeHub.head = [], [], None, 0
-    monkeypatch.setattr(hub, "HfApi", lambda token=None: FakeHub(remote, token))
+    monkeypatch.setattr(hub.push, "HfApi", lambda token=None: FakeHub(remote, token))
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(hub, "get_token", lambda: None)
+    monkeypatch.setattr(redact, "saved_login", lambda: None)
     return remote
 
 
@@ -506,7 +516,7 @@ def test_resolve_parent_from_fake_hub_records_the_revision(
         calls.append((path, name, kwargs["revision"]))
         return load_dataset(str(fake_hub), name, split=kwargs["split"], cache_dir=str(tmp_path))
 
-    monkeypatch.setattr(hub, "load_dataset", fake_load)
+    monkeypatch.setattr(hub.importing, "load_dataset", fake_load)
     dataset, provenance = resolve_parent("alice/study", "pairs")
     head = f"{FakeHub.head:040x}"
     assert calls == [("alice/study", "pairs", head)]
@@ -534,7 +544,7 @@ def test_resolve_parent_errors_are_clear(tmp_path: Path) -> None:
 @pytest.fixture
 def stored(tmp_path: Path) -> Path:
     """A data dir holding a real programs stage and a patching-like stage with a chart."""
-    from seqpatch.stages import build_stage
+    from seqpatch.executor import execute as build_stage
     from seqpatch.stages.base import Built
     from seqpatch.stages.programs import ProgramsConfig
     from seqpatch.store import Store

@@ -436,6 +436,30 @@ def test_a_hub_id_that_cannot_be_reached_fails_at_once(unreachable_hub, spec):
     assert unreachable_hub == []  # one request each, no retries
 
 
+@pytest.mark.parametrize(
+    ("spec", "meant"),
+    [
+        ("smollm2-135m", "smollm2-135m-instruct"),
+        ("SmolLM2-135M-Instruct", "smollm2-135m-instruct"),
+        ("gemma3-270", "gemma3-270m"),
+        ("buitin", "builtin"),
+    ],
+)
+def test_a_misspelled_registry_name_fails_offline_with_did_you_mean(monkeypatch, spec, meant):
+    """No Hub request at all (the probe would fail the test), one line naming the right name."""
+    from seqpatch.models import loading
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a misspelled registry name must not reach the Hub")
+
+    monkeypatch.setattr(loading, "_probe_hub", no_network)
+    for call in (load_model, identify):
+        start = time.perf_counter()
+        with pytest.raises(ModelLoadError, match=f"did you mean '{meant}'") as info:
+            call(spec)
+        assert time.perf_counter() - start < 1.0 and "\n" not in str(info.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Batching: one left-padding helper, one teacher-forcing function
 

@@ -231,5 +231,5 @@ def test_reproduce_command_knows_which_options_the_cli_takes() -> None:
     from seqpatch.organism.card import _CLI_OPTIONS
 
     organism = typer.main.get_command(app).commands["organism"]  # type: ignore[attr-defined]
-    params = {p.name for p in organism.commands["train"].params} - {"out", "progress"}
+    params = {p.name for p in organism.commands["train"].params} - {"out", "progress", "force"}
     assert params == _CLI_OPTIONS

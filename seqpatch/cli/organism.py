@@ -79,12 +79,21 @@ def organism_train(
         ),
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Also write into a non-empty folder not written by seqpatch (none of its files "
+            "is replaced or deleted).",
+        ),
+    ] = False,
 ) -> None:
     """Train the built-in organism from scratch (deterministic from the seed on one machine).
 
     Every other setting is the shipped model's (seqpatch.organism.OrganismTrainConfig; all of
     them are options of scripts/train_organism.py). Writes the model, tokenizer, training.json
-    and a model card to --out.
+    and a model card to --out: an absent or empty folder, or one it wrote before (checked
+    before training).
     """
     from seqpatch.organism import OrganismTrainConfig, train_organism
 
@@ -98,7 +107,7 @@ def organism_train(
     cfg = OrganismTrainConfig(
         family=family, seed=seed, **{k: v for k, v in overrides.items() if v is not None}
     )
-    metrics = train_organism(cfg, out, progress=progress)
+    metrics = train_organism(cfg, out, progress=progress, force=force)
     accuracy = " ".join(f"{k}:{v:.3f}" for k, v in metrics["accuracy_by_length"].items())
     typer.echo(f"trained {metrics['n_params']:,} parameters in {metrics['train_wall_s']:.0f} s")
     typer.echo(f"held-out accuracy by length: {accuracy}")

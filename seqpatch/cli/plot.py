@@ -59,24 +59,45 @@ def plot_accuracy(
     epilog=examples(
         "seqpatch plot heatmap",
         "seqpatch plot heatmap --metric logit_diff --out ./figures",
+        "seqpatch plot heatmap --k 1,4 --sites resid_pre   # part of a wide study",
     ),
 )
 def plot_heatmap(
     patching: PatchingVersionOpt = "latest",
     metric: MetricOpt = "normalised",
+    k: Annotated[
+        str | None,
+        typer.Option(
+            "--k",
+            help="Divergence indices to draw, e.g. 1,4 \\[default: every one].",
+            show_default=False,
+        ),
+    ] = None,
+    sites: Annotated[
+        str | None,
+        typer.Option(
+            "--sites",
+            help="Sites to draw, e.g. resid_pre \\[default: every one].",
+            show_default=False,
+        ),
+    ] = None,
     out: OutOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Layer x token heatmap of the mean effect over pairs, one panel per site (HTML + PNG)."""
+    from seqpatch.options import csv, int_list
     from seqpatch.plots import default_charts_dir
     from seqpatch.plots import plot_heatmap as plot
     from seqpatch.store import Store
 
+    ks = int_list("--k", "1,4")(k) if k is not None else None
+    site_list = csv(sites) if sites is not None else None
     store = Store(data_dir)
     out = store.output_folder(out) if out is not None else None
     ref = store.resolve("patching", patching)
     out = out or store.output_folder(default_charts_dir(ref))
-    for path in plot(store.load("patching", ref.version), out, metric):
+    rows = store.load("patching", ref.version)
+    for path in plot(rows, out, metric, ks, site_list):
         typer.echo(f"chart: {path}")
 
 

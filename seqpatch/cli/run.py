@@ -79,7 +79,7 @@ def run(
     tracing: Annotated[
         bool,
         typer.Option(
-            "--tracing",
+            "--tracing/--no-tracing",
             help="Also trace the first --tracing-programs pairs as ROME does (causal tracing).",
         ),
     ] = False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -20,6 +21,7 @@ from seqpatch.models import pretrained
 from seqpatch.models.adapters import adapter_for
 from seqpatch.models.errors import ModelLoadError
 from seqpatch.models.handle import ModelHandle
+from seqpatch.progress import library_bars
 from seqpatch.prompts import (
     CodeFormat,
     CompactFormat,
@@ -27,6 +29,7 @@ from seqpatch.prompts import (
     bind_tokenizer,
     get_prompt_format,
 )
+from seqpatch.redact import MARKER
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -97,18 +100,23 @@ def load_tokenizer(
     )
 
 
-def _folder_revision(folder: Path) -> str:
-    """A cheap content id of a local checkpoint: configs, tokenizer, and weight file sizes.
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
-    Small checkpoints (< 64 MB of weights, like the organism) hash their weights too. A folder
-    converted by ``seqpatch models install`` reports its GGUF's SHA-256 instead.
+
+def _folder_revision(folder: Path) -> str:
+    """A local checkpoint's content id: its configs, tokenizer and every byte of its weights.
+
+    Each weight file's SHA-256 is memoized by file state in the seqpatch cache
+    (``seqpatch.hashing``), so a large folder is read once, not at every command, and a weight
+    changed in place (even at the same size) gives a new revision. A folder converted by
+    ``seqpatch models install`` reports its GGUF's SHA-256 instead.
     """
+    from seqpatch.hashing import content_hash
+
     converted = pretrained.folder_revision(folder)
     if converted is not None:
         return converted
     digest = hashlib.sha256()
-    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
-    small = sum(p.stat().st_size for p in weights) < 64 * 2**20
     for name in (
         "config.json",
         "generation_config.json",
@@ -117,10 +125,8 @@ def _folder_revision(folder: Path) -> str:
     ):
         if (folder / name).is_file():
             digest.update(name.encode() + (folder / name).read_bytes())
-    for path in weights:
-        digest.update(f"{path.name}:{path.stat().st_size}".encode())
-        if small:
-            digest.update(path.read_bytes())
+    for path in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        digest.update(f"{path.name}:{content_hash(path)}".encode())
     return "sha256:" + digest.hexdigest()[:16]
 
 
@@ -269,13 +275,41 @@ def _classify(spec: str) -> Literal["builtin", "pretrained", "folder", "hub"]:
     if Path(spec).expanduser().exists():
         return "folder"
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    if MARKER in spec:
+        raise ModelLoadError(
+            f"no model folder at {spec!r}: the path held your Hugging Face token when it was "
+            f"stored, and {MARKER} stands in its place; set HF_TOKEN again to use it"
+        )
     if looks_like_path or not _HUB_ID_RE.match(spec):
         raise ModelLoadError(
             f"no model folder at {spec!r} (and it is not a Hub id like 'org/name'); check the "
             f"path, or use {BUILTIN!r} for the built-in organism or a pretrained name "
             "(`seqpatch models list`)"
         )
+    near = _near_name(spec)
+    if near is not None:
+        raise ModelLoadError(
+            f"{spec!r} is neither {BUILTIN!r}, a pretrained name nor a local folder; did you mean "
+            f"{near!r}? (`seqpatch models list` shows the pretrained names)"
+        )
     return "hub"
+
+
+def _near_name(spec: str) -> str | None:
+    """The built-in or pretrained name a Hub-less ``spec`` (no ``org/``) is a misspelling of:
+    one that starts or ends the same way, or is close by edit distance. Asked before any
+    network request, so a typo fails at once offline instead of after the Hub's timeout."""
+    import difflib
+
+    if "/" in spec:
+        return None
+    names = [BUILTIN, *pretrained.REGISTRY]
+    lowered = spec.lower()
+    prefix = [n for n in names if n.startswith(lowered) or lowered.startswith(n)]
+    if prefix:
+        return prefix[0]
+    close = difflib.get_close_matches(lowered, names, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def _folder_source(spec: str) -> str:
@@ -352,7 +386,8 @@ def load_model(
             raise ModelLoadError(
                 f"the built-in organism must be a llama model, not {config.model_type!r}"
             )
-        hf_model = LlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        with library_bars(False):
+            hf_model = LlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
         model_id, rev = ORGANISM_ID, _folder_revision(folder)
     else:
@@ -370,14 +405,20 @@ def load_model(
         try:
             config = _load_config(source, revision, trust_remote_code, cache_only)
             adapter_for(config)  # fail on an unknown architecture before loading weights
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                source,
-                revision=revision,
-                dtype=torch_dtype,
-                trust_remote_code=trust_remote_code,
-                local_files_only=cache_only,
-            )
+            with library_bars(False):  # its "Loading weights" bar: not one of seqpatch's bars
+                hf_model = AutoModelForCausalLM.from_pretrained(
+                    source,
+                    revision=revision,
+                    dtype=torch_dtype,
+                    trust_remote_code=trust_remote_code,
+                    local_files_only=cache_only,
+                )
             tokenizer = load_tokenizer(source, revision, trust_remote_code, cache_only)
+        except pickle.UnpicklingError as error:  # torch's weights_only refused the pickle: good
+            raise ModelLoadError(
+                f"the weights in {source} are a pickle holding more than tensors, which torch "
+                "refuses to load (it could run code); use a copy saved as model.safetensors"
+            ) from error
         except (OSError, HfHubHTTPError) as error:
             if kind != "hub":
                 raise ModelLoadError(

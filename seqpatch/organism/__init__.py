@@ -18,15 +18,9 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seqpatch.organism.config import OrganismTrainConfig, OrganismTrainError, family_from_params
 from seqpatch.organism.tokenizer import build_tokenizer
-from seqpatch.organism.train import (
-    TRAINING_JSON,
-    OrganismTrainConfig,
-    OrganismTrainError,
-    evaluate_organism,
-    family_from_params,
-    train_organism,
-)
+from seqpatch.organism.train import TRAINING_JSON, evaluate_organism, train_organism
 
 if TYPE_CHECKING:
     from seqpatch.programs import Family

@@ -14,7 +14,7 @@ _CLI_OPTIONS = frozenset({"family", "seed", "steps", "max_len", "batch_size", "l
 
 def reproduce_command(config: dict[str, Any]) -> str:
     """The command line that retrains an organism with ``config`` (non-default options only)."""
-    from seqpatch.organism.train import OrganismTrainConfig
+    from seqpatch.organism.config import OrganismTrainConfig
 
     defaults = OrganismTrainConfig()
     changed = {k: v for k, v in config.items() if getattr(defaults, k, None) != v}

@@ -31,11 +31,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from seqpatch.errors import SeqpatchError
+from seqpatch.organism.config import OrganismTrainConfig, OrganismTrainError
+from seqpatch.organism.config import family_from_params as family_from_params  # re-exported
+from seqpatch.organism.output import MODEL_CARD, TRAINING_JSON, check_out, save
 from seqpatch.programs import (
-    BindingFamily,
     Family,
-    ModularFamily,
     Program,
     derive_seed,
     make_sequence,
@@ -44,102 +44,6 @@ from seqpatch.programs import (
 if TYPE_CHECKING:
     import torch
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-TRAINING_JSON = "training.json"
-MODEL_CARD = "README.md"
-SUPPORTED_FAMILIES = ("binding", "modular")
-
-
-class OrganismTrainError(SeqpatchError, ValueError):
-    """An organism training config that cannot work; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class OrganismTrainConfig:
-    """Everything that determines the trained weights (with the machine's float arithmetic)."""
-
-    # --- task ---
-    family: str = "binding"  # one-digit answers; "modular" also works, "arithmetic" does not
-    variables: str = "abc"  # three names: copies between variables and distractor chains
-    max_operand: int = 9  # constants 0..9, so every answer is one token
-    copy_prob: float = 0.7  # stock BindingFamily: long reference chains are common
-    max_depth: int = 4  # stock BindingFamily: the query's chain has 1..4 statements
-    update_prob: float = 0.3  # modular family only (stock ModularFamily value)
-    min_len: int = 1
-    max_len: int = 8
-    length_weight_power: float = 2.0  # length n is sampled with weight n ** power
-    curriculum_frac: float = 0.3  # deadline: max_len is reached by then even without the gate
-    curriculum_gate: float = 0.95  # accuracy at the current longest length that unlocks the next
-    curriculum_check_every: int = 50
-    curriculum_check_n: int = 128
-    # --- model (Llama) ---
-    n_layers: int = 4  # enough with 8 heads; 6 layers with 4 heads learned slower per minute
-    d_model: int = 128
-    n_heads: int = 8  # head_dim 16: more heads was the largest single gain in accuracy
-    n_kv_heads: int = 8  # plain multi-head attention: per-head patching sees whole heads
-    d_ff: int = 256  # 2 x d_model: the MLP is most of the compute, the task needs little of it
-    max_positions: int = 512  # RoPE has no position parameters; this only caps prompt length
-    # --- optimisation ---
-    steps: int = 3600
-    batch_size: int = 128
-    length_buckets: int = 4  # forwards per batch, grouped by prompt length (less padding)
-    lr: float = 5e-4
-    warmup_steps: int = 100  # avoids early Adam blow-ups with a fresh, small model
-    min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 0
-    # The weights depend on the thread count (float reduction order): a retrain reproduces them
-    # bit for bit only with the same count. Two threads fit the 30-minute budget on 2 cores.
-    threads: int = 2
-    # --- monitoring ---
-    eval_every: int = 250
-    eval_n: int = 200  # per length, during training (the final evaluation uses final_eval_n)
-    final_eval_n: int = 1000
-    loss_log_every: int = 50
-
-    def __post_init__(self) -> None:
-        if self.family not in SUPPORTED_FAMILIES:
-            raise OrganismTrainError(
-                f"family {self.family!r} cannot train the organism: its answers must be one "
-                f"digit; use one of {SUPPORTED_FAMILIES}"
-            )
-        if not 1 <= self.min_len <= self.max_len:
-            raise OrganismTrainError(
-                f"need 1 <= min_len <= max_len, got min_len={self.min_len}, max_len={self.max_len}"
-            )
-        if self.max_operand > 9:
-            raise OrganismTrainError("max_operand must be <= 9 so that answers are one token")
-        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise OrganismTrainError(
-                f"d_model ({self.d_model}) must divide by n_heads ({self.n_heads}) and n_heads "
-                f"by n_kv_heads ({self.n_kv_heads})"
-            )
-        if self.steps < 1 or self.batch_size < 1:
-            raise OrganismTrainError("steps and batch_size must be >= 1")
-
-    def family_params(self) -> dict[str, Any]:
-        """The constructor arguments of the family instance (recorded in ``training.json``)."""
-        params: dict[str, Any] = {
-            "variables": self.variables,
-            "max_operand": self.max_operand,
-            "copy_prob": self.copy_prob,
-            "max_depth": self.max_depth,
-        }
-        if self.family == "modular":
-            params["update_prob"] = self.update_prob
-        return params
-
-    def make_family(self) -> Family:
-        return family_from_params(self.family, self.family_params())
-
-
-def family_from_params(name: str, params: dict[str, Any]) -> Family:
-    """The family instance ``name(**params)``; ``seqpatch.organism.organism_family`` uses it."""
-    classes: dict[str, type[Family]] = {"binding": BindingFamily, "modular": ModularFamily}
-    if name not in classes:
-        raise OrganismTrainError(f"unknown organism family {name!r}; use one of {sorted(classes)}")
-    return classes[name](**params)
 
 
 @dataclass
@@ -450,13 +354,15 @@ def _fit(
 
 
 def train_organism(
-    cfg: OrganismTrainConfig, out_dir: str | Path, progress: bool = True
+    cfg: OrganismTrainConfig, out_dir: str | Path, progress: bool = True, force: bool = False
 ) -> dict[str, Any]:
     """Train the organism from scratch and save it to ``out_dir``; returns the metrics.
 
     ``out_dir`` receives ``config.json``, ``model.safetensors``, the tokenizer files,
     ``training.json`` (config, family parameters, timings, per-length held-out accuracy up to
-    twice ``max_len``, loss curve) and a model card ``README.md`` rendered from it.
+    twice ``max_len``, loss curve) and a model card ``README.md`` rendered from it. It must be
+    absent, empty or an organism folder (``force``: any folder, but none of its files is
+    replaced); that is checked before training (``seqpatch.organism.output``).
     """
     import torch
 
@@ -464,6 +370,7 @@ def train_organism(
     from seqpatch.progress import library_bars
 
     out = Path(out_dir)
+    check_out(out, force)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
@@ -496,12 +403,15 @@ def train_organism(
             for e in history.evals
         ],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    with library_bars(progress):
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    (out / TRAINING_JSON).write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / MODEL_CARD).write_text(render_model_card(metrics))
+
+    def write(folder: Path) -> None:
+        with library_bars(progress):
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        (folder / TRAINING_JSON).write_text(json.dumps(metrics, indent=2) + "\n")
+        (folder / MODEL_CARD).write_text(render_model_card(metrics))
+
+    save(out, write, force)
     return metrics
 
 

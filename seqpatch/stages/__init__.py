@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -182,23 +180,3 @@ def get_stage(name: str) -> ModuleType:
     except KeyError:
         raise SeqpatchError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}") from None
     return check_stage(importlib.import_module(info.module), name)
-
-
-def build_command(stage: str, data_dir: str | os.PathLike[str] | None = None) -> str:
-    """The CLI command that builds ``stage`` (with ``--data-dir`` unless it is the default)."""
-    from seqpatch.store import resolve_data_dir
-
-    info = STAGES.get(stage)
-    parts = ["seqpatch build", stage]
-    if info is not None and info.example:
-        parts.append(info.example)
-    if data_dir is not None and Path(data_dir) != resolve_data_dir(None):
-        parts.append(f"--data-dir {data_dir}")
-    return " ".join(parts)
-
-
-def build_stage(stage: str, cfg: Any, **kwargs: Any) -> StageRef | None:
-    """``seqpatch.executor.execute``, importable beside the registry for notebooks."""
-    from seqpatch.executor import execute
-
-    return execute(stage, cfg, **kwargs)

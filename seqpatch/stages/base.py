@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seqpatch.contract import Artifact as Artifact  # defined below the store, re-exported here
+from seqpatch.contract import Built as Built
 from seqpatch.errors import SeqpatchError
 
 if TYPE_CHECKING:
@@ -37,9 +39,6 @@ if TYPE_CHECKING:
     from seqpatch.models import ModelHandle
     from seqpatch.options import RuntimeSettings
     from seqpatch.store import StageRef
-
-Artifact = bytes | str | Callable[[Path], None]
-"""A file beside a stage's rows: its bytes, its text, or a function that writes it to a path."""
 
 
 class StageError(SeqpatchError):
@@ -52,15 +51,6 @@ class ParentSpec:
 
     stage: str
     optional: bool = False
-
-
-@dataclass(frozen=True)
-class Built:
-    """What ``build``/``build_shard`` return: rows, statistics for provenance, and files."""
-
-    rows: Dataset
-    stats: Mapping[str, Any] = field(default_factory=dict)
-    artifacts: Mapping[str, Artifact] = field(default_factory=dict)
 
 
 def _runtime_settings() -> RuntimeSettings:

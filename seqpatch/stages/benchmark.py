@@ -23,8 +23,11 @@ models already finished. Every model is loaded, and every answer checked to be r
 its tokenizer (``prepare``), before anything is written.
 
 ``summarize(rows)`` gives accuracy per (model, family, seq_len) with Wilson 95% intervals; the
-stage's artifacts ``results_summary.csv`` and ``accuracy.html/.png`` are written into the version
-at its commit; ``summary_artifacts``/``accuracy_chart_artifacts`` redraw them elsewhere.
+stage's artifact ``results_summary.csv`` is written into the version at its commit. The accuracy
+chart is drawn once per study, outside the version (``accuracy_chart_artifacts``: ``seqpatch
+run``, ``seqpatch plot accuracy``), where it can mark the choice made from this version and the
+length studied; the version holds no second, unannotated copy. ``summary_artifacts`` redraws the
+summary elsewhere.
 """
 
 from __future__ import annotations
@@ -322,12 +325,9 @@ def build_shard(inputs: Inputs, cfg: BenchmarkConfig, index: int) -> Built:
 
 
 def artifacts(rows: Dataset, cfg: BenchmarkConfig, inputs: Inputs) -> dict[str, Artifact]:
-    """``results_summary.csv`` and the accuracy chart, written into the version at commit."""
-    from seqpatch.charts import accuracy_figure
-
-    summary = summarize(rows)
-    chart = accuracy_figure(labelled(summary), version=inputs.version)
-    return {SUMMARY_CSV: summary.write_csv, **chart_artifacts(chart, CHART_NAME)}
+    """``results_summary.csv``, written into the version at commit (the accuracy chart is drawn
+    outside it: ``accuracy_chart_artifacts``)."""
+    return {SUMMARY_CSV: summarize(rows).write_csv}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +436,9 @@ def load_summary(ref: StageRef) -> pl.DataFrame:
     """The summary of a stored benchmark version (computed from its rows)."""
     from datasets import Dataset
 
-    return summarize(Dataset.load_from_disk(str(ref.path)))
+    from seqpatch.redact import restore_rows
+
+    return summarize(restore_rows(Dataset.load_from_disk(str(ref.path))))
 
 
 def summary_artifacts(ref: StageRef) -> dict[str, Artifact]:
@@ -449,12 +451,15 @@ def accuracy_chart_artifacts(
     ref: StageRef,
     formats: Sequence[str] = ("html", "png"),
     chosen: Mapping[str, Any] | None = None,
+    studied: int | None = None,
+    cap_reason: str = "",
 ) -> dict[str, Artifact]:
     """Accuracy by length (one line per model) of a stored version, as artifacts to write
     elsewhere (``seqpatch.store.write_artifacts``).
 
     ``chosen`` (``chosen_model.json``'s contents) marks the choice and its threshold when it
-    was made from this version.
+    was made from this version; ``studied`` the length the study went on with when it is not the
+    chosen one (``cap_reason`` says why).
     """
     from seqpatch.charts import accuracy_figure
 
@@ -464,5 +469,7 @@ def accuracy_chart_artifacts(
         threshold=mark["min_accuracy"] if mark else None,
         chosen=(mark["model_id"], mark["seq_len"]) if mark else None,
         version=ref.version,
+        studied=studied,
+        cap_reason=cap_reason,
     )
     return chart_artifacts(chart, CHART_NAME, tuple(formats))

@@ -23,7 +23,14 @@ One row per ``(site, layer, position, k, method)``:
 - ``full`` — the full-vector patch (``k = d_model``, the identity basis), one row per cell.
 
 At ``k = d_model`` every basis spans everything, so ``das``, ``shuffled`` and ``random`` are the
-full patch (identity basis, not trained: ``trained`` is false). ``basis`` is the ``[k, d_model]``
+full patch (identity basis, not trained: ``trained`` is false). ``trained`` says whether training
+moved a basis at all: true only when some epoch beat the random initialisation on the
+validation pairs (``best_epoch > 0``); a basis whose initialisation was never beaten is its
+random start, and says so.
+
+A split with fewer than ``MIN_TEST_PAIRS`` test pairs is refused before any training (each IIA
+would move in steps of 1/n_test: with one test pair every IIA is 0 or 1), unless the config's
+``allow_small`` says the study knowingly accepts it. ``basis`` is the ``[k, d_model]``
 float32 basis itself (orthonormal rows), and ``test_pair_ids`` the pairs its ``iia`` was measured
 on, so ``load_dataset`` users can reproduce and reuse it (``seqpatch.interventions.das.swap``).
 
@@ -43,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from datasets import Array2D, Dataset, Features, List, Value
 
+from seqpatch.bounds import check_finite
 from seqpatch.errors import SeqpatchError
 from seqpatch.options import SEED_HELP, check_seed, int_list, option
 from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec, chart_artifacts
@@ -56,6 +64,7 @@ STAGE = "das"
 SCHEMA_VERSION = 1
 METHODS = ("das", "shuffled", "random", "full")
 RANK_METRICS = ("normalised", "prob_delta", "logit_diff", "prob_delta_candidates")
+MIN_TEST_PAIRS = 20  # below this an IIA moves in steps of more than 5 points
 
 
 class DasStageError(SeqpatchError):
@@ -86,6 +95,12 @@ class DasConfig:
     batch_size: int = option(16, "Pairs per step.", min=1)
     seed: int = option(0, SEED_HELP)
     tolerance: float = 0.02  # "within 2 points of the full-vector patch" (summary.json)
+    # in the version, so a knowingly small study is told apart from a sound one
+    allow_small: bool = option(
+        False,
+        f"Accept a split with fewer than {MIN_TEST_PAIRS} test pairs (each IIA then moves in "
+        f"steps of more than {100 // MIN_TEST_PAIRS} points).",
+    )
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
@@ -104,8 +119,10 @@ class DasConfig:
                 f"split must be three positive fractions summing to 1, got {list(self.split)}"
             )
         object.__setattr__(self, "split", split)
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise DasStageError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise DasStageError("epochs and batch_size must be >= 1")
+        check_finite("lr", self.lr, DasStageError, above=0)
+        check_finite("tolerance", self.tolerance, DasStageError, at_least=0)
 
 
 CONFIG = DasConfig
@@ -152,7 +169,8 @@ def model_specs(cfg: DasConfig, parents: Mapping[str, StageRef]) -> tuple[str, .
 
 
 def prepare(inputs: Inputs, cfg: DasConfig) -> None:
-    """The patching stage must be built from these pairs, and every ``k`` must fit the model."""
+    """The patching stage must be built from these pairs and rankable, the split must hold
+    enough test pairs (``check_split``), and every ``k`` must fit the model."""
     pairs_version = inputs.parents["pairs"].version
     patched_from = [
         p.get("version") for p in inputs.parents["patching"].parents if p.get("stage") == "pairs"
@@ -171,6 +189,7 @@ def prepare(inputs: Inputs, cfg: DasConfig) -> None:
             f"{patching_cfg.get('method', 'auto')}: pass --patching with a version built with "
             "--sites resid_pre,attn_out,mlp_out (axes layer,pos)"
         )
+    check_split(select_pairs(inputs.rows("pairs"), cfg), cfg, cfg.allow_small)
     d_model = inputs.model.d_model
     too_big = [k for k in cfg.ks if k > d_model]
     if too_big:
@@ -232,6 +251,21 @@ def select_pairs(pairs: Dataset, cfg: DasConfig) -> Study:
             f"{list(cfg.split)}; build more pairs (--n-pairs) or choose --divergence-index"
         )
     return Study(rows, int(divergence), int(n_tokens), train, val, test, dropped)
+
+
+def check_split(study: Study, cfg: DasConfig, allow_small: bool = False) -> None:
+    """Refuse a split whose test set is too small for an IIA to mean anything (one line)."""
+    if len(study.test) >= MIN_TEST_PAIRS or allow_small:
+        return
+    n_pairs = len(study.rows)
+    needed = math.ceil(MIN_TEST_PAIRS / cfg.split[2])
+    raise DasStageError(
+        f"only {len(study.test)} test pairs (n_train {len(study.train)}, n_val "
+        f"{len(study.val)}, n_test {len(study.test)} of {n_pairs} pairs at divergence index "
+        f"{study.divergence_index}): an IIA needs at least {MIN_TEST_PAIRS} test pairs to mean "
+        f"anything; build about {needed} pairs at that index (--n-pairs, --divergence-index) or "
+        "pass --allow-small"
+    )
 
 
 @dataclass(frozen=True)
@@ -297,6 +331,7 @@ def build(inputs: Inputs, cfg: DasConfig) -> Built:
             bar.update()
     rows = Dataset.from_list(out, features=features(handle.d_model))
     stats = {
+        "patching_version": inputs.parents["patching"].version,  # the heatmap that was ranked
         "divergence_index": study.divergence_index,
         "n_tokens": study.n_tokens,
         "n_pairs": len(study.rows),
@@ -377,7 +412,7 @@ def _study_cell(
                     **common,
                     "k": d_model if k is None else k,
                     "method": method,
-                    "trained": result is not None,
+                    "trained": result is not None and result.best_epoch > 0,
                     "iia": das.interchange_accuracy(model, basis, test, labels),
                     "iia_val": das.interchange_accuracy(model, basis, val, labels),
                     "iia_train": das.interchange_accuracy(model, basis, train, labels),
@@ -434,59 +469,16 @@ def summary(rows: Dataset, tolerance: float = 0.02) -> list[dict[str, Any]]:
     return out
 
 
-def iia_chart(rows: Dataset) -> Any:
-    """IIA on the test pairs against k (log scale), one panel per cell: DAS and its controls as
-    lines, the full-vector patch as a dashed rule."""
-    import altair as alt
-    import polars as pl
-
-    frame = table(rows).with_columns(
-        pl.format("#{} {} L{} · {} '{}'", "rank", "site", "layer", "position", "token").alias(
-            "cell"
-        )
-    )
-    ks = sorted(set(frame["k"].to_list()))
-    colors = alt.Scale(
-        domain=["das", "shuffled", "random"], range=["#1f77b4", "#ff7f0e", "#7f7f7f"]
-    )
-    lines = (
-        alt.Chart()
-        .mark_line(point=True)
-        .transform_filter(alt.datum.method != "full")
-        .encode(
-            x=alt.X(
-                "k:Q",
-                scale=alt.Scale(type="log", base=2),
-                axis=alt.Axis(values=ks, format="d"),
-                title="subspace dimension k",
-            ),
-            y=alt.Y("iia:Q", scale=alt.Scale(domain=[0, 1]), title="IIA (test pairs)"),
-            color=alt.Color("method:N", scale=colors, title="basis"),
-            tooltip=["cell:N", "method:N", "k:Q", alt.Tooltip("iia:Q", format=".3f")],
-        )
-    )
-    rule = (
-        alt.Chart()
-        .mark_rule(strokeDash=[4, 3], color="black")
-        .transform_filter(alt.datum.method == "full")
-        .encode(y="iia:Q", tooltip=[alt.Tooltip("iia:Q", format=".3f", title="full patch IIA")])
-    )
-    return (
-        alt.layer(lines, rule, data=frame)
-        .properties(width=220, height=180)
-        .facet(facet=alt.Facet("cell:N", title=None, sort=alt.SortField("rank")), columns=3)
-        .properties(title="DAS: IIA vs subspace dimension k (dashed: full-vector patch)")
-    )
-
-
 def artifacts(rows: Dataset, cfg: DasConfig, inputs: Inputs) -> dict[str, Artifact]:
     """``iia.csv``, ``summary.json`` and the IIA-vs-k chart."""
     import io
+
+    from seqpatch.charts.das import iia_figure, iia_name
 
     buffer = io.BytesIO()
     table(rows).write_csv(buffer)
     return {
         "iia.csv": buffer.getvalue(),
         "summary.json": json.dumps(summary(rows, cfg.tolerance), indent=2) + "\n",
-        **chart_artifacts(iia_chart(rows), "iia_vs_k"),
+        **chart_artifacts(iia_figure(table(rows)), iia_name()),
     }

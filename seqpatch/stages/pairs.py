@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from datasets import Features, List, Value
 
+from seqpatch.bounds import MAX_CANDIDATES, MAX_PAIRS, check_count
 from seqpatch.errors import SeqpatchError
 from seqpatch.options import option
 from seqpatch.pairs import (
@@ -177,8 +178,14 @@ class PairsConfig:
     def __post_init__(self) -> None:
         if self.seq_len < 1:
             raise PairsStageError(f"seq_len must be >= 1, got {self.seq_len}")
-        if self.n_pairs < 1:
-            raise PairsStageError(f"n_pairs must be >= 1, got {self.n_pairs}")
+        check_count("n_pairs", self.n_pairs, MAX_PAIRS, PairsStageError, "kept pairs")
+        check_count(
+            "n_pairs x max_candidates_factor",
+            self.n_pairs * self.max_candidates_factor,
+            MAX_CANDIDATES,
+            PairsStageError,
+            "candidates drawn",
+        )
         if self.min_depth < 0 or self.max_depth < 0:
             raise PairsStageError("min_depth and max_depth must be >= 0 (0: no bound)")
         if self.max_depth and self.max_depth < self.min_depth:
@@ -455,9 +462,10 @@ def build(inputs: Inputs, cfg: PairsConfig) -> Built:
             if start >= limit:
                 raise PairsStageError(
                     f"only {n_kept} of {cfg.n_pairs} pairs after {start} candidates "
-                    f"(the bound is n_pairs x {cfg.max_candidates_factor}); rejections: "
-                    f"{_rejections(counts, model_counts, exhausted)}. Choose a length the model "
-                    "solves (see `seqpatch choose`) or allow more candidates"
+                    f"(the bound is n_pairs x {cfg.max_candidates_factor}); "
+                    f"{describe_rejections(_rejections(counts, model_counts, exhausted))}. "
+                    "Choose a length the model solves (see `seqpatch choose`) or allow more "
+                    "candidates"
                 )
             # ask for what is missing plus a margin for the acceptance rate seen so far
             rate = n_kept / start if start else 1.0
@@ -500,6 +508,14 @@ def build(inputs: Inputs, cfg: PairsConfig) -> Built:
         "model": handle.describe(),
     }
     return Built(dataset, extra)
+
+
+def describe_rejections(rejections: Mapping[str, int]) -> str:
+    """``rejections: token_length=3, wrong_answer_a=1, …; 120 changes drawn``: the stored
+    counts in words, the changes drawn named apart (a total, not a reason to reject)."""
+    reasons = ", ".join(f"{k}={v}" for k, v in rejections.items() if k != "changes_drawn")
+    drawn = rejections.get("changes_drawn")
+    return f"rejections: {reasons}" + (f"; {drawn} changes drawn" if drawn is not None else "")
 
 
 def _rejections(counts: RejectionCounts, model_counts: dict[str, int], exhausted: int) -> dict:

@@ -35,10 +35,11 @@ Positions beyond a shorter pair's ``n_tokens`` are NaN.
 
 Heatmap artifacts (``heatmap_artifacts``): one array per metric, named by it —
 ``heatmap_<metric>.npy``, ``[sites, divergence indices, (mean, std, count), *grid axes]``
-float64 over pairs (``layer, position`` by default) — and ``heatmap.json``, which names the
-axes, the sites, divergence indices, layers, heads and token labels they share, and maps each
-metric to its file. One file per metric, and
-never a bare ``heatmap.npy``, so that an array read without its index still says what it holds.
+float64 over pairs (``layer, position`` by default) — plus the roadmap's ``heatmap.npy``: the
+mean Δ = P(B's answer | patched) − P(B's answer | B) over pairs, ``[sites, divergence indices,
+*grid axes]`` (attribution stores no probabilities: its ``heatmap.npy`` is the mean normalised
+estimate). ``heatmap.json`` names the axes, the sites, divergence indices, layers, heads and
+token labels they share, maps each metric to its file and says what ``heatmap.npy`` holds.
 
 The stage is built in shards of ``shard_size`` pairs (``Store.build_sharded``): an interrupted
 build resumes without recomputing finished shards, and ``--shard i/n`` lets ``n`` jobs share the
@@ -57,9 +58,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from datasets import Array2D, Array3D, Array4D, Features, List, Value
 
+from seqpatch.charts.grid_data import (  # the views charts draw, re-exported for callers
+    AXIS_NAMES,
+    DEFAULT_AXES,
+    aggregate,
+    grid_axes,
+)
+from seqpatch.charts.grid_data import effect_cells as effect_cells
+from seqpatch.charts.grid_data import example_frame as example_frame
 from seqpatch.errors import SeqpatchError
+from seqpatch.metrics import METRIC_INFO, METRICS
 from seqpatch.options import ENGINES, csv, layer_list, option
-from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec, nan_quiet
+from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec
 from seqpatch.store import StageRef
 
 if TYPE_CHECKING:
@@ -71,7 +81,6 @@ if TYPE_CHECKING:
 
 STAGE = "patching"
 SCHEMA_VERSION = 5  # 2: full-vocabulary lse; 3: `method`; 4: named axes; 5: token roles
-DEFAULT_AXES = ("layer", "pos")
 STAGE_AXES = (("layer", "pos"), ("layer", "head"), ("layer", "head", "pos"), ("layer",))
 POSITION_SETS = ("all", "from-divergence", "before-last", "last")
 # Position selections of a grid with a pos axis: "all" (every position; those before a pair's
@@ -81,24 +90,12 @@ POSITION_SETS = ("all", "from-divergence", "before-last", "last")
 # slice, the question's tokens and the last token (``seqpatch.roles.slice_positions``).
 POS_SELECTIONS = ("all", "changed+ends+last", "slice")
 STATEMENT_SEPARATORS = ("\n", ";")  # what ends a line: the code and compact renderers' separators
-# The name each engine axis has in heatmap.json and the charts.
-AXIS_NAMES = {"layer": "layer", "head": "head", "pos": "position"}
-METRICS = ("normalised", "prob_delta", "logit_diff", "prob_delta_candidates")
-# What each metric grid measures (heatmap.json repeats it beside the arrays).
-METRIC_MEANINGS = {
-    "normalised": "(LD_patched − LD_B) / (LD_A − LD_B), LD = logit(A's answer) − logit(B's "
-    "answer): 0 = no effect, 1 = B prefers A's answer as much as A does",
-    "prob_delta": "P(B's answer | patched) − P(B's answer | B), probabilities over the whole "
-    "vocabulary (the roadmap's Δ)",
-    "logit_diff": "logit(A's answer) − logit(B's answer) in the patched run",
-    "prob_delta_candidates": "P(B's answer | patched) − P(B's answer | B), softmax over the "
-    "answer candidates only",
-}
 # Exact patching of every cell (its engine path is RuntimeSettings.engine) or attribution.
 METHODS = ("exact", "attribution")
 SHARD_SIZE = 250  # pairs per resumable shard: a lost shard costs seconds, not minutes
 HEATMAP_INDEX_FILE = "heatmap.json"
 HEATMAP_FILE = "heatmap_normalised.npy"  # the default metric's array, as heatmap_file() names it
+ROADMAP_HEATMAP_FILE = "heatmap.npy"  # the roadmap's deliverable: mean Δ over pairs, per site
 
 
 class PatchingStageError(SeqpatchError):
@@ -554,282 +551,33 @@ def artifacts(rows: Dataset, cfg: PatchingConfig, inputs: Inputs) -> dict[str, A
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Views of a stored patching dataset: the aggregate heatmap and the frames charts draw
-
-
-def grid_axes(dataset: Dataset) -> tuple[str, ...]:
-    """The engine axes of a patching dataset's grids (``layer, pos`` for rows without them)."""
-    if "axes" in dataset.column_names and len(dataset):
-        return tuple(dataset[0]["axes"]) or DEFAULT_AXES
-    return DEFAULT_AXES
-
-
-def aggregate(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
-    """Mean, std and count over pairs per (site, divergence index, grid cell).
-
-    Returns ``{"metric", "axes", "sites", "divergence_indices", "layers", "heads", "span",
-    "labels", "stats"}`` where ``stats`` is ``[sites, divergence_indices, 3 (mean, std, count),
-    *grid]`` float64 (``grid``: ``layers, positions`` by default, the sizes of ``axes``),
-    ``heads`` the head axis's values (empty without one), ``span`` the position set of a grid
-    without a position axis, and ``labels[k]`` the token labels of the first pair diverging at
-    ``k`` (starred where A and B differ). NaN cells (beyond a pair's length, a k/v site's
-    missing heads, or undefined normalisation) are skipped. Where the pairs of one divergence
-    index differ in token length (BPE tokenizers), their positions are aligned at their last
-    token (``aligned_to_end`` lists those indices; their labels are the longest pair's).
-    A ``slice`` grid is aggregated by token role instead (``aggregate_by_role``).
-    """
-    if metric not in METRICS:
-        raise PatchingStageError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    if by_role(dataset):
-        return aggregate_by_role(dataset, metric)
-    cols = dataset.select_columns(["site", "divergence_index", metric]).with_format("numpy")
-    sites = list(dict.fromkeys(dataset["site"]))
-    ks = sorted(set(dataset["divergence_index"]))
-    site_col = np.asarray(dataset["site"])
-    k_col = np.asarray(dataset["divergence_index"])
-    values = np.array(cols[metric], dtype=np.float64)
-    lengths = np.asarray(dataset["n_tokens"])
-    aligned = _align_ends(values, k_col, lengths) if "pos" in grid_axes(dataset) else []
-    stats = np.full((len(sites), len(ks), 3, *values.shape[1:]), np.nan)
-    for si, site in enumerate(sites):
-        for ki, k in enumerate(ks):
-            chunk = values[(site_col == site) & (k_col == k)]
-            if len(chunk) == 0:
-                continue
-            count = np.sum(~np.isnan(chunk), axis=0)
-            with nan_quiet():
-                stats[si, ki, 0] = np.nanmean(chunk, axis=0)
-                stats[si, ki, 1] = np.nanstd(chunk, axis=0)
-            stats[si, ki, 2] = count
-    labels = {}
-    first = {}
-    for i, k in enumerate(dataset["divergence_index"]):
-        if k not in first or (k in aligned and lengths[i] > lengths[first[k]]):
-            first[k] = i  # an end-aligned index takes its labels from its longest pair
-    for k, i in first.items():
-        row = dataset[i]
-        diff = set(row["diff_positions"])
-        labels[k] = [tok + ("*" if t in diff else "") for t, tok in enumerate(row["tokens"])]
-    axes = grid_axes(dataset)
-    heads = max((row for row in dataset["heads"]), key=len) if "head" in axes else []
-    return {
-        "metric": metric,
-        "axes": axes,
-        "sites": sites,
-        "divergence_indices": ks,
-        "layers": list(dataset[0]["layers"]),
-        "heads": list(heads),
-        "span": dataset[0]["span"] if "span" in dataset.column_names else "",
-        "labels": labels,
-        "aligned_to_end": aligned,
-        "stats": stats,
-    }
-
-
-def by_role(dataset: Dataset) -> bool:
-    """Whether ``dataset`` is a ``slice`` grid with token roles: aggregated by role, not index."""
-    return (
-        grid_axes(dataset) == DEFAULT_AXES
-        and "roles" in dataset.column_names
-        and len(dataset) > 0
-        and dataset[0]["span"] == "slice"
-    )
-
-
-def aggregate_by_role(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
-    """``aggregate`` of a ``slice`` grid with the position axis replaced by token roles.
-
-    Pairs of one divergence index may differ in length and chain depth; each patched cell is
-    averaged with the cells of the same role (``seqpatch.roles``: ``hop1:value``,
-    ``question:2``, ``last``) in the other pairs. ``labels[k]`` are the roles present among
-    ``k``'s pairs in reading order (``role_key``), and only those: unpatched positions have no
-    row. ``stats`` is ``[sites, divergence_indices, 3, layers, roles]`` (NaN beyond a ``k``'s
-    roles); ``position_axis`` is ``"role"``.
-    """
-    from seqpatch.roles import role_key, slice_positions
-
-    sites = list(dict.fromkeys(dataset["site"]))
-    ks = sorted(set(dataset["divergence_index"]))
-    site_col = np.asarray(dataset["site"])
-    k_col = np.asarray(dataset["divergence_index"])
-    roles_col = dataset["roles"]
-    values = np.array(
-        dataset.select_columns([metric]).with_format("numpy")[metric], dtype=np.float64
-    )
-    patched = [slice_positions(roles) for roles in roles_col]
-    labels: dict[int, list[str]] = {}
-    for k in ks:
-        present = {roles_col[i][t] for i in np.flatnonzero(k_col == k) for t in patched[i]}
-        labels[k] = sorted(present, key=role_key)
-    width = max(len(v) for v in labels.values())
-    stats = np.full((len(sites), len(ks), 3, values.shape[1], width), np.nan)
-    for si, site in enumerate(sites):
-        for ki, k in enumerate(ks):
-            rows = np.flatnonzero((site_col == site) & (k_col == k))
-            if len(rows) == 0:
-                continue
-            column = {role: c for c, role in enumerate(labels[k])}
-            chunk = np.full((len(rows), values.shape[1], len(column)), np.nan)
-            for j, i in enumerate(rows):
-                for t in patched[i]:
-                    chunk[j, :, column[roles_col[i][t]]] = values[i, :, t]
-            n = len(column)
-            with nan_quiet():
-                stats[si, ki, 0, :, :n] = np.nanmean(chunk, axis=0)
-                stats[si, ki, 1, :, :n] = np.nanstd(chunk, axis=0)
-            stats[si, ki, 2, :, :n] = np.sum(~np.isnan(chunk), axis=0)
-    return {
-        "metric": metric,
-        "axes": DEFAULT_AXES,
-        "sites": sites,
-        "divergence_indices": ks,
-        "layers": list(dataset[0]["layers"]),
-        "heads": [],
-        "span": "slice",
-        "labels": labels,
-        "aligned_to_end": [],
-        "position_axis": "role",
-        "stats": stats,
-    }
-
-
-def _align_ends(values: np.ndarray, k_col: np.ndarray, lengths: np.ndarray) -> list[int]:
-    """Shift, in place, the position axis (last) of every row of a divergence index whose pairs
-    differ in token length so that all of them end at its longest pair's last token; returns
-    those indices. BPE tokenizers give pairs of different lengths (a digit is two tokens, a
-    variable one), and only end-aligned positions (the changed statement, the query, the chat
-    template's tail) mean the same token in every pair; equal-length indices are unchanged."""
-    aligned = []
-    for k in sorted(set(k_col.tolist())):
-        rows = np.flatnonzero(k_col == k)
-        longest = int(lengths[rows].max())
-        if (lengths[rows] == longest).all():
-            continue
-        aligned.append(int(k))
-        for i in rows:
-            shift = longest - int(lengths[i])
-            if shift:
-                values[i] = np.roll(values[i], shift, axis=-1)  # the NaN padding moves in front
-    return aligned
-
-
-def effect_cells(agg: dict[str, Any]) -> Any:
-    """The aggregate as a tidy polars frame: ``site, divergence_index``, one column per axis
-    (``layer``, ``head``, ``position`` with its ``label``) and ``mean, std, count``; cells no
-    pair covers are left out. The default grid's frame is what ``charts.heatmap_chart`` draws."""
-    import polars as pl
-
-    axes = tuple(agg.get("axes", DEFAULT_AXES))
-    if axes != DEFAULT_AXES:
-        return pl.DataFrame(_axis_cells(agg, axes))
-    rows = []
-    for si, site in enumerate(agg["sites"]):
-        for ki, k in enumerate(agg["divergence_indices"]):
-            labels = agg["labels"][k]
-            for li, layer in enumerate(agg["layers"]):
-                for t, label in enumerate(labels):
-                    mean, std, count = agg["stats"][si, ki, :, li, t]
-                    if count > 0:
-                        rows.append(
-                            {
-                                "site": site,
-                                "divergence_index": k,
-                                "layer": layer,
-                                "position": t,
-                                "label": label,
-                                "mean": float(mean),
-                                "std": float(std),
-                                "count": int(count),
-                            }
-                        )
-    return pl.DataFrame(rows)
-
-
-def _axis_cells(agg: dict[str, Any], axes: tuple[str, ...]) -> list[dict[str, Any]]:
-    values = {"layer": agg["layers"], "head": agg.get("heads", []), "pos": None}
-    rows = []
-    for si, site in enumerate(agg["sites"]):
-        for ki, k in enumerate(agg["divergence_indices"]):
-            block = agg["stats"][si, ki]
-            for cell in np.ndindex(*block.shape[1:]):
-                mean, std, count = block[(slice(None), *cell)]
-                if not count > 0:
-                    continue
-                row: dict[str, Any] = {"site": site, "divergence_index": k}
-                for axis, i in zip(axes, cell, strict=True):
-                    if axis == "pos":
-                        row["position"] = i
-                        labels = agg["labels"][k]
-                        row["label"] = labels[i] if i < len(labels) else ""
-                    else:
-                        row[axis] = int(values[axis][i])
-                row.update(mean=float(mean), std=float(std), count=int(count))
-                rows.append(row)
-    return rows
-
-
-def example_frame(dataset: Dataset, metric: str, pair_id: str | None = None) -> tuple[Any, dict]:
-    """One pair's grid of ``metric`` for every site, tidy (``charts.trace_chart``), and the row.
-
-    Only for ``layer,pos`` grids (a trace is effect by layer per token)."""
-    import polars as pl
-
-    if grid_axes(dataset) != DEFAULT_AXES:
-        raise PatchingStageError(
-            f"traces are drawn from layer,pos grids; this stage's axes are "
-            f"{','.join(grid_axes(dataset))} (draw its heatmap instead)"
-        )
-    ids = dataset["pair_id"]
-    target = pair_id if pair_id is not None else ids[0]
-    if target not in ids:
-        known = list(dict.fromkeys(ids))
-        more = f" and {len(known) - 5} more" if len(known) > 5 else ""
-        raise PatchingStageError(
-            f"no pair {target!r} in this patching stage; its pairs: {', '.join(known[:5])}{more}"
-        )
-    rows = []
-    first = None
-    for i, pid in enumerate(ids):
-        if pid != target:
-            continue
-        row = dataset.with_format("numpy")[i]
-        first = first or dataset[i]
-        diff = set(first["diff_positions"])
-        for li, layer in enumerate(row["layers"]):
-            for t in range(int(row["n_tokens"])):
-                rows.append(
-                    {
-                        "site": row["site"],
-                        "layer": int(layer),
-                        "position": t,
-                        "label": first["tokens"][t] + ("*" if t in diff else ""),
-                        "value": float(row[metric][li, t]),
-                    }
-                )
-    return pl.DataFrame(rows), first
-
-
 def heatmap_file(metric: str) -> str:
     """The file holding ``metric``'s aggregate: ``heatmap_<metric>.npy``."""
     return f"heatmap_{metric}.npy"
 
 
 def heatmap_artifacts(dataset: Dataset, metrics: Sequence[str] = METRICS) -> dict[str, bytes | str]:
-    """The aggregate of each metric as ``heatmap_<metric>.npy`` and their index ``heatmap.json``.
+    """The aggregate of each metric as ``heatmap_<metric>.npy``, the roadmap's ``heatmap.npy``
+    and their index ``heatmap.json``.
 
-    Each array is ``aggregate(dataset, metric)["stats"]``; the index names the axes and their
-    values (shared by every array), maps each metric to its file and says what it measures.
+    Each metric's array is ``aggregate(dataset, metric)["stats"]``; ``heatmap.npy`` is the mean
+    (statistic 0) of ``prob_delta``'s (of ``normalised``'s for attribution rows, which store no
+    probabilities). The index names the axes and their values (shared by every array), maps each
+    metric to its file and says what it measures.
     """
     import io
 
+    def npy(array: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        return buffer.getvalue()
+
     files: dict[str, bytes | str] = {}
     index: dict[str, Any] = {}
+    aggs = {}
     for metric in metrics:
-        agg = aggregate(dataset, metric)
-        buffer = io.BytesIO()
-        np.save(buffer, agg["stats"], allow_pickle=False)
-        files[heatmap_file(metric)] = buffer.getvalue()
+        agg = aggs[metric] = aggregate(dataset, metric)
+        files[heatmap_file(metric)] = npy(agg["stats"])
         index = index or {
             "axes": [
                 "site",
@@ -852,8 +600,17 @@ def heatmap_artifacts(dataset: Dataset, metrics: Sequence[str] = METRICS) -> dic
             **({"aligned_to_end": agg["aligned_to_end"]} if agg["aligned_to_end"] else {}),
         }
     index["metrics"] = {
-        metric: {"file": heatmap_file(metric), "meaning": METRIC_MEANINGS[metric]}
+        metric: {"file": heatmap_file(metric), "meaning": METRIC_INFO[metric].formula}
         for metric in metrics
+    }
+    delta = "normalised" if aggs[metrics[0]]["method"] == "attribution" else "prob_delta"
+    agg = aggs.get(delta) or aggregate(dataset, delta)
+    files[ROADMAP_HEATMAP_FILE] = npy(agg["stats"][:, :, 0])
+    index[ROADMAP_HEATMAP_FILE] = {
+        "metric": delta,
+        "statistic": "mean",
+        "axes": [a for a in index["axes"] if a != "statistic"],
+        "meaning": f"mean over pairs of {delta}: {METRIC_INFO[delta].formula}",
     }
     files[HEATMAP_INDEX_FILE] = json.dumps(index, indent=2, ensure_ascii=False) + "\n"
     return files

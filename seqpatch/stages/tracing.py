@@ -49,6 +49,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from datasets import Array3D, Features, List, Value
 
+from seqpatch.bounds import MAX_NOISE_SCALE, check_finite
+from seqpatch.charts.tracing_data import ROLES as ROLES
+from seqpatch.charts.tracing_data import aie
+from seqpatch.charts.tracing_data import roles as roles
 from seqpatch.errors import SeqpatchError
 from seqpatch.interventions.tracing import (
     KINDS,
@@ -61,7 +65,7 @@ from seqpatch.interventions.tracing import (
     trace,
 )
 from seqpatch.options import SEED_HELP, check_seed, csv, option
-from seqpatch.stages.base import Built, ParentSpec, nan_quiet, no_checks
+from seqpatch.stages.base import Built, ParentSpec, no_checks
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -77,20 +81,6 @@ NOISE_LADDER = (3.0, 6.0, 12.0, 24.0, 48.0, 96.0)  # ROME's ν first, then doubl
 AUTO_FRACTION = 0.5  # "corrupted": mean corrupted P(answer) at most half the clean one
 PARENTS = (ParentSpec("pairs"),)
 AIE_FILE, AIE_ROLES_FILE, AIE_INDEX_FILE = "aie.npy", "aie_roles.npy", "aie.json"
-ROLES = (
-    "before",
-    "first_corrupted",
-    "middle_corrupted",
-    "last_corrupted",
-    "between",
-    "first_after",
-    "further_after",
-    "last",
-)
-"""Token roles relative to the corrupted tokens (ROME Figure 2's, plus ``before`` and
-``between``, which ROME's subject-first prompts rarely have). ``last`` wins over every other."""
-
-
 SHARD_SIZE = 25  # programs per resumable shard
 
 
@@ -104,8 +94,10 @@ def parse_noise_scale(text: str) -> float | str:
         value = float(text)
     except ValueError:
         raise OptionsError(f"--noise-scale takes a number > 0 or auto, not {text!r}") from None
-    if value <= 0:
-        raise OptionsError(f"--noise-scale must be > 0 (or auto), got {text}")
+    if not 0 < value <= MAX_NOISE_SCALE:
+        raise OptionsError(
+            f"--noise-scale must be > 0 and <= {MAX_NOISE_SCALE:g} (or auto), got {text}"
+        )
     return value
 
 
@@ -164,11 +156,13 @@ class TracingConfig:
         object.__setattr__(self, "corrupt", corrupt)
         if self.program not in ("a", "b"):
             raise TracingStageError(f"program must be 'a' or 'b', got {self.program!r}")
-        if self.noise_scale != "auto" and (
-            isinstance(self.noise_scale, str) or self.noise_scale <= 0
-        ):
-            raise TracingStageError(
-                f"noise_scale must be a number > 0 or 'auto', got {self.noise_scale!r}"
+        if self.noise_scale != "auto":
+            if isinstance(self.noise_scale, str):
+                raise TracingStageError(
+                    f"noise_scale must be a number > 0 or 'auto', got {self.noise_scale!r}"
+                )
+            check_finite(
+                "noise_scale", self.noise_scale, TracingStageError, above=0, at_most=MAX_NOISE_SCALE
             )
         if self.calibration_programs < 1:
             raise TracingStageError(
@@ -560,70 +554,6 @@ def trace_program(
 def _append(out: dict[str, list], values: dict[str, Any]) -> None:
     for name, value in values.items():
         out[name].append(value)
-
-
-# ---------------------------------------------------------------------------------------------
-# Summaries: the average indirect effect
-
-
-def roles(n_tokens: int, corrupted: list[int]) -> list[str]:
-    """The role (``ROLES``) of each position relative to the corrupted tokens."""
-    first, last = min(corrupted), max(corrupted)
-    out = []
-    for t in range(n_tokens):
-        if t == n_tokens - 1:
-            role = "last"
-        elif t < first:
-            role = "before"
-        elif t == first:
-            role = "first_corrupted"
-        elif t == last:
-            role = "last_corrupted"
-        elif t < last:
-            role = "middle_corrupted" if t in corrupted else "between"
-        elif t == last + 1:
-            role = "first_after"
-        else:
-            role = "further_after"
-        out.append(role)
-    return out
-
-
-def aie(rows: Dataset) -> dict[str, Any]:
-    """AIE by divergence index and raw position, and by token role.
-
-    Returns ``by_position`` ``[divergence_indices, kinds, layers, positions]`` (NaN where no
-    program has that position), ``by_role`` ``[kinds, layers, roles]`` (each program's mean over
-    its tokens of a role, then the mean over programs; NaN for a role no program has) and the
-    axes.
-    """
-    data = rows.select_columns(["divergence_index", "indirect_effect"]).with_format("numpy")
-    effect = np.asarray(data["indirect_effect"], dtype=np.float64)  # [programs, K, L, W]
-    ks = sorted(set(rows["divergence_index"]))
-    k_col = np.asarray(rows["divergence_index"])
-    by_position = np.full((len(ks), *effect.shape[1:]), np.nan)
-    with nan_quiet():
-        for i, k in enumerate(ks):
-            by_position[i] = np.nanmean(effect[k_col == k], axis=0)
-        per_role = np.full((len(rows), *effect.shape[1:3], len(ROLES)), np.nan)
-        for p, (n, positions) in enumerate(
-            zip(rows["n_tokens"], rows["corrupted_positions"], strict=True)
-        ):
-            labels = np.asarray(roles(n, positions))
-            for r, role in enumerate(ROLES):
-                mask = labels == role
-                if mask.any():
-                    per_role[p, :, :, r] = effect[p][:, :, :n][:, :, mask].mean(-1)
-        by_role = np.nanmean(per_role, axis=0)
-    first = rows[0]
-    return {
-        "kinds": list(first["kinds"]),
-        "layers": list(first["layers"]),
-        "divergence_indices": ks,
-        "roles": list(ROLES),
-        "by_position": by_position,
-        "by_role": by_role,
-    }
 
 
 def artifacts(rows: Dataset, cfg: TracingConfig, inputs: Inputs) -> dict[str, Artifact]:

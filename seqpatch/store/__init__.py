@@ -24,6 +24,11 @@ on it as a parent — also checks the hashes (memoized per file state) and the r
 version is never reused or read, and ``latest`` never skips one: the error names it and the
 command that clears it (``seqpatch verify STAGE --clean``).
 
+Secrets: nothing written holds the Hugging Face token (rows, artifacts, provenance and every JSON
+file pass ``seqpatch.redact`` before their hashes are taken, artifacts written elsewhere too);
+provenance and rows read back are restored, so a child finds the model folder its parent was
+built from, and versions never depend on whether the token is set.
+
 Concurrency: a build holds ``.<version>.lock`` (``filelock``) while it commits, and a sharded build
 holds one lock per shard while computing it, so identical builds started together share the
 shards (none is computed twice) and the second to finish reuses the first's commit.

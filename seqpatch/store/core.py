@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seqpatch.redact import redact, redact_files, redact_rows, restore, restore_rows
 from seqpatch.store.files import (
     permission_errors,
     remove,
@@ -207,7 +208,7 @@ class Store(ShardedBuilds, Verifying):
         )
         if problem is not None:
             return None, problem
-        return StageRef(stage, version, path, provenance), None
+        return StageRef(stage, version, path, restore(provenance)), None
 
     def _version_entries(self, stage: str) -> list[Path]:
         """Everything at a version's name in ``stage``'s folder, whatever it is."""
@@ -278,10 +279,7 @@ class Store(ShardedBuilds, Verifying):
         if version == LATEST:
             available = self.versions(stage)  # raises if any version is damaged
             if not available:
-                raise StageNotFoundError(
-                    f"no stored {stage!r} stage in {self.data_dir}; build it first with "
-                    f"`{_build_hint(stage, self.data_dir)}`"
-                )
+                raise _not_stored(stage, self.data_dir)
             return self.check(available[-1])
         names = [entry.name for entry in self._version_entries(stage)]
         matches = [name for name in names if name == version] or [
@@ -293,14 +291,14 @@ class Store(ShardedBuilds, Verifying):
                 raise damaged_error(stage, matches[0], self.data_dir, f"no {PROVENANCE_FILE}")
             return self.check(found)
         if not names:
-            raise StageNotFoundError(
-                f"no stored {stage!r} stage in {self.data_dir}; build it first with "
-                f"`{_build_hint(stage, self.data_dir)}`"
-            )
+            raise _not_stored(stage, self.data_dir)
         what = "matches several versions" if matches else "is not stored"
+        command = _build_hint(stage, self.data_dir)
         raise StageNotFoundError(
             f"{stage} version {version!r} {what} in {self.data_dir}; stored versions: "
-            f"{', '.join(names)} (or build it with `{_build_hint(stage, self.data_dir)}`)"
+            f"{', '.join(names)} (or build it with `{command}`)",
+            stage=stage,
+            command=command,
         )
 
     def load(self, stage: str, version: str = LATEST) -> Dataset:
@@ -334,7 +332,7 @@ class Store(ShardedBuilds, Verifying):
         if rows.num_rows != ref.provenance.get("row_count"):
             recorded = ref.provenance.get("row_count")
             return None, f"{rows.num_rows} rows where its provenance records {recorded}"
-        return rows, None
+        return restore_rows(rows), None
 
     # -- writing elsewhere ------------------------------------------------------------------
 
@@ -425,11 +423,12 @@ class Store(ShardedBuilds, Verifying):
 
         target = self.stage_dir(stage) / version
         with staging(self.stage_dir(stage), f".{version}{TMP_MARK}") as tmp:
-            dataset.save_to_disk(str(tmp))
+            redact_rows(dataset).save_to_disk(str(tmp))
             for name, artifact in (artifacts or {}).items():
                 write_artifact(tmp, name, artifact)
+            redact_files(tmp)  # the token never stays in a file, whoever wrote it
             records = file_records(tmp)
-            provenance = {**provenance, "files": records}
+            provenance = redact({**provenance, "files": records})
             provenance["checksum"] = provenance_checksum(provenance)
             file_ops.write_json(tmp / PROVENANCE_FILE, provenance)
             renamed = rename_or_discard(tmp, target)
@@ -457,9 +456,19 @@ def _holds_versions(folder: Path) -> bool:
 
 
 def _build_hint(stage: str, data_dir: Path) -> str:
-    from seqpatch.stages import build_command
+    """``seqpatch build <stage>`` (with ``--data-dir`` unless it is the default); the CLI
+    completes it with the stage's required options (``StageNotFoundError.command``)."""
+    where = "" if data_dir == resolve_data_dir(None) else f" --data-dir {data_dir}"
+    return f"seqpatch build {stage}{where}"
 
-    return build_command(stage, data_dir)
+
+def _not_stored(stage: str, data_dir: Path) -> StageNotFoundError:
+    command = _build_hint(stage, data_dir)
+    return StageNotFoundError(
+        f"no stored {stage!r} stage in {data_dir}; build it first with `{command}`",
+        stage=stage,
+        command=command,
+    )
 
 
 def load_stage(

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+from seqpatch.redact import redact, redact_file
 from seqpatch.store.refs import PROVENANCE_FILE, Artifact, StoreError
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from the group
         with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+            handle.write(json.dumps(redact(payload), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -97,6 +98,7 @@ def write_artifact(folder: Path, name: str, artifact: Artifact) -> None:
         target.write_text(artifact)
     else:
         artifact(target)
+    redact_file(target)  # a chart or table may name a path that held the token
 
 
 def rename_or_discard(tmp: Path, target: Path) -> bool:

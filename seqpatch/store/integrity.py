@@ -8,109 +8,47 @@ Two depths of checking, both against ``seqpatch.json``:
 - **content** (every time a version is read: loaded, resolved for a command, or used as a
   parent of a build; and by ``seqpatch verify``): every recorded file's SHA-256.
 
-Content hashes are memoized in ``$SEQPATCH_HASH_MEMO``, else ``<cache>/hashes/``
-(``$SEQPATCH_CACHE``, else ``~/.cache/seqpatch``), under the file's (resolved path, size, mtime_ns, ctime_ns, inode,
-device): a file rewritten in any way — even at the same size with its mtime set back — gets a
-new ctime and is hashed again, while an unchanged activations file is hashed once, not at every
-build that reads it. A commit seeds the memo with the hashes it just computed. An unwritable
-cache only costs the memo.
+Content hashes are memoized by file state (``seqpatch.hashing``: resolved path, size, mtime_ns,
+ctime_ns, inode, device), so an unchanged activations file is hashed once, not at every build
+that reads it, while a file rewritten in any way is hashed again. A commit seeds the memo with
+the hashes it just computed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from seqpatch.hashing import (
+    CACHE_ENV,
+    MEMO_ENV,
+    RACY_NS,
+    content_hash,
+    hash_memo_dir,
+    remember,
+    sha256_of,
+)
 from seqpatch.store.refs import PROVENANCE_FILE, canonical_json
 
-CACHE_ENV = "SEQPATCH_CACHE"
-MEMO_ENV = "SEQPATCH_HASH_MEMO"
+__all__ = [  # the hash memo's names, kept importable from here
+    "CACHE_ENV",
+    "MEMO_ENV",
+    "RACY_NS",
+    "content_hash",
+    "content_problem",
+    "file_records",
+    "files_problem",
+    "hash_memo_dir",
+    "provenance_checksum",
+    "provenance_problem",
+    "remember_records",
+    "sha256_of",
+]
+
 _REQUIRED_KEYS = ("stage", "version", "schema_version", "config", "row_count", "files", "checksum")
-_BLOCK = 1 << 20
-RACY_NS = 100_000_000  # 0.1 s: well above the coarse clock's tick (1-10 ms) that stamps files
-
-_memo: dict[tuple[Any, ...], str] = {}  # this process's memo, in front of the cache folder
-
-
-def hash_memo_dir() -> Path:
-    """Where content hashes are memoized: ``$SEQPATCH_HASH_MEMO``, else ``<cache>/hashes``."""
-    if os.environ.get(MEMO_ENV):
-        return Path(os.environ[MEMO_ENV]).expanduser()
-    cache = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seqpatch"
-    return Path(cache).expanduser() / "hashes"
-
-
-def _key(path: Path, st: os.stat_result) -> tuple[Any, ...]:
-    return (
-        os.path.realpath(path),
-        st.st_size,
-        st.st_mtime_ns,
-        st.st_ctime_ns,
-        st.st_ino,
-        st.st_dev,
-    )
-
-
-def _memo_file(key: tuple[Any, ...]) -> Path:
-    name = hashlib.sha256(canonical_json(list(key)).encode()).hexdigest()
-    return hash_memo_dir() / name[:2] / name[2:]
-
-
-def _recall(key: tuple[Any, ...]) -> str | None:
-    if key in _memo:
-        return _memo[key]
-    try:
-        digest = _memo_file(key).read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        return None
-    _memo[key] = digest
-    return digest
-
-
-def _remember(key: tuple[Any, ...], digest: str) -> None:
-    _memo[key] = digest
-    target = _memo_file(key)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(digest)
-        os.replace(tmp, target)
-    except OSError:  # no cache, no memo: the next read hashes again
-        tmp.unlink(missing_ok=True)
-
-
-def sha256_of(path: Path) -> str:
-    """A file's SHA-256 (hex), read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def content_hash(path: Path) -> str:
-    """``sha256_of(path)``, memoized while the file stays the same (see the module docstring).
-
-    Not memoized: a file that changes while it is hashed, and one changed less than
-    ``RACY_NS`` ago — file times tick with the kernel's coarse clock (a few ms), so a rewrite
-    at the same size within one tick would keep the same key (git's "racy clean" problem).
-    """
-    before = os.stat(path)
-    key = _key(path, before)
-    known = _recall(key)
-    if known is not None:
-        return known
-    digest = sha256_of(path)
-    changed_lately = time.time_ns() - max(before.st_mtime_ns, before.st_ctime_ns) < RACY_NS
-    if _key(path, os.stat(path)) == key and not changed_lately:
-        _remember(key, digest)
-    return digest
 
 
 def file_records(folder: Path, skip: tuple[str, ...] = (PROVENANCE_FILE,)) -> dict[str, Any]:
@@ -132,7 +70,7 @@ def remember_records(folder: Path, records: Mapping[str, Any]) -> None:
         except OSError:
             continue
         if st.st_size == record["size"]:
-            _remember(_key(path, st), record["sha256"])
+            remember(path, st, record["sha256"])
 
 
 def provenance_checksum(provenance: Mapping[str, Any]) -> str:

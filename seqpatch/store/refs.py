@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from seqpatch.contract import Artifact, Built
 from seqpatch.errors import SeqpatchError
-from seqpatch.stages.base import Artifact, Built  # the store's one import of stage types
 
 PROVENANCE_FILE = "seqpatch.json"
 DATA_DIR_ENV = "SEQPATCH_DATA"
@@ -40,7 +40,18 @@ class StoreError(SeqpatchError):
 
 
 class StageNotFoundError(StoreError):
-    """The requested stage or version is not stored; the message says how to build it."""
+    """The requested stage or version is not stored; the message says how to build it.
+
+    ``command`` is the plain ``seqpatch build <stage>`` the message names; the CLI, which knows
+    each stage's required options, replaces it with a complete example (the store does not know
+    the stages)."""
+
+    def __init__(
+        self, message: str, *, stage: str | None = None, command: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.command = command
 
 
 class DamagedVersionError(StoreError):

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seqpatch.redact import redact_rows
 from seqpatch.store.files import remove, rename_or_discard, staging, write_json
 from seqpatch.store.integrity import content_problem, file_records, remember_records
 from seqpatch.store.refs import (
@@ -229,7 +230,7 @@ class ShardedBuilds:
         logger.info("%s/%s: building shard %d/%d", stage, version, index, n_shards)
         built = unpack(build_shard_fn(index))
         with staging(work, f".{shard_name(index)}{TMP_MARK}") as tmp:
-            built.rows.save_to_disk(str(tmp))
+            redact_rows(built.rows).save_to_disk(str(tmp))
             write_json(tmp / SHARD_EXTRA, dict(built.stats))
             records = file_records(tmp, skip=(SHARD_FILES,))
             write_json(tmp / SHARD_FILES, records)
