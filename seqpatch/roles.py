@@ -32,6 +32,7 @@ from seqpatch.errors import SeqpatchError
 from seqpatch.programs import Program, Renderer
 
 PARTS = ("var", "=", "value", "end")
+STATEMENT_SEPARATORS = ("\n", ";")  # what ends a line: the code and compact renderers' separators
 SLICE_PREFIXES = ("hop", "question", "last")
 
 
@@ -139,3 +140,34 @@ def role_key(role: str) -> tuple[int, int, int, int]:
     if role == "last":
         return (3, 0, 0, 0)
     return (-1, 0, 0, 0)
+
+
+def selected_positions(ids_a: Sequence[int], ids_b: Sequence[int], tokenizer: Any) -> list[int]:
+    """The ``changed+ends+last`` cells of one pair: the tokens where A and B differ, every
+    position from the first of them on whose next token starts or holds a statement separator
+    (``STATEMENT_SEPARATORS``: the last token of each later line, of the query and of the chat
+    template's lines) and the final token, where the answer is read. Empty changes give ``[T-1]``.
+    """
+    length = len(ids_b)
+    changed = [t for t in range(length) if ids_a[t] != ids_b[t]]
+    first = changed[0] if changed else length - 1
+    ends = [
+        t
+        for t in range(first, length - 1)
+        if any(sep in tokenizer.decode([int(ids_b[t + 1])]) for sep in STATEMENT_SEPARATORS)
+    ]
+    return sorted({*changed, *ends, length - 1})
+
+
+def chosen_positions(selection: str, batch: dict[str, list], i: int, tokenizer: Any) -> list[int]:
+    """The patched cells of pair ``i`` of a pairs ``batch`` under ``changed+ends+last`` or
+    ``slice`` (the patching stage's position selections other than ``all``)."""
+    if selection == "slice":
+        roles = batch["roles"][i] if "roles" in batch else []
+        if not roles:
+            raise RolesError(
+                "--positions slice needs the pairs' token roles, which pairs built before "
+                "schema 2 lack; rebuild the pairs stage"
+            )
+        return slice_positions(roles)
+    return selected_positions(batch["input_ids_a"][i], batch["input_ids_b"][i], tokenizer)

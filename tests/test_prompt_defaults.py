@@ -2,7 +2,7 @@
 
 A prompt can read well on one family and be useless on another — SmolLM2's chat prompt answers
 ``1`` to every one-statement arithmetic program — so each registry model renders each family with
-the format measured best for it (``PretrainedEntry.family_formats``). Two checks:
+the format measured best for it (``seqpatch.models.family_formats``). Two checks:
 
 - on the real SmolLM2 (installed by CI, as in ``test_pretrained.py``): greedy answers of the
   default to a handful of programs of every family are not one value for ≥ 90% of them, and the
@@ -25,6 +25,7 @@ import torch
 
 from seqpatch.models import load_model, pad_left
 from seqpatch.models import pretrained as pt
+from seqpatch.models.family_formats import FAMILY_FORMATS
 from seqpatch.programs import FAMILIES
 from seqpatch.prompts import FamilyFormat, bind_tokenizer, get_prompt_format
 
@@ -91,7 +92,7 @@ def test_registry_defaults_are_the_measured_non_degenerate_choice(name):
     entry = pt.REGISTRY[name]
     rows = measured().get(name)
     assert rows, f"docs/pretrained.md has no measured prompt table for {name}"
-    chosen = dict(entry.family_formats)
+    chosen = dict(FAMILY_FORMATS.get(name, ()))
     formats = list(dict.fromkeys(r["format"] for r in rows))
     for family in FAMILIES:
         default = chosen.get(family, entry.prompt_format)

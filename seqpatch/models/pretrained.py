@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.models.family_formats import FAMILY_FORMATS
 from seqpatch.progress import Bar, library_bars, progress_bar
 from seqpatch.prompts import FamilyFormat, PromptFormat
 
@@ -88,17 +89,11 @@ class PretrainedEntry:
     licence: str
     chunks: tuple[PackageFile, ...]  # the GGUF is their concatenation, in order
     extras: tuple[PackageFile, ...] = ()  # licence and notice files copied into the folder
-    # the format of each family where it differs from ``prompt_format``, measured per family
-    # (docs/pretrained.md, scripts/pretrained_prompts.py): one prompt can be degenerate on
-    # another family
-    family_formats: tuple[tuple[str, str], ...] = ()
 
     def default_format(self) -> str | PromptFormat:
-        """What ``load_model(name)`` renders with: ``prompt_format``, or per family a
-        ``FamilyFormat`` when ``family_formats`` names any."""
-        if not self.family_formats:
-            return self.prompt_format
-        return FamilyFormat(self.family_formats, default=self.prompt_format)
+        """``prompt_format``, or a ``FamilyFormat`` of this model's ``FAMILY_FORMATS``."""
+        formats = FAMILY_FORMATS.get(self.name)
+        return FamilyFormat(formats, self.prompt_format) if formats else self.prompt_format
 
     @property
     def packages(self) -> tuple[str, ...]:
@@ -130,16 +125,7 @@ REGISTRY: dict[str, PretrainedEntry] = {
             upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
             architecture="LlamaForCausalLM (30 layers, d_model 576, 9 heads, 3 KV heads)",
             instruct=True,
-            # measured per family (docs/pretrained.md, scripts/pretrained_prompts.py; lengths
-            # 1, 3, 5, 20 programs each): the most accurate format that never answers one
-            # constant to >= 90% of a length's programs. code-chat answers `1` to every
-            # one-statement arithmetic program, so arithmetic reads plain code.
-            prompt_format="code-chat",
-            family_formats=(
-                ("arithmetic", "code"),
-                ("binding", "code-3shot"),
-                ("modular", "code-chat"),
-            ),
+            prompt_format="code-chat",  # per family: models/family_formats.py
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             quantization="Q4_1",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -156,15 +142,7 @@ REGISTRY: dict[str, PretrainedEntry] = {
             upstream="google/gemma-3-270m",
             architecture="Gemma3ForCausalLM (18 layers, d_model 640, 4 heads, 1 KV head)",
             instruct=False,
-            # no chat template; measured per family like SmolLM2 (docs/pretrained.md §4): three
-            # worked examples help binding, and answer `1` to every 5-statement arithmetic
-            # program
-            prompt_format="code",
-            family_formats=(
-                ("arithmetic", "code"),
-                ("binding", "code-3shot"),
-                ("modular", "code"),
-            ),
+            prompt_format="code",  # no chat template; per family: models/family_formats.py
             gguf_file="gemma-3-270m-q4_k_m.gguf",
             quantization="Q4_K_M",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",

@@ -69,6 +69,9 @@ from seqpatch.charts.grid_data import example_frame as example_frame
 from seqpatch.errors import SeqpatchError
 from seqpatch.metrics import METRIC_INFO, METRICS
 from seqpatch.options import ENGINES, csv, layer_list, option
+from seqpatch.roles import STATEMENT_SEPARATORS as STATEMENT_SEPARATORS
+from seqpatch.roles import chosen_positions
+from seqpatch.roles import selected_positions as selected_positions
 from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec
 from seqpatch.store import StageRef
 
@@ -89,7 +92,6 @@ POSITION_SETS = ("all", "from-divergence", "before-last", "last")
 # or "slice": every token of the changed statement and of the later statements of the query's
 # slice, the question's tokens and the last token (``seqpatch.roles.slice_positions``).
 POS_SELECTIONS = ("all", "changed+ends+last", "slice")
-STATEMENT_SEPARATORS = ("\n", ";")  # what ends a line: the code and compact renderers' separators
 # Exact patching of every cell (its engine path is RuntimeSettings.engine) or attribution.
 METHODS = ("exact", "attribution")
 SHARD_SIZE = 250  # pairs per resumable shard: a lost shard costs seconds, not minutes
@@ -290,8 +292,7 @@ def _patch(
             )
         elif "pos" in cfg.axes and cfg.positions != "all":
             chosen = [
-                _chosen_positions(cfg.positions, batch, i, handle.tokenizer)
-                for i in range(len(src))
+                chosen_positions(cfg.positions, batch, i, handle.tokenizer) for i in range(len(src))
             ]
             readout = _selected_grid(
                 handle, src, tgt, site, cand, layers, cached.get(site), engine, chosen
@@ -347,38 +348,6 @@ def _patch(
             for name, grid in grids.items():
                 out[name].append(np.asarray(grid[i], dtype=np.float32))
     return out
-
-
-def selected_positions(ids_a: Sequence[int], ids_b: Sequence[int], tokenizer: Any) -> list[int]:
-    """The ``changed+ends+last`` cells of one pair: the tokens where A and B differ, every
-    position from the first of them on whose next token starts or holds a statement separator
-    (``STATEMENT_SEPARATORS``: the last token of each later line, of the query and of the chat
-    template's lines) and the final token, where the answer is read. Empty changes give ``[T-1]``.
-    """
-    length = len(ids_b)
-    changed = [t for t in range(length) if ids_a[t] != ids_b[t]]
-    first = changed[0] if changed else length - 1
-    ends = [
-        t
-        for t in range(first, length - 1)
-        if any(sep in tokenizer.decode([int(ids_b[t + 1])]) for sep in STATEMENT_SEPARATORS)
-    ]
-    return sorted({*changed, *ends, length - 1})
-
-
-def _chosen_positions(selection: str, batch: dict[str, list], i: int, tokenizer: Any) -> list[int]:
-    """The cells of pair ``i`` of ``batch`` under a ``POS_SELECTIONS`` entry other than ``all``."""
-    from seqpatch.roles import slice_positions
-
-    if selection == "slice":
-        roles = batch["roles"][i] if "roles" in batch else []
-        if not roles:
-            raise PatchingStageError(
-                "--positions slice needs the pairs' token roles, which pairs built before "
-                "schema 2 lack; rebuild the pairs stage"
-            )
-        return slice_positions(roles)
-    return selected_positions(batch["input_ids_a"][i], batch["input_ids_b"][i], tokenizer)
 
 
 def _selected_grid(
