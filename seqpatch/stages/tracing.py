@@ -94,10 +94,7 @@ def parse_noise_scale(text: str) -> float | str:
         value = float(text)
     except ValueError:
         raise OptionsError(f"--noise-scale takes a number > 0 or auto, not {text!r}") from None
-    if not 0 < value <= MAX_NOISE_SCALE:
-        raise OptionsError(
-            f"--noise-scale must be > 0 and <= {MAX_NOISE_SCALE:g} (or auto), got {text}"
-        )
+    check_finite("noise_scale", value, OptionsError, above=0, at_most=MAX_NOISE_SCALE)
     return value
 
 
