@@ -110,6 +110,7 @@ class RunConfig:
 class RunReport:
     steps: list[tuple[str, str, float]] = field(default_factory=list)  # (step, what, seconds)
     charts: list[Path] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)  # step -> the stored version it gave
 
 
 def run(
@@ -156,6 +157,8 @@ def run(
         seconds = time.perf_counter() - start
         what = _describe(result)
         report.steps.append((name, what, seconds))
+        if hasattr(result, "version"):
+            report.versions[name] = result.version
         echo(f"  {what} ({seconds:.1f} s)")
         return result
 

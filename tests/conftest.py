@@ -63,3 +63,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     word = save_tiny_model("llama", root / "word", seed=0, tokenizer="wordlevel")
     bpe = save_tiny_model("llama", root / "bpe", seed=1, tokenizer="bpe")
     return {"word": f"{word}:compact", "bpe": str(bpe)}
+
+
+@pytest.fixture(scope="session")
+def organism_study(tmp_path_factory: pytest.TempPathFactory):
+    """A small stored study of the organism with every stage the report shows (about 20 s):
+    built once per session, read-only for the tests that share it (copy it to damage it)."""
+    from tests.study import build_study
+
+    return build_study(tmp_path_factory.mktemp("study"))

@@ -423,7 +423,7 @@ def test_unbounded_or_non_finite_values_are_one_line_before_any_work(
 
 
 def test_run_with_too_many_pairs_on_an_existing_store_builds_nothing(tmp_path: Path) -> None:
-    from seqpatch.stages import build_stage
+    from seqpatch.executor import execute as build_stage
     from seqpatch.stages.programs import ProgramsConfig
 
     build_stage("programs", ProgramsConfig("binding", (1, 2), 3, 0), data_dir=tmp_path)
@@ -491,7 +491,7 @@ def test_a_cache_that_is_a_file_is_one_line(a_file: Path, monkeypatch: pytest.Mo
 def test_a_pickled_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
     import pickle
 
-    from seqpatch.stages import build_stage
+    from seqpatch.executor import execute as build_stage
     from seqpatch.stages.programs import ProgramsConfig
     from seqpatch.testing import save_tiny_model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from typer.testing import CliRunner
@@ -91,14 +92,17 @@ def test_run_says_when_it_caps_the_chosen_length(tmp_path, monkeypatch):
     assert drawn and drawn[0]["studied"] == 3 and "--max-seq-len 3" in drawn[0]["cap_reason"]
 
 
-def test_run_output_fits_one_screen_and_ends_with_the_charts(tmp_path):
+def test_run_output_fits_one_screen_and_ends_with_the_charts_and_the_report(tmp_path):
     result = CliRunner().invoke(app, ["run", *SMALL, "--data-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert len(lines) <= 40, result.output
     done = next(i for i, line in enumerate(lines) if line.startswith("done in"))
-    charts = lines[done + 1 :]
+    charts = lines[done + 1 : -1]
     assert charts and all(line.strip().endswith((".png", ".html")) for line in charts)
+    page = Path(lines[-1].split(": ", 1)[1])  # the last line is the study page
+    pairs = Store(tmp_path).resolve("pairs").version
+    assert page == tmp_path / "reports" / pairs / "index.html" and page.stat().st_size > 100_000
     for noise in ("Map", "Saving the dataset", "Loading weights", "Casting"):
         assert noise not in result.output
     quiet = CliRunner().invoke(app, ["run", *SMALL, "--quiet", "--data-dir", str(tmp_path)])

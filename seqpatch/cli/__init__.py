@@ -9,6 +9,7 @@ One module per command group, each with its own ``app`` (the layout of ``hugging
     seqpatch list / merge               store.py      what the store holds
     seqpatch push / export / import     hub.py        stages in and out of the store
     seqpatch run / choose               run.py        the main job and its model choice
+    seqpatch report                     report.py     one HTML page of a study
 
 A group module is registered with one line below: ``app.add_typer(module.app, name="group")``
 for ``seqpatch group ...``, or without ``name`` for top-level commands. Every ``SeqpatchError``
@@ -24,7 +25,7 @@ from typing import Annotated
 import typer
 import typer.core
 
-from seqpatch.cli import build, hub, models, organism, plot, run, store
+from seqpatch.cli import build, hub, models, organism, plot, report, run, store
 from seqpatch.cli._common import SeqpatchGroup, examples
 
 
@@ -82,5 +83,6 @@ app.add_typer(plot.app, name="plot")
 app.add_typer(run.app)
 app.add_typer(store.app)
 app.add_typer(hub.app)
+app.add_typer(report.app)
 
 __all__ = ["app"]

@@ -100,7 +100,8 @@ def run(
     """The main job: the whole pipeline on the built-in model, end to end.
 
     programs -> benchmark -> choose -> pairs -> activations -> patching -> charts (and, with
-    --tracing, tracing). Every step
+    --tracing, tracing), then the study's page (`seqpatch report`), whose path it prints last.
+    Every step
     reuses a stored version with the same config, so a rerun (or a run after an interrupt)
     only does what is missing.
     """
@@ -121,3 +122,8 @@ def run(
     typer.echo(f"done in {total:.0f} s. Charts:")
     for path in result.charts:
         typer.echo(f"  {path}")
+    from seqpatch.report import build_report
+    from seqpatch.views import Study
+
+    page = build_report(Study(data_dir, pairs=result.versions["pairs"]))
+    typer.echo(f"Report (open in a browser): {page}")
