@@ -3,7 +3,10 @@
 Rule: among the benchmarked models whose exact-match accuracy (point estimate) reaches
 ``min_accuracy`` at some ``seq_len >= min_seq_len``, take the one with the fewest parameters
 (ties: the earlier model in the benchmark), then its longest length that reaches it. Small
-models are cheaper to patch; long programs give the most statements to localise.
+models are cheaper to patch; long programs give the most statements to localise. When the
+benchmark ran one model under several prompt formats (``model:code,model:code-chat``), the
+format is chosen too: the one whose longest qualifying length is longest (ties: the higher
+accuracy there, then the earlier spec), so the choice is a (model, format, length).
 
 The choice is written to ``<data_dir>/chosen_model.json`` so that later stages and people read
 the same decision; ``read_chosen`` reads it back.
@@ -50,12 +53,14 @@ class Choice:
     n: int
     min_accuracy: float
     min_seq_len: int
+    prompt_format: str = "default"  # the spec's ``:format`` suffix; "default": the model's own
 
     @property
     def rule(self) -> str:
         return (
             f"smallest model (by parameter count) with accuracy >= {self.min_accuracy} at some "
-            f"seq_len >= {self.min_seq_len}; then its largest such seq_len"
+            f"seq_len >= {self.min_seq_len}; then its largest such seq_len, over its prompt "
+            "formats (ties: the higher accuracy)"
         )
 
 
@@ -90,13 +95,16 @@ def choose_model(summary: pl.DataFrame, min_accuracy: float, min_seq_len: int) -
             f"{_describe(closest)}. Lower --min-accuracy or --min-seq-len, or benchmark "
             "another model"
         )
-    model = passing.sort("n_params", "_order").row(0, named=True)["model_spec"]
+    smallest = passing.sort("n_params", "_order").row(0, named=True)["model_id"]
     row = (
-        passing.filter(pl.col("model_spec") == model)
-        .sort("seq_len", descending=True)
+        passing.filter(pl.col("model_id") == smallest)
+        .sort(["seq_len", "accuracy", "_order"], descending=[True, True, False])
         .row(0, named=True)
     )
+    from seqpatch.stages.base import split_model_spec
+
     return Choice(
+        prompt_format=split_model_spec(row["model_spec"])[1] or "default",
         model_spec=row["model_spec"],
         model_id=row["model_id"],
         revision=row["model_revision"],

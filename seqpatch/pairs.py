@@ -15,8 +15,17 @@ What is verified, not assumed:
   is in the query's backward data-flow slice (``Program.dependencies``). The slice depends only
   on which variables later statements read and overwrite, so it is the same for A and B.
 
+**Chains.** ``chain_depth(program, k)`` counts the statements of the query's slice from ``k`` on
+(``k`` included; 0 when ``k`` is outside the slice): changing ``a = 5`` in ``a = 5; b = a; c = b;
+#c:`` has depth 3, a direct ``c = 5`` right before ``#c:`` depth 1. The statements after ``k`` in
+the slice depend only on later statements and ``k``'s target, so A and B share the depth.
+``min_depth``/``max_depth`` keep only programs whose change travels that far, and
+``changed_role`` only changes of one kind (``statement_role``: ``root`` — a constant in both
+programs, the value at a chain's start; ``link`` — a copy in both, the chain redirected;
+``update`` — an in-place op). Programs refused by these filters are counted as ``chain``.
+
 Every rejected draw is counted by reason (``RejectionCounts``: ``token_length``,
-``equal_answers``) so that a stage can report why pairs were hard to find. Reasons that need a
+``equal_answers``, ``chain``) so that a stage can report why pairs were hard to find. Reasons that need a
 model (a wrong answer) are counted by the stage that runs it (``seqpatch.stages.pairs``).
 
 Without an ``rng`` the draw is seeded with ``DEFAULT_SEED`` (``make_counterfactual_pair(8, 3)``
@@ -29,12 +38,14 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from seqpatch.programs import Family, Program, ProgramError, get_family
+from seqpatch.programs import Family, Program, ProgramError, Statement, get_family
 
 TokenizeFn = Callable[[Program], Sequence[int]]
 """Maps a program to the token ids the model reads (prompt format + tokenizer)."""
 
-REJECTION_REASONS = ("token_length", "equal_answers")
+REJECTION_REASONS = ("token_length", "equal_answers", "chain")
+STATEMENT_ROLES = ("root", "link", "update")
+CHANGED_ROLES = ("any", *STATEMENT_ROLES)
 DEFAULT_SEED = 0
 
 
@@ -49,6 +60,7 @@ class RejectionCounts:
     drawn: int = 0
     token_length: int = 0
     equal_answers: int = 0
+    chain: int = 0  # whole programs refused by the depth or changed-role filters
 
     def add(self, other: RejectionCounts) -> None:
         for name in ("drawn", *REJECTION_REASONS):
@@ -66,6 +78,21 @@ class PairMetadata:
     diff_positions: tuple[int, ...]  # token indices where the two prompts differ
     n_tokens: int | None  # None when no tokenizer was given
     counts: RejectionCounts = field(compare=False)
+    chain_depth: int = 0  # statements from k to the query along its slice (``chain_depth``)
+
+
+def chain_depth(program: Program, index: int) -> int:
+    """How many statements of the query's slice lie at or after ``index`` (0 if ``index`` is not
+    in the slice): the number of statements the changed value passes through to the query."""
+    deps = program.dependencies()
+    return sum(1 for i in deps if i >= index) if index in deps else 0
+
+
+def statement_role(statement: Statement) -> str:
+    """``root`` (assigns a constant), ``link`` (copies a variable) or ``update`` (an op in place)."""
+    if statement.op != "set":
+        return "update"
+    return "link" if isinstance(statement.operand, str) else "root"
 
 
 def replace_statement(program: Program, index: int, statement) -> Program:
@@ -84,6 +111,9 @@ def make_counterfactual_pair(
     allow_equal_answers: bool = False,
     require_affects_query: bool = False,
     max_programs: int = 200,
+    min_depth: int = 0,
+    max_depth: int = 0,
+    changed_role: str = "any",
 ) -> tuple[Program, Program, PairMetadata]:
     """Draw a counterfactual pair of ``seq_len``-statement programs diverging at ``divergence_index``.
 
@@ -93,6 +123,8 @@ def make_counterfactual_pair(
     which ``PairError`` says what kept failing. ``tokenizer`` maps a program to the ids the model
     reads; without it token lengths are not checked and ``n_tokens`` is ``None``. ``rng`` is a
     ``random.Random`` (advanced by the draw), an int seed, or ``None`` for ``DEFAULT_SEED``.
+    ``min_depth``/``max_depth`` (0: no bound) keep programs whose ``chain_depth`` at ``k`` lies
+    in the bounds, ``changed_role`` (``CHANGED_ROLES``) changes that keep ``k``'s role.
     """
     if not isinstance(rng, random.Random):
         rng = random.Random(DEFAULT_SEED if rng is None else rng)
@@ -104,9 +136,23 @@ def make_counterfactual_pair(
             f"divergence_index {divergence_index} is out of range for seq_len {seq_len} "
             f"(valid: 0..{seq_len - 1})"
         )
+    if changed_role not in CHANGED_ROLES:
+        raise PairError(f"unknown changed role {changed_role!r}; use one of {CHANGED_ROLES}")
+    if max_depth and max_depth < min_depth:
+        raise PairError(f"max_depth {max_depth} is below min_depth {min_depth}")
+    filtered = bool(min_depth or max_depth or changed_role != "any")
     counts = RejectionCounts()
     for _ in range(max_programs):
         a = fam.sample(seq_len, rng)
+        depth = chain_depth(a, divergence_index)
+        role = statement_role(a.statements[divergence_index])
+        if filtered and (
+            depth < min_depth
+            or (max_depth and depth > max_depth)
+            or changed_role not in ("any", role)
+        ):
+            counts.chain += 1
+            continue
         affects = divergence_index in a.dependencies()
         if require_affects_query and not affects:
             continue
@@ -116,6 +162,8 @@ def make_counterfactual_pair(
             continue
         ids_a = tokenizer(a) if tokenizer is not None else None
         options = fam.alternatives(a, divergence_index)
+        if changed_role != "any":
+            options = [o for o in options if statement_role(o) == changed_role]
         rng.shuffle(options)
         for statement in options:
             b = replace_statement(a, divergence_index, statement)
@@ -140,10 +188,11 @@ def make_counterfactual_pair(
                 diff_positions=diff,
                 n_tokens=len(ids_a) if ids_a is not None else None,
                 counts=counts,
+                chain_depth=depth,
             )
             return a, b, meta
     raise PairError(
         f"no valid {fam.name} pair at seq_len={seq_len}, divergence_index={divergence_index} "
         f"after {max_programs} programs ({counts.as_dict()}); try --allow-equal-answers or "
-        "another divergence index"
+        "another divergence index" + (" or a smaller depth" if filtered else "")
     )

@@ -38,7 +38,13 @@ def heatmap_chart(
         return grid_chart(rows, metric, ks, sites)[0]
     agg = aggregate(rows, metric, ks=ks, sites=sites)
     counts = {k: n for k, n in charts.count_pairs(rows).items() if k in agg["divergence_indices"]}
-    return charts.heatmap_figure(agg, metric, counts)
+    title = None
+    if agg.get("position_axis") == "role":  # a slice grid: one row per role, not per token
+        title = (
+            "Activation patching A → B along the data flow: rows are token roles (the changed "
+            "statement hop0, later hops, question, last), averaged across pairs by role"
+        )
+    return charts.heatmap_figure(agg, metric, counts, title=title)
 
 
 def traces_chart(

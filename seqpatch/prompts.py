@@ -178,15 +178,87 @@ def check_chat_template(tokenizer: Any) -> None:
         )
 
 
+@dataclass(frozen=True)
+class FamilyFormat(PromptFormat):
+    """One named format per program family (a registry model's measured defaults).
+
+    A prompt that suits one family can be degenerate on another (SmolLM2's chat prompt answers
+    ``1`` to every one-statement arithmetic program), so ``load_model`` of a registry model
+    renders each program with the format measured best for its family (``formats``: pairs of
+    family and format name, ``default`` for families not listed). Every member is a code
+    format, so answers read the same whatever the family.
+    """
+
+    name: ClassVar[str] = "by-family"
+
+    formats: tuple[tuple[str, str], ...]
+    default: str = "code"
+    tokenizer: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for _, fmt in (*self.formats, ("", self.default)):
+            if parse_format_name(fmt)[0] not in ("code", "code-chat"):
+                raise PromptFormatError(f"a by-family format lists code formats only, not {fmt!r}")
+
+    def with_tokenizer(self, tokenizer: Any) -> FamilyFormat:
+        return replace(self, tokenizer=tokenizer)
+
+    def member(self, family: str) -> PromptFormat:
+        """The format programs of ``family`` are rendered with."""
+        chosen = dict(self.formats).get(family, self.default)
+        return bind_tokenizer(get_prompt_format(chosen), self.tokenizer)
+
+    def prompt(self, program: Program) -> str:
+        return self.member(program.family).prompt(program)
+
+    def answer_text(self, value: int) -> str:
+        return f" {value}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "formats": {family: name for family, name in self.formats},
+            "default": self.default,
+        }
+
+
 PROMPT_FORMATS: dict[str, type[PromptFormat]] = {"compact": CompactFormat, "code": CodeFormat}
+_SHOTS_RE = re.compile(r"^(code|code-chat)-(\d+)shot$")
+
+
+def parse_format_name(name: str) -> tuple[str, int]:
+    """``code-chat-1shot`` → ``("code-chat", 1)``; ``code`` → ``("code", 0)``."""
+    match = _SHOTS_RE.match(name)
+    if match:
+        return match.group(1), int(match.group(2))
+    return name, 0
+
+
+def is_format_name(name: str) -> bool:
+    """Whether ``name`` names a format (``compact``, ``code``, ``code-chat``, ``code-2shot``…)."""
+    base, _ = parse_format_name(name)
+    return base in (*PROMPT_FORMATS, "code-chat")
+
+
+def bind_tokenizer(fmt: PromptFormat, tokenizer: Any) -> PromptFormat:
+    """``fmt`` with ``tokenizer`` for chat wrapping where it needs one (others unchanged)."""
+    if tokenizer is None:
+        return fmt
+    if isinstance(fmt, FamilyFormat) or (isinstance(fmt, CodeFormat) and fmt.chat):
+        return fmt.with_tokenizer(tokenizer)
+    return fmt
 
 
 def get_prompt_format(name: str, **settings: Any) -> PromptFormat:
-    """A format by name (``compact``, ``code``, or ``code-chat`` for ``CodeFormat(chat=True)``)."""
-    if name == "code-chat":
+    """A format by name: ``compact``, ``code``, ``code-chat`` (``CodeFormat(chat=True)``), and
+    either code format with worked examples, ``code-1shot`` … ``code-chat-3shot``."""
+    base, shots = parse_format_name(name)
+    if shots:
+        settings = {"n_shots": shots, **settings}
+    if base == "code-chat":
         return CodeFormat(chat=True, **settings)
     try:
-        return PROMPT_FORMATS[name](**settings)
+        return PROMPT_FORMATS[base](**settings)
     except KeyError:
-        known = ", ".join([*PROMPT_FORMATS, "code-chat"])
+        known = ", ".join([*PROMPT_FORMATS, "code-chat", "code-Nshot", "code-chat-Nshot"])
         raise PromptFormatError(f"unknown prompt format {name!r}; known: {known}") from None

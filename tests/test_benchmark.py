@@ -441,6 +441,56 @@ def test_choose_model_prefers_the_smallest_then_the_longest() -> None:
         choose_model(summary, 0.5, 11)
 
 
+def test_one_model_under_several_formats_in_one_stage(
+    tmp_path: Path, models: dict[str, str]
+) -> None:
+    """``--models m:code,m:code-1shot`` benchmarks one model under two prompt formats: each
+    spec's rows carry its own prompts (the 1-shot one shows a solved example first), and the
+    summary, table and choice keep them apart."""
+    _build_programs(tmp_path)
+    specs = (f"{models['bpe']}:code", f"{models['bpe']}:code-1shot")
+    result = invoke(
+        "build", "benchmark", "--models", ",".join(specs),
+        "--batch-size", "4", "--max-new-tokens", "2", "--data-dir", tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = load_stage("benchmark", data_dir=tmp_path)
+    by_spec = {spec: [r for r in rows if r["model_spec"] == spec] for spec in specs}
+    assert [len(v) for v in by_spec.values()] == [N_PROGRAMS, N_PROGRAMS]
+    for plain, shot in zip(*by_spec.values(), strict=True):
+        assert plain["program_id"] == shot["program_id"]
+        assert shot["prompt"].endswith(plain["prompt"].split("\n\n", 1)[1])
+        assert shot["prompt"].count("# The final value of") == 2  # the example, then the cue
+    summary = benchmark.summarize(rows)
+    assert summary["model_spec"].unique().len() == 2
+    table = benchmark.accuracy_table(summary)
+    assert ":code-1shot (arithmetic)" in table and ":code (arithmetic)" in table
+
+
+def test_choose_picks_the_format_too() -> None:
+    """One model benchmarked under several prompt formats: the choice is (model, format, length),
+    the format that reaches the threshold at the longest length (ties: the higher accuracy)."""
+    rows = [
+        ("m:code-chat", 10, 6, 0.9), ("m:code-chat", 10, 8, 0.5),
+        ("m:code-1shot", 10, 6, 0.95), ("m:code-1shot", 10, 8, 0.82),
+        ("m:code", 10, 8, 0.85), ("big", 1000, 9, 0.99),
+    ]  # fmt: skip
+    summary = _summary(rows).with_columns(pl.lit("org/m").alias("model_id"))
+    summary = summary.with_columns(
+        pl.when(pl.col("model_spec") == "big").then(pl.lit("org/big")).otherwise("model_id")
+        .alias("model_id")
+    )  # fmt: skip
+    choice = choose_model(summary, min_accuracy=0.8, min_seq_len=6)
+    assert (choice.model_spec, choice.prompt_format, choice.seq_len) == ("m:code", "code", 8)
+    choice = choose_model(summary, min_accuracy=0.9, min_seq_len=6)
+    assert (choice.model_spec, choice.prompt_format, choice.seq_len) == (
+        "m:code-1shot",
+        "code-1shot",
+        6,
+    )
+    assert choose_model(summary, 0.99, 6).prompt_format == "default"
+
+
 def test_choose_cli_writes_the_smaller_model(
     built: Path, tmp_path: Path, models: dict[str, str]
 ) -> None:

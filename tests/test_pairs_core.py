@@ -10,8 +10,10 @@ from seqpatch.pairs import (
     DEFAULT_SEED,
     PairError,
     RejectionCounts,
+    chain_depth,
     make_counterfactual_pair,
     replace_statement,
+    statement_role,
 )
 from seqpatch.programs import FAMILIES, Program
 
@@ -79,7 +81,7 @@ def test_the_seeds_call_works_with_a_default_seed():
 
 def test_counts_add_up_to_the_draws():
     """Every drawn change is either rejected for a counted reason or is the returned pair."""
-    assert set(RejectionCounts().as_dict()) == {"drawn", "token_length", "equal_answers"}
+    assert set(RejectionCounts().as_dict()) == {"drawn", "token_length", "equal_answers", "chain"}
     for seed in range(30):
         _, _, meta = make_counterfactual_pair(
             6, seed % 6, random.Random(seed), "arithmetic", tokenizer=code_chars
@@ -135,3 +137,63 @@ def test_replace_statement_reinterprets():
     env: dict[str, int] = {}
     exec(q.render("code"), {}, env)
     assert env[q.query] == q.answer
+
+
+def walk_chain(program: Program, index: int) -> int:
+    """The chain depth at ``index`` by running a binding program forward, each value carrying
+    the statements it was assigned through (independent of ``dependencies()``)."""
+    paths: dict[str, tuple[int, ...]] = {}
+    for i, stmt in enumerate(program.statements):
+        source = paths[stmt.operand] if isinstance(stmt.operand, str) else ()
+        paths[stmt.target] = (*source, i)
+    path = paths[program.query]
+    return len(path) - path.index(index) if index in path else 0
+
+
+def test_chain_depth_counts_hops_to_the_query():
+    p = Program.parse("a = 5\nb = a\nc = b\n#c:", "binding", "code")
+    assert [chain_depth(p, k) for k in range(3)] == [3, 2, 1]
+    q = Program.parse("a = 5\nb = 3\nc = b\n#c:", "binding", "code")
+    assert [chain_depth(q, k) for k in range(3)] == [0, 2, 1]
+    for seed in range(200):
+        p = FAMILIES["binding"].sample(6, random.Random(seed))
+        for k in range(6):
+            assert chain_depth(p, k) == walk_chain(p, k), (p.render(), k)
+
+
+@pytest.mark.parametrize("role", ["root", "link"])
+def test_min_depth_and_role_select_chain_pairs(role):
+    depths = set()
+    for seed in range(40):
+        a, b, meta = make_counterfactual_pair(
+            6,
+            2 + seed % 3,
+            random.Random(seed),
+            "binding",
+            min_depth=2,
+            changed_role=role,
+            max_programs=2000,  # redirected links often copy an equal value: many draws
+        )
+        k = meta.divergence_index
+        assert meta.chain_depth == chain_depth(a, k) == chain_depth(b, k) >= 2
+        assert statement_role(a.statements[k]) == statement_role(b.statements[k]) == role
+        assert a.answer != b.answer
+        depths.add(meta.chain_depth)
+    assert max(depths) >= 3  # deeper chains are reachable, not only the bound
+    refused = sum(
+        make_counterfactual_pair(6, 1, random.Random(s), "binding", min_depth=2)[2].counts.chain
+        for s in range(10)
+    )
+    assert refused > 0  # programs without such a chain were refused and counted
+    with pytest.raises(PairError, match="smaller depth"):
+        make_counterfactual_pair(4, 3, random.Random(0), "binding", min_depth=2, max_programs=20)
+
+
+def test_unfiltered_pairs_are_unchanged_by_the_filters_existence():
+    """Without filters the draw consumes the RNG as before: the same pairs as a plain call."""
+    for seed in range(10):
+        plain = make_counterfactual_pair(6, 2, random.Random(seed), "binding")
+        again = make_counterfactual_pair(
+            6, 2, random.Random(seed), "binding", min_depth=0, changed_role="any"
+        )
+        assert plain[:2] == again[:2] and plain[2].counts.chain == 0

@@ -92,7 +92,7 @@ def expected_rejections(handle, ref, wrong=lambda a: False) -> dict[str, int]:
     regenerated alone from its seed and classified in the stage's order."""
     cfg = PairsConfig(**ref.provenance["config"])
     out = dict.fromkeys(("token_length", "equal_answers", "changes_drawn", "a_wrong", "b_wrong"), 0)
-    out.update(answer_is_prefix=0, no_valid_change=0)
+    out.update(answer_is_prefix=0, no_valid_change=0, chain=0)
     for i in range(ref.provenance["extra"]["candidates"]):
         k = cfg.divergence_indices[i % len(cfg.divergence_indices)]
         rng = random.Random(derive_seed("pair", cfg.seed, cfg.family, cfg.seq_len, i))
@@ -104,12 +104,16 @@ def expected_rejections(handle, ref, wrong=lambda a: False) -> dict[str, int]:
                 cfg.family,
                 tokenizer=handle.prompt_ids,
                 allow_equal_answers=cfg.allow_equal_answers,
+                min_depth=cfg.min_depth,
+                max_depth=cfg.max_depth,
+                changed_role=cfg.changed_role,
             )
         except PairError:
             out["no_valid_change"] += 1
             continue
         out["token_length"] += meta.counts.token_length
         out["equal_answers"] += meta.counts.equal_answers
+        out["chain"] += meta.counts.chain
         out["changes_drawn"] += meta.counts.drawn
         fmt = handle.prompt_format
         ans_a = handle.answer_token_ids([a.answer], prompt=fmt.prompt(a))[0]
@@ -173,7 +177,16 @@ def check_rows(rows, handle, family, equal_answers=False):
             assert ids[row[index]] == token and ids.index(token) == row[index]
             assert handle.tokenizer.decode([token]).strip() == labels[row[index]]
             assert labels[row[index]] in str(program.answer)
-        assert len(row["tokens"]) == row["n_tokens"]
+        assert len(row["tokens"]) == row["n_tokens"] == len(row["roles"])
+        roles = row["roles"]
+        assert roles[-1] == "last"
+        changed = {roles[t] for t in row["diff_positions"]}
+        if row["affects_query"]:  # the changed tokens are the changed statement's
+            assert all(r.startswith("hop0:") for r in changed), (changed, row["tokens"])
+        else:
+            assert changed == {"stmt"}
+        hops = {r.split(":")[0] for r in roles if r.startswith("hop")}
+        assert len(hops) == (row["chain_depth"] if row["affects_query"] else 0)
 
 
 def test_bpe_pairs_have_equal_lengths_and_counts(bpe_llama, tmp_path):
@@ -305,6 +318,34 @@ def test_unreachable_target_says_why(compact_llama, tmp_path):
 def test_bad_divergence_index():
     with pytest.raises(PairsStageError, match="out of range"):
         PairsConfig(model="builtin", seq_len=4, divergence_indices=(4,))
+
+
+def test_chain_pairs_store_their_depth(compact_llama, tmp_path):
+    """``min_depth=2`` keeps changes that reach the query through a later statement; each row's
+    ``chain_depth`` is recomputed here by following the chain by hand."""
+    ref, rows = build(compact_llama, tmp_path, "binding", seq_len=5, n_pairs=30, min_depth=2)
+    check_rows(rows, compact_llama, "binding")
+    assert PairsConfig(**ref.provenance["config"]).divergence_indices == (0, 1, 2, 3)
+    for row in rows:
+        a = Program.parse(row["program_a"], "binding", "code")
+        live, path, k = a.query, [], row["divergence_index"]
+        for i in range(a.seq_len - 1, k - 1, -1):
+            if a.statements[i].target == live:
+                path.append(i)
+                live = a.statements[i].operand
+        assert path[-1] == k  # the walk from the query reached the changed statement
+        assert row["chain_depth"] == len(path) >= 2
+    assert ref.provenance["extra"]["rejections"]["chain"] > 0
+    assert ref.provenance["extra"]["rejections"] == expected_rejections(compact_llama, ref)
+
+
+def test_chain_filters_that_cannot_be_met_are_refused_before_work():
+    with pytest.raises(PairsStageError, match="cannot fit"):
+        PairsConfig(model="builtin", seq_len=2, min_depth=3)
+    with pytest.raises(PairsStageError, match="cannot reach depth 2"):
+        PairsConfig(model="builtin", seq_len=4, min_depth=2, divergence_indices=(3,))
+    with pytest.raises(PairsStageError, match="changed role"):
+        PairsConfig(model="builtin", seq_len=4, changed_role="constant")
 
 
 def test_the_rejection_summary_does_not_count_changes_drawn_as_a_rejection():

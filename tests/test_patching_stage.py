@@ -14,6 +14,7 @@ from seqpatch import pipeline
 from seqpatch.executor import execute
 from seqpatch.interventions._layers import supports_layer_runner
 from seqpatch.models import load_model
+from seqpatch.programs import Program
 from seqpatch.stages import patching
 from seqpatch.stages.base import ModelCache
 from seqpatch.stages.pairs import PairsConfig
@@ -131,7 +132,7 @@ def test_patching_equals_plain_hooks_and_metrics(handle, data_dir, models):
     ref = pipeline.build_patching(
         ("resid_pre", "mlp_out"), activations="none", data_dir=data_dir, models=models
     )
-    assert ref.provenance["schema_version"] == patching.SCHEMA_VERSION == 4
+    assert ref.provenance["schema_version"] == patching.SCHEMA_VERSION == 5
     rows = Store(data_dir).load("patching", ref.version)
     assert len(rows) == 2 * N_PAIRS
     assert set(rows["site"]) == {"resid_pre", "mlp_out"}
@@ -595,3 +596,74 @@ def test_mlp_post_is_cached_and_patched_end_to_end(handle, data_dir, models):
         logits = handle.hf_model(input_ids=tgt).logits[0, -1].float()
         h.remove()
     np.testing.assert_allclose(y[0]["logits"][layer, pos], logits[pair["candidate_ids"]], atol=1e-5)
+
+
+def test_slice_positions_are_the_full_grid_at_the_chain_cells(handle, tmp_path, models):
+    """``--positions slice`` on chain pairs patches the changed statement, the later hops, the
+    question and the last token — each labelled by its role — and every computed cell equals the
+    full grid's cell (an independent plain-hook patch checks one of them); the rest is NaN."""
+    data_dir = tmp_path / "chain"
+    oracle = dataclasses.replace(handle, hf_model=Oracle(handle, "binding"))
+    cfg = PairsConfig(model="tiny", seq_len=4, n_pairs=8, min_depth=2)
+    execute("pairs", cfg, store=Store(data_dir), models=model_cache(oracle), progress=False)
+    sites = ("resid_pre", "attn_out")
+    full = pipeline.build_patching(sites, data_dir=data_dir, models=models, activations="none")
+    chain = pipeline.build_patching(
+        sites, positions="slice", data_dir=data_dir, models=models, activations="none"
+    )
+    store = Store(data_dir)
+    full_rows = store.load("patching", full.version).with_format("numpy")
+    rows = store.load("patching", chain.version)
+    pairs = {r["pair_id"]: r for r in store.load("pairs")}
+    assert set(rows["span"]) == {"slice"}
+    for row, ref in zip(rows.with_format("numpy"), full_rows, strict=True):
+        pair = pairs[row["pair_id"]]
+        roles = list(row["roles"])
+        assert roles == pair["roles"]
+        program = Program.parse(pair["program_b"], "binding")
+        k, n = int(row["divergence_index"]), int(row["n_tokens"])
+        hops = [i for i in program.dependencies() if i >= k]
+        # compact word-level tokens: statement i is tokens bos + 4i .. bos + 4i + 3 (`a = 5 ;`),
+        # then `#`, the variable and `:`
+        bos = n - 4 * program.seq_len - 3
+        expected = [bos + 4 * i + j for i in hops for j in range(4)]
+        expected += list(range(bos + 4 * program.seq_len, n))
+        keep = [t for t, role in enumerate(roles) if role != "stmt" and role != "context"]
+        assert keep == expected and roles[-1] == "last" and roles[-3] == "question:0"
+        assert [roles[t] for t in expected[:4]] == ["hop0:var", "hop0:=", "hop0:value", "hop0:end"]
+        assert len(hops) == pair["chain_depth"] >= 2
+        np.testing.assert_allclose(row["logits"][:, keep], ref["logits"][:, keep], atol=1e-5)
+        np.testing.assert_allclose(row["lse"][:, keep], ref["lse"][:, keep], atol=1e-5)
+        others = [t for t in range(row["lse"].shape[1]) if t not in keep]
+        assert np.isnan(row["lse"][:, others]).all()
+    row = rows[0]
+    pair = pairs[row["pair_id"]]
+    program = Program.parse(pair["program_b"], "binding")
+    hop = next(i for i in program.dependencies() if i > int(row["divergence_index"]))
+    pos = int(row["n_tokens"]) - 4 * program.seq_len - 3 + 4 * hop + 2  # the hop's copied variable
+    want = hooked_logits(handle, pair["input_ids_a"], pair["input_ids_b"], row["site"], 1, pos)
+    got = np.asarray(row["logits"])[1, pos]
+    np.testing.assert_allclose(got, want[pair["candidate_ids"]], atol=1e-5)
+
+    # the heatmap averages by role: each role's cell is the mean over pairs of that role's token
+    agg = patching.aggregate(rows)
+    assert agg["position_axis"] == "role"
+    frame = rows.with_format("numpy")
+    for ki, k in enumerate(agg["divergence_indices"]):
+        labels = agg["labels"][k]
+        assert labels[-1] == "last" and labels[0] == "hop0:var"
+        assert not any(r in ("stmt", "context") for r in labels)  # only patched rows
+        for c, role in enumerate(labels):
+            picked = [
+                frame[i]["normalised"][:, list(frame[i]["roles"]).index(role)]
+                for i in range(len(rows))
+                if rows[i]["site"] == "resid_pre"
+                and rows[i]["divergence_index"] == k
+                and role in rows[i]["roles"]
+            ]
+            with np.errstate(invalid="ignore"):
+                want = np.nanmean(np.stack(picked), axis=0)
+            np.testing.assert_allclose(agg["stats"][0, ki, 0, :, c], want, atol=1e-6)
+    index = json.loads(patching.heatmap_artifacts(rows)[patching.HEATMAP_INDEX_FILE])
+    assert index["axes"][-1] == "role"
+    assert list(chain.path.glob("heatmap-normalised.png"))

@@ -21,6 +21,7 @@ from seqpatch.interventions.tracing import (
     window_layers,
 )
 from seqpatch.models import load_model
+from seqpatch.programs import get_family
 from seqpatch.stages import tracing as stage
 
 TOL = 1e-5
@@ -403,3 +404,96 @@ def test_sigma_counts_the_embedding_modules_own_scale(tmp_path):
     expected = np.std(weight, ddof=1) * float(module.embed_scale)
     assert float(module.embed_scale) > 1
     assert embedding_std(handle) == pytest.approx(expected, rel=1e-9)
+
+
+def test_auto_noise_is_the_smallest_rung_that_halves_the_answer(tmp_path, organism, monkeypatch):
+    """``noise_scale="auto"``: the chosen ν is the first rung of the ladder whose corrupted
+    P(answer), recomputed here with the tracing engine's own ``restore_probs``, is at most half
+    the clean one on the calibration programs (the rung before it is not); the rows, provenance
+    and chart carry it."""
+    from seqpatch.executor import execute
+    from seqpatch.options import RuntimeSettings
+    from seqpatch.pipeline import default_family
+    from seqpatch.stages import STAGES, StageInfo
+    from seqpatch.stages.base import ModelCache
+    from seqpatch.stages.pairs import PairsConfig
+    from seqpatch.store import Store
+
+    if "tracing" not in STAGES:
+        info = StageInfo("tracing", "seqpatch.stages.tracing", "ROME causal trace per program")
+        monkeypatch.setitem(STAGES, "tracing", info)
+    ladder = (1e-3, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+    monkeypatch.setattr(stage, "NOISE_LADDER", ladder)
+    monkeypatch.setattr(stage.calibrate_noise, "__defaults__", (ladder,))
+    store, models = Store(tmp_path), ModelCache()
+    models.put("builtin", organism)
+    family, params = default_family("builtin")
+    pairs_cfg = PairsConfig(
+        model="builtin", seq_len=3, n_pairs=4, family=family, family_params=params
+    )
+    pairs = execute("pairs", pairs_cfg, store=store, models=models, progress=False)
+    cfg = stage.TracingConfig(
+        n_programs=4, n_samples=3, kinds=("resid",), noise_scale="auto", calibration_programs=3,
+    )  # fmt: skip
+    runtime = RuntimeSettings(shard_size=2, progress=False)
+    ref = execute("tracing", cfg, {"pairs": pairs}, store=store, models=models, runtime=runtime)
+    rows = store.load("tracing", ref.version)
+    steps = ref.provenance["extra"]["calibration"]
+    nu = steps[-1]["noise_scale"]
+    assert [s["noise_scale"] for s in steps] == list(ladder[: len(steps)])
+    assert [s["chosen"] for s in steps] == [False] * (len(steps) - 1) + [True]
+    assert len(steps) >= 2  # the tiny first rung never corrupts enough
+    assert set(rows["noise_scale"]) == {nu}
+    std = embedding_std(organism)
+    assert rows[0]["sigma"] == pytest.approx(nu * std)
+
+    def mean_probs(scale):
+        clean, noisy = [], []
+        for row in rows.select(range(3)):
+            ids, target = [int(i) for i in row["input_ids"]], int(row["target_id"])
+            corr = Corruption(tuple(row["corrupted_positions"]), tuple(row["seeds"]), scale * std)
+            clean.append(restore_probs(organism, ids, target, None)[0])
+            noisy.append(np.mean(restore_probs(organism, ids, target, corr, [])))
+        return float(np.mean(clean)), float(np.mean(noisy))
+
+    clean, noisy = mean_probs(nu)
+    assert noisy <= 0.5 * clean
+    assert (clean, noisy) == pytest.approx((steps[-1]["clean_prob"], steps[-1]["corrupted_prob"]))
+    before_clean, before_noisy = mean_probs(steps[-2]["noise_scale"])
+    assert before_noisy > 0.5 * before_clean
+    index = json.loads((ref.path / stage.AIE_INDEX_FILE).read_text())
+    assert index["noise_scale"] == nu
+    assert list(ref.path.glob("causal-trace.png"))
+
+
+def test_bad_noise_settings_are_refused_before_work():
+    with pytest.raises(stage.TracingStageError, match="noise_scale must be"):
+        stage.TracingConfig(noise_scale="loud")
+    with pytest.raises(stage.TracingStageError, match="calibration_programs"):
+        stage.TracingConfig(noise_scale="auto", calibration_programs=0)
+
+
+@pytest.mark.parametrize("shared_prefix", [1, 0])
+def test_the_target_is_the_token_that_carries_the_value(shared_prefix):
+    """SmolLM2 reads `` 6`` as ``Ġ`` then ``6``: the trace appends the whitespace token (whether
+    or not the pair shares it as an answer prefix) and targets ``6``, not ``Ġ`` — the space is
+    the same for every value, so P(``Ġ``) cannot show a corruption of the value (schema 1)."""
+    from seqpatch.models import pretrained as pt
+    from seqpatch.programs import Program
+
+    pt.install("smollm2-135m-instruct", progress=False)
+    handle = load_model("smollm2-135m-instruct", prompt_format="code")
+    program = Program.parse("a = 6\nb = a\n#b:", "binding", "code")
+    prompt = handle.prompt_format.prompt(program)
+    space, six = handle.answer_token_ids([6], prompt=prompt)[0]
+    ids = handle.prompt_ids(program)
+    row = {
+        "pair_id": "p", "program_b": program.render("code"), "prompt_b": prompt,
+        "input_ids_b": ids + [space] * shared_prefix, "n_tokens": len(ids) + shared_prefix,
+        "answer_prefix_len": shared_prefix, "ground_truth_b": 6, "divergence_index": 0,
+        "dependencies_b": [0, 1], "diff_positions": [],
+    }  # fmt: skip
+    prog = stage.prepare_program(handle, stage.TracingConfig(), row, get_family("binding"))
+    assert handle.tokenizer.decode([space]).strip() == ""
+    assert prog.target == six and prog.ids == [*ids, space]
+    assert [prog.tokens[t] for t in prog.positions][-1] == "6"  # the changed statement's value

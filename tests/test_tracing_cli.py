@@ -157,3 +157,31 @@ def test_run_cli_has_the_tracing_flag():
         assert "<bool>" not in help_text, command  # flags render as flags, not as values
     activations = " ".join(invoke("build", "activations", "--help").output.split())
     assert "([layers, positions, d_model] arrays)" in activations
+
+
+def test_noise_scale_auto_from_the_command_line(pairs_dir):
+    """``--noise-scale auto`` calibrates ν (recorded in provenance and rows); a word that is not
+    a number or ``auto`` is one line and exit 2, before any work."""
+    result = invoke(
+        "build", "tracing", "--n-programs", "3", "--n-samples", "2", "--kinds", "resid",
+        "--noise-scale", "auto", "--calibration-programs", "3", "--data-dir", pairs_dir,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ref = Store(pairs_dir).resolve("tracing", "latest")
+    steps = ref.provenance["extra"]["calibration"]
+    assert ref.provenance["config"]["noise_scale"] == "auto" and steps[-1]["chosen"]
+    rows = Store(pairs_dir).load("tracing", ref.version)
+    assert set(rows["noise_scale"]) == {steps[-1]["noise_scale"]}
+    bad = invoke("build", "tracing", "--noise-scale", "loud", "--data-dir", pairs_dir)
+    assert bad.exit_code == 2 and "auto" in error_line(bad.output)
+
+
+def test_chain_pairs_from_the_command_line(tmp_path):
+    result = invoke(
+        "build", "pairs", "--model", "builtin", "--seq-len", "4", "--n-pairs", "6",
+        "--min-depth", "2", "--changed-role", "root", "--data-dir", tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = Store(tmp_path).load("pairs", Store(tmp_path).resolve("pairs", "latest").version)
+    assert min(rows["chain_depth"]) >= 2
+    assert all(r["statement_a"].split("= ")[1].isdigit() for r in rows)  # root: constants

@@ -106,7 +106,8 @@ def aggregate(
     normalisation) are skipped. Where the pairs of one divergence index differ in token length
     (BPE tokenizers), ``align`` lines their positions up — by default at their last token
     (``align_ends``; ``aligned_to_end`` lists those indices; their labels are the longest
-    pair's). An aligner by position role can be passed instead.
+    pair's). An aligner by position role can be passed instead. A ``slice`` grid with token
+    roles is aggregated by role (``aggregate_by_role``).
     """
     check_metric(metric)
     site_col = np.asarray(dataset["site"])
@@ -117,6 +118,8 @@ def aggregate(
     if len(keep) < len(site_col):
         dataset = dataset.select(keep)
         site_col, k_col = site_col[keep], k_col[keep]
+    if by_role(dataset):  # a slice grid: rows are token roles, averaged across pairs by role
+        return aggregate_by_role(dataset, metric)
     cols = dataset.select_columns([metric]).with_format("numpy")
     values = np.array(cols[metric], dtype=np.float64)
     lengths = np.asarray(dataset["n_tokens"])
@@ -157,6 +160,74 @@ def aggregate(
         "span": dataset[0]["span"] if "span" in dataset.column_names else "",
         "labels": labels,
         "aligned_to_end": aligned,
+        "stats": stats,
+    }
+
+
+def by_role(dataset: Dataset) -> bool:
+    """Whether ``dataset`` is a ``slice`` grid with token roles: aggregated by role, not index."""
+    return (
+        grid_axes(dataset) == DEFAULT_AXES
+        and "roles" in dataset.column_names
+        and len(dataset) > 0
+        and dataset[0]["span"] == "slice"
+    )
+
+
+def aggregate_by_role(dataset: Dataset, metric: str = "normalised") -> dict[str, Any]:
+    """``aggregate`` of a ``slice`` grid with the position axis replaced by token roles.
+
+    Pairs of one divergence index may differ in length and chain depth; each patched cell is
+    averaged with the cells of the same role (``seqpatch.roles``: ``hop1:value``,
+    ``question:2``, ``last``) in the other pairs. ``labels[k]`` are the roles present among
+    ``k``'s pairs in reading order (``role_key``), and only those: unpatched positions have no
+    row. ``stats`` is ``[sites, divergence_indices, 3, layers, roles]`` (NaN beyond a ``k``'s
+    roles); ``position_axis`` is ``"role"``.
+    """
+    from seqpatch.roles import role_key, slice_positions
+
+    sites = list(dict.fromkeys(dataset["site"]))
+    ks = sorted(set(dataset["divergence_index"]))
+    site_col = np.asarray(dataset["site"])
+    k_col = np.asarray(dataset["divergence_index"])
+    roles_col = dataset["roles"]
+    values = np.array(
+        dataset.select_columns([metric]).with_format("numpy")[metric], dtype=np.float64
+    )
+    patched = [slice_positions(roles) for roles in roles_col]
+    labels: dict[int, list[str]] = {}
+    for k in ks:
+        present = {roles_col[i][t] for i in np.flatnonzero(k_col == k) for t in patched[i]}
+        labels[k] = sorted(present, key=role_key)
+    width = max(len(v) for v in labels.values())
+    stats = np.full((len(sites), len(ks), 3, values.shape[1], width), np.nan)
+    for si, site in enumerate(sites):
+        for ki, k in enumerate(ks):
+            rows = np.flatnonzero((site_col == site) & (k_col == k))
+            if len(rows) == 0:
+                continue
+            column = {role: c for c, role in enumerate(labels[k])}
+            chunk = np.full((len(rows), values.shape[1], len(column)), np.nan)
+            for j, i in enumerate(rows):
+                for t in patched[i]:
+                    chunk[j, :, column[roles_col[i][t]]] = values[i, :, t]
+            n = len(column)
+            with nan_quiet():
+                stats[si, ki, 0, :, :n] = np.nanmean(chunk, axis=0)
+                stats[si, ki, 1, :, :n] = np.nanstd(chunk, axis=0)
+            stats[si, ki, 2, :, :n] = np.sum(~np.isnan(chunk), axis=0)
+    return {
+        "metric": metric,
+        "method": "exact",
+        "axes": DEFAULT_AXES,
+        "sites": sites,
+        "divergence_indices": ks,
+        "layers": list(dataset[0]["layers"]),
+        "heads": [],
+        "span": "slice",
+        "labels": labels,
+        "aligned_to_end": [],
+        "position_axis": "role",
         "stats": stats,
     }
 

@@ -95,7 +95,6 @@ def tracing_summary(
     divergence index, program counts, mean clean / corrupted probabilities (overall and per
     ``k``) and the trace's parameters. ``noise_scale`` is the config's ν (the rows store σ, not
     ν; default: ROME's 3); ``model`` names the model in the title."""
-    from seqpatch.interventions.tracing import ROME_NOISE_SCALE
 
     summary = aie(rows)
     meta = rows.select_columns(
@@ -124,8 +123,19 @@ def tracing_summary(
         "corrupted_prob": float(corrupted.mean()),
         "window": int(first["window"]),
         "sigma": float(first["sigma"]),
-        "noise_scale": float(noise_scale if noise_scale is not None else ROME_NOISE_SCALE),
+        "noise_scale": _noise_scale(noise_scale, first),
         "n_samples": len(first["seeds"]),
         "corrupt": first["corrupt"],
         "model": model,
     }
+
+
+def _noise_scale(given: Any, first: Any) -> float:
+    """ν for the chart: the number given, else the row's (a calibrated ``auto``), else ROME's 3."""
+    from seqpatch.interventions.tracing import ROME_NOISE_SCALE
+
+    if isinstance(given, int | float):
+        return float(given)
+    if "noise_scale" in first and first["noise_scale"] is not None:
+        return float(first["noise_scale"])
+    return ROME_NOISE_SCALE

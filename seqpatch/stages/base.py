@@ -112,10 +112,10 @@ FORMAT_SEPARATOR = ":"
 def split_model_spec(spec: str) -> tuple[str, str | None]:
     """``"model:code-chat"`` → ``("model", "code-chat")``; a spec without a known format suffix
     is returned whole (Windows drive letters and ``user/name:rev`` stay intact)."""
-    from seqpatch.prompts import PROMPT_FORMATS
+    from seqpatch.prompts import is_format_name
 
     head, sep, tail = spec.rpartition(FORMAT_SEPARATOR)
-    if sep and head and tail in (*PROMPT_FORMATS, "code-chat"):
+    if sep and head and is_format_name(tail):
         return head, tail
     return spec, None
 

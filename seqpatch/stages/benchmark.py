@@ -389,9 +389,28 @@ def _frame(rows: Dataset) -> pl.DataFrame:
     return pl.DataFrame({c: rows[c] for c in [*columns, "correct"]})
 
 
+def labelled(summary: pl.DataFrame) -> pl.DataFrame:
+    """``summary`` with ``model_id`` suffixed by the prompt format (``org/m:code-1shot``) where
+    one model was benchmarked under several formats, so tables and charts keep them apart."""
+    import polars as pl
+
+    from seqpatch.stages.base import split_model_spec
+
+    if "model_spec" not in summary.columns:  # one row per model already
+        return summary
+    specs = summary.select("model_id", "model_spec").unique()
+    shared = {m for m, n in specs.group_by("model_id").len().iter_rows() if n > 1}
+    labels = [
+        f"{model}:{split_model_spec(spec)[1] or 'default'}" if model in shared else model
+        for model, spec in summary.select("model_id", "model_spec").iter_rows()
+    ]
+    return summary.with_columns(pl.Series("model_id", labels))
+
+
 def accuracy_table(summary: pl.DataFrame) -> str:
     """Accuracy in percent per (model, family) and length, as text for the terminal: one row per
     model and family, one column per length (the Wilson intervals are in the csv and chart)."""
+    summary = labelled(summary)
     lengths = sorted(set(summary["seq_len"].to_list()))
     rows = [["model (family)", *(str(n) for n in lengths)]]
     for (model, family), group in summary.group_by(["model_id", "family"], maintain_order=True):
@@ -446,7 +465,7 @@ def accuracy_chart_artifacts(
 
     mark = chosen if chosen and chosen.get("benchmark_version") == ref.version else None
     chart = accuracy_figure(
-        load_summary(ref),
+        labelled(load_summary(ref)),
         threshold=mark["min_accuracy"] if mark else None,
         chosen=(mark["model_id"], mark["seq_len"]) if mark else None,
         version=ref.version,

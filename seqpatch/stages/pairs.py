@@ -55,8 +55,16 @@ from datasets import Features, List, Value
 
 from seqpatch.bounds import MAX_CANDIDATES, MAX_PAIRS, check_count
 from seqpatch.errors import SeqpatchError
-from seqpatch.pairs import PairError, RejectionCounts, make_counterfactual_pair
-from seqpatch.programs import Family, Program, derive_seed, get_family
+from seqpatch.options import option
+from seqpatch.pairs import (
+    CHANGED_ROLES,
+    PairError,
+    RejectionCounts,
+    chain_depth,
+    make_counterfactual_pair,
+)
+from seqpatch.programs import Family, Program, Renderer, derive_seed, get_family
+from seqpatch.roles import token_roles
 from seqpatch.stages.base import Built, Inputs, ParentSpec, no_artifacts, no_checks
 
 if TYPE_CHECKING:
@@ -68,19 +76,20 @@ if TYPE_CHECKING:
     from seqpatch.store import StageRef
 
 STAGE = "pairs"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: chain_depth (and the chain filters' rejections)
 N_DIGITS = 10  # candidate slots 0..9: the ten digit tokens
 N_ANSWER_SLOTS = 2  # slots 10, 11 (families with other answers): A's and B's first differing token
 MODEL_REJECTIONS = ("a_wrong", "b_wrong", "answer_is_prefix")
 REJECTIONS = (
     "token_length",
     "equal_answers",
+    "chain",
     *MODEL_REJECTIONS,
     "no_valid_change",
 )
 """Every reason the stored ``rejections`` count (besides ``changes_drawn``): ``token_length``
-and ``equal_answers`` count redrawn changes inside candidate generation, the others whole
-candidates."""
+and ``equal_answers`` count redrawn changes inside candidate generation, ``chain`` programs the
+depth and role filters refused, the others whole candidates."""
 
 FEATURES = Features(
     {
@@ -100,6 +109,7 @@ FEATURES = Features(
         "ground_truth_b": Value("int64"),
         "answers_differ": Value("bool"),
         "affects_query": Value("bool"),
+        "chain_depth": Value("int32"),
         "dependencies_a": List(Value("int32")),
         "dependencies_b": List(Value("int32")),
         "n_tokens": Value("int32"),
@@ -107,6 +117,7 @@ FEATURES = Features(
         "input_ids_b": List(Value("int32")),
         "tokens": List(Value("string")),
         "tokens_a": List(Value("string")),
+        "roles": List(Value("string")),
         "diff_positions": List(Value("int32")),
         "answer_prefix_len": Value("int32"),
         "candidate_ids": List(Value("int64")),
@@ -120,7 +131,11 @@ FEATURES = Features(
 """``tokens`` are the target (B) prompt's token strings, ``tokens_a`` the source's (they differ
 at ``diff_positions``). ``candidate_ids`` has ``n_candidates(family)`` entries on every row (see
 the module docstring); ``answer_index_a/b`` index the first slot holding each answer's first
-differing token (its first token when the answers are equal)."""
+differing token (its first token when the answers are equal). ``roles`` gives each token of
+B its role in the data flow (``seqpatch.roles.token_roles``: ``hop0:value``, ``question:3``,
+``last``…), which ``--positions slice`` patches and charts align by. ``chain_depth`` is how many
+statements of the query's slice the changed value passes through (``seqpatch.pairs.chain_depth``:
+1 = the queried variable is assigned directly, 0 = the change cannot reach the query)."""
 
 
 class PairsStageError(SeqpatchError):
@@ -129,7 +144,13 @@ class PairsStageError(SeqpatchError):
 
 @dataclass(frozen=True)
 class PairsConfig:
-    """Which pairs to build. ``divergence_indices`` empty means every index ``0..seq_len-1``."""
+    """Which pairs to build. ``divergence_indices`` empty means every index ``0..seq_len-1``
+    (with ``min_depth``: every index from which a chain that deep fits in the program).
+
+    ``min_depth``/``max_depth`` (0: no bound) and ``changed_role`` select chain pairs
+    (``seqpatch.pairs``): ``min_depth=2`` keeps changes that reach the query through at least
+    one later statement (``a = 5; b = a; #b:``).
+    """
 
     model: str
     seq_len: int
@@ -141,6 +162,18 @@ class PairsConfig:
     batch_size: int = 512  # candidates per forward pass: large batches amortise Python overhead
     max_candidates_factor: int = 10  # give up after n_pairs * factor candidates
     family_params: dict[str, Any] = field(default_factory=dict)  # non-stock family settings
+    min_depth: int = option(
+        0,
+        "Keep changes that reach the query through a chain of at least this many statements "
+        "(2: at least one hop, as in a = 5; b = a; #b:). 0: no bound.",
+        min=0,
+    )
+    max_depth: int = option(0, "Keep chains of at most this many statements (0: no bound).", min=0)
+    changed_role: str = option(
+        "any",
+        "Keep one kind of change: any, root (a constant in both programs), link (a copy in "
+        "both) or update (an op in place).",
+    )
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
@@ -153,14 +186,37 @@ class PairsConfig:
             PairsStageError,
             "candidates drawn",
         )
+        if self.min_depth < 0 or self.max_depth < 0:
+            raise PairsStageError("min_depth and max_depth must be >= 0 (0: no bound)")
+        if self.max_depth and self.max_depth < self.min_depth:
+            raise PairsStageError(
+                f"max_depth {self.max_depth} is below min_depth {self.min_depth}; raise it or "
+                "leave it 0 (no bound)"
+            )
+        if self.min_depth > self.seq_len:
+            raise PairsStageError(
+                f"min_depth {self.min_depth} cannot fit in {self.seq_len} statements; use "
+                f"--seq-len {self.min_depth} or more"
+            )
+        if self.changed_role not in CHANGED_ROLES:
+            raise PairsStageError(
+                f"unknown changed role {self.changed_role!r}; use one of {', '.join(CHANGED_ROLES)}"
+            )
         if not self.divergence_indices:
-            object.__setattr__(self, "divergence_indices", tuple(range(self.seq_len)))
+            reach = range(self.seq_len - max(self.min_depth, 1) + 1)
+            object.__setattr__(self, "divergence_indices", tuple(reach))
         object.__setattr__(self, "divergence_indices", tuple(sorted(set(self.divergence_indices))))
         bad = [k for k in self.divergence_indices if not 0 <= k < self.seq_len]
         if bad:
             raise PairsStageError(
                 f"divergence index {bad[0]} is out of range for seq_len {self.seq_len} "
                 f"(valid: 0..{self.seq_len - 1}, or 'all')"
+            )
+        short = [k for k in self.divergence_indices if self.seq_len - k < self.min_depth]
+        if short:
+            raise PairsStageError(
+                f"a change at index {short[0]} cannot reach depth {self.min_depth} in "
+                f"{self.seq_len} statements; use indices up to {self.seq_len - self.min_depth}"
             )
 
 
@@ -171,9 +227,9 @@ artifacts = no_artifacts
 
 
 def parse_divergence_indices(text: str, seq_len: int) -> tuple[int, ...]:
-    """``all``, ``3`` or ``0,2,5`` → indices (validated by ``PairsConfig``)."""
-    if text.strip() == "all":
-        return tuple(range(seq_len))
+    """``all``, ``3`` or ``0,2,5`` → indices (validated by ``PairsConfig``; ``all`` is ``()``)."""
+    if text.strip() == "all":  # the config's default: every index (that can reach min_depth)
+        return ()
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -212,6 +268,9 @@ def _generate(batch: dict[str, list], cfg: PairsConfig, handle: ModelHandle) -> 
                 fam,
                 tokenizer=handle.prompt_ids,
                 allow_equal_answers=cfg.allow_equal_answers,
+                min_depth=cfg.min_depth,
+                max_depth=cfg.max_depth,
+                changed_role=cfg.changed_role,
             )
             texts = (a.render("code"), b.render("code"))
         except PairError:
@@ -223,6 +282,13 @@ def _generate(batch: dict[str, list], cfg: PairsConfig, handle: ModelHandle) -> 
         out["divergence_index"].append(k)
         out["counts"].append(json.dumps(meta.counts.as_dict() if meta else {"exhausted": 1}))
     return out
+
+
+def _renderer(handle: ModelHandle) -> Renderer:
+    """How the handle's prompts show the program (the organism's compact lines, else code)."""
+    from seqpatch.prompts import CompactFormat
+
+    return "compact" if isinstance(handle.prompt_format, CompactFormat) else "code"
 
 
 def n_candidates(fam: Family) -> int:
@@ -338,6 +404,7 @@ def _score(batch: dict[str, list], cfg: PairsConfig, handle: ModelHandle) -> dic
             "ground_truth_b": b.answer,
             "answers_differ": a.answer != b.answer,
             "affects_query": k in a.dependencies(),
+            "chain_depth": chain_depth(a, k),
             "dependencies_a": a.dependencies(),
             "dependencies_b": b.dependencies(),
             "n_tokens": len(row["input_b"]),
@@ -345,6 +412,9 @@ def _score(batch: dict[str, list], cfg: PairsConfig, handle: ModelHandle) -> dic
             "input_ids_b": row["input_b"],
             "tokens": tokens_b,
             "tokens_a": tokens_a,
+            "roles": token_roles(
+                handle.tokenizer, row["prompt_b"], row["input_b"], b, k, _renderer(handle)
+            ),
             "diff_positions": [
                 i
                 for i, (x, y) in enumerate(zip(row["input_a"], row["input_b"], strict=True))

@@ -69,6 +69,9 @@ from seqpatch.charts.grid_data import example_frame as example_frame
 from seqpatch.errors import SeqpatchError
 from seqpatch.metrics import METRIC_INFO, METRICS
 from seqpatch.options import ENGINES, csv, layer_list, option
+from seqpatch.roles import STATEMENT_SEPARATORS as STATEMENT_SEPARATORS
+from seqpatch.roles import chosen_positions
+from seqpatch.roles import selected_positions as selected_positions
 from seqpatch.site_table import HEAD_SITES, SWEEP_SITES
 from seqpatch.stages.base import Artifact, Built, Inputs, ParentSpec
 from seqpatch.store import StageRef
@@ -81,14 +84,15 @@ if TYPE_CHECKING:
     from seqpatch.models import ModelHandle
 
 STAGE = "patching"
-SCHEMA_VERSION = 4  # 2: full-vocabulary lse; 3: `method` (exact/attribution); 4: named axes
+SCHEMA_VERSION = 5  # 2: full-vocabulary lse; 3: `method`; 4: named axes; 5: token roles
 STAGE_AXES = (("layer", "pos"), ("layer", "head"), ("layer", "head", "pos"), ("layer",))
 POSITION_SETS = ("all", "from-divergence", "before-last", "last")
 # Position selections of a grid with a pos axis: "all" (every position; those before a pair's
 # divergence are skipped by the engine as provable no-ops) or, per pair, its changed tokens, the
-# last token of every line from the divergence on and the final token (``selected_positions``).
-POS_SELECTIONS = ("all", "changed+ends+last")
-STATEMENT_SEPARATORS = ("\n", ";")  # what ends a line: the code and compact renderers' separators
+# last token of every line from the divergence on and the final token (``selected_positions``);
+# or "slice": every token of the changed statement and of the later statements of the query's
+# slice, the question's tokens and the last token (``seqpatch.roles.slice_positions``).
+POS_SELECTIONS = ("all", "changed+ends+last", "slice")
 # Exact patching of every cell (its engine path is RuntimeSettings.engine) or attribution.
 METHODS = ("exact", "attribution")
 SHARD_SIZE = 250  # pairs per resumable shard: a lost shard costs seconds, not minutes
@@ -209,6 +213,7 @@ def features(*shape: int) -> Features:
             "n_tokens": Value("int32"),
             "tokens": List(Value("string")),
             "tokens_a": List(Value("string")),
+            "roles": List(Value("string")),
             "diff_positions": List(Value("int32")),
             "layers": List(Value("int32")),
             "axes": List(Value("string")),
@@ -287,7 +292,12 @@ def _patch(
                 handle, src, tgt, site, cand, ans_a, ans_b, layers=layers, axes=cfg.axes
             )
         elif "pos" in cfg.axes and cfg.positions != "all":
-            readout = _selected_grid(handle, src, tgt, site, cand, layers, cached.get(site), engine)
+            chosen = [
+                chosen_positions(cfg.positions, batch, i, handle.tokenizer) for i in range(len(src))
+            ]
+            readout = _selected_grid(
+                handle, src, tgt, site, cand, layers, cached.get(site), engine, chosen
+            )
         else:
             spec = PatchSpec(site, cfg.axes, layers=layers, spans=(cfg.positions,))
             readout = patch_grid(
@@ -322,6 +332,7 @@ def _patch(
                 "answer_index_b",
             ):
                 out[name].append(batch[name][i])
+            out["roles"].append(batch["roles"][i] if "roles" in batch else [])
             out["site"].append(site)
             out["method"].append("attribution" if cfg.method == "attribution" else "exact")
             out["layers"].append(layers)
@@ -340,23 +351,6 @@ def _patch(
     return out
 
 
-def selected_positions(ids_a: Sequence[int], ids_b: Sequence[int], tokenizer: Any) -> list[int]:
-    """The ``changed+ends+last`` cells of one pair: the tokens where A and B differ, every
-    position from the first of them on whose next token starts or holds a statement separator
-    (``STATEMENT_SEPARATORS``: the last token of each later line, of the query and of the chat
-    template's lines) and the final token, where the answer is read. Empty changes give ``[T-1]``.
-    """
-    length = len(ids_b)
-    changed = [t for t in range(length) if ids_a[t] != ids_b[t]]
-    first = changed[0] if changed else length - 1
-    ends = [
-        t
-        for t in range(first, length - 1)
-        if any(sep in tokenizer.decode([int(ids_b[t + 1])]) for sep in STATEMENT_SEPARATORS)
-    ]
-    return sorted({*changed, *ends, length - 1})
-
-
 def _selected_grid(
     handle: ModelHandle,
     src: list[Any],
@@ -366,8 +360,9 @@ def _selected_grid(
     layers: list[int],
     cached: list[np.ndarray] | None,
     engine: str,
+    chosen_positions: list[list[int]],
 ) -> tuple[Any, Any]:
-    """A ``layer,pos`` grid computed at each pair's ``selected_positions`` only, NaN elsewhere.
+    """A ``layer,pos`` grid computed at each pair's ``chosen_positions`` only, NaN elsewhere.
 
     Pairs whose selections sit at the same offsets from their ends share one engine call
     (negative ``PatchSpec.positions``, so pairs of different lengths batch together), and every
@@ -380,8 +375,7 @@ def _selected_grid(
     logits = torch.full((len(tgt), len(layers), width, cand.shape[-1]), float("nan"))
     lse = torch.full((len(tgt), len(layers), width), float("nan"))
     groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (a, b) in enumerate(zip(src, tgt, strict=True)):
-        chosen = selected_positions(a.tolist(), b.tolist(), handle.tokenizer)
+    for i, (b, chosen) in enumerate(zip(tgt, chosen_positions, strict=True)):
         groups.setdefault(tuple(t - len(b) for t in chosen), []).append(i)
     for offsets, members in groups.items():
         spec = PatchSpec(site, ("layer", "pos"), layers=layers, positions=list(offsets))
@@ -559,7 +553,12 @@ def heatmap_artifacts(dataset: Dataset, metrics: Sequence[str] = METRICS) -> dic
                 "site",
                 "divergence_index",
                 "statistic",
-                *(AXIS_NAMES[axis] for axis in agg["axes"]),
+                *(
+                    agg.get("position_axis", AXIS_NAMES[axis])
+                    if axis == "pos"
+                    else AXIS_NAMES[axis]
+                    for axis in agg["axes"]
+                ),
             ],
             "statistic": ["mean", "std", "count"],
             "sites": agg["sites"],

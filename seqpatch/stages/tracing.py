@@ -1,8 +1,11 @@
 """Stage ``tracing``: ROME's causal trace of one program of each pair (Meng et al. 2022, §2.1).
 
 One row per traced program (program B of each pair by default). The program reads its prompt
-(``input_ids`` without any answer prefix); the target is the first token of its correct answer,
-read at the last position over the full vocabulary. The embeddings of the corrupted tokens
+followed by the answer tokens that do not tell values apart — the pair's shared answer prefix,
+and any leading whitespace-only token — and the target is the next answer token, the first one
+that carries the value, read at the last position over the full vocabulary. (Tokenizers that
+split `` 6`` into ``Ġ`` and ``6``, like SmolLM2's and Gemma-3's, would otherwise make every
+trace measure P(``Ġ``), which no corruption of the program's values changes: schema 1 did.) The embeddings of the corrupted tokens
 (``corrupt``, below) get Gaussian noise of σ = ν × std(embeddings) in each of ``n_samples``
 draws, each from a recorded seed (``seeds``); then each state is restored in turn
 (``seqpatch.interventions.tracing``): the residual stream entering a layer at one position
@@ -16,6 +19,15 @@ NaN (programs of one stage may differ in length). The artifacts hold the average
 (AIE) per kind: by raw position for each divergence index (``aie.npy``), and by token role
 relative to the corrupted tokens as in ROME's Figure 2 (``aie_roles.npy``); ``aie.json``
 describes both arrays' axes.
+
+**Calibrated noise** (``noise_scale="auto"``): ν = 3 leaves some models' answers untouched
+(SmolLM2: P(answer) 0.766 clean and corrupted), and a trace whose corruption does nothing has
+nothing to restore. With ``auto`` the stage takes the smallest ν of ``NOISE_LADDER`` for which
+the mean corrupted P(answer) over the first ``calibration_programs`` traced programs (the very
+noise draws their traces use) is at most ``AUTO_FRACTION`` of their mean clean P(answer)
+(``calibrate_noise``); the ladder's probabilities and the choice are recorded in provenance
+(``calibration``) and the chosen ν in every row (``noise_scale``). No ν on the ladder reaching
+it is an error that says so.
 
 What ``corrupt`` names (token positions of the traced program's statements, found through the
 tokenizer's character offsets):
@@ -64,10 +76,26 @@ if TYPE_CHECKING:
     from seqpatch.store import StageRef
 
 STAGE = "tracing"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3  # 2: the row's ν (noise_scale="auto"); 3: the target carries the value
+NOISE_LADDER = (3.0, 6.0, 12.0, 24.0, 48.0, 96.0)  # ROME's ν first, then doubling
+AUTO_FRACTION = 0.5  # "corrupted": mean corrupted P(answer) at most half the clean one
 PARENTS = (ParentSpec("pairs"),)
 AIE_FILE, AIE_ROLES_FILE, AIE_INDEX_FILE = "aie.npy", "aie_roles.npy", "aie.json"
 SHARD_SIZE = 25  # programs per resumable shard
+
+
+def parse_noise_scale(text: str) -> float | str:
+    """``auto`` or a positive number (the CLI's ``--noise-scale``)."""
+    from seqpatch.options import OptionsError
+
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise OptionsError(f"--noise-scale takes a number > 0 or auto, not {text!r}") from None
+    check_finite("noise_scale", value, OptionsError, above=0, at_most=MAX_NOISE_SCALE)
+    return value
 
 
 class TracingStageError(SeqpatchError):
@@ -84,8 +112,16 @@ class TracingConfig:
         "(the query's reference chain) or a statement index such as 0.",
     )
     program: str = option("b", "Which program of each pair: a (source) or b (target).")
-    noise_scale: float = option(
-        ROME_NOISE_SCALE, "ν: noise σ = ν × std(input embeddings) (ROME: 3).", min=0
+    noise_scale: float | str = option(
+        ROME_NOISE_SCALE,
+        "ν: noise σ = ν × std(input embeddings) (ROME: 3), or auto: the smallest ν of "
+        f"{', '.join(f'{x:g}' for x in NOISE_LADDER)} that brings the mean P(answer) of the "
+        "first --calibration-programs programs to at most half its clean value.",
+        parse=parse_noise_scale,
+        cli_default="3",
+    )
+    calibration_programs: int = option(
+        10, "Programs the auto noise calibration averages over.", min=1
     )
     n_samples: int = option(ROME_SAMPLES, "Noise draws per program (ROME: 10).", min=1)
     window: int | None = option(
@@ -117,9 +153,18 @@ class TracingConfig:
         object.__setattr__(self, "corrupt", corrupt)
         if self.program not in ("a", "b"):
             raise TracingStageError(f"program must be 'a' or 'b', got {self.program!r}")
-        check_finite(
-            "noise_scale", self.noise_scale, TracingStageError, above=0, at_most=MAX_NOISE_SCALE
-        )
+        if self.noise_scale != "auto":
+            if isinstance(self.noise_scale, str):
+                raise TracingStageError(
+                    f"noise_scale must be a number > 0 or 'auto', got {self.noise_scale!r}"
+                )
+            check_finite(
+                "noise_scale", self.noise_scale, TracingStageError, above=0, at_most=MAX_NOISE_SCALE
+            )
+        if self.calibration_programs < 1:
+            raise TracingStageError(
+                f"calibration_programs must be >= 1, got {self.calibration_programs}"
+            )
         if self.n_samples < 1:
             raise TracingStageError(f"n_samples must be >= 1, got {self.n_samples}")
         if self.window is not None and self.window < 1:
@@ -159,6 +204,7 @@ def features(n_kinds: int, n_layers: int, n_positions: int) -> Features:
             "target_id": Value("int64"),
             "target_label": Value("string"),
             "sigma": Value("float64"),
+            "noise_scale": Value("float64"),
             "window": Value("int32"),
             "kinds": List(Value("string")),
             "layers": List(Value("int32")),
@@ -257,14 +303,20 @@ def prepare_program(
     side = cfg.program
     program = Program.parse(row[f"program_{side}"], family)
     prompt = row[f"prompt_{side}"]
-    ids = list(row[f"input_ids_{side}"])[: int(row["n_tokens"]) - int(row["answer_prefix_len"])]
-    if list(handle.tokenizer(prompt)["input_ids"]) != ids:
+    stored = list(row[f"input_ids_{side}"])
+    prompt_ids = stored[: int(row["n_tokens"]) - int(row["answer_prefix_len"])]
+    if list(handle.tokenizer(prompt)["input_ids"]) != prompt_ids:
         raise TracingStageError(
             f"pair {row['pair_id']}: the model's tokenizer no longer reads the stored prompt as "
             "the stored input ids; rebuild the pairs stage with this model"
         )
     truth = int(row[f"ground_truth_{side}"])
-    target = handle.answer_token_ids([truth], prompt=prompt)[0][0]
+    answer = handle.answer_token_ids([truth], prompt=prompt)[0]
+    n = int(row["answer_prefix_len"])  # shared with the other program's answer
+    while n < len(answer) - 1 and not handle.tokenizer.decode([answer[n]]).strip():
+        n += 1  # a whitespace-only token says nothing about the value
+    ids = prompt_ids + list(answer[:n])
+    target = answer[n]
     statements = statement_positions(handle, program, prompt)
     positions = corrupted_positions(cfg.corrupt, row, program, statements, side)
     tokens = handle.tokenizer.convert_ids_to_tokens(ids)
@@ -293,13 +345,109 @@ def _selected(inputs: Inputs, cfg: TracingConfig) -> Dataset:
     return pairs.select(range(n))
 
 
-def sigma_for(handle: ModelHandle, cfg: TracingConfig, programs: list[_Program]) -> float:
+def sigma_for(
+    handle: ModelHandle,
+    cfg: TracingConfig,
+    programs: list[_Program],
+    noise_scale: float | None = None,
+) -> float:
     """σ = ν × std: of the whole embedding matrix (``vocab``), or of the corrupted tokens of
-    every traced program (``corrupted``)."""
+    every traced program (``corrupted``). ν is ``noise_scale``, else the config's number."""
+    if noise_scale is None:
+        if cfg.noise_scale == "auto":
+            raise TracingStageError("sigma_for needs ν: calibrate it first (resolve_noise)")
+        noise_scale = float(cfg.noise_scale)
     if cfg.sigma_basis == "vocab":
-        return cfg.noise_scale * embedding_std(handle)
+        return noise_scale * embedding_std(handle)
     ids = [p.ids[t] for p in programs for t in p.positions]
-    return cfg.noise_scale * embedding_std(handle, ids)
+    return noise_scale * embedding_std(handle, ids)
+
+
+def corrupted_probs(handle: ModelHandle, prog: _Program, sigma: float, seeds: list[int]) -> Any:
+    """P(target) at the last position, clean and under each noise draw: ``(clean, [samples])``.
+
+    A plain forward with a forward hook on the embedding module that adds ``Corruption``'s
+    noise, independent of the tracing engine (whose ``corrupted_prob`` it must equal)."""
+    import torch
+
+    corruption = Corruption(tuple(prog.positions), tuple(seeds), sigma)
+    noise = corruption.noise(handle.d_model).to(handle.device)  # [samples, P, d]
+    ids = torch.tensor([prog.ids] * (len(seeds) + 1), device=handle.device)
+    positions = list(prog.positions)
+
+    def add(_module: Any, _args: Any, output: Any) -> Any:
+        output = output.clone()
+        output[1:, positions] += noise.to(output.dtype)
+        return output
+
+    hook = handle.submodule(handle.adapter.embed).register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            logits = handle.hf_model(input_ids=ids).logits[:, -1].float()
+    finally:
+        hook.remove()
+    probs = torch.softmax(logits, dim=-1)[:, prog.target].double().cpu().numpy()
+    return float(probs[0]), probs[1:]
+
+
+def calibrate_noise(
+    handle: ModelHandle,
+    cfg: TracingConfig,
+    programs: list[_Program],
+    basis: list[_Program],
+    ladder: tuple[float, ...] = NOISE_LADDER,
+) -> tuple[float, list[dict[str, Any]]]:
+    """The smallest ν of ``ladder`` whose mean corrupted P(answer) over ``programs`` is at most
+    ``AUTO_FRACTION`` × their mean clean P(answer), and every rung tried (``noise_scale,
+    clean_prob, corrupted_prob, chosen``). Each program uses the noise draws its trace uses;
+    ``basis`` are the programs σ's ``corrupted`` basis reads (``sigma_for``). Raises
+    ``TracingStageError`` when no rung gets there."""
+    steps: list[dict[str, Any]] = []
+    for nu in ladder:
+        sigma = sigma_for(handle, cfg, basis, nu)
+        clean, corrupted = [], []
+        for prog in programs:
+            seeds = noise_seeds(cfg.seed, f"{prog.row['pair_id']}/{cfg.program}", cfg.n_samples)
+            p_clean, p_noisy = corrupted_probs(handle, prog, sigma, seeds)
+            clean.append(p_clean)
+            corrupted.append(float(np.mean(p_noisy)))
+        step = {
+            "noise_scale": float(nu),
+            "clean_prob": float(np.mean(clean)),
+            "corrupted_prob": float(np.mean(corrupted)),
+        }
+        step["chosen"] = step["corrupted_prob"] <= AUTO_FRACTION * step["clean_prob"]
+        steps.append(step)
+        if step["chosen"]:
+            return float(nu), steps
+    last = steps[-1]
+    raise TracingStageError(
+        f"no noise scale up to ν = {ladder[-1]:g} brings P(answer) to half its clean value "
+        f"({last['clean_prob']:.3f} clean, {last['corrupted_prob']:.3f} corrupted); corrupt "
+        "more tokens (--corrupt chain) or give --noise-scale explicitly"
+    )
+
+
+def resolve_noise(
+    handle: ModelHandle, cfg: TracingConfig, selected: Dataset, family: Family
+) -> tuple[float, list[dict[str, Any]]]:
+    """ν for this build: the config's number, or ``calibrate_noise`` on the first
+    ``calibration_programs`` selected programs (memoized per model and config, so shards of
+    one build calibrate once)."""
+    if cfg.noise_scale != "auto":
+        return float(cfg.noise_scale), []
+    key = (id(handle), cfg, len(selected))
+    if key not in _CALIBRATIONS:
+        n = min(cfg.calibration_programs, len(selected))
+        programs = [prepare_program(handle, cfg, row, family) for row in selected.select(range(n))]
+        basis = []
+        if cfg.sigma_basis == "corrupted":  # σ reads every traced program, as in the trace
+            basis = [prepare_program(handle, cfg, row, family) for row in selected]
+        _CALIBRATIONS[key] = calibrate_noise(handle, cfg, programs, basis)
+    return _CALIBRATIONS[key]
+
+
+_CALIBRATIONS: dict[tuple, tuple[float, list[dict[str, Any]]]] = {}
 
 
 def n_shards(inputs: Inputs, cfg: TracingConfig) -> int:
@@ -317,11 +465,12 @@ def build_shard(inputs: Inputs, cfg: TracingConfig, index: int) -> Built:
     selected = _selected(inputs, cfg)
     width = max(selected["n_tokens"]) if len(selected) else 1
     window = cfg.window if cfg.window is not None else default_window(handle.n_layers)
+    noise_scale, calibration = resolve_noise(handle, cfg, selected, family)
     if cfg.sigma_basis == "vocab":
-        sigma = sigma_for(handle, cfg, [])
+        sigma = sigma_for(handle, cfg, [], noise_scale)
     else:  # σ depends on every traced program, so each shard reads them all
         traced = [prepare_program(handle, cfg, row, family) for row in selected]
-        sigma = sigma_for(handle, cfg, traced)
+        sigma = sigma_for(handle, cfg, traced, noise_scale)
     begin = index * inputs.shard_size
     rows = selected.select(range(begin, min(begin + inputs.shard_size, len(selected))))
     out: dict[str, list] = {name: [] for name in features(1, 1, 1)}
@@ -329,10 +478,14 @@ def build_shard(inputs: Inputs, cfg: TracingConfig, index: int) -> Built:
         for row in rows:
             prog = prepare_program(handle, cfg, row, family)
             engine = inputs.runtime.engine
-            _append(out, trace_program(handle, cfg, prog, sigma, window, width, engine))
+            values = trace_program(handle, cfg, prog, sigma, window, width, engine)
+            _append(out, {**values, "noise_scale": noise_scale})
             bar.update(1)
     dataset = Dataset.from_dict(out, features=features(len(cfg.kinds), handle.n_layers, width))
-    return Built(dataset, {"sigma": sigma, "window": window, "programs": len(rows)})
+    extra: dict[str, Any] = {"sigma": sigma, "window": window, "programs": len(rows)}
+    if calibration:  # a list, so that merging shards keeps it whole (numbers would add up)
+        extra["calibration"] = calibration
+    return Built(dataset, extra)
 
 
 def build(inputs: Inputs, cfg: TracingConfig) -> Built:
@@ -427,6 +580,7 @@ def artifacts(rows: Dataset, cfg: TracingConfig, inputs: Inputs) -> dict[str, Ar
         "program": cfg.program,
         "window": int(first["window"]),
         "sigma": float(first["sigma"]),
+        "noise_scale": float(first["noise_scale"]),
         "n_samples": cfg.n_samples,
         "n_programs": len(rows),
         "clean_prob_mean": float(np.mean(rows["clean_prob"])),
@@ -436,5 +590,7 @@ def artifacts(rows: Dataset, cfg: TracingConfig, inputs: Inputs) -> dict[str, Ar
         AIE_FILE: npy(summary["by_position"]),
         AIE_ROLES_FILE: npy(summary["by_role"]),
         AIE_INDEX_FILE: json.dumps(index, indent=2) + "\n",
-        **tracing_chart_artifacts(rows, inputs.specs[0] if inputs.specs else None, cfg.noise_scale),
+        **tracing_chart_artifacts(
+            rows, inputs.specs[0] if inputs.specs else None, float(first["noise_scale"])
+        ),
     }
