@@ -353,9 +353,7 @@ class Store(ShardedBuilds, Verifying):
                     f"{option} (the default is under {data / 'charts'})"
                 )
         try:
-            target.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=target, prefix=".probe-"):
-                pass
+            _probe_writable(target)
         except OSError as err:
             raise StoreError(
                 f"cannot write to {given} ({err.strerror or err} on {err.filename or target}); "
@@ -375,9 +373,7 @@ class Store(ShardedBuilds, Verifying):
     def _make_stage_dir(self, stage: str) -> None:
         folder = self.stage_dir(stage)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
-                pass
+            _probe_writable(folder)
         except OSError as err:
             raise StoreError(
                 f"cannot write to data dir {self.data_dir} ({err.strerror or err}); "
@@ -476,3 +472,11 @@ def load_stage(
 ) -> Dataset:
     """Rows of a stored stage: ``load_stage("programs")`` in a notebook."""
     return Store(data_dir).load(stage, version)
+
+
+def _probe_writable(folder: Path) -> None:
+    """Create ``folder`` and a throwaway file in it, so that a folder this user cannot write
+    fails here (``OSError``), before any work, rather than at the commit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+        pass
