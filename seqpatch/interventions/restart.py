@@ -64,7 +64,9 @@ _RESID = ("resid_pre", "resid_post")
 class Write:
     """One setter carried by rows: ``value[i]`` goes to ``(rows[i], pos[i])`` of ``site`` at
     ``layer`` (and head ``heads[i]``); ``rows`` index the restarted batch, ``pos`` are positions
-    of the prompt (absolute). Differentiable in ``value`` (DAS trains through it)."""
+    of the prompt (absolute). Differentiable in ``value`` (DAS trains through it). ``add``: the
+    value is added to the tensor instead of replacing it (attribution adds a zero that carries
+    the gradient, so the forward's values stay the restarted run's own, bit for bit)."""
 
     site: str
     layer: int
@@ -72,6 +74,7 @@ class Write:
     pos: torch.Tensor
     value: torch.Tensor
     heads: torch.Tensor | None = None
+    add: bool = False
 
     @property
     def entry(self) -> int:
@@ -116,7 +119,8 @@ def _setter(write: Write, frame: _Frame) -> Callable[[torch.Tensor], torch.Tenso
         index = (write.rows[ok], cols[ok])
         if write.heads is not None:
             index = (*index, write.heads[ok])
-        x[index] = write.value[ok].to(x.dtype)
+        value = write.value[ok].to(x.dtype)
+        x[index] = x[index] + value if write.add else value
         return x
 
     return put
@@ -362,7 +366,9 @@ class RestartableRun:
                 hidden = hidden.clone()
                 for w in resid:
                     ok = w.pos >= start_pos
-                    hidden[w.rows[ok], w.pos[ok] - start_pos] = w.value[ok].to(hidden.dtype)
+                    index = (w.rows[ok], w.pos[ok] - start_pos)
+                    value = w.value[ok].to(hidden.dtype)
+                    hidden[index] = hidden[index] + value if w.add else value
             rest += [w for w in first if w.site not in _RESID]
             begin = entry
         else:
