@@ -358,6 +358,21 @@ def test_estimates_equal_an_independent_gradient(tiny, arch, site):
             assert (delta[:, -1, :-1] == 0).all() and (want[:, -1, :-1] == 0).all()
 
 
+def test_engine_path_is_how_not_what(tiny):
+    """The core's generic path (full forwards with the additions as hooks) gives the cached
+    path's estimates; an unknown path is refused before any work."""
+    src, tgt = random_pairs(seed=8, n=2, length=7, diverge=3)
+    axes = ("layer", "head", "pos")
+    cached, full = (
+        estimates(tiny["llama"], src, tgt, "head_z", CANDIDATES, 0, 1, axes=axes, method=m)
+        for m in ("cached", "full")
+    )
+    torch.testing.assert_close(cached.delta, full.delta, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached.clean, full.clean, atol=1e-5, rtol=0)
+    with pytest.raises(InterventionError, match="unknown method"):
+        estimates(tiny["llama"], src, tgt, "head_z", CANDIDATES, 0, 1, method="fast")
+
+
 # ---------------------------------------------------------------------------------------------
 # The organism: the stage with --method attribution, compared with exact rows of the same pairs
 
