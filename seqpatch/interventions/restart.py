@@ -33,6 +33,11 @@ restarts are differentiable in the written values). ``RestartableRun`` is that o
    cannot reach the logits and is dropped (the callers skip such cells without running; an
    added zero dropped there has gradient 0, which is the true one).
 
+Rows of one restart may begin at different layers: each row begins at its own first written
+layer and *joins* the forward there (``LayerRunner.run(joins=...)``), so one pass over the layers
+serves every entry layer — the work of one restart per layer, in fewer and larger calls (the
+sweep packs the cells of every layer that start at one position together).
+
 Writes that provably change nothing are the callers' to skip (a donor equal to the base bit for
 bit); ``floor=False`` turns 2–4 off — the unoptimised restart the tests compare against.
 Architectures without the layer runner (GPT-2's attention keeps its own cache layout) take the
