@@ -17,25 +17,31 @@ first-order Taylor expansion around the target run:
 the sum running over the cell's feature dimension ``d`` (the last axis of the site tensor).
 
 **What is computed**, per batch of equal-length pairs, all on the restart core
-(``seqpatch.interventions.restart.RestartableRun``, the one place that runs restarts):
+(``seqpatch.interventions.restart.RestartableRun``, the one place that runs the model with
+hooks), at the work floor — the sources' forward, the targets' forward under grad, one
+backward:
 
-1. one base run of sources and targets as one batch: the site tensors ``a_src`` and ``a_tgt`` of
-   every swept layer, and the targets' clean logits (the unpatched readout);
-2. one differentiable restart of the targets beginning at the lowest swept layer ``l0`` (the
-   layers below it are the base run's), in which every swept layer's site tensor gets a zero
-   added at every position and head (``Write(add=True)``: ``x + 0`` keeps the forward's values
-   bit for bit and makes ``∂LD/∂0 = ∂LD/∂a``);
-3. one backward of ``Σ_pairs LD`` to those zeros.
+1. a capture-only base run of the sources up to the highest swept layer ``l1`` (``upto=l1+1``):
+   the site tensors ``a_src`` of every swept layer, nothing else kept;
+2. a base run of the targets up to the lowest swept layer ``l0`` (``upto=l0``): the residual
+   stream entering it (the restart core's rule 1 applied to the base run);
+3. one differentiable restart of the targets from ``l0`` in which every swept layer's site
+   tensor gets a zero added at every position and head (``Write(add=True)``: ``x + 0`` keeps the
+   forward's values bit for bit and makes ``∂LD/∂0 = ∂LD/∂a``). Hooks active during it read the
+   site tensors (``a_tgt``) and its logits are the targets' clean readout — the same values, bit
+   for bit, as an unpatched forward of the targets, with no forward of their own;
+4. one backward of ``Σ_pairs LD`` to those zeros.
 
-Counted in token-layers for ``b`` pairs of ``T`` tokens in an ``L``-layer model: ``2·b·L·T`` for
-the base run and ``b·(L − l0)·T`` for the restart, less the core's floor (the last layer's
-output projection and MLP run on the last position only; a site read after attention reuses the
-base run's attention at ``l0``), then a backward from the logits down to ``l0``. A sweep of every
-layer (``l0 = 0``) thus runs about ``3·b·L·T`` forward token-layers where a private path (a
-forward of the sources, one of the targets under autograd) would run ``2·b·L·T``: the targets'
-base run is what running on the one core costs, the backward (about twice a forward) is the same.
+Counted in token-layers for ``b`` pairs of ``T`` tokens in an ``L``-layer model: ``b·(l1+1)·T``
+(sources) + ``b·l0·T`` (targets' base run) + ``b·(L − l0)·T`` (the restart, less the floor's last
+layer: its output projection and MLP run on the last position only) — at most ``2·b·L·T``, what
+a private pair of forwards costs, and less when the highest swept layer is below the last; then
+a backward from the logits down to ``l0`` (about twice the restart's forward). SmolLM2 (30
+layers), 2 pairs of 40 tokens, every layer: 4,800 forward token-layers (2,400 + 0 + 2,400),
+counted by the core's counters (``scripts/count_attribution.py``); layers 5 and 9 only: 3,200
+(800 + 400 + 2,000).
 Architectures without the layer runner (GPT-2) restart by a full forward of the targets with the
-additions as hooks. Pairs never interact inside a forward, so the summed backward is each
+additions as hooks (the targets' base run then runs nothing: ``upto`` without captures). Pairs never interact inside a forward, so the summed backward is each
 pair's own gradient. The model's weights never receive a gradient: their ``requires_grad``
 flags are off during the backward and restored after, as is training mode (the model runs in
 eval mode, so dropout never perturbs the estimate).
