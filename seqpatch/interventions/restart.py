@@ -39,9 +39,9 @@ serves every entry layer — the work of one restart per layer, in fewer and lar
 sweep packs the cells of every layer that start at one position together).
 
 A base run may itself stop at a layer (``upto=l``: rule 1 applied to the base run): it runs
-layers ``< l`` only and keeps the residual stream entering layer ``l``, for callers whose every
-restart begins at or above ``l`` from position 0 (attribution's one restart from its lowest swept
-layer). Its restarts run every row from layer ``l`` over every position, its logits are never
+layers ``< l`` only and keeps the residual stream entering layer ``l`` — no keys/values: its
+restarts begin at or above ``l`` from position 0, so they read none (attribution's one restart
+from its lowest swept layer). Its restarts run every row from layer ``l`` over every position, its logits are never
 computed (reading ``logits`` raises: a restart gives them), and hooks active during a restart see
 each restarted row's site tensors in row order at every position (the last layer's output
 projection, MLP and what follows them at the last position only, by rule 4).
