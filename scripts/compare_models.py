@@ -27,19 +27,23 @@ START = "<!-- compare-models:start -->"
 END = "<!-- compare-models:end -->"
 
 
+def fail(message: str) -> None:
+    """A user's mistake: one line on stderr, exit status 2, before any work."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_studies(items: list[str]) -> list[tuple[str, Path]]:
     out = []
     for item in items:
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
-            sys.exit(
-                f"error: --study {item!r} must be NAME=DIR (e.g. builtin=/work/studies/builtin)"
-            )
+            fail(f"--study {item!r} must be NAME=DIR (e.g. builtin=/work/studies/builtin)")
         if not (Path(folder) / "study.json").is_file():
-            sys.exit(f"error: {folder} has no study.json; give a chain study's data folder")
+            fail(f"{folder} has no study.json; give a chain study's data folder")
         out.append((name, Path(folder)))
     if len({name for name, _ in out}) != len(out):
-        sys.exit("error: two --study options have the same NAME; give each model its own")
+        fail("two --study options have the same NAME; give each model its own")
     return out
 
 
@@ -75,7 +79,7 @@ def main() -> None:
     if args.into is not None:
         text = args.into.read_text() if args.into.is_file() else ""
         if START not in text or END not in text:
-            sys.exit(f"error: {args.into} has no {START} … {END} section to replace")
+            fail(f"{args.into} has no {START} … {END} section to replace")
 
     import polars as pl
 
