@@ -90,7 +90,10 @@ def main() -> None:
 
     models = [open_study(folder, name) for name, folder in studies]
     frames = [depth_curves(ms) for ms in models]
-    curves = pl.concat([f for f in frames if not f.is_empty()], how="diagonal_relaxed")
+    drawn = [f for f in frames if not f.is_empty()]
+    curves = pl.concat(drawn, how="diagonal_relaxed") if drawn else pl.DataFrame()
+    if curves.is_empty():
+        fail("no study has a patching grid yet (not even unfinished shards); nothing to draw")
     chart = depth_figure(curves, GROUPS, GROUP_TITLES, notes(models, curves))
     args.out.mkdir(parents=True, exist_ok=True)
     (png,) = save_chart(chart, args.out, args.name, ("png",))

@@ -80,13 +80,14 @@ class StepStatus:
     n_shards: int | None = None
 
     def words(self) -> str:
+        unit = "programs" if self.step == "tracing" else "pairs"
         if self.state == "not run":
             return "not run yet"
         if self.state == "done":
-            return f"done, {self.pairs} pairs (`{self.version}`)" if self.pairs else "done"
+            return f"done, {self.pairs} {unit} (`{self.version}`)" if self.pairs else "done"
         of = f" of {self.total}" if self.total else ""
         shards = f", {self.shards} of {self.n_shards} shards" if self.n_shards else ""
-        return f"**not finished**: {self.pairs}{of} pairs (build `{self.version}`{shards})"
+        return f"**not finished**: {self.pairs}{of} {unit} (build `{self.version}`{shards})"
 
 
 @dataclass

@@ -102,6 +102,7 @@ class Study:
         self._rows: dict[tuple[str, str], Dataset] = {}
         self._values: dict[tuple[str, str], pl.DataFrame] = {}  # (version, metric): pair values
         self._summaries: dict[tuple[str, str], Any] = {}
+        self._unfinished: dict[str, list[Unfinished]] = {}
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{stage} {len(self.refs(stage))}" for stage in self.STAGES)
@@ -160,7 +161,13 @@ class Study:
         half-written one is left out); a folder is the study's when every pair id of those
         shards is one of the study's pairs; a folder whose version is stored is not listed.
         Their rows (``unfinished_rows``) are never part of ``refs``, ``patching()`` or
-        ``pair_values()``: a reader asks for them by name and labels them as partial."""
+        ``pair_values()``: a reader asks for them by name and labels them as partial. Read once
+        per ``Study`` (a build still running is seen as it was then)."""
+        if stage not in self._unfinished:
+            self._unfinished[stage] = self._scan_unfinished(stage)
+        return self._unfinished[stage]
+
+    def _scan_unfinished(self, stage: str) -> list[Unfinished]:
         from seqpatch.store.refs import PARTIAL_SUFFIX, SHARD_MANIFEST
         from seqpatch.store.shards import shard_ok
 
@@ -213,8 +220,12 @@ class Study:
 
     def unfinished_values(self, build: Unfinished, metric: str = "normalised") -> pl.DataFrame:
         """``pair_values()`` of an unfinished patching build's finished shards."""
-        rows = self.unfinished_rows(build)
-        return values_of_rows(rows, build.version, grid_of_rows(rows, build.version), metric)
+        key = (build.path.name, metric)
+        if key not in self._values:
+            rows = self.unfinished_rows(build)
+            grid = grid_of_rows(rows, build.version)
+            self._values[key] = values_of_rows(rows, build.version, grid, metric)
+        return self._values[key]
 
     @cached_property
     def _pair_ids(self) -> set[str]:
