@@ -301,8 +301,8 @@ def handoff(ms: ModelStudy) -> dict[str, Any] | None:
         out[f"{key}_depth"] = None if found is None else round(found / max(n_layers - 1, 1), 3)
     at = out["handoff"]
     if at is not None:
-        out["value_at_handoff"] = round(value[at], 3)
-        out["last_at_handoff"] = round(last[at], 3)
+        out["value_at_handoff"] = value[at]
+        out["last_at_handoff"] = last[at]
     return out
 
 
@@ -400,7 +400,7 @@ def top_heads(ms: ModelStudy, n: int = 3) -> dict[str, Any] | None:
         "positions": span_title(Study.grid(ref)["positions"]),
         "layers": sorted(set(values["layer"].to_list())),
         "top": [
-            {"layer": la, "head": h, "mean": round(m, 3), "pairs": k}
+            {"layer": la, "head": h, "mean": m, "pairs": k}
             for la, h, m, k in cells.head(n).iter_rows()
         ],
         "next": round(cells["mean"][n], 3) if cells.height > n else None,
@@ -420,8 +420,8 @@ def tracing_facts(ms: ModelStudy) -> dict[str, Any] | None:
     n_layers = len(set(by_role["layer"].to_list()))
     return {
         "programs": len(rows),
-        "clean": round(float(np.mean(rows["clean_prob"])), 3),
-        "corrupted": round(float(np.mean(rows["corrupted_prob"])), 3),
+        "clean": float(np.mean(rows["clean_prob"])),
+        "corrupted": float(np.mean(rows["corrupted_prob"])),
         "noise_scale": float(rows[0]["noise_scale"]),
         "peak": {
             "kind": peak["kind"],
