@@ -21,9 +21,12 @@ Definitions (the chart and the findings share them):
   ``question`` — the question's tokens; ``last`` — the last token. A pair's value of a group
   with several tokens is that token's of largest \\|effect\\| at the layer, so a value held by
   any one of them shows. The changed statement's other tokens belong to no group;
-- **hand-off layer**: the first layer whose mean ``resid_pre`` effect at ``last`` exceeds the
-  mean at ``value``: entering it, the last token carries more of the change than the value's
-  token;
+- **the value's token holds it** up to ``value_until``: the last layer whose mean ``resid_pre``
+  effect at ``value`` is ≥ 0.5 (patching that token alone still switches at least half the
+  answer);
+- **hand-off layer**: the first layer whose mean ``resid_pre`` effect at ``last`` is ≥ 0.5 —
+  from there the last token alone carries at least half the change. Layers strictly between
+  the two are where the value sits on neither token (``carriers`` says which group holds it);
 - means are over pairs (pooled over divergence indices) with the 95% interval of
   ``seqpatch.cells.confidence_interval``.
 """
@@ -69,7 +72,10 @@ class CompareError(SeqpatchError):
 @dataclass
 class StepStatus:
     """How far one step of a study got: ``state`` is ``done``, ``unfinished`` or ``not run``;
-    ``pairs`` of ``total`` (tracing: programs) are in its rows (``None`` when not known)."""
+    ``pairs`` of ``total`` (tracing: programs) are in its rows (``None`` when not known). An
+    unfinished step is its build with the most pairs; ``unchecked`` of its shards carry no
+    hashes (written before shards recorded them); ``newer`` names a newer build of the same
+    step with fewer pairs (e.g. one restarted by newer code), ``None`` when there is none."""
 
     step: str
     state: str
@@ -78,6 +84,8 @@ class StepStatus:
     total: int | None = None
     shards: int | None = None
     n_shards: int | None = None
+    unchecked: int = 0
+    newer: str | None = None
 
     def words(self) -> str:
         unit = "programs" if self.step == "tracing" else "pairs"
@@ -87,7 +95,13 @@ class StepStatus:
             return f"done, {self.pairs} {unit} (`{self.version}`)" if self.pairs else "done"
         of = f" of {self.total}" if self.total else ""
         shards = f", {self.shards} of {self.n_shards} shards" if self.n_shards else ""
-        return f"**not finished**: {self.pairs}{of} {unit} (build `{self.version}`{shards})"
+        notes = []
+        if self.unchecked:
+            notes.append(f"{self.unchecked} of them written before shards recorded hashes")
+        if self.newer:
+            notes.append(self.newer)
+        more = "; " + "; ".join(notes) if notes else ""
+        return f"**not finished**: {self.pairs}{of} {unit} (build `{self.version}`{shards}{more})"
 
 
 @dataclass
@@ -135,19 +149,36 @@ def open_study(data_dir: str | Path, name: str | None = None) -> ModelStudy:
 
 
 def _step_of(study: Study, build: Unfinished) -> str:
-    """Which step of a study an unfinished build is, from its rows."""
+    """Which step of a study an unfinished build is: from its rows, or, before its first
+    shard, from its manifest's config."""
     if build.stage != "patching":
         return build.stage
-    rows = study.unfinished_rows(build)
-    if "head_z" in set(rows["site"]):
+    if build.shards:
+        rows = study.unfinished_rows(build)
+        sites, span = set(rows["site"]), rows[0]["span"]
+    else:
+        try:
+            config = json.loads((build.path / "manifest.json").read_text()).get("config") or {}
+        except (OSError, ValueError, AttributeError):
+            config = {}
+        sites, span = set(config.get("sites") or ()), config.get("positions")
+    if "head_z" in sites:
         return "heads"
-    span = rows[0]["span"]
     return {"before-last": "stream-before-last", "last": "stream-last"}.get(span, "patching")
+
+
+def _builds(ms: ModelStudy, step: str) -> list[Unfinished]:
+    """The unfinished builds of ``step``, the one with the most pairs first (then the newest)."""
+    if ms.study is None:
+        return []
+    builds = [b for b in ms.study.unfinished(STEP_STAGES[step]) if _step_of(ms.study, b) == step]
+    return sorted(builds, key=lambda b: (b.n_pairs, b.started), reverse=True)
 
 
 def step_status(ms: ModelStudy, step: str) -> StepStatus:
     """How far ``step`` got (see ``StepStatus``): done when ``study.json`` names a stored
-    version; else unfinished when a build of it has finished shards; else not run."""
+    version; else unfinished when a build of it has started (its build with the most pairs);
+    else not run."""
     if step not in STEP_STAGES:
         raise CompareError(f"unknown step {step!r}; a study has {', '.join(STEPS)}")
     record = ms.steps.get(step)
@@ -156,14 +187,20 @@ def step_status(ms: ModelStudy, step: str) -> StepStatus:
         return StepStatus(step, "done", record["version"], record.get("pairs"), record.get("pairs"))
     if ms.study is None or step == "das":  # DAS's own pairs: no build of the study's pairs
         return StepStatus(step, "not run")
-    for build in ms.study.unfinished(stage):
-        if _step_of(ms.study, build) == step:
-            total = ms.n_pairs if stage == "patching" else None
-            return StepStatus(
-                step, "unfinished", build.version, build.n_pairs, total, len(build.shards),
-                build.n_shards,
-            )  # fmt: skip
-    return StepStatus(step, "not run")
+    builds = _builds(ms, step)
+    if not builds:
+        return StepStatus(step, "not run")
+    build = builds[0]
+    newest = max(builds, key=lambda b: b.started)
+    newer = None
+    if newest is not build:
+        of = f" of {newest.n_shards}" if newest.n_shards else ""
+        newer = f"a newer build `{newest.version}` has {len(newest.shards)}{of} shards"
+    return StepStatus(
+        step, "unfinished", build.version, build.n_pairs,
+        ms.n_pairs if stage == "patching" else None, len(build.shards), build.n_shards,
+        len(build.unchecked), newer,
+    )  # fmt: skip
 
 
 def statuses(ms: ModelStudy) -> dict[str, StepStatus]:
@@ -181,7 +218,9 @@ def slice_values(ms: ModelStudy) -> tuple[pl.DataFrame, StepStatus]:
         return pl.DataFrame(), status
     if status.state == "done":
         return ms.study.pair_values(status.version, METRIC), status
-    build = next(b for b in ms.study.unfinished("patching") if b.version == status.version)
+    build = next(b for b in _builds(ms, "patching") if b.version == status.version)
+    if not build.shards:
+        return pl.DataFrame(), status
     return ms.study.unfinished_values(build, METRIC), status
 
 
@@ -278,31 +317,28 @@ def _at(curves: pl.DataFrame, group: str) -> dict[int, float]:
 
 
 def handoff(ms: ModelStudy) -> dict[str, Any] | None:
-    """Where the value sits (``resid_pre``): ``value_until`` the last layer whose mean at the
-    value's token is ≥ 0.5, ``last_from`` the first layer whose mean at the last token is
-    ≥ 0.5, ``handoff`` the first layer where the last token's mean exceeds the value's (each
-    with its relative depth ``*_depth`` and the means there); ``None`` when not patched."""
+    """Where the value sits (``resid_pre``, see the module docstring): ``value_until`` (the last
+    layer whose mean at the value's token is ≥ 0.5) and ``handoff`` (the first layer whose mean
+    at the last token is ≥ 0.5), each with its relative depth (``*_depth``) and mean
+    (``*_mean``); ``between``: the layers strictly between them. ``None`` when not patched."""
     curves = depth_curves(ms)
     if curves.is_empty():
         return None
     n_layers = int(curves["n_layers"][0])
     value, last = _at(curves, "value"), _at(curves, "last")
-    layers = sorted(set(value) | set(last))
-    held = [la for la in layers if value.get(la, np.nan) >= HELD]
-    late = [la for la in layers if last.get(la, np.nan) >= HELD]
-    cross = [la for la in layers if last.get(la, -np.inf) > value.get(la, np.inf)]
+    held = [la for la in sorted(value) if value[la] >= HELD]
+    late = [la for la in sorted(last) if last[la] >= HELD]
     out: dict[str, Any] = {"n_layers": n_layers, "pairs": int(curves["n"].max())}
-    for key, found in (
-        ("value_until", held[-1] if held else None),
-        ("last_from", late[0] if late else None),
-        ("handoff", cross[0] if cross else None),
+    for key, found, means in (
+        ("value_until", held[-1] if held else None, value),
+        ("handoff", late[0] if late else None, last),
     ):
         out[key] = found
         out[f"{key}_depth"] = None if found is None else round(found / max(n_layers - 1, 1), 3)
-    at = out["handoff"]
-    if at is not None:
-        out["value_at_handoff"] = value[at]
-        out["last_at_handoff"] = last[at]
+        out[f"{key}_mean"] = None if found is None else means[found]
+    low = -1 if out["value_until"] is None else out["value_until"]
+    high = n_layers if out["handoff"] is None else out["handoff"]
+    out["between"] = list(range(low + 1, high))
     return out
 
 
@@ -500,17 +536,27 @@ def model_findings(ms: ModelStudy) -> list[str]:
     if moved is None:
         lines.append("- **Where the value sits**: not measured (patching not run yet).")
     else:
+        between = moved["between"]
+        gap = (
+            f"; between them ({_layers(between[0], between[-1])}) it sits on neither"
+            if between and moved["value_until"] is not None and moved["handoff"] is not None
+            else ""
+        )
+        until = (
+            f"{_depth(moved['value_until'], moved['value_until_depth'])} "
+            f"({moved['value_until_mean']:.2f})"
+            if moved["value_until"] is not None
+            else "no layer"
+        )
+        hand = (
+            f"{_depth(moved['handoff'], moved['handoff_depth'])} ({moved['handoff_mean']:.2f})"
+            if moved["handoff"] is not None
+            else "no layer"
+        )
         lines.append(
             f"- **Where the value sits**{partial} (`resid_pre`, {moved['n_layers']} layers, mean "
-            f"over ≤ {moved['pairs']} pairs): the value's token carries ≥ {HELD} up to "
-            f"{_depth(moved['value_until'], moved['value_until_depth'])}; the last token from "
-            f"{_depth(moved['last_from'], moved['last_from_depth'])}; hand-off (last > value) at "
-            + (
-                f"{_depth(moved['handoff'], moved['handoff_depth'])}, "
-                f"{moved['last_at_handoff']:.2f} against {moved['value_at_handoff']:.2f}. "
-                if moved["handoff"] is not None
-                else "no layer. "
-            )
+            f"over ≤ {moved['pairs']} pairs): the value's token carries ≥ {HELD} up to {until}; "
+            f"hand-off — the last token carries ≥ {HELD} from {hand}{gap}. "
             + one_liner(ms, "handoff")
         )
         stretches = carriers(ms) or []
@@ -616,7 +662,7 @@ def fragment(models: list[ModelStudy], command: str, chart: str | None = None) -
             f"({moved['handoff_depth']:.2f})"
             + (" partial" if step_status(ms, "patching").state == "unfinished" else "")
         )
-    titles = {"hand-off": "hand-off to the last token (relative depth)"}
+    titles = {"hand-off": "hand-off: last token ≥ 0.5 from (relative depth)"}
     for key, cells in table.items():
         out.append(f"| {titles.get(key, key)} | " + " | ".join(cells) + " |")
     for ms in models:

@@ -79,8 +79,10 @@ class StudyError(SeqpatchError):
 @dataclass(frozen=True)
 class Unfinished:
     """A sharded build of the study that has not finished (``Study.unfinished``): the work
-    folder ``path`` (``<version>.partial``) with ``shards`` of its ``n_shards`` finished (``None``
-    when its manifest does not say), holding ``n_pairs`` distinct pairs."""
+    folder ``path`` (``<version>.partial``, its manifest written at ``started``, seconds since the
+    epoch) with ``shards`` of its ``n_shards`` finished (``None`` when its manifest does not
+    say), holding ``n_pairs`` distinct pairs; ``unchecked`` are the finished shards written
+    before shards recorded their own hashes (they load, but nothing checks their bytes)."""
 
     stage: str
     version: str
@@ -88,6 +90,8 @@ class Unfinished:
     n_shards: int | None
     shards: tuple[int, ...]
     n_pairs: int
+    unchecked: tuple[int, ...] = ()
+    started: float = 0.0
 
 
 class Study:
@@ -156,10 +160,12 @@ class Study:
 
     def unfinished(self, stage: str) -> list[Unfinished]:
         """The study's builds of ``stage`` that have not finished (a sharded build's
-        ``<version>.partial`` work folder, e.g. one still running), oldest name first. Only
-        finished shards count, each checked against the hashes it recorded (a damaged or
-        half-written one is left out); a folder is the study's when every pair id of those
-        shards is one of the study's pairs; a folder whose version is stored is not listed.
+        ``<version>.partial`` work folder, e.g. one still running), oldest first. Only finished
+        shards count, each checked against the hashes it recorded (a damaged or half-written
+        one is left out; one written before shards recorded hashes counts if it loads, listed
+        as ``unchecked``). A folder is the study's when every pair id of those shards is one of
+        the study's pairs, or, with no finished shard yet, when its manifest names the study's
+        pairs as parent; a folder whose version is stored is not listed.
         Their rows (``unfinished_rows``) are never part of ``refs``, ``patching()`` or
         ``pair_values()``: a reader asks for them by name and labels them as partial. Read once
         per ``Study`` (a build still running is seen as it was then)."""
@@ -168,7 +174,7 @@ class Study:
         return self._unfinished[stage]
 
     def _scan_unfinished(self, stage: str) -> list[Unfinished]:
-        from seqpatch.store.refs import PARTIAL_SUFFIX, SHARD_MANIFEST
+        from seqpatch.store.refs import PARTIAL_SUFFIX, SHARD_FILES, SHARD_MANIFEST
         from seqpatch.store.shards import shard_ok
 
         folder = self.store.stage_dir(stage)
@@ -179,21 +185,38 @@ class Study:
             version = work.name[: -len(PARTIAL_SUFFIX)]
             if not work.is_dir() or self.store.find(stage, version) is not None:
                 continue
-            shards = sorted(
-                int(d.name.removeprefix("shard-"))
-                for d in work.glob("shard-*")
-                if d.name.removeprefix("shard-").isdigit() and shard_ok(d)
-            )
-            if not shards:
-                continue
-            rows = _load_shards(work, shards)
-            ids = set(rows["pair_id"]) if "pair_id" in rows.column_names else set()
-            if not ids or not ids <= self._pair_ids:
-                continue
-            self._rows[(stage, work.name)] = rows
-            n_shards = _manifest_shards(work / SHARD_MANIFEST)
-            out.append(Unfinished(stage, version, work, n_shards, tuple(shards), len(ids)))
-        return out
+            shards, unchecked = [], []
+            for shard in sorted(work.glob("shard-*")):
+                index = shard.name.removeprefix("shard-")
+                if not index.isdigit():
+                    continue
+                if shard_ok(shard):
+                    shards.append(int(index))
+                elif not (shard / SHARD_FILES).exists() and _loads(shard):
+                    shards.append(int(index))
+                    unchecked.append(int(index))
+            manifest = _read_manifest(work / SHARD_MANIFEST)
+            n_shards = manifest.get("n_shards")
+            n_shards = n_shards if isinstance(n_shards, int) else None
+            started = (work / SHARD_MANIFEST).stat().st_mtime if manifest else 0.0
+            if shards:
+                rows = _load_shards(work, shards)
+                ids = set(rows["pair_id"]) if "pair_id" in rows.column_names else set()
+                if not ids or not ids <= self._pair_ids:
+                    continue
+                self._rows[(stage, work.name)] = rows
+            else:
+                parents = manifest.get("parents")
+                if not isinstance(parents, dict) or parents.get("pairs") != self.pairs_ref.version:
+                    continue
+                ids = set()
+            out.append(
+                Unfinished(
+                    stage, version, work, n_shards, tuple(shards), len(ids), tuple(unchecked),
+                    started,
+                )
+            )  # fmt: skip
+        return sorted(out, key=lambda build: (build.started, build.version))
 
     def unfinished_rows(self, build: Unfinished) -> Dataset:
         """The rows of an unfinished build's finished shards, in shard order."""
@@ -706,12 +729,22 @@ def _load_shards(work: Path, shards: tuple[int, ...] | list[int]) -> Dataset:
     )
 
 
-def _manifest_shards(path: Path) -> int | None:
+def _read_manifest(path: Path) -> dict[str, Any]:
     try:
-        n = json.loads(path.read_text()).get("n_shards")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return n if isinstance(n, int) else None
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _loads(shard: Path) -> bool:
+    from datasets import Dataset
+
+    try:
+        Dataset.load_from_disk(str(shard))
+    except Exception:  # any damage: not a finished shard
+        return False
+    return True
 
 
 def read_artifact(ref: StageRef, name: str) -> bytes:

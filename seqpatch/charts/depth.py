@@ -3,12 +3,13 @@ model, one panel per token group (``seqpatch.depth.depth_curves`` gives the rows
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import altair as alt
 import polars as pl
 
-from seqpatch.charts.style import METRIC_TITLES, ChartError, nice_ceiling, site_title
+from seqpatch.charts.style import METRIC_TITLES, ChartError, site_title
 
 MODEL_COLORS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e")
 
@@ -37,9 +38,8 @@ def depth_figure(
         low=pl.col("ci_low").fill_null(pl.col("mean")),
         high=pl.col("ci_high").fill_null(pl.col("mean")),
     ).select("model", "group", "panel", "layer", "n_layers", "depth", "mean", "low", "high", "n")
-    top = nice_ceiling(max(1.0, float(data["high"].max())))
-    bottom = min(0.0, float(data["low"].min()))
-    bottom = -nice_ceiling(-bottom) if bottom < 0 else 0.0
+    top = math.ceil(max(1.0, float(data["high"].max())) * 10) / 10
+    bottom = math.floor(min(0.0, float(data["low"].min())) * 10) / 10
     y_scale = alt.Scale(domain=[bottom, top], zero=True, nice=False)
     color = alt.Color(
         "model:N",
