@@ -513,8 +513,10 @@ def _range(low: float, high: float) -> str:
     return f"{low:.2f}" if round(low, 2) == round(high, 2) else f"{low:.2f}–{high:.2f}"
 
 
-def _depth(layer: int | None, depth: float | None) -> str:
-    return "none" if layer is None else f"layer {layer} ({depth:.2f} of depth)"
+def _depth(layer: int | None, depth: float | None, mean: float | None = None) -> str:
+    if layer is None:
+        return "none"
+    return f"layer {layer} ({depth:.2f} of depth" + ("" if mean is None else f", {mean:.2f}") + ")"
 
 
 def model_findings(ms: ModelStudy) -> list[str]:
@@ -543,13 +545,12 @@ def model_findings(ms: ModelStudy) -> list[str]:
             else ""
         )
         until = (
-            f"{_depth(moved['value_until'], moved['value_until_depth'])} "
-            f"({moved['value_until_mean']:.2f})"
+            _depth(moved["value_until"], moved["value_until_depth"], moved["value_until_mean"])
             if moved["value_until"] is not None
             else "no layer"
         )
         hand = (
-            f"{_depth(moved['handoff'], moved['handoff_depth'])} ({moved['handoff_mean']:.2f})"
+            _depth(moved["handoff"], moved["handoff_depth"], moved["handoff_mean"])
             if moved["handoff"] is not None
             else "no layer"
         )
@@ -580,7 +581,9 @@ def model_findings(ms: ModelStudy) -> list[str]:
                 f"- **Strongest writes**{partial}: "
                 + "; ".join(said)
                 + ". "
-                + one_liner(ms, "strongest_write", "attn_out")
+                + " ".join(
+                    one_liner(ms, "strongest_write", w["site"]) for w in writes if w is not None
+                )
             )
     stream = stream_crossing(ms)
     if stream is None:

@@ -197,7 +197,7 @@ def test_the_markdown_numbers_are_the_datas(chain):
     rows = store.load("patching", chain["refs"]["patching"]["version"])
     at, last = expected_handoff(expected_curves(rows))
     text = depth.fragment([ms], "python scripts/compare_models.py --study organism=DIR")
-    assert f"the last token carries ≥ 0.5 from layer {at} ({at / 3:.2f} of depth) ({last:.2f})" in (
+    assert f"the last token carries ≥ 0.5 from layer {at} ({at / 3:.2f} of depth, {last:.2f})" in (
         text
     )
     assert (
@@ -243,6 +243,14 @@ def test_the_script_writes_chart_spec_and_fragment_into_the_marked_section(
     subtitle = " ".join(spec["title"]["subtitle"])
     assert f"organism: {N_PAIRS} pairs, 4 layers" in subtitle
     assert f"half: PARTIAL, {N_PAIRS // 2} of {N_PAIRS} pairs" in subtitle
+    assert "Dashed line: partial" in subtitle
+    line = spec["spec"]["layer"][2]["encoding"]["strokeDash"]
+    assert line["field"] == "patching"
+    drawn = [r for rows_ in spec["datasets"].values() for r in rows_]
+    assert {r["model"]: r["patching"].split(":")[0] for r in drawn} == {
+        "organism": "finished",
+        "half": "partial",
+    }
     text = doc.read_text()
     assert "old" not in text and text.endswith("<!-- compare-models:end -->\nend\n")
     assert (out / "compare-models.md").read_text() in text
