@@ -85,7 +85,8 @@ def main() -> None:
 
     from seqpatch.charts.depth import depth_figure
     from seqpatch.charts.style import save_chart
-    from seqpatch.depth import GROUP_TITLES, GROUPS, depth_curves, fragment, open_study
+    from seqpatch.depth import GROUP_TITLES, GROUPS, depth_curves, open_study
+    from seqpatch.depth_markdown import fragment
     from seqpatch.redact import redact_chart
 
     models = [open_study(folder, name) for name, folder in studies]

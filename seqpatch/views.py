@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,20 +39,17 @@ import polars as pl
 from seqpatch.cells import (
     ANSWER_ROLE,
     CHANGED_ROLE,
-    align_ends,
     confidence_interval,
     display_token,
-    position_labels,
     position_roles,
-    summarise,
-    token_roles,
+    summarise_values,
+    values_of_rows,
 )
 from seqpatch.errors import SeqpatchError
 
 __all__ = [
     "Study",
     "StudyError",
-    "Unfinished",
     "confidence_interval",
     "display_token",
     "position_roles",
@@ -68,30 +63,9 @@ if TYPE_CHECKING:
 
     from seqpatch.store import StageRef
 
-# The patching axes' names in the frames (``pos`` is a position).
-AXIS_COLUMNS = {"layer": "layer", "head": "head", "pos": "position"}
-
 
 class StudyError(SeqpatchError):
     """A study that cannot be read as asked (no such stage or version in it)."""
-
-
-@dataclass(frozen=True)
-class Unfinished:
-    """A sharded build of the study that has not finished (``Study.unfinished``): the work
-    folder ``path`` (``<version>.partial``, its manifest written at ``started``, seconds since the
-    epoch) with ``shards`` of its ``n_shards`` finished (``None`` when its manifest does not
-    say), holding ``n_pairs`` distinct pairs; ``unchecked`` are the finished shards written
-    before shards recorded their own hashes (they load, but nothing checks their bytes)."""
-
-    stage: str
-    version: str
-    path: Path
-    n_shards: int | None
-    shards: tuple[int, ...]
-    n_pairs: int
-    unchecked: tuple[int, ...] = ()
-    started: float = 0.0
 
 
 class Study:
@@ -106,7 +80,6 @@ class Study:
         self._rows: dict[tuple[str, str], Dataset] = {}
         self._values: dict[tuple[str, str], pl.DataFrame] = {}  # (version, metric): pair values
         self._summaries: dict[tuple[str, str], Any] = {}
-        self._unfinished: dict[str, list[Unfinished]] = {}
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{stage} {len(self.refs(stage))}" for stage in self.STAGES)
@@ -155,104 +128,6 @@ class Study:
         if key not in self._rows:
             self._rows[key] = self.store.load_ref(ref)
         return self._rows[key]
-
-    # -- builds that have not finished -------------------------------------------------------
-
-    def unfinished(self, stage: str) -> list[Unfinished]:
-        """The study's builds of ``stage`` that have not finished (a sharded build's
-        ``<version>.partial`` work folder, e.g. one still running), oldest first. Only finished
-        shards count, each checked against the hashes it recorded (a damaged or half-written
-        one is left out; one written before shards recorded hashes counts if it loads, listed
-        as ``unchecked``). A folder is the study's when every pair id of those shards is one of
-        the study's pairs, or, with no finished shard yet, when its manifest names the study's
-        pairs as parent; a folder whose version is stored is not listed.
-        Their rows (``unfinished_rows``) are never part of ``refs``, ``patching()`` or
-        ``pair_values()``: a reader asks for them by name and labels them as partial. Read once
-        per ``Study`` (a build still running is seen as it was then)."""
-        if stage not in self._unfinished:
-            self._unfinished[stage] = self._scan_unfinished(stage)
-        return self._unfinished[stage]
-
-    def _scan_unfinished(self, stage: str) -> list[Unfinished]:
-        from seqpatch.store.refs import PARTIAL_SUFFIX, SHARD_FILES, SHARD_MANIFEST
-        from seqpatch.store.shards import shard_ok
-
-        folder = self.store.stage_dir(stage)
-        if not folder.is_dir():
-            return []
-        out = []
-        for work in sorted(folder.glob(f"*{PARTIAL_SUFFIX}")):
-            version = work.name[: -len(PARTIAL_SUFFIX)]
-            if not work.is_dir() or self.store.find(stage, version) is not None:
-                continue
-            shards, unchecked = [], []
-            for shard in sorted(work.glob("shard-*")):
-                index = shard.name.removeprefix("shard-")
-                if not index.isdigit():
-                    continue
-                if shard_ok(shard):
-                    shards.append(int(index))
-                elif not (shard / SHARD_FILES).exists() and _loads(shard):
-                    shards.append(int(index))
-                    unchecked.append(int(index))
-            manifest = _read_manifest(work / SHARD_MANIFEST)
-            n_shards = manifest.get("n_shards")
-            n_shards = n_shards if isinstance(n_shards, int) else None
-            started = (work / SHARD_MANIFEST).stat().st_mtime if manifest else 0.0
-            if shards:
-                rows = _load_shards(work, shards)
-                ids = set(rows["pair_id"]) if "pair_id" in rows.column_names else set()
-                if not ids or not ids <= self._pair_ids:
-                    continue
-                self._rows[(stage, work.name)] = rows
-            else:
-                parents = manifest.get("parents")
-                if not isinstance(parents, dict) or parents.get("pairs") != self.pairs_ref.version:
-                    continue
-                ids = set()
-            out.append(
-                Unfinished(
-                    stage, version, work, n_shards, tuple(shards), len(ids), tuple(unchecked),
-                    started,
-                )
-            )  # fmt: skip
-        return sorted(out, key=lambda build: (build.started, build.version))
-
-    def unfinished_rows(self, build: Unfinished) -> Dataset:
-        """The rows of an unfinished build's finished shards, in shard order."""
-        key = (build.stage, build.path.name)
-        if key not in self._rows:
-            self._rows[key] = _load_shards(build.path, build.shards)
-        return self._rows[key]
-
-    def unfinished_patching(
-        self, build: Unfinished, metrics: tuple[str, ...] | None = None
-    ) -> pl.DataFrame:
-        """``patching()`` of an unfinished patching build's finished shards (``version`` is the
-        build's, whose stored version does not exist yet)."""
-        from seqpatch.stages.patching import METRICS
-
-        rows = self.unfinished_rows(build)
-        grid = grid_of_rows(rows, build.version)
-        frames = []
-        for metric in metrics or METRICS:
-            values = values_of_rows(rows, build.version, grid, metric)
-            if not values.is_empty():
-                frames.append(summarise_values(values, grid["positions"] == "slice"))
-        return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
-
-    def unfinished_values(self, build: Unfinished, metric: str = "normalised") -> pl.DataFrame:
-        """``pair_values()`` of an unfinished patching build's finished shards."""
-        key = (build.path.name, metric)
-        if key not in self._values:
-            rows = self.unfinished_rows(build)
-            grid = grid_of_rows(rows, build.version)
-            self._values[key] = values_of_rows(rows, build.version, grid, metric)
-        return self._values[key]
-
-    @cached_property
-    def _pair_ids(self) -> set[str]:
-        return set(self.rows(self.pairs_ref)["pair_id"])
 
     @cached_property
     def _ancestors(self) -> list[StageRef]:
@@ -620,131 +495,6 @@ class Study:
         return pl.DataFrame(records, schema_overrides=schema).sort(
             ["version", "site", "divergence_index"]
         )
-
-
-def summarise_values(values: pl.DataFrame, by_role: bool) -> pl.DataFrame:
-    """``Study.patching``'s cells of pair values: by position, or (``by_role``: a ``--positions
-    slice`` grid, pairs of different layouts) by each pair's own token role."""
-    if by_role:
-        values = values.with_columns(
-            position=pl.lit(None, pl.Int64), label=pl.col("token_role"), role=pl.col("token_role")
-        )
-    return summarise(values)
-
-
-def values_of_rows(rows: Dataset, version: str, grid: dict[str, Any], metric: str) -> pl.DataFrame:
-    """``Study.pair_values`` of patching ``rows`` (a stored version's, or the finished shards
-    of an unfinished one) whose grid is ``grid`` (``Study.grid``), labelled ``version``."""
-    from seqpatch.stages.patching import grid_axes
-
-    if len(rows) == 0:
-        return pl.DataFrame()
-    axes = grid_axes(rows)
-    column = rows.select_columns([metric]).with_format("numpy")[:][metric]  # one batch
-    values = np.array(column, dtype=np.float64)  # [rows, *grid]
-    k_col = np.asarray(rows["divergence_index"])
-    lengths = np.asarray(rows["n_tokens"])
-    meta = rows.select_columns(["pair_id", "site", "tokens", "diff_positions", "layers"])
-    labels, roles = position_labels(meta, k_col, lengths)
-    if "pos" in axes:
-        align_ends(values, k_col, lengths)
-    layers = np.asarray(meta[0]["layers"])
-    heads = rows["heads"][0] if "head" in axes else []
-    index = np.nonzero(~np.isnan(values))
-    if index[0].size == 0:  # e.g. probabilities of an attribution grid: not estimated
-        return pl.DataFrame()
-    cell: dict[str, Any] = {}
-    for axis, idx in zip(axes, index[1:], strict=True):
-        if axis == "layer":
-            cell["layer"] = layers[idx]
-        elif axis == "head":
-            cell["head"] = np.asarray(heads)[idx] if len(heads) else idx
-        else:
-            cell["position"] = idx
-    row_idx = index[0]
-    ks = k_col[row_idx]
-    frame = pl.DataFrame(
-        {
-            "version": version,
-            "method": grid["method"],
-            "axes": ",".join(AXIS_COLUMNS[a] for a in axes),
-            "span": "" if "pos" in axes else grid["positions"],
-            "site": np.asarray(meta["site"])[row_idx],
-            "divergence_index": ks.astype(np.int64),
-            "pair_id": np.asarray(meta["pair_id"])[row_idx],
-            "layer": cell["layer"].astype(np.int64),
-            "head": cell["head"].astype(np.int64) if "head" in cell else None,
-            "position": cell["position"].astype(np.int64) if "position" in cell else None,
-            "metric": metric,
-            "value": values[index],
-        },
-        schema_overrides={"head": pl.Int64, "position": pl.Int64},
-    )
-    if "position" not in cell:
-        return frame.with_columns(
-            label=pl.lit(None, pl.String),
-            role=pl.lit(None, pl.String),
-            token_role=pl.lit(None, pl.String),
-        )
-    frame = frame.with_columns(
-        token_role=pl.Series(
-            token_roles(rows, k_col, lengths, values.shape[-1])[index[0], index[-1]],
-            dtype=pl.String,
-        )
-    )
-    lookup = pl.DataFrame(
-        [
-            {"divergence_index": int(k), "position": t, "label": label, "role": role}
-            for k in labels
-            for t, (label, role) in enumerate(zip(labels[k], roles[k], strict=True))
-        ],
-        schema={
-            "divergence_index": pl.Int64,
-            "position": pl.Int64,
-            "label": pl.String,
-            "role": pl.String,
-        },
-    )
-    frame = frame.join(lookup, on=["divergence_index", "position"], how="left")
-    return frame
-
-
-def grid_of_rows(rows: Dataset, version: str) -> dict[str, Any]:
-    """``Study.grid`` read from patching rows (an unfinished build has no provenance yet)."""
-    first = rows[0]
-    return {
-        "version": version,
-        "axes": tuple(first["axes"]),
-        "method": "attribution" if first["method"] == "attribution" else "exact",
-        "positions": first["span"] or "all",
-        "sites": tuple(dict.fromkeys(rows["site"])),
-    }
-
-
-def _load_shards(work: Path, shards: tuple[int, ...] | list[int]) -> Dataset:
-    from datasets import Dataset, concatenate_datasets
-
-    return concatenate_datasets(
-        [Dataset.load_from_disk(str(work / f"shard-{i:05d}")) for i in shards]
-    )
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return manifest if isinstance(manifest, dict) else {}
-
-
-def _loads(shard: Path) -> bool:
-    from datasets import Dataset
-
-    try:
-        Dataset.load_from_disk(str(shard))
-    except Exception:  # any damage: not a finished shard
-        return False
-    return True
 
 
 def read_artifact(ref: StageRef, name: str) -> bytes:

@@ -22,6 +22,7 @@ import pytest
 
 from seqpatch import depth
 from seqpatch.charts.depth import depth_figure
+from seqpatch.depth_markdown import fragment, model_findings
 from seqpatch.executor import execute
 from seqpatch.options import RuntimeSettings
 from seqpatch.stages.base import ModelCache
@@ -166,7 +167,7 @@ def test_missing_steps_are_reported_as_not_run(chain):
         "das": "not run",
     }
     assert depth.stream_crossing(ms) is None and depth.das_facts(ms) is None
-    text = "\n".join(depth.model_findings(ms))
+    text = "\n".join(model_findings(ms))
     assert "- **DAS**: not run yet." in text
     assert "- **Whole stream**: before-last not run yet, last not run yet." in text
 
@@ -185,7 +186,7 @@ def test_an_unfinished_patching_build_is_read_from_its_finished_shards_and_said_
     assert curves["partial"].all()
     for g, la, m in curves.select("group", "layer", "mean").rows():
         assert m == pytest.approx(np.mean(want[(g, la)]), abs=1e-9)
-    text = depth.fragment([ms], "cmd")
+    text = fragment([ms], "cmd")
     assert f"**not finished**: {N_PAIRS // 2} of {N_PAIRS} pairs" in text
     assert f"**partial: {N_PAIRS // 2} of {N_PAIRS} pairs**" in text
     assert "- **Tracing**: not run yet." in text and "- **Heads**: not run yet." in text
@@ -196,7 +197,7 @@ def test_the_markdown_numbers_are_the_datas(chain):
     store = Store(chain["full"])
     rows = store.load("patching", chain["refs"]["patching"]["version"])
     at, last = expected_handoff(expected_curves(rows))
-    text = depth.fragment([ms], "python scripts/compare_models.py --study organism=DIR")
+    text = fragment([ms], "python scripts/compare_models.py --study organism=DIR")
     assert f"the last token carries ≥ 0.5 from layer {at} ({at / 3:.2f} of depth, {last:.2f})" in (
         text
     )
