@@ -100,9 +100,12 @@ def main() -> None:
     (png,) = save_chart(chart, args.out, args.name, ("png",))
     spec = args.out / f"{args.name}.vl.json"
     spec.write_text(json.dumps(redact_chart(chart).to_dict(), indent=1, ensure_ascii=False) + "\n")
-    command = "python scripts/compare_models.py " + " ".join(
-        f"--study {name}={folder}" for name, folder in studies
-    )
+    words = [f"--study {name}={folder}" for name, folder in studies] + [f"--out {args.out}"]
+    if args.name != "compare-models":
+        words.append(f"--name {args.name}")
+    if args.into is not None:
+        words.append(f"--into {args.into}")
+    command = "python scripts/compare_models.py " + " ".join(words)
     md_dir = args.into.parent if args.into is not None else args.out
     chart_link = os.path.relpath(Path(png).resolve(), md_dir.resolve())
     text = fragment(models, command, chart_link)
