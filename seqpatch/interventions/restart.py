@@ -4,7 +4,8 @@ Every method in ``seqpatch.interventions`` is the same move. Run a batch once �
 clean targets for patching and DAS, clean plus noise-corrupted copies for tracing — keep its
 residual stream and keys/values per layer, then *restart* it with rows that each carry their own
 ``Write`` (patch a donor's value in, restore a clean state into a corrupted row, write a value
-whose rotated subspace was interchanged). ``RestartableRun`` is that object; ROME's
+whose rotated subspace was interchanged, add a zero whose gradient is attribution's ∂LD/∂a:
+restarts are differentiable in the written values). ``RestartableRun`` is that object; ROME's
 ``trace_with_patch`` and TransformerLens' ``generic_activation_patch`` are its anchors.
 
 **The compute floor** — what an exact restart must compute, and all it computes:
@@ -29,7 +30,13 @@ whose rotated subspace was interchanged). ``RestartableRun`` is that object; ROM
    are read. The last layer's keys/values still come from every restarted position (the last
    query attends to them), but its output projection and MLP run on the last position alone
    (``LayerRunner.run(last_only=True)``); a write local to the last layer at an earlier position
-   cannot reach the logits and is dropped (the callers skip such cells without running).
+   cannot reach the logits and is dropped (the callers skip such cells without running; an
+   added zero dropped there has gradient 0, which is the true one).
+
+Rows of one restart may begin at different layers: each row begins at its own first written
+layer and *joins* the forward there (``LayerRunner.run(joins=...)``), so one pass over the layers
+serves every entry layer — the work of one restart per layer, in fewer and larger calls (the
+sweep packs the cells of every layer that start at one position together).
 
 Writes that provably change nothing are the callers' to skip (a donor equal to the base bit for
 bit); ``floor=False`` turns 2–4 off — the unoptimised restart the tests compare against.
