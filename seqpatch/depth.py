@@ -323,7 +323,8 @@ def handoff(ms: ModelStudy) -> dict[str, Any] | None:
     """Where the value sits (``resid_pre``, see the module docstring): ``value_until`` (the last
     layer whose mean at the value's token is ≥ 0.5) and ``handoff`` (the first layer whose mean
     at the last token is ≥ 0.5), each with its relative depth (``*_depth``) and mean
-    (``*_mean``); ``between``: the layers strictly between them. ``None`` when not patched."""
+    (``*_mean``); ``between``: the layers strictly between them; ``partial``: from an unfinished
+    build's shards. ``None`` when not patched."""
     curves = depth_curves(ms)
     if curves.is_empty():
         return None
@@ -331,7 +332,11 @@ def handoff(ms: ModelStudy) -> dict[str, Any] | None:
     value, last = _at(curves, "value"), _at(curves, "last")
     held = [la for la in sorted(value) if value[la] >= HELD]
     late = [la for la in sorted(last) if last[la] >= HELD]
-    out: dict[str, Any] = {"n_layers": n_layers, "pairs": int(curves["n"].max())}
+    out: dict[str, Any] = {
+        "n_layers": n_layers,
+        "pairs": int(curves["n"].max()),
+        "partial": bool(curves["partial"].any()),
+    }
     for key, found, means in (
         ("value_until", held[-1] if held else None, value),
         ("handoff", late[0] if late else None, last),
@@ -371,9 +376,9 @@ def carriers(ms: ModelStudy, site: str = "resid_pre") -> list[dict[str, Any]] | 
 
 def strongest_write(ms: ModelStudy, site: str) -> dict[str, Any] | None:
     """The ``site`` cell (layer, token role) of largest mean over pairs on the slice grid (e.g.
-    ``attn_out``: which attention layer writes the value onto which token); ``None`` when not
-    patched or the grid has no such site."""
-    values, _ = slice_values(ms)
+    ``attn_out``: which attention layer writes the value onto which token; ``partial``: from an
+    unfinished build); ``None`` when not patched or the grid has no such site."""
+    values, status = slice_values(ms)
     if values.is_empty():
         return None
     cells = (
@@ -393,6 +398,7 @@ def strongest_write(ms: ModelStudy, site: str) -> dict[str, Any] | None:
         "role": top["token_role"],
         "mean": round(top["mean"], 3),
         "pairs": top["n"],
+        "partial": status.state != "done",
     }
 
 
