@@ -290,3 +290,17 @@ def test_shards_written_before_they_recorded_hashes_count_as_unchecked(chain, tm
     status = depth.step_status(depth.open_study(damaged), "patching")
     assert (status.state, status.pairs, status.shards) == ("unfinished", 0, 0)
     assert depth.depth_curves(depth.open_study(damaged)).is_empty()
+
+
+def test_a_study_with_no_pairs_yet_reports_every_step_not_run(tmp_path, monkeypatch, capsys):
+    (tmp_path / "study.json").write_text(json.dumps({"model": "m", "steps": {}}))
+    ms = depth.open_study(tmp_path)
+    assert ms.name == "m" and ms.study is None
+    assert {st.state for st in depth.statuses(ms).values()} == {"not run"}
+    assert depth.depth_curves(ms).is_empty() and depth.handoff(ms) is None
+    text = fragment([ms], "cmd")
+    assert "| pairs | not built yet |" in text and "not measured (patching not run yet)" in text
+    monkeypatch.setattr(sys, "argv", ["compare_models.py", f"--study=m={tmp_path}"])
+    with pytest.raises(SystemExit) as stop:
+        _script().main()
+    assert stop.value.code == 2 and "no study has a patching grid" in capsys.readouterr().err
