@@ -179,7 +179,13 @@ def fragment(models: list[ModelStudy], command: str, chart: str | None = None) -
     names = [ms.name for ms in models]
     out.append("| | " + " | ".join(names) + " |")
     out.append("|---" * (len(models) + 1) + "|")
-    table: dict[str, list[str]] = {"pairs": [], **{s: [] for s in STEPS}, "hand-off": []}
+    table: dict[str, list[str]] = {
+        "pairs": [],
+        **{s: [] for s in STEPS},
+        "hand-off": [],
+        "stream": [],
+        "tracing peak": [],
+    }
     for ms in models:
         table["pairs"].append(str(ms.n_pairs) if ms.n_pairs else "not built yet")
         for step, st in statuses(ms).items():
@@ -192,7 +198,24 @@ def fragment(models: list[ModelStudy], command: str, chart: str | None = None) -
             f"({moved['handoff_depth']:.2f})"
             + (" partial" if step_status(ms, "patching").state == "unfinished" else "")
         )
-    titles = {"hand-off": "hand-off: last token ≥ 0.5 from (relative depth)"}
+        stream = stream_crossing(ms)
+        table["stream"].append(
+            "—"
+            if stream is None or stream["layer"] is None
+            else f"layer {stream['layer']} ({stream['depth']:.2f})"
+        )
+        trace = tracing_facts(ms)
+        table["tracing peak"].append(
+            "—"
+            if trace is None
+            else f"`{trace['peak']['kind']}` at `{trace['peak']['role']}`, layer "
+            f"{trace['peak']['layer']} ({trace['peak']['depth']:.2f}): {trace['peak']['aie']:.2f}"
+        )
+    titles = {
+        "hand-off": "hand-off: last token ≥ 0.5 from (relative depth)",
+        "stream": "whole stream: last alone > all before it from",
+        "tracing peak": "tracing: largest AIE (relative depth)",
+    }
     for key, cells in table.items():
         out.append(f"| {titles.get(key, key)} | " + " | ".join(cells) + " |")
     for ms in models:
