@@ -4,8 +4,8 @@ A chain study (``scripts/study_pretrained.py``) is a data folder whose ``study.j
 version each step built (``pairs``, ``patching``, ``tracing``, ``stream-before-last``,
 ``stream-last``, ``heads``, ``das-pairs``, ``das-patching``, ``das``). ``open_study`` reads one
 through ``seqpatch.views.Study``; each function below computes one finding from the stored rows
-and returns plain numbers, so the markdown (``fragment``) and its one-liners print the same
-values. A step that is not built is reported as not run; a sharded build that has not finished
+and returns plain numbers, so the markdown (``seqpatch.depth_markdown``) and its one-liners
+print the same values. A step that is not built is reported as not run; a sharded build that has not finished
 (``seqpatch.unfinished``) is reported with how many pairs its finished shards hold, and its
 numbers are labelled partial — never filled in.
 
@@ -19,7 +19,7 @@ Definitions (the chart and the findings share them):
   not a space tokenised apart before it: the highest of ``hop0:value``, ``hop0:value+1``…);
   ``hops`` — the tokens of the later statements of the query's slice (``hop1:…``, ``hop2:…``);
   ``question`` — the question's tokens; ``last`` — the last token. A pair's value of a group
-  with several tokens is that token's of largest \\|effect\\| at the layer, so a value held by
+  with several tokens is that token's of largest |effect| at the layer, so a value held by
   any one of them shows. The changed statement's other tokens belong to no group;
 - **the value's token holds it** up to ``value_until``: the last layer whose mean ``resid_pre``
   effect at ``value`` is ≥ 0.5 (patching that token alone still switches at least half the
