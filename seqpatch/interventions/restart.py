@@ -59,13 +59,21 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from seqpatch.interventions._layers import LayerRunner, PrefixCache, supports_layer_runner
 from seqpatch.interventions.sites import InterventionError, hooked
+from seqpatch.interventions.writes import (
+    Frame,
+    Write,
+    renumber,
+    rows_of,
+    rows_where,
+    write_hooks,
+)
 from seqpatch.models.sites import site_info
 
 if TYPE_CHECKING:
@@ -75,111 +83,6 @@ Perturb = Callable[[torch.Tensor], contextlib.AbstractContextManager]
 """``perturb(base_rows)``: a context in which a forward of those base rows' tokens is perturbed
 as the base run was (tracing's embedding noise)."""
 _RESID = ("resid_pre", "resid_post")
-
-
-@dataclass(frozen=True)
-class Write:
-    """One setter carried by rows: ``value[i]`` goes to ``(rows[i], pos[i])`` of ``site`` at
-    ``layer`` (and head ``heads[i]``); ``rows`` index the restarted batch, ``pos`` are positions
-    of the prompt (absolute). Differentiable in ``value`` (DAS trains through it). ``add``: the
-    value is added to the tensor instead of replacing it (attribution adds a zero that carries
-    the gradient, so the forward's values stay the restarted run's own, bit for bit)."""
-
-    site: str
-    layer: int
-    rows: torch.Tensor
-    pos: torch.Tensor
-    value: torch.Tensor
-    heads: torch.Tensor | None = None
-    add: bool = False
-
-    @property
-    def entry(self) -> int:
-        """The layer a restart at this write begins with (``resid_post[l]`` is layer ``l+1``'s
-        input)."""
-        return self.layer + 1 if self.site == "resid_post" else self.layer
-
-    def select(self, lo: int, hi: int) -> Write | None:
-        """The part of this write on restarted rows ``lo..hi-1``, renumbered from 0."""
-        keep = (self.rows >= lo) & (self.rows < hi)
-        if not bool(keep.any()):
-            return None
-        heads = None if self.heads is None else self.heads[keep]
-        return replace(
-            self, rows=self.rows[keep] - lo, pos=self.pos[keep], value=self.value[keep], heads=heads
-        )
-
-
-@dataclass(frozen=True)
-class _Frame:
-    """Which positions a restarted forward holds: ``start..start+width-1``, or (``gather``) one
-    position per row."""
-
-    start: int
-    width: int
-    gather: torch.Tensor | None = None
-
-
-def _setter(write: Write, frame: _Frame) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A site hook applying ``write`` to a tensor of ``frame``'s positions; on the last layer
-    trimmed to its last position (``last_only``), writes at other positions are dropped."""
-
-    def put(x: torch.Tensor) -> torch.Tensor:
-        if frame.gather is not None:
-            ok, cols = write.pos == frame.gather[write.rows], torch.zeros_like(write.pos)
-        elif x.shape[1] == frame.width:
-            cols = write.pos - frame.start
-            ok = cols >= 0
-        else:  # trimmed to the last position
-            ok, cols = write.pos == frame.start + frame.width - 1, torch.zeros_like(write.pos)
-        x = x.clone()
-        index = (write.rows[ok], cols[ok])
-        if write.heads is not None:
-            index = (*index, write.heads[ok])
-        value = write.value[ok].to(x.dtype)
-        x[index] = x[index] + value if write.add else value
-        return x
-
-    return put
-
-
-def _hooks(writes: Iterable[Write], frame: _Frame) -> dict[tuple[Any, int], Callable]:
-    """One hook per (site, layer), applying every write there in order."""
-    grouped: dict[tuple[str, int], list[Write]] = defaultdict(list)
-    for write in writes:
-        grouped[(write.site, write.layer)].append(write)
-    hooks: dict[tuple[Any, int], Callable] = {}
-    for key, group in grouped.items():
-        setters = [_setter(w, frame) for w in group]
-
-        def apply(x: torch.Tensor, setters: list[Callable] = setters) -> torch.Tensor:
-            for setter in setters:
-                x = setter(x)
-            return x
-
-        hooks[key] = apply
-    return hooks
-
-
-def _rows_where(write: Write, keep: torch.Tensor) -> Write | None:
-    """The part of ``write`` where ``keep`` (one flag per written element), or ``None``."""
-    if not bool(keep.any()):
-        return None
-    heads = None if write.heads is None else write.heads[keep]
-    return replace(
-        write, rows=write.rows[keep], pos=write.pos[keep], value=write.value[keep], heads=heads
-    )
-
-
-def _rows_of(write: Write, index: torch.Tensor) -> Write | None:
-    """The part of ``write`` on the rows ``index`` maps to ``>= 0``, renumbered by it."""
-    part = _rows_where(write, index[write.rows] >= 0)
-    return None if part is None else replace(part, rows=index[part.rows])
-
-
-def _renumber(write: Write, rows: torch.Tensor) -> Write:
-    """``write`` on a subset's rows (``0..len(rows)-1``) back on the batch's: ``rows[i]``."""
-    return replace(write, rows=rows[write.rows])
 
 
 class _Counters:
@@ -429,8 +332,8 @@ class RestartableRun:
         handle, counters = self.handle, self.counters
         counters.forwards += 1
         if self.method == "full":
-            frame = _Frame(0, self.length)
-            with self._perturbed(self.base_rows[rows]), hooked(handle, _hooks(writes, frame)):
+            frame = Frame(0, self.length)
+            with self._perturbed(self.base_rows[rows]), hooked(handle, write_hooks(writes, frame)):
                 logits = handle.hf_model(input_ids=self.ids[rows], logits_to_keep=1).logits
             counters.token_layers += len(rows) * handle.n_layers * self.length
             return logits[:, -1]
@@ -446,17 +349,17 @@ class RestartableRun:
         joins: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         # a write at a layer above a row's entry hooks that layer (the row is in the forward)
         hooked_writes = [
-            p for w in writes if (p := _rows_where(w, entry[w.rows] < w.entry)) is not None
+            p for w in writes if (p := rows_where(w, entry[w.rows] < w.entry)) is not None
         ]
         for e in sorted(set(entry.tolist()) - {n_layers + 1}):
             at = (entry == e).nonzero().squeeze(-1)
             group_of = torch.full((len(rows),), -1, dtype=torch.long, device=rows.device)
             group_of[at] = torch.arange(len(at), device=rows.device)
-            first = [p for w in writes if w.entry == e and (p := _rows_of(w, group_of))]
+            first = [p for w in writes if w.entry == e and (p := rows_of(w, group_of))]
             # a resid_post write at layer e hooks layer e's output: the layer must run whole
             whole = any(w.layer == e < w.entry for w in writes)
             hidden, begin, later = self._enter(rows[at], first, start_pos, e, whole)
-            hooked_writes += [_renumber(w, at) for w in later]
+            hooked_writes += [renumber(w, at) for w in later]
             joins[begin].append((at, hidden))
         # Rows join the forward at the layer they begin with (ordered by it), so that one pass
         # over the layers serves every entry layer: the same work as one restart per layer, in
@@ -476,8 +379,8 @@ class RestartableRun:
                 present += parts[b].shape[0]
                 cache_rows.append((b, present))
             prefix = self._staggered_prefix(rows[order], start_pos, cache_rows, n_layers)
-            frame = _Frame(start_pos, width)
-            with hooked(handle, _hooks(hooked_writes, frame)):
+            frame = Frame(start_pos, width)
+            with hooked(handle, write_hooks(hooked_writes, frame)):
                 hidden = self.runner.run(
                     parts[inner[0]],
                     inner[0],
@@ -577,12 +480,12 @@ class RestartableRun:
         layer's output merged into the base run's at positions ``start_pos..``."""
         handle = self.handle
         if gather is not None:
-            frame = _Frame(self.length - 1, 1, gather)
+            frame = Frame(self.length - 1, 1, gather)
             hidden = self.resid[layer][rows, gather][:, None]
             attn_out = self.attn[layer][rows, gather][:, None]
             z = self.z[layer][rows, gather][:, None] if layer in self.z else None
         else:
-            frame = _Frame(start_pos, self.length - start_pos)
+            frame = Frame(start_pos, self.length - start_pos)
             hidden = self.resid[layer][rows, start_pos:]
             attn_out = self.attn[layer][rows, start_pos:]
             z = self.z[layer][rows, start_pos:] if layer in self.z else None
@@ -592,7 +495,7 @@ class RestartableRun:
         o_proj = self._o_proj(layer)
         attn = handle.submodule(f"{handle.adapter.layers}.{layer}.{handle.adapter.attn}")
         supply = (lambda: o_proj(z)) if head_z else (lambda: attn_out)
-        with _attention_from(attn, supply), hooked(handle, _hooks(writes, frame)):
+        with _attention_from(attn, supply), hooked(handle, write_hooks(writes, frame)):
             out = self.runner.run(hidden, layer, frame.start, PrefixCache(), stop_layer=layer + 1)
         self.counters.token_layers += out.shape[0] * out.shape[1]
         if gather is None:
@@ -621,10 +524,10 @@ class RestartableRun:
                     part.append(
                         replace(w, rows=rows_k, pos=w.pos[keep], value=w.value[keep], heads=heads)
                     )
-            frame = _Frame(pos, 1)
+            frame = Frame(pos, 1)
             prefix = self.prefix(rows[sel], pos, [layer])
             hidden = self.resid[layer][rows[sel], pos : pos + 1]
-            with hooked(self.handle, _hooks(part, frame)):
+            with hooked(self.handle, write_hooks(part, frame)):
                 out = self.runner.run(hidden, layer, pos, prefix, stop_layer=layer + 1)
             merged[sel, pos - start_pos] = out[:, 0]
             self.counters.forwards += 1
