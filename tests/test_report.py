@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -53,10 +56,13 @@ def test_the_cli_writes_beside_the_stages_and_refuses_a_stored_version(organism_
     assert len(bad.output.strip().splitlines()) == 1
 
 
-def test_the_page_renders_in_chromium_and_the_drill_down_answers_a_click(page, organism_study):
+@contextmanager
+def chromium(page: Path) -> Iterator[tuple[Any, list[str], list[str]]]:
+    """``page`` opened in Chromium with every request outside ``file:`` refused, once every
+    chart is drawn: the tab, the console's errors and the URLs requested (both filled as the
+    page runs)."""
     from playwright.sync_api import sync_playwright
 
-    study = Study(organism_study)
     errors: list[str] = []
     requests: list[str] = []
     with sync_playwright() as driver:
@@ -76,27 +82,38 @@ def test_the_page_renders_in_chromium_and_the_drill_down_answers_a_click(page, o
             tab.route("**/*", offline)
             tab.goto(page.as_uri())
             tab.wait_for_selector("body[data-charts-rendered]", timeout=60_000)
-            n_charts = tab.locator("div.chart").count()
-            assert n_charts == 7  # accuracy, 3 patching grids, one pair's traces, tracing, DAS
-            assert int(tab.evaluate("document.body.dataset.chartsRendered")) == n_charts
-            marks = tab.evaluate(
-                "[...document.querySelectorAll('div.chart')].map(d => d.querySelectorAll("
-                '\'svg g[class*="mark-"] path, svg g[class*="mark-"] line\').length)'
-            )
-            assert all(n > 0 for n in marks), marks
-
-            layer_pos = next(
-                r for r in study.patching_refs() if study.grid(r)["axes"] == ("layer", "pos")
-            )
-            heatmap = tab.locator(f"#patching-{layer_pos.version} div.chart").first
-            cells = heatmap.locator("g.mark-rect path[aria-label*='mean']")
-            label = cells.nth(cells.count() - 1).get_attribute("aria-label")
-            cells.nth(cells.count() - 1).click()
-            tab.wait_for_selector("#drill-pairs tbody tr", timeout=10_000)
-            tab.wait_for_selector("#drill-hist svg g.mark-rect path", timeout=10_000)
-            panel = tab.inner_text("#drill")
+            yield tab, errors, requests
         finally:
             browser.close()
+
+
+def drawn_marks(tab: Any) -> list[int]:
+    """How many marks (paths, lines) each chart of the page drew."""
+    return tab.evaluate(
+        "[...document.querySelectorAll('div.chart')].map(d => d.querySelectorAll("
+        '\'svg g[class*="mark-"] path, svg g[class*="mark-"] line\').length)'
+    )
+
+
+def test_the_page_renders_in_chromium_and_the_drill_down_answers_a_click(page, organism_study):
+    study = Study(organism_study)
+    with chromium(page) as (tab, errors, requests):
+        n_charts = tab.locator("div.chart").count()
+        assert n_charts == 7  # accuracy, 3 patching grids, one pair's traces, tracing, DAS
+        assert int(tab.evaluate("document.body.dataset.chartsRendered")) == n_charts
+        marks = drawn_marks(tab)
+        assert all(n > 0 for n in marks), marks
+
+        layer_pos = next(
+            r for r in study.patching_refs() if study.grid(r)["axes"] == ("layer", "pos")
+        )
+        heatmap = tab.locator(f"#patching-{layer_pos.version} div.chart").first
+        cells = heatmap.locator("g.mark-rect path[aria-label*='mean']")
+        label = cells.nth(cells.count() - 1).get_attribute("aria-label")
+        cells.nth(cells.count() - 1).click()
+        tab.wait_for_selector("#drill-pairs tbody tr", timeout=10_000)
+        tab.wait_for_selector("#drill-hist svg g.mark-rect path", timeout=10_000)
+        panel = tab.inner_text("#drill")
     assert errors == []
     assert requests == [page.as_uri()]
     fields = dict(part.split(": ", 1) for part in label.split("; "))
