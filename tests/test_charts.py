@@ -130,7 +130,7 @@ def png_size(path: Path) -> tuple[int, int]:
 def groups_of(spec: dict) -> list[dict]:
     """A grid figure's groups (one per k), in order, whether in one row or wrapped into rows."""
     body = spec["vconcat"][0]
-    rows = body["vconcat"] if "vconcat" in body else [body]
+    rows = body.get("vconcat", [body])
     return [group for row in rows for group in row["hconcat"]]
 
 
