@@ -248,6 +248,132 @@ def test_rank_statistics():
 
 
 # ---------------------------------------------------------------------------------------------
+# Every estimate against an independent gradient: plain torch hooks on the model's own modules
+
+CORE_ARCHS = ("llama", "gpt2", "gemma2")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("atp-core")
+    return {arch: load_model(str(save_tiny_model(arch, root / arch))) for arch in CORE_ARCHS}
+
+
+def hook_point(handle, arch, site, layer):
+    """(module, read at its input?, heads or None): where ``site`` lives, written out per
+    architecture here (not taken from the library)."""
+    model, cfg = handle.hf_model, handle.hf_model.config
+    block = model.transformer.h[layer] if arch == "gpt2" else model.model.layers[layer]
+    attn = block.attn if arch == "gpt2" else block.self_attn
+    o_proj = attn.c_proj if arch == "gpt2" else attn.o_proj
+    n_heads = cfg.n_head if arch == "gpt2" else cfg.num_attention_heads
+    return {
+        "resid_pre": (block, True, None),
+        "mlp_out": (block.mlp, False, None),
+        "head_z": (o_proj, True, n_heads),
+    }[site]
+
+
+def hook_estimates(handle, arch, site, layers, src, tgt):
+    """``[n, L', T(, heads)]`` (a_src − a_tgt) · ∂LD/∂a and the targets' candidate logits: a
+    forward of the sources reading ``site`` by a hook, a forward of the targets whose hook adds a
+    zero that requires grad, and ``torch.autograd.grad`` of Σ LD."""
+    points = {layer: hook_point(handle, arch, site, layer) for layer in layers}
+    a_src, a_tgt, zeros = {}, {}, {}
+
+    def attach(fn):
+        hooks = []
+        for layer, (module, is_input, _) in points.items():
+            if is_input:
+
+                def pre(_m, args, kwargs, layer=layer):
+                    if args:
+                        return (fn(layer, args[0]), *args[1:]), kwargs
+                    key = next(iter(kwargs))
+                    return args, {**kwargs, key: fn(layer, kwargs[key])}
+
+                hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+
+                def post(_m, _args, out, layer=layer):
+                    if isinstance(out, tuple):
+                        return (fn(layer, out[0]), *out[1:])
+                    return fn(layer, out)
+
+                hooks.append(module.register_forward_hook(post))
+        return hooks
+
+    def read(layer, x):
+        a_src[layer] = x.detach().clone()
+        return x
+
+    def add_zero(layer, x):
+        a_tgt[layer] = x.detach().clone()
+        zeros[layer] = torch.zeros_like(x, requires_grad=True)
+        return x + zeros[layer]
+
+    hooks = attach(read)
+    with torch.no_grad():
+        handle.hf_model(input_ids=src)
+    for h in hooks:
+        h.remove()
+    hooks = attach(add_zero)
+    with torch.enable_grad():
+        logits = handle.hf_model(input_ids=tgt).logits[:, -1, CANDIDATES]
+        ld = logits[:, ANSWER_A] - logits[:, ANSWER_B]
+        grads = torch.autograd.grad(ld.sum(), [zeros[layer] for layer in layers])
+    for h in hooks:
+        h.remove()
+    cells = []
+    for layer, grad in zip(layers, grads, strict=True):
+        n_heads = points[layer][2]
+        prod = (a_src[layer] - a_tgt[layer]) * grad
+        cells.append(prod.unflatten(-1, (n_heads, -1)).sum(-1) if n_heads else prod.sum(-1))
+    return torch.stack(cells, dim=1), logits.detach()
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "mlp_out", "head_z"])
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_estimates_equal_an_independent_gradient(tiny, arch, site):
+    """Every cell of every layer, the restart beginning at layer 0 (writes at two layers) and at
+    the last layer alone (the layers below are the base run's), equals the plain-hook gradient;
+    the clean readout is a plain forward's logits. A site local to the last layer has exactly 0
+    at its earlier positions (they cannot reach the logits), never NaN."""
+    handle = tiny[arch]
+    src, tgt = random_pairs(seed=7, n=3, length=9, diverge=2)
+    axes = ("layer", "head", "pos") if site == "head_z" else ("layer", "pos")
+    last = handle.n_layers - 1
+    for layers in (list(range(handle.n_layers)), [last]):
+        got = estimates(
+            handle, src, tgt, site, CANDIDATES, ANSWER_A, ANSWER_B, layers=layers, axes=axes
+        )
+        want, clean = hook_estimates(handle, arch, site, layers, src, tgt)
+        delta = got.delta.movedim(-1, 2) if site == "head_z" else got.delta  # [n, L', T(, h)]
+        assert delta.shape == want.shape
+        assert not delta.isnan().any()
+        torch.testing.assert_close(delta, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.clean, clean, atol=1e-5, rtol=0)
+        assert want.abs().max() > 1e-2  # the check is not only of zeros
+        if site != "resid_pre":
+            assert (delta[:, -1, :-1] == 0).all() and (want[:, -1, :-1] == 0).all()
+
+
+def test_engine_path_is_how_not_what(tiny):
+    """The core's generic path (full forwards with the additions as hooks) gives the cached
+    path's estimates; an unknown path is refused before any work."""
+    src, tgt = random_pairs(seed=8, n=2, length=7, diverge=3)
+    axes = ("layer", "head", "pos")
+    cached, full = (
+        estimates(tiny["llama"], src, tgt, "head_z", CANDIDATES, 0, 1, axes=axes, method=m)
+        for m in ("cached", "full")
+    )
+    torch.testing.assert_close(cached.delta, full.delta, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached.clean, full.clean, atol=1e-5, rtol=0)
+    with pytest.raises(InterventionError, match="unknown method"):
+        estimates(tiny["llama"], src, tgt, "head_z", CANDIDATES, 0, 1, method="fast")
+
+
+# ---------------------------------------------------------------------------------------------
 # The organism: the stage with --method attribution, compared with exact rows of the same pairs
 
 # Measured on these 30 pairs (seq_len 4, divergence 2), resid_pre / attn_out / mlp_out:

@@ -9,6 +9,8 @@
   the generic path of full forwards with plain hooks, for arbitrary written values.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -168,6 +170,58 @@ def test_floor_restarts_equal_the_unoptimised_restart_and_plain_hooks(handles, a
                 torch.testing.assert_close(
                     got["floor"], got["full"], atol=TOL, rtol=0, msg=str(key)
                 )
+
+
+def _on_rows(write, rows):
+    """``write`` (on rows 0..k-1) moved to batch rows ``rows``."""
+    return Write(write.site, write.layer, rows[write.rows], write.pos, write.value, write.heads)
+
+
+@pytest.mark.parametrize("arch", FLOOR_ARCHS)
+def test_rows_entering_at_different_layers_share_one_forward_exactly(handles, arch):
+    """One restart whose rows begin at different layers (each joins the forward at its own
+    layer), with different sites, a row written at two layers, a resid_post write and a row
+    without any write, equals each row restarted alone and full forwards with plain hooks;
+    its work is each row's own, counted from the layer it begins with."""
+    handle = handles[arch]
+    length, last = 14, handle.n_layers - 1
+    ids = random_pairs(seed=11, n=3, length=length, diverge=0)[0]
+    gen = torch.Generator().manual_seed(3)
+    floor = RestartableRun(handle, ids, floor_layers=range(handle.n_layers), floor_z=True)
+    full = RestartableRun(handle, ids, method="full")
+    plan = [  # (site, layer, single position) per written row; the last row has no write
+        ("resid_pre", last, True),
+        ("attn_out", 0, True),
+        ("head_z", 1 % handle.n_layers, False),
+        ("mlp_out", last, True),
+        ("resid_pre", 0, False),
+        ("resid_post", 0, True),
+    ]
+    writes = [
+        _on_rows(
+            random_writes(handle, site, 1, length, gen, single=one, layer=layer), torch.tensor([i])
+        )
+        for i, (site, layer, one) in enumerate(plan)
+    ]
+    writes.append(  # row 1 is written again, above its entry layer
+        _on_rows(
+            random_writes(handle, "mlp_out", 1, length, gen, single=True, layer=last),
+            torch.tensor([1]),
+        )
+    )
+    rows = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    start = min(int(w.pos.min()) for w in writes)
+    alone = []
+    for i in range(len(rows)):
+        own = [replace(w, rows=torch.zeros_like(w.rows)) for w in writes if int(w.rows[0]) == i]
+        alone.append(floor.restart(rows[i : i + 1], own, start)[0])
+    alone = torch.stack(alone)
+    before = floor.counters.token_layers
+    together = floor.restart(rows, writes, start)
+    torch.testing.assert_close(together, alone, atol=TOL, rtol=0)
+    torch.testing.assert_close(together, full.restart(rows, writes, start), atol=TOL, rtol=0)
+    torch.testing.assert_close(together[-1], floor.logits[2], atol=0, rtol=0)
+    assert floor.counters.token_layers - before < len(rows) * handle.n_layers * (length - start)
 
 
 def test_the_floor_reuses_attention_and_trims_the_last_layer(handles):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -363,44 +363,49 @@ class Group:
             for start in range(0, len(rows), max_rows):
                 self._full_forward(rows[start : start + max_rows])
             return
-        by_layer: dict[int, list[tuple[int, Row]]] = defaultdict(list)
+        # Every layer's rows in one order (start, layer): cells of several layers that start at
+        # one position share a forward, each row joining it at its own layer.
+        rows: list[tuple[int, int, Row]] = []
         for li, hi, pi, pairs in cells:
             for p in pairs:
-                by_layer[li].append((int(self.starts[(li, hi, pi)][p]), (hi, pi, p)))
-        for li, rows in by_layer.items():
-            # stable: at one start, heads and then pairs stay in grid order
-            rows.sort(key=lambda row: row[0])
-            block: list[Row] = []  # rows sharing one forward
-            cell: list[Row] = []
-            key = None
-            for start, row in rows:
-                if (start, row[0], row[1]) != key and cell:
-                    block = self._add(li, block, cell, min_rows, max_rows)
-                    cell = []
-                key = (start, row[0], row[1])
-                cell.append(row)
-            block = self._add(li, block, cell, min_rows, max_rows)
-            if block:
-                self._forward(li, block, max_rows)
+                rows.append((int(self.starts[(li, hi, pi)][p]), li, (hi, pi, p)))
+        rows.sort(key=lambda row: (row[0], row[1]))  # stable: heads, then pairs, in grid order
+        block: list[tuple[int, Row]] = []  # rows sharing one forward
+        cell: list[tuple[int, Row]] = []
+        key = None
+        for start, li, row in rows:
+            if (start, li, row[0], row[1]) != key and cell:
+                block = self._add(block, cell, min_rows, max_rows)
+                cell = []
+            key = (start, li, row[0], row[1])
+            cell.append((li, row))
+        block = self._add(block, cell, min_rows, max_rows)
+        if block:
+            self._forward(block, max_rows)
 
     def _add(
-        self, li: int, block: list[Row], cell: list[Row], min_rows: int, max_rows: int
-    ) -> list[Row]:
+        self,
+        block: list[tuple[int, Row]],
+        cell: list[tuple[int, Row]],
+        min_rows: int,
+        max_rows: int,
+    ) -> list[tuple[int, Row]]:
         """Add one cell's rows to the open block, running the block first if it would grow past
         ``min_rows`` rows — or, when all its rows start at the cell's position (no position is
-        computed for nothing), past ``min_rows`` full-length rows' worth of positions; returns
-        the open block.
+        computed for nothing), past ``min_rows`` full-length rows' worth of positions per layer
+        (rows of other layers join the forward at their own layer); returns the open block.
 
         Blocks stay small on purpose: on a CPU, forwards of a few dozen rows run faster per row
         than larger ones whose activations no longer fit in cache. Rows arrive sorted by start,
         so ``block[0]`` starts first."""
         if block:
-            start = self._start(li, cell[0])
-            limit = max(min_rows, 1)
-            if self._start(li, block[0]) == start:
+            start = self._start(*cell[0])
+            limit, size = max(min_rows, 1), len(block)
+            if self._start(*block[0]) == start:
                 limit = max(limit, min_rows * self.length // (self.length - start))
-            if len(block) + len(cell) > limit:
-                self._forward(li, block, max_rows)
+                size = sum(1 for row in block if row[0] == cell[0][0])
+            if size + len(cell) > limit:
+                self._forward(block, max_rows)
                 block = []
         return block + cell
 
@@ -408,16 +413,21 @@ class Group:
         hi, pi, p = row
         return int(self.starts[(li, hi, pi)][p])
 
-    def _forward(self, li: int, rows: list[Row], max_rows: int) -> None:
-        start_pos = min(self._start(li, row) for row in rows)
-        pair = torch.tensor([r[2] for r in rows], device=self.handle.device)
-        write = self.patch(li, rows, start_pos)
-        logits = self.run.restart(pair, [write], start_pos, max_rows=max_rows)
+    def _forward(self, rows: list[tuple[int, Row]], max_rows: int) -> None:
+        start_pos = min(self._start(li, row) for li, row in rows)
+        pair = torch.tensor([r[2] for _, r in rows], device=self.handle.device)
+        writes = []
+        for li in sorted({li for li, _ in rows}):
+            chosen = [i for i, (lj, _) in enumerate(rows) if lj == li]
+            write = self.patch(li, [rows[i][1] for i in chosen], start_pos)
+            at = torch.tensor(chosen, device=self.handle.device)[write.rows]
+            writes.append(replace(write, rows=at))
+        logits = self.run.restart(pair, writes, start_pos, max_rows=max_rows)
         at = (
             pair.cpu(),
-            li,
-            torch.tensor([r[0] for r in rows]),
-            torch.tensor([r[1] for r in rows]),
+            torch.tensor([li for li, _ in rows]),
+            torch.tensor([r[0] for _, r in rows]),
+            torch.tensor([r[1] for _, r in rows]),
         )
         self.out[at], self.lse[at] = read(logits, self.cand[pair])
 

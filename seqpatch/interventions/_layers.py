@@ -25,6 +25,8 @@ through the sweep's generic path.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -114,6 +116,10 @@ class LayerRunner:
             layer_types[i] if typed_rotary and layer_types else None for i in range(handle.n_layers)
         ]
         self._masks: dict[tuple[int, int, int | None], torch.Tensor] = {}
+        attns = [layer.get_submodule(handle.adapter.attn) for layer in self.layers]
+        self.configs = list({id(a.config): a.config for a in attns}.values())
+        cpu = handle.device.type == "cpu"
+        self.attention = "eager" if cpu else config._attn_implementation
 
     def mask(self, start: int, length: int, window: int | None) -> torch.Tensor:
         """Additive mask ``[1, 1, length - start, length]``: queries ``start..``, keys ``0..``."""
@@ -136,9 +142,14 @@ class LayerRunner:
         cache: PrefixCache,
         last_only: bool = False,
         stop_layer: int | None = None,
+        joins: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Layers ``start_layer..L-1`` (or ``..stop_layer-1``) on ``hidden`` =
         ``[rows, T - start_pos, d]``; returns the output.
+
+        ``joins[j]`` are more rows (same positions) that enter at layer ``j``: appended to the
+        batch before layer ``j`` runs, so the output has every joined row, in join order; the
+        prefix cache of each layer must hold the rows present there, in that order.
 
         ``cache.prefix`` must hold the clean keys/values of positions ``< start_pos`` for every
         layer run. Hooks registered on the layers' modules fire as in a normal forward.
@@ -160,10 +171,39 @@ class LayerRunner:
                 for path in (adapter.attn_o_proj, adapter.mlp)
             ]
             try:
-                return self.run(hidden, start_layer, start_pos, cache)
+                return self.run(hidden, start_layer, start_pos, cache, joins=joins)
             finally:
                 for trim in trims:
                     trim.remove()
+        with self.kernel():
+            return self._run(hidden, start_layer, start_pos, cache, stop, joins)
+
+    @contextlib.contextmanager
+    def kernel(self) -> Iterator[None]:
+        """Run with ``self.attention``'s kernel. On a CPU that is ``eager`` (the library's own
+        matmul-softmax-matmul), which computes the same attention as ``sdpa`` and is faster for
+        the short query blocks of restarts: 8% less time for the organism's real-pair
+        ``resid_pre`` grid, the same for SmolLM2's (the A/B in docs/benchmarks.md).
+        Elsewhere the model's own kernel."""
+        configs = self.configs
+        before = [c._attn_implementation for c in configs]
+        for config in configs:
+            config._attn_implementation = self.attention
+        try:
+            yield
+        finally:
+            for config, impl in zip(configs, before, strict=True):
+                config._attn_implementation = impl
+
+    def _run(
+        self,
+        hidden: torch.Tensor,
+        start_layer: int,
+        start_pos: int,
+        cache: PrefixCache,
+        stop: int,
+        joins: dict[int, torch.Tensor] | None,
+    ) -> torch.Tensor:
         length = start_pos + hidden.shape[1]
         position_ids = torch.arange(start_pos, length, device=hidden.device)[None]
         position_embeddings = {
@@ -171,6 +211,8 @@ class LayerRunner:
             for key in set(self.rope_keys[start_layer:stop])
         }
         for index in range(start_layer, stop):
+            if joins and index in joins:
+                hidden = torch.cat([hidden, joins[index]])
             hidden = self.layers[index](
                 hidden,
                 attention_mask=self.mask(start_pos, length, self.windows[index]),

@@ -14,14 +14,31 @@ first-order Taylor expansion around the target run:
 
     LD(patched at cell) ≈ LD(target) + Σ_d (a_src − a_tgt)[d] · ∂LD/∂a[d]  (at the target run),
 
-the sum running over the cell's feature dimension ``d`` (the last axis of the site tensor). One
-forward of the sources (their activations), one forward of the targets with a zero ``delta``
-added at every swept layer's site tensor (``x + delta`` keeps the value bit for bit and makes
-``∂LD/∂delta = ∂LD/∂a``), and one backward of ``Σ_pairs LD`` give every cell of every layer of
-the site for a whole batch of pairs. Pairs never interact inside a forward, so the summed
-backward is each pair's own gradient. The model's weights never receive a gradient: their
-``requires_grad`` flags are off during the backward and restored after, as is training mode
-(the model runs in eval mode, so dropout never perturbs the estimate).
+the sum running over the cell's feature dimension ``d`` (the last axis of the site tensor).
+
+**What is computed**, per batch of equal-length pairs, all on the restart core
+(``seqpatch.interventions.restart.RestartableRun``, the one place that runs restarts):
+
+1. one base run of sources and targets as one batch: the site tensors ``a_src`` and ``a_tgt`` of
+   every swept layer, and the targets' clean logits (the unpatched readout);
+2. one differentiable restart of the targets beginning at the lowest swept layer ``l0`` (the
+   layers below it are the base run's), in which every swept layer's site tensor gets a zero
+   added at every position and head (``Write(add=True)``: ``x + 0`` keeps the forward's values
+   bit for bit and makes ``∂LD/∂0 = ∂LD/∂a``);
+3. one backward of ``Σ_pairs LD`` to those zeros.
+
+Counted in token-layers for ``b`` pairs of ``T`` tokens in an ``L``-layer model: ``2·b·L·T`` for
+the base run and ``b·(L − l0)·T`` for the restart, less the core's floor (the last layer's
+output projection and MLP run on the last position only; a site read after attention reuses the
+base run's attention at ``l0``), then a backward from the logits down to ``l0``. A sweep of every
+layer (``l0 = 0``) thus runs about ``3·b·L·T`` forward token-layers where a private path (a
+forward of the sources, one of the targets under autograd) would run ``2·b·L·T``: the targets'
+base run is what running on the one core costs, the backward (about twice a forward) is the same.
+Architectures without the layer runner (GPT-2) restart by a full forward of the targets with the
+additions as hooks. Pairs never interact inside a forward, so the summed backward is each
+pair's own gradient. The model's weights never receive a gradient: their ``requires_grad``
+flags are off during the backward and restored after, as is training mode (the model runs in
+eval mode, so dropout never perturbs the estimate).
 
 **What ``attribution_sweep`` returns**, shaped like the exact sweep so the patching stage stores
 it as its own rows (``method="attribution"``) and compares cell by cell: a ``Readout`` whose
@@ -68,19 +85,19 @@ from seqpatch.interventions._grid import Readout
 from seqpatch.interventions._grid import by_length as _by_length
 from seqpatch.interventions._grid import candidates as _candidates
 from seqpatch.interventions._grid import positions_for as _positions_for
+from seqpatch.interventions.restart import RestartableRun, Write, choose_method
 from seqpatch.interventions.sites import (
     GRID_SITES,
     HEAD_SITES,
     InterventionError,
     as_pair_rows,
-    capture_sites,
     check_sites,
-    hooked,
     resolve_indices,
 )
+from seqpatch.models.sites import site_info
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
     from seqpatch.models import ModelHandle, Site
 
@@ -122,6 +139,7 @@ def attribution_sweep(
     *,
     axes: Sequence[str] = ("layer", "pos"),
     max_pairs: int = 64,
+    method: str = "auto",
 ) -> Readout:
     """The attribution estimate of every cell, as a ``Readout`` shaped like ``sweep``'s.
 
@@ -131,7 +149,8 @@ def attribution_sweep(
     ``answer_a``/``answer_b`` are indices into the candidate axis (an int, or one per pair), as in
     ``seqpatch.metrics``; ``positions`` are the ``pos`` axis's values, or on a grid without
     ``pos`` the positions patched together (default all; NaN-free: positions beyond a pair's
-    length are left out); ``max_pairs`` bounds the pairs in one forward and backward.
+    length are left out); ``max_pairs`` bounds the pairs in one forward and backward;
+    ``method`` is the restart core's (``auto``, ``cached``, ``full``: how, not what, is computed).
     """
     est = estimates(
         handle,
@@ -145,6 +164,7 @@ def attribution_sweep(
         positions,
         axes=axes,
         max_pairs=max_pairs,
+        method=method,
     )
     n, n_cand = est.clean.shape
     cells = est.delta.shape[1:]
@@ -170,6 +190,7 @@ def estimates(
     *,
     axes: Sequence[str] = ("layer", "pos"),
     max_pairs: int = 64,
+    method: str = "auto",
 ) -> Estimates:
     """Δ̂ = (a_src − a_tgt) · ∂LD/∂a per cell, with the targets' clean readout (``Estimates``)."""
     axes = tuple(axes)
@@ -186,6 +207,7 @@ def estimates(
     if max_pairs < 1:
         raise InterventionError(f"max_pairs must be >= 1, got {max_pairs}")
     check_sites([site], GRID_SITES)
+    choose_method(handle, method)  # an unknown or unsupported method fails before any work
     n = len(tgt_rows)
     layer_idx = resolve_indices(layers, handle.n_layers, "layer")
     cand = _candidates(candidate_ids, n, handle)
@@ -211,6 +233,7 @@ def estimates(
                     idx_b[members].to(handle.device),
                     layer_idx,
                     pos_idx,
+                    method,
                 )
                 grid = _to_axes(grid, axes, n_pos)
                 if delta is None:
@@ -250,36 +273,62 @@ def _batch(
     idx_b: torch.Tensor,
     layers: list[int],
     positions: list[int],
+    method: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch of equal-length pairs: Δ̂ ``[b, L', P', *extra]`` and the clean readout."""
+    """One batch of equal-length pairs: Δ̂ ``[b, L', P', *extra]`` and the clean readout.
+
+    On the restart core: one base run of sources and targets (their site tensors, the targets'
+    clean logits), then one differentiable restart of the targets from the lowest swept layer
+    in which every swept layer's site tensor gets a zero added at every position (all heads at
+    once), and one backward. The restart keeps the floor (``floor=True``): a site local to the
+    last layer is written there only at the last position, the one position whose logits are
+    read, so its earlier positions get no graph and their gradient is exactly 0 — which it is
+    (they cannot reach the logits); ``materialize_grads`` makes any write the restart leaves out
+    entirely read as that 0, never as a missing gradient.
+    """
+    n = tgt.shape[0]
     needed = sorted(set(layers))
-    captured, _ = capture_sites(handle, src, [site], needed)
-    deltas: dict[int, torch.Tensor] = {}
-    acts: dict[int, torch.Tensor] = {}
-
-    def add_delta(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            acts[layer] = x.detach()
-            deltas[layer] = torch.zeros_like(x, requires_grad=True)
-            return x + deltas[layer]
-
-        return fn
-
-    with torch.enable_grad(), hooked(handle, {(site, layer): add_delta(layer) for layer in needed}):
-        logits = handle.hf_model(input_ids=tgt, logits_to_keep=1).logits[:, -1]
-        picked = logits.gather(-1, cand)
+    run = RestartableRun(
+        handle,
+        torch.cat([src, tgt]),
+        method=method,
+        capture=[(site, layer) for layer in needed],
+        floor_layers=needed[:1] if site_info(site).after_attention else (),
+        floor_z=site == "head_z",
+        restartable=slice(n, None),
+    )
+    acts = {layer: run.acts[(site, layer)] for layer in needed}  # [2b, T, *extra]
+    clean = run.logits[n:].float()
+    rows = torch.arange(n, device=tgt.device)
+    cell_rows = rows.repeat_interleave(tgt.shape[1])
+    cell_pos = torch.arange(tgt.shape[1], device=tgt.device).repeat(n)
+    zeros = [
+        torch.zeros(
+            (len(cell_rows), *acts[layer].shape[2:]),
+            dtype=acts[layer].dtype,
+            device=tgt.device,
+            requires_grad=True,
+        )
+        for layer in needed
+    ]
+    writes = [
+        Write(site, layer, cell_rows, cell_pos, zero, add=True)
+        for layer, zero in zip(needed, zeros, strict=True)
+    ]
+    with torch.enable_grad():
+        picked = run.restart(rows, writes, start_pos=0).gather(-1, cand)
         ld = picked.gather(-1, idx_a[:, None]) - picked.gather(-1, idx_b[:, None])
-        grads = torch.autograd.grad(ld.sum(), [deltas[layer] for layer in needed])
-    grad = dict(zip(needed, grads, strict=True))
+        grads = torch.autograd.grad(ld.sum(), zeros, allow_unused=True, materialize_grads=True)
+    grad = {layer: g.unflatten(0, tgt.shape) for layer, g in zip(needed, grads, strict=True)}
     valid = [max(pos, 0) for pos in positions]
     per_layer = []
     for layer in layers:
-        diff = captured[(site, layer)].float() - acts[layer].float()
+        diff = acts[layer][:n].float() - acts[layer][n:].float()
         cells = (diff * grad[layer].float()).sum(-1)  # [b, T, *extra]
         per_layer.append(cells[:, valid])
     grid = torch.stack(per_layer, dim=1).cpu()  # [b, L', P', *extra]
     grid[:, :, [i for i, pos in enumerate(positions) if pos < 0]] = float("nan")
-    return grid, picked.detach().float().cpu(), logits.detach().float().logsumexp(-1).cpu()
+    return grid, clean.gather(-1, cand).cpu(), clean.logsumexp(-1).cpu()
 
 
 @contextmanager

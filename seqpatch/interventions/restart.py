@@ -4,7 +4,8 @@ Every method in ``seqpatch.interventions`` is the same move. Run a batch once �
 clean targets for patching and DAS, clean plus noise-corrupted copies for tracing — keep its
 residual stream and keys/values per layer, then *restart* it with rows that each carry their own
 ``Write`` (patch a donor's value in, restore a clean state into a corrupted row, write a value
-whose rotated subspace was interchanged). ``RestartableRun`` is that object; ROME's
+whose rotated subspace was interchanged, add a zero whose gradient is attribution's ∂LD/∂a:
+restarts are differentiable in the written values). ``RestartableRun`` is that object; ROME's
 ``trace_with_patch`` and TransformerLens' ``generic_activation_patch`` are its anchors.
 
 **The compute floor** — what an exact restart must compute, and all it computes:
@@ -29,7 +30,13 @@ whose rotated subspace was interchanged). ``RestartableRun`` is that object; ROM
    are read. The last layer's keys/values still come from every restarted position (the last
    query attends to them), but its output projection and MLP run on the last position alone
    (``LayerRunner.run(last_only=True)``); a write local to the last layer at an earlier position
-   cannot reach the logits and is dropped (the callers skip such cells without running).
+   cannot reach the logits and is dropped (the callers skip such cells without running; an
+   added zero dropped there has gradient 0, which is the true one).
+
+Rows of one restart may begin at different layers: each row begins at its own first written
+layer and *joins* the forward there (``LayerRunner.run(joins=...)``), so one pass over the layers
+serves every entry layer — the work of one restart per layer, in fewer and larger calls (the
+sweep packs the cells of every layer that start at one position together).
 
 Writes that provably change nothing are the callers' to skip (a donor equal to the base bit for
 bit); ``floor=False`` turns 2–4 off — the unoptimised restart the tests compare against.
@@ -142,6 +149,27 @@ def _hooks(writes: Iterable[Write], frame: _Frame) -> dict[tuple[Any, int], Call
 
         hooks[key] = apply
     return hooks
+
+
+def _rows_where(write: Write, keep: torch.Tensor) -> Write | None:
+    """The part of ``write`` where ``keep`` (one flag per written element), or ``None``."""
+    if not bool(keep.any()):
+        return None
+    heads = None if write.heads is None else write.heads[keep]
+    return replace(
+        write, rows=write.rows[keep], pos=write.pos[keep], value=write.value[keep], heads=heads
+    )
+
+
+def _rows_of(write: Write, index: torch.Tensor) -> Write | None:
+    """The part of ``write`` on the rows ``index`` maps to ``>= 0``, renumbered by it."""
+    part = _rows_where(write, index[write.rows] >= 0)
+    return None if part is None else replace(part, rows=index[part.rows])
+
+
+def _renumber(write: Write, rows: torch.Tensor) -> Write:
+    """``write`` on a subset's rows (``0..len(rows)-1``) back on the batch's: ``rows[i]``."""
+    return replace(write, rows=rows[write.rows])
 
 
 class _Counters:
@@ -340,15 +368,74 @@ class RestartableRun:
                 logits = handle.hf_model(input_ids=self.ids[rows], logits_to_keep=1).logits
             counters.token_layers += len(rows) * handle.n_layers * self.length
             return logits[:, -1]
+        logits = self.logits[self.base_rows[rows]].clone()
         if not writes:
-            return self.logits[self.base_rows[rows]]
-        entry = min(w.entry for w in writes)
-        first = [w for w in writes if w.entry == entry]
-        rest = [w for w in writes if w.entry != entry]
-        last = handle.n_layers - 1
-        hidden: torch.Tensor | None = None
-        if entry <= last and self.floor:
+            return logits
+        n_layers = handle.n_layers
+        entry = torch.full((len(rows),), n_layers + 1, dtype=torch.long, device=rows.device)
+        for w in writes:
+            entry.scatter_reduce_(0, w.rows, torch.full_like(w.rows, w.entry), "amin")
+        joins: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        # a write at a layer above a row's entry hooks that layer (the row is in the forward)
+        hooked_writes = [
+            p for w in writes if (p := _rows_where(w, entry[w.rows] < w.entry)) is not None
+        ]
+        for e in sorted(set(entry.tolist()) - {n_layers + 1}):
+            at = (entry == e).nonzero().squeeze(-1)
+            group_of = torch.full((len(rows),), -1, dtype=torch.long, device=rows.device)
+            group_of[at] = torch.arange(len(at), device=rows.device)
+            first = [p for w in writes if w.entry == e and (p := _rows_of(w, group_of))]
+            # a resid_post write at layer e hooks layer e's output: the layer must run whole
+            whole = any(w.layer == e < w.entry for w in writes)
+            hidden, begin, later = self._enter(rows[at], first, start_pos, e, whole)
+            hooked_writes += [_renumber(w, at) for w in later]
+            joins[begin].append((at, hidden))
+        # Rows join the forward at the layer they begin with (ordered by it), so that one pass
+        # over the layers serves every entry layer: the same work as one restart per layer, in
+        # fewer and larger calls. Row indices of the hooked writes follow that order.
+        order = torch.cat([at for b in sorted(joins) for at, _ in joins[b]])
+        place = torch.full((len(rows),), -1, dtype=torch.long, device=rows.device)
+        place[order] = torch.arange(len(order), device=rows.device)
+        hooked_writes = [replace(w, rows=place[w.rows]) for w in hooked_writes]
+        begins = sorted(joins)
+        parts = {b: torch.cat([h for _, h in joins[b]]) for b in begins}
+        width = self.length - start_pos
+        outputs = []
+        if begins[0] < n_layers:
+            inner = [b for b in begins if b < n_layers]
+            present, cache_rows = 0, []
+            for b in inner:
+                present += parts[b].shape[0]
+                cache_rows.append((b, present))
+            prefix = self._staggered_prefix(rows[order], start_pos, cache_rows, n_layers)
+            frame = _Frame(start_pos, width)
+            with hooked(handle, _hooks(hooked_writes, frame)):
+                hidden = self.runner.run(
+                    parts[inner[0]],
+                    inner[0],
+                    start_pos,
+                    prefix,
+                    last_only=self.floor,
+                    joins={b: parts[b] for b in inner[1:]},
+                )
+            outputs.append(hidden[:, -1])
+            counters.token_layers += sum(parts[b].shape[0] * (n_layers - b) * width for b in inner)
+        if n_layers in parts:
+            outputs.append(parts[n_layers][:, -1])
+        logits[order] = handle.logits_from_resid(torch.cat(outputs)).to(logits.dtype)
+        return logits
+
+    def _enter(
+        self, rows: torch.Tensor, first: list[Write], start_pos: int, entry: int, whole: bool
+    ) -> tuple[torch.Tensor, int, list[Write]]:
+        """Rows whose first write is at layer ``entry``: their hidden state ``[rows, T -
+        start_pos, d]``, the layer it enters, and the writes left to hooks (rows index
+        ``rows``). Rules 2–4 compute the written layer here; otherwise the residual writes are
+        applied to the base run's stream and the others hook layer ``entry``."""
+        last = self.handle.n_layers - 1
+        if entry <= last and self.floor and not whole:
             infos = [site_info(w.site) for w in first]
+            hidden = None
             if all(i.after_attention for i in infos) and entry in self.attn:
                 if entry == last:  # rule 4: only the last position reaches the logits
                     gather = torch.full((len(rows),), self.length - 1, device=rows.device)
@@ -359,27 +446,38 @@ class RestartableRun:
                 gather = self._single_positions(rows, first)
                 if gather is not None:
                     hidden = self._local_layer(rows, entry, first, start_pos, gather)
-        if hidden is None:
-            hidden = self.resid[entry][rows, start_pos:]
-            resid = [w for w in first if w.site in _RESID]
-            if resid:
-                hidden = hidden.clone()
-                for w in resid:
-                    ok = w.pos >= start_pos
-                    index = (w.rows[ok], w.pos[ok] - start_pos)
-                    value = w.value[ok].to(hidden.dtype)
-                    hidden[index] = hidden[index] + value if w.add else value
-            rest += [w for w in first if w.site not in _RESID]
-            begin = entry
-        else:
-            begin = entry + 1
-        if begin <= last:
-            prefix = self.prefix(rows, start_pos, range(begin, handle.n_layers))
-            frame = _Frame(start_pos, self.length - start_pos)
-            with hooked(handle, _hooks(rest, frame)):
-                hidden = self.runner.run(hidden, begin, start_pos, prefix, last_only=self.floor)
-            counters.token_layers += len(rows) * (handle.n_layers - begin) * frame.width
-        return handle.logits_from_resid(hidden[:, -1])
+            if hidden is not None:
+                return hidden, entry + 1, []
+        hidden = self.resid[entry][rows, start_pos:]
+        resid = [w for w in first if w.site in _RESID]
+        if resid:
+            hidden = hidden.clone()
+            for w in resid:
+                ok = w.pos >= start_pos
+                index = (w.rows[ok], w.pos[ok] - start_pos)
+                value = w.value[ok].to(hidden.dtype)
+                hidden[index] = hidden[index] + value if w.add else value
+        return hidden, entry, [w for w in first if w.site not in _RESID]
+
+    def _staggered_prefix(
+        self,
+        rows: torch.Tensor,
+        start_pos: int,
+        present: list[tuple[int, int]],
+        n_layers: int,
+    ) -> PrefixCache:
+        """The base run's keys/values of positions ``< start_pos`` for the rows present at each
+        layer: ``present`` lists ``(layer, rows present from it on)``, rows in forward order."""
+        if start_pos == 0:
+            return PrefixCache()
+        kv = {}
+        for i, (begin, count) in enumerate(present):
+            end = present[i + 1][0] if i + 1 < len(present) else n_layers
+            at = rows[:count]
+            for j in range(begin, end):
+                # index_select gathers whole rows: ~25% faster on CPU than advanced indexing
+                kv[j] = tuple(x[:, :, :start_pos].index_select(0, at) for x in self.kv[j])
+        return PrefixCache(kv)  # type: ignore[arg-type]
 
     def _single_positions(self, rows: torch.Tensor, writes: list[Write]) -> torch.Tensor | None:
         """``[rows]``: each row's one written position, if no row has two (rows without a write

@@ -289,7 +289,16 @@ def _patch(
             # every axes grid; a position set is summed whole ("from-divergence" = "all":
             # positions before the divergence contribute exactly 0 to a first-order estimate)
             readout = attribution_sweep(
-                handle, src, tgt, site, cand, ans_a, ans_b, layers=layers, axes=cfg.axes
+                handle,
+                src,
+                tgt,
+                site,
+                cand,
+                ans_a,
+                ans_b,
+                layers=layers,
+                axes=cfg.axes,
+                method=engine,
             )
         elif "pos" in cfg.axes and cfg.positions != "all":
             chosen = [
