@@ -4,6 +4,7 @@ drawn, and a click on a heatmap cell shows the pairs behind it with the API's nu
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
+from seqpatch import plots
 from seqpatch.cli import app
 from seqpatch.report import ReportError, build_report
 from seqpatch.views import Study
@@ -159,6 +161,9 @@ def test_a_role_grid_renders_and_a_click_shows_the_pairs_of_that_role(chain_stud
     values = study.pair_values(ref.version, site="resid_pre")
     moved = values.group_by("divergence_index", "token_role").agg(pl.col("position").n_unique())
     assert (moved["position"] > 1).any()  # a role at several positions: not an index grid
+    spec = json.dumps(plots.heatmap_chart(study.rows(ref)).to_dict(), ensure_ascii=False)
+    assert "per site, layer and token role" in spec and "Rows: token roles" in spec
+    assert "one example pair" not in spec  # the token caption would not be true of role rows
     page = build_report(study, tmp_path / "chain.html")
     with chromium(page) as (tab, errors, requests):
         marks = drawn_marks(tab)

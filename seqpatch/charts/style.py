@@ -59,8 +59,7 @@ POSITION_SELECTION_TITLES = {
     "": "every token",
     "all": "every token",
     "changed+ends+last": "only the changed tokens, later line ends and the last token",
-    "slice": "only the changed statement, the later statements its value flows through, the "
-    "question and the last token",
+    "slice": "only the changed statement, its later hops, the question and the last token",
 }
 
 
