@@ -2,9 +2,9 @@
 
 Builds (or reuses) a pairs stage of the organism, then for every site sweeps the same pairs
 twice — exactly (``interventions.sweep``, its fastest path: compute floor + skipped no-op cells)
-and by attribution (``interventions.attribution.attribution_sweep``: per batch of pairs one base
-run of sources and targets, one differentiable restart of the targets and one backward, on the
-restart core) — and compares the estimated change of the logit difference
+and by attribution (``interventions.attribution.attribution_sweep``: per batch of pairs a
+capture-only base run of the sources, a base run of the targets up to the lowest swept layer, one
+differentiable restart of the targets from there and one backward, on the restart core) — and compares the estimated change of the logit difference
 LD = logit(A) − logit(B) cell by cell (``attribution.compare_methods``): Spearman over all cells
 and over the cells that move, top-20 recall of each pair's exact top cells, top-20 recall on the
 heatmap (mean over pairs per divergence index, layer and position), and the time ratio. A second

@@ -3,6 +3,8 @@ frames from. Positions get the token of one example pair (``display_token``, as 
 it) and a role in the program (``position_roles``); positions of pairs of different lengths are
 aligned at their last token (``align_ends``, the rule the patching stage's heatmap uses); a
 cell's pair values become ``mean, std, n`` and the 95% interval of the mean (``summarise``).
+``values_of_rows`` turns patching rows into the long frame of pair values that
+``Study.pair_values`` returns.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ __all__ = [
     "position_labels",
     "position_roles",
     "summarise",
+    "summarise_values",
     "token_roles",
+    "values_of_rows",
 ]
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 ANSWER_ROLE = "last"  # the position where the answer is read
 CHANGED_ROLE = "changed"
+AXIS_COLUMNS = {"layer": "layer", "head": "head", "pos": "position"}  # the frames' axis names
 
 
 def position_roles(n_tokens: int, diff_positions: list[int]) -> list[str]:
@@ -127,3 +132,90 @@ def position_labels(
         ]
         roles[k] = position_roles(len(row["tokens"]), list(diff))
     return labels, roles
+
+
+def summarise_values(values: pl.DataFrame, by_role: bool) -> pl.DataFrame:
+    """``Study.patching``'s cells of pair values: by position, or (``by_role``: a ``--positions
+    slice`` grid, pairs of different layouts) by each pair's own token role."""
+    if by_role:
+        values = values.with_columns(
+            position=pl.lit(None, pl.Int64), label=pl.col("token_role"), role=pl.col("token_role")
+        )
+    return summarise(values)
+
+
+def values_of_rows(rows: Any, version: str, grid: dict[str, Any], metric: str) -> pl.DataFrame:
+    """``Study.pair_values`` of patching ``rows`` (a stored version's, or the finished shards
+    of an unfinished one) whose grid is ``grid`` (``Study.grid``), labelled ``version``."""
+    from seqpatch.stages.patching import grid_axes
+
+    if len(rows) == 0:
+        return pl.DataFrame()
+    axes = grid_axes(rows)
+    column = rows.select_columns([metric]).with_format("numpy")[:][metric]  # one batch
+    values = np.array(column, dtype=np.float64)  # [rows, *grid]
+    k_col = np.asarray(rows["divergence_index"])
+    lengths = np.asarray(rows["n_tokens"])
+    meta = rows.select_columns(["pair_id", "site", "tokens", "diff_positions", "layers"])
+    labels, roles = position_labels(meta, k_col, lengths)
+    if "pos" in axes:
+        align_ends(values, k_col, lengths)
+    layers = np.asarray(meta[0]["layers"])
+    heads = rows["heads"][0] if "head" in axes else []
+    index = np.nonzero(~np.isnan(values))
+    if index[0].size == 0:  # e.g. probabilities of an attribution grid: not estimated
+        return pl.DataFrame()
+    cell: dict[str, Any] = {}
+    for axis, idx in zip(axes, index[1:], strict=True):
+        if axis == "layer":
+            cell["layer"] = layers[idx]
+        elif axis == "head":
+            cell["head"] = np.asarray(heads)[idx] if len(heads) else idx
+        else:
+            cell["position"] = idx
+    row_idx = index[0]
+    ks = k_col[row_idx]
+    frame = pl.DataFrame(
+        {
+            "version": version,
+            "method": grid["method"],
+            "axes": ",".join(AXIS_COLUMNS[a] for a in axes),
+            "span": "" if "pos" in axes else grid["positions"],
+            "site": np.asarray(meta["site"])[row_idx],
+            "divergence_index": ks.astype(np.int64),
+            "pair_id": np.asarray(meta["pair_id"])[row_idx],
+            "layer": cell["layer"].astype(np.int64),
+            "head": cell["head"].astype(np.int64) if "head" in cell else None,
+            "position": cell["position"].astype(np.int64) if "position" in cell else None,
+            "metric": metric,
+            "value": values[index],
+        },
+        schema_overrides={"head": pl.Int64, "position": pl.Int64},
+    )
+    if "position" not in cell:
+        return frame.with_columns(
+            label=pl.lit(None, pl.String),
+            role=pl.lit(None, pl.String),
+            token_role=pl.lit(None, pl.String),
+        )
+    frame = frame.with_columns(
+        token_role=pl.Series(
+            token_roles(rows, k_col, lengths, values.shape[-1])[index[0], index[-1]],
+            dtype=pl.String,
+        )
+    )
+    lookup = pl.DataFrame(
+        [
+            {"divergence_index": int(k), "position": t, "label": label, "role": role}
+            for k in labels
+            for t, (label, role) in enumerate(zip(labels[k], roles[k], strict=True))
+        ],
+        schema={
+            "divergence_index": pl.Int64,
+            "position": pl.Int64,
+            "label": pl.String,
+            "role": pl.String,
+        },
+    )
+    frame = frame.join(lookup, on=["divergence_index", "position"], how="left")
+    return frame

@@ -39,13 +39,11 @@ import polars as pl
 from seqpatch.cells import (
     ANSWER_ROLE,
     CHANGED_ROLE,
-    align_ends,
     confidence_interval,
     display_token,
-    position_labels,
     position_roles,
-    summarise,
-    token_roles,
+    summarise_values,
+    values_of_rows,
 )
 from seqpatch.errors import SeqpatchError
 
@@ -64,9 +62,6 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from seqpatch.store import StageRef
-
-# The patching axes' names in the frames (``pos`` is a position).
-AXIS_COLUMNS = {"layer": "layer", "head": "head", "pos": "position"}
 
 
 class StudyError(SeqpatchError):
@@ -290,15 +285,8 @@ class Study:
             by_role = self.grid(ref)["positions"] == "slice"
             for metric in metrics or METRICS:
                 values = self.pair_values(ref.version, metric)
-                if values.is_empty():
-                    continue
-                if by_role:  # pairs of different layouts: a cell is a token role, not an index
-                    values = values.with_columns(
-                        position=pl.lit(None, pl.Int64),
-                        label=pl.col("token_role"),
-                        role=pl.col("token_role"),
-                    )
-                frames.append(summarise(values))
+                if not values.is_empty():
+                    frames.append(summarise_values(values, by_role))
         if not frames:
             return pl.DataFrame()
         return pl.concat(frames, how="diagonal_relaxed")
@@ -317,7 +305,7 @@ class Study:
         store ``roles``, else null). Where pairs
         of one ``k`` differ in token length their positions are aligned at the last token, as
         the stored heatmap aligns them (``label``/``role`` are then the longest pair's)."""
-        from seqpatch.stages.patching import METRICS, grid_axes
+        from seqpatch.stages.patching import METRICS
 
         if metric not in METRICS:
             raise StudyError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -333,76 +321,7 @@ class Study:
             if divergence_index is not None:
                 keep &= np.asarray(rows["divergence_index"]) == divergence_index
             rows = rows.select(np.flatnonzero(keep))
-        if len(rows) == 0:
-            return pl.DataFrame()
-        grid = self.grid(ref)
-        axes = grid_axes(rows)
-        column = rows.select_columns([metric]).with_format("numpy")[:][metric]  # one batch
-        values = np.array(column, dtype=np.float64)  # [rows, *grid]
-        k_col = np.asarray(rows["divergence_index"])
-        lengths = np.asarray(rows["n_tokens"])
-        meta = rows.select_columns(["pair_id", "site", "tokens", "diff_positions", "layers"])
-        labels, roles = position_labels(meta, k_col, lengths)
-        if "pos" in axes:
-            align_ends(values, k_col, lengths)
-        layers = np.asarray(meta[0]["layers"])
-        heads = rows["heads"][0] if "head" in axes else []
-        index = np.nonzero(~np.isnan(values))
-        if index[0].size == 0:  # e.g. probabilities of an attribution grid: not estimated
-            return pl.DataFrame()
-        cell: dict[str, Any] = {}
-        for axis, idx in zip(axes, index[1:], strict=True):
-            if axis == "layer":
-                cell["layer"] = layers[idx]
-            elif axis == "head":
-                cell["head"] = np.asarray(heads)[idx] if len(heads) else idx
-            else:
-                cell["position"] = idx
-        row_idx = index[0]
-        ks = k_col[row_idx]
-        frame = pl.DataFrame(
-            {
-                "version": ref.version,
-                "method": grid["method"],
-                "axes": ",".join(AXIS_COLUMNS[a] for a in axes),
-                "span": "" if "pos" in axes else grid["positions"],
-                "site": np.asarray(meta["site"])[row_idx],
-                "divergence_index": ks.astype(np.int64),
-                "pair_id": np.asarray(meta["pair_id"])[row_idx],
-                "layer": cell["layer"].astype(np.int64),
-                "head": cell["head"].astype(np.int64) if "head" in cell else None,
-                "position": cell["position"].astype(np.int64) if "position" in cell else None,
-                "metric": metric,
-                "value": values[index],
-            },
-            schema_overrides={"head": pl.Int64, "position": pl.Int64},
-        )
-        if "position" not in cell:
-            return frame.with_columns(
-                label=pl.lit(None, pl.String),
-                role=pl.lit(None, pl.String),
-                token_role=pl.lit(None, pl.String),
-            )
-        frame = frame.with_columns(
-            token_role=pl.Series(
-                token_roles(rows, k_col, lengths, values.shape[-1])[index[0], index[-1]],
-                dtype=pl.String,
-            )
-        )
-        lookup = pl.DataFrame(
-            [
-                {"divergence_index": int(k), "position": t, "label": label, "role": role}
-                for k in labels
-                for t, (label, role) in enumerate(zip(labels[k], roles[k], strict=True))
-            ],
-            schema={
-                "divergence_index": pl.Int64,
-                "position": pl.Int64,
-                "label": pl.String,
-                "role": pl.String,
-            },
-        )
-        frame = frame.join(lookup, on=["divergence_index", "position"], how="left")
+        frame = values_of_rows(rows, ref.version, self.grid(ref), metric)
         if site is None and divergence_index is None:
             self._values[key] = frame
         return frame

@@ -16,7 +16,7 @@ import torch
 
 from seqpatch.interventions import PatchSpec, get_activations, patch_grid
 from seqpatch.interventions.restart import RestartableRun, Write
-from seqpatch.interventions.sites import site_heads
+from seqpatch.interventions.sites import InterventionError, site_heads
 from seqpatch.models import load_model
 from seqpatch.models.sites import SITE_TABLE
 from seqpatch.testing import TINY_ARCHITECTURES, save_tiny_model
@@ -257,6 +257,49 @@ def test_the_floor_reuses_attention_and_trims_the_last_layer(handles):
         torch.zeros(2, dtype=torch.long),
     )
     assert torch.equal(patched, run.restart(rows, [only_last]))
+
+
+@pytest.mark.parametrize("arch", (*FLOOR_ARCHS, "gpt2"))
+def test_a_base_run_up_to_a_layer_restarts_like_the_full_base_run(handles, arch):
+    """A base run stopped before layer ``upto`` restarts like the full base run: writes of every
+    floor site at each layer from ``upto`` on (and ``resid_post`` just below it, which enters
+    at ``upto``), two layers written at once, rows restarted twice and a row without a write all
+    equal the full run's restart (which uses the floor rules and its stored logits); a capture
+    below ``upto`` is the full run's. It has no logits, restarts nowhere below ``upto`` nor
+    after position 0, and captures nothing at or above ``upto``: each says so."""
+    handle = handles[arch]
+    length, n_layers = 12, handle.n_layers
+    ids = random_pairs(seed=12, n=3, length=length, diverge=0)[0]
+    gen = torch.Generator().manual_seed(5)
+    keys = [("mlp_out", layer) for layer in range(n_layers)]
+    full = RestartableRun(handle, ids, floor_layers=range(n_layers), floor_z=True, capture=keys)
+    rows = torch.tensor([0, 2, 1, 2])  # random_writes writes rows 0..2: the last has none
+    for upto in range(n_layers + 1):
+        part = RestartableRun(handle, ids, upto=upto, capture=keys[:upto])
+        for key in keys[:upto]:
+            torch.testing.assert_close(part.acts[key], full.acts[key], atol=TOL, rtol=0)
+        with pytest.raises(InterventionError, match="no logits"):
+            _ = part.logits
+        plan = [(site, layer) for layer in range(upto, n_layers) for site in FLOOR_SITES]
+        plan += [("resid_post", upto - 1)] if upto else []
+        for site, layer in plan:
+            writes = [random_writes(handle, site, 3, length, gen, single=False, layer=layer)]
+            if layer < n_layers - 1:
+                last = random_writes(handle, "mlp_out", 3, length, gen, single=True, layer=layer)
+                writes.append(replace(last, layer=n_layers - 1))
+            got, want = part.restart(rows, writes), full.restart(rows, writes)
+            torch.testing.assert_close(got, want, atol=TOL, rtol=0, msg=str((upto, site, layer)))
+        torch.testing.assert_close(part.restart(rows, []), full.logits[rows], atol=TOL, rtol=0)
+        if upto:
+            below = random_writes(handle, "resid_pre", 3, length, gen, single=True, layer=upto - 1)
+            with pytest.raises(InterventionError, match=f"upto <= {upto - 1}"):
+                part.restart(rows, [below])
+        with pytest.raises(InterventionError, match="leave start_pos unset"):
+            part.restart(rows, [], start_pos=2)
+    with pytest.raises(InterventionError, match="cannot capture layers \\[1\\]"):
+        RestartableRun(handle, ids, upto=1, capture=keys[:2])
+    with pytest.raises(InterventionError, match="upto must be in"):
+        RestartableRun(handle, ids, upto=n_layers + 1)
 
 
 def test_every_site_in_the_table_names_a_module_on_every_adapter(handles):

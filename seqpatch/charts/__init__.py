@@ -10,7 +10,8 @@ here; ``seqpatch.plots`` ties both to stored stages. Every chart says on its fac
 - ``layout``: the layer × token grid shared by the heatmap and the causal trace;
 - ``grids``: the patching heatmap and whole-stream lines; ``traces``: one pair's lines per
   token; ``heads``: layer × head heatmaps and the top heads token by token; ``accuracy``;
-  ``tracing``: ROME's causal-trace figure; ``das``: IIA against the subspace dimension.
+  ``tracing``: ROME's causal-trace figure; ``das``: IIA against the subspace dimension;
+  ``depth``: several models' effect against relative depth.
 
 ``from seqpatch.charts import X`` works for every name in ``__all__``; the modules load on first
 use, so a stage that imports a data view does not pay for altair.
@@ -64,6 +65,8 @@ _HOME = {
     "aie_scale": "tracing",
     "color_scale": "style",
     "count_pairs": "grids",
+    "depth_figure": "depth",
+    "depth_name": "depth",
     "head_heatmap_figure": "heads",
     "head_name": "heads",
     "heatmap_caption": "grids",

@@ -17,25 +17,31 @@ first-order Taylor expansion around the target run:
 the sum running over the cell's feature dimension ``d`` (the last axis of the site tensor).
 
 **What is computed**, per batch of equal-length pairs, all on the restart core
-(``seqpatch.interventions.restart.RestartableRun``, the one place that runs restarts):
+(``seqpatch.interventions.restart.RestartableRun``, the one place that runs the model with
+hooks), at the work floor — the sources' forward, the targets' forward under grad, one
+backward:
 
-1. one base run of sources and targets as one batch: the site tensors ``a_src`` and ``a_tgt`` of
-   every swept layer, and the targets' clean logits (the unpatched readout);
-2. one differentiable restart of the targets beginning at the lowest swept layer ``l0`` (the
-   layers below it are the base run's), in which every swept layer's site tensor gets a zero
-   added at every position and head (``Write(add=True)``: ``x + 0`` keeps the forward's values
-   bit for bit and makes ``∂LD/∂0 = ∂LD/∂a``);
-3. one backward of ``Σ_pairs LD`` to those zeros.
+1. a capture-only base run of the sources up to the highest swept layer ``l1`` (``upto=l1+1``):
+   the site tensors ``a_src`` of every swept layer, nothing else kept;
+2. a base run of the targets up to the lowest swept layer ``l0`` (``upto=l0``): the residual
+   stream entering it (the restart core's rule 1 applied to the base run);
+3. one differentiable restart of the targets from ``l0`` in which every swept layer's site
+   tensor gets a zero added at every position and head (``Write(add=True)``: ``x + 0`` keeps the
+   forward's values bit for bit and makes ``∂LD/∂0 = ∂LD/∂a``). Hooks active during it read the
+   site tensors (``a_tgt``) and its logits are the targets' clean readout — the same values, bit
+   for bit, as an unpatched forward of the targets, with no forward of their own;
+4. one backward of ``Σ_pairs LD`` to those zeros.
 
-Counted in token-layers for ``b`` pairs of ``T`` tokens in an ``L``-layer model: ``2·b·L·T`` for
-the base run and ``b·(L − l0)·T`` for the restart, less the core's floor (the last layer's
-output projection and MLP run on the last position only; a site read after attention reuses the
-base run's attention at ``l0``), then a backward from the logits down to ``l0``. A sweep of every
-layer (``l0 = 0``) thus runs about ``3·b·L·T`` forward token-layers where a private path (a
-forward of the sources, one of the targets under autograd) would run ``2·b·L·T``: the targets'
-base run is what running on the one core costs, the backward (about twice a forward) is the same.
+Counted in token-layers for ``b`` pairs of ``T`` tokens in an ``L``-layer model: ``b·(l1+1)·T``
+(sources) + ``b·l0·T`` (targets' base run) + ``b·(L − l0)·T`` (the restart, less the floor's last
+layer: its output projection and MLP run on the last position only) — at most ``2·b·L·T``, what
+a private pair of forwards costs, and less when the highest swept layer is below the last; then
+a backward from the logits down to ``l0`` (about twice the restart's forward). SmolLM2 (30
+layers), 2 pairs of 40 tokens, every layer: 4,800 forward token-layers (2,400 + 0 + 2,400),
+counted by the core's counters (``scripts/count_attribution.py``); layers 5 and 9 only: 3,200
+(800 + 400 + 2,000).
 Architectures without the layer runner (GPT-2) restart by a full forward of the targets with the
-additions as hooks. Pairs never interact inside a forward, so the summed backward is each
+additions as hooks (the targets' base run then runs nothing: ``upto`` without captures). Pairs never interact inside a forward, so the summed backward is each
 pair's own gradient. The model's weights never receive a gradient: their ``requires_grad``
 flags are off during the backward and restored after, as is training mode (the model runs in
 eval mode, so dropout never perturbs the estimate).
@@ -73,7 +79,7 @@ and AtP*'s QK fix is not implemented. ``compare_methods`` measures agreement aga
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -92,9 +98,9 @@ from seqpatch.interventions.sites import (
     InterventionError,
     as_pair_rows,
     check_sites,
+    hooked,
     resolve_indices,
 )
-from seqpatch.models.sites import site_info
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -277,35 +283,34 @@ def _batch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch of equal-length pairs: Δ̂ ``[b, L', P', *extra]`` and the clean readout.
 
-    On the restart core: one base run of sources and targets (their site tensors, the targets'
-    clean logits), then one differentiable restart of the targets from the lowest swept layer
-    in which every swept layer's site tensor gets a zero added at every position (all heads at
-    once), and one backward. The restart keeps the floor (``floor=True``): a site local to the
-    last layer is written there only at the last position, the one position whose logits are
-    read, so its earlier positions get no graph and their gradient is exactly 0 — which it is
-    (they cannot reach the logits); ``materialize_grads`` makes any write the restart leaves out
-    entirely read as that 0, never as a missing gradient.
+    On the restart core, at the work floor: a capture-only base run of the sources up to the
+    highest swept layer (their site tensors ``a_src``); a base run of the targets up to the
+    lowest swept layer ``l0`` (``upto``: only the residual stream entering it); one
+    differentiable restart of the targets from ``l0`` in which every swept layer's site tensor
+    gets a zero added at every position (all heads at once), read by capture hooks active
+    during it (``a_tgt``: ``x + 0`` leaves the values bit for bit, so they are the targets'
+    clean site tensors) and giving the clean readout; one backward. The restart keeps the
+    floor's rule 4: the last layer's output projection and MLP run on the last position only,
+    so a site there is read at that position alone and its earlier positions, which cannot
+    reach the logits, get gradient exactly 0 and estimate 0 (``materialize_grads`` makes any
+    write the restart leaves out read as that 0, never as a missing gradient).
     """
-    n = tgt.shape[0]
+    n, length = tgt.shape
     needed = sorted(set(layers))
-    run = RestartableRun(
-        handle,
-        torch.cat([src, tgt]),
-        method=method,
-        capture=[(site, layer) for layer in needed],
-        floor_layers=needed[:1] if site_info(site).after_attention else (),
-        floor_z=site == "head_z",
-        restartable=slice(n, None),
+    keys = [(site, layer) for layer in needed]
+    sources = RestartableRun(
+        handle, src, method=method, capture=keys, upto=needed[-1] + 1, restartable=slice(0, 0)
     )
-    acts = {layer: run.acts[(site, layer)] for layer in needed}  # [2b, T, *extra]
-    clean = run.logits[n:].float()
+    a_src = {layer: sources.acts[(site, layer)] for layer in needed}  # [b, T, *extra]
+    del sources
+    run = RestartableRun(handle, tgt, method=method, upto=needed[0])
     rows = torch.arange(n, device=tgt.device)
-    cell_rows = rows.repeat_interleave(tgt.shape[1])
-    cell_pos = torch.arange(tgt.shape[1], device=tgt.device).repeat(n)
+    cell_rows = rows.repeat_interleave(length)
+    cell_pos = torch.arange(length, device=tgt.device).repeat(n)
     zeros = [
         torch.zeros(
-            (len(cell_rows), *acts[layer].shape[2:]),
-            dtype=acts[layer].dtype,
+            (len(cell_rows), *a_src[layer].shape[2:]),
+            dtype=a_src[layer].dtype,
             device=tgt.device,
             requires_grad=True,
         )
@@ -315,20 +320,34 @@ def _batch(
         Write(site, layer, cell_rows, cell_pos, zero, add=True)
         for layer, zero in zip(needed, zeros, strict=True)
     ]
+    a_tgt: dict[int, torch.Tensor] = {}
+    readers = {(site, layer): _reader(a_tgt, layer) for layer in needed}
     with torch.enable_grad():
-        picked = run.restart(rows, writes, start_pos=0).gather(-1, cand)
+        with hooked(handle, readers):
+            logits = run.restart(rows, writes)
+        picked = logits.gather(-1, cand)
         ld = picked.gather(-1, idx_a[:, None]) - picked.gather(-1, idx_b[:, None])
         grads = torch.autograd.grad(ld.sum(), zeros, allow_unused=True, materialize_grads=True)
-    grad = {layer: g.unflatten(0, tgt.shape) for layer, g in zip(needed, grads, strict=True)}
+    clean = logits.detach().float()
     valid = [max(pos, 0) for pos in positions]
     per_layer = []
-    for layer in layers:
-        diff = acts[layer][:n].float() - acts[layer][n:].float()
-        cells = (diff * grad[layer].float()).sum(-1)  # [b, T, *extra]
+    for layer, grad in zip(needed, grads, strict=True):
+        read = a_tgt[layer].shape[1]  # T, or 1 where the restart ran the last position only
+        diff = torch.zeros_like(a_src[layer], dtype=torch.float32)
+        diff[:, length - read :] = a_src[layer][:, length - read :].float() - a_tgt[layer].float()
+        cells = (diff * grad.unflatten(0, (n, length)).float()).sum(-1)  # [b, T, *extra]
         per_layer.append(cells[:, valid])
-    grid = torch.stack(per_layer, dim=1).cpu()  # [b, L', P', *extra]
+    by_layer = dict(zip(needed, per_layer, strict=True))
+    grid = torch.stack([by_layer[layer] for layer in layers], dim=1).cpu()  # [b, L', P', *extra]
     grid[:, :, [i for i, pos in enumerate(positions) if pos < 0]] = float("nan")
     return grid, clean.gather(-1, cand).cpu(), clean.logsumexp(-1).cpu()
+
+
+def _reader(into: dict[int, torch.Tensor], layer: int) -> Callable[[torch.Tensor], None]:
+    def read(x: torch.Tensor) -> None:
+        into[layer] = x.detach()
+
+    return read
 
 
 @contextmanager

@@ -38,10 +38,20 @@ layer and *joins* the forward there (``LayerRunner.run(joins=...)``), so one pas
 serves every entry layer — the work of one restart per layer, in fewer and larger calls (the
 sweep packs the cells of every layer that start at one position together).
 
+A base run may itself stop at a layer (``upto=l``: rule 1 applied to the base run): it runs
+layers ``< l`` only and keeps the residual stream entering layer ``l`` — no keys/values: its
+restarts begin at or above ``l`` from position 0, so they read none (attribution's one restart
+from its lowest swept layer). Its restarts run every row from layer ``l`` over every position, its logits are never
+computed (reading ``logits`` raises: a restart gives them), and hooks active during a restart see
+each restarted row's site tensors in row order at every position (the last layer's output
+projection, MLP and what follows them at the last position only, by rule 4).
+
 Writes that provably change nothing are the callers' to skip (a donor equal to the base bit for
 bit); ``floor=False`` turns 2–4 off — the unoptimised restart the tests compare against.
 Architectures without the layer runner (GPT-2's attention keeps its own cache layout) take the
-generic path: full forwards of base-row copies with the writes as plain hooks.
+generic path: full forwards of base-row copies with the writes as plain hooks. There ``upto``
+only shortens the base run to what its captures need (nothing at all without captures): every
+restart is a full forward from the tokens anyway.
 """
 
 from __future__ import annotations
@@ -181,6 +191,10 @@ class _Stop(Exception):
     """Raised by a hook to end a forward once it has what it came for."""
 
 
+def _stop(_x: torch.Tensor) -> None:
+    raise _Stop
+
+
 def layer0_input(handle: ModelHandle, input_ids: torch.Tensor) -> torch.Tensor:
     """What decoder layer 0 receives (embeddings, scaled or with positions as the model does)."""
     first: list[torch.Tensor] = []
@@ -224,8 +238,13 @@ class RestartableRun:
 
     ``restartable`` (default all) are the base rows that restarts may use — ``restart``'s rows
     index them; only their states are kept (the sweep runs sources and targets as one base
-    batch and restarts the targets). ``logits`` ``[n, vocab]`` are the base run's next-token
-    logits at the last position, every row.
+    batch and restarts the targets; ``slice(0, 0)`` keeps nothing but ``acts``, a capture-only
+    run). ``logits`` ``[n, vocab]`` are the base run's next-token logits at the last position,
+    every row.
+
+    ``upto`` (``0..L``): the base run stops before layer ``upto`` (module docstring): captures
+    must be of layers below it, restarts begin at or above it from position 0, ``logits``
+    raises, ``depth`` is the number of layers the base run ran.
     """
 
     def __init__(
@@ -241,7 +260,20 @@ class RestartableRun:
         floor: bool = True,
         counters: Any = None,
         restartable: slice = slice(None),
+        upto: int | None = None,
     ) -> None:
+        capture = list(capture)
+        if upto is not None:
+            if not 0 <= upto <= handle.n_layers:
+                raise InterventionError(f"upto must be in 0..{handle.n_layers}, got {upto}")
+            late = sorted({layer for _, layer in capture if layer >= upto})
+            if late:
+                raise InterventionError(
+                    f"a base run up to layer {upto} cannot capture layers {late}; raise upto"
+                )
+        self.upto = upto
+        self.depth = handle.n_layers if upto is None else upto
+        self._logits: torch.Tensor | None = None
         self.handle, self.ids = handle, input_ids[restartable]
         self.n, self.length = input_ids.shape
         self.base_rows = torch.arange(self.n, device=handle.device)[restartable]
@@ -253,13 +285,29 @@ class RestartableRun:
         hooks = {key: self._keep(self.acts, key) for key in capture}
         base = torch.arange(self.n, device=handle.device)
         with torch.no_grad(), self._perturbed(base):
-            if self.method == "full":
+            if self.method == "cached":
+                self._base_run(input_ids, hooks, set(floor_layers) if floor else set(), floor_z)
+            elif upto is None:
                 with hooked(handle, hooks):
                     out = handle.hf_model(input_ids=input_ids, logits_to_keep=1)
-                self.logits = out.logits[:, -1]
+                self._logits = out.logits[:, -1]
+            elif hooks:
+                if upto < handle.n_layers:
+                    hooks[("resid_pre", upto)] = _stop
+                with hooked(handle, hooks), contextlib.suppress(_Stop):
+                    handle.hf_model(input_ids=input_ids, logits_to_keep=1)
             else:
-                self._base_run(input_ids, hooks, set(floor_layers) if floor else set(), floor_z)
+                return  # nothing to keep: the generic path's restarts start from the tokens
         self.counters.forwards += 1
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            raise InterventionError(
+                f"this base run stopped before layer {self.upto} (upto) and has no logits; "
+                "read them from a restart"
+            )
+        return self._logits
 
     @staticmethod
     def _keep(into: dict, key: Any) -> Callable[[torch.Tensor], None]:
@@ -275,13 +323,14 @@ class RestartableRun:
         self, input_ids: torch.Tensor, hooks: dict, floor_layers: set[int], floor_z: bool
     ) -> None:
         """Residual stream per layer, keys/values, and the kept attention outputs (of the
-        restartable rows only)."""
+        restartable rows only); with ``upto`` only the residual stream entering layer ``upto``
+        (its restarts begin there at position 0, reading no keys/values)."""
         handle = self.handle
         self.runner = LayerRunner(handle)
         first = layer0_input(handle, input_ids)
         resid = {0: first}
         hooks = dict(hooks)
-        for i in range(handle.n_layers):
+        for i in range(handle.n_layers if self.upto is None else 0):
             keep_out = self._keep(resid, i + 1)
             if ("resid_post", i) in hooks:
                 keep_act = hooks[("resid_post", i)]
@@ -304,16 +353,19 @@ class RestartableRun:
                         lambda _m, args, i=layer: self.z.__setitem__(i, args[0].detach())
                     )
                 )
-        cache = PrefixCache(record=True)
+        cache = PrefixCache(record=self.upto is None)
         try:
             with hooked(handle, hooks):
-                self.runner.run(first, 0, 0, cache)
+                resid[self.depth] = self.runner.run(first, 0, 0, cache, stop_layer=self.depth)
         finally:
             for h in handles:
                 h.remove()
-        self.logits = handle.logits_from_resid(resid[handle.n_layers][:, -1])
+        if self.upto is None:
+            self._logits = handle.logits_from_resid(resid[handle.n_layers][:, -1])
+        else:
+            resid = {self.upto: resid[self.upto]}
         keep = self._restartable
-        self.resid = [keep(resid[i]) for i in range(handle.n_layers + 1)]
+        self.resid = {i: keep(x) for i, x in resid.items()}
         self.kv = {j: (keep(k), keep(v)) for j, (k, v) in (cache.recorded or {}).items()}
         self.attn = {j: keep(x) for j, x in self.attn.items()}
         self.z = {j: keep(x) for j, x in self.z.items()}
@@ -342,9 +394,23 @@ class RestartableRun:
         ``start_pos`` (default: the first written position) is where the restarted positions
         begin; writes before it are dropped (callers start at the first position a write
         changes). ``max_rows`` bounds memory: rows run in chunks of ``max_rows`` full-length
-        rows' worth of positions.
+        rows' worth of positions. A restart of an ``upto`` run begins at layer ``upto`` and
+        position 0 for every row, written or not.
         """
-        if not writes:
+        if self.upto is not None:
+            low = min((w.entry for w in writes), default=self.upto)
+            if low < self.upto:
+                raise InterventionError(
+                    f"a base run up to layer {self.upto} restarts at or above it; a write "
+                    f"enters at layer {low}: build the base run with upto <= {low}"
+                )
+            if start_pos:
+                raise InterventionError(
+                    f"a base run up to layer {self.upto} restarts from position 0 (it kept no "
+                    f"keys/values above it); got start_pos {start_pos}: leave start_pos unset"
+                )
+            start_pos = 0
+        elif not writes:
             return self.logits[self.base_rows[rows]]
         if start_pos is None:
             start_pos = min(int(w.pos.min()) for w in writes)
@@ -368,13 +434,15 @@ class RestartableRun:
                 logits = handle.hf_model(input_ids=self.ids[rows], logits_to_keep=1).logits
             counters.token_layers += len(rows) * handle.n_layers * self.length
             return logits[:, -1]
-        logits = self.logits[self.base_rows[rows]].clone()
-        if not writes:
-            return logits
         n_layers = handle.n_layers
-        entry = torch.full((len(rows),), n_layers + 1, dtype=torch.long, device=rows.device)
-        for w in writes:
-            entry.scatter_reduce_(0, w.rows, torch.full_like(w.rows, w.entry), "amin")
+        if self.upto is None:
+            if not writes:
+                return self.logits[self.base_rows[rows]].clone()
+            entry = torch.full((len(rows),), n_layers + 1, dtype=torch.long, device=rows.device)
+            for w in writes:
+                entry.scatter_reduce_(0, w.rows, torch.full_like(w.rows, w.entry), "amin")
+        else:  # every row runs from upto; writes above it hook their layers
+            entry = torch.full((len(rows),), self.upto, dtype=torch.long, device=rows.device)
         joins: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         # a write at a layer above a row's entry hooks that layer (the row is in the forward)
         hooked_writes = [
@@ -422,7 +490,11 @@ class RestartableRun:
             counters.token_layers += sum(parts[b].shape[0] * (n_layers - b) * width for b in inner)
         if n_layers in parts:
             outputs.append(parts[n_layers][:, -1])
-        logits[order] = handle.logits_from_resid(torch.cat(outputs)).to(logits.dtype)
+        fresh = handle.logits_from_resid(torch.cat(outputs))
+        if self.upto is not None:  # every row was restarted
+            return fresh[place]
+        logits = self.logits[self.base_rows[rows]].clone()
+        logits[order] = fresh.to(logits.dtype)
         return logits
 
     def _enter(
@@ -432,12 +504,11 @@ class RestartableRun:
         start_pos, d]``, the layer it enters, and the writes left to hooks (rows index
         ``rows``). Rules 2–4 compute the written layer here; otherwise the residual writes are
         applied to the base run's stream and the others hook layer ``entry``."""
-        last = self.handle.n_layers - 1
-        if entry <= last and self.floor and not whole:
+        if entry < self.depth and self.floor and not whole:
             infos = [site_info(w.site) for w in first]
             hidden = None
             if all(i.after_attention for i in infos) and entry in self.attn:
-                if entry == last:  # rule 4: only the last position reaches the logits
+                if entry == self.handle.n_layers - 1:  # rule 4: only the last position counts
                     gather = torch.full((len(rows),), self.length - 1, device=rows.device)
                 else:
                     gather = self._single_positions(rows, first)
