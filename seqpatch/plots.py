@@ -40,9 +40,9 @@ def heatmap_chart(
     counts = {k: n for k, n in charts.count_pairs(rows).items() if k in agg["divergence_indices"]}
     title = None
     if agg.get("position_axis") == "role":  # a slice grid: one row per role, not per token
-        title = (
-            "Activation patching A → B along the data flow: rows are token roles (the changed "
-            "statement hop0, later hops, question, last), averaged across pairs by role"
+        title = (  # the caption says what each role is
+            "Activation patching A → B along the data flow: rows are token roles, averaged "
+            "across pairs"
         )
     return charts.heatmap_figure(agg, metric, counts, title=title)
 

@@ -161,6 +161,7 @@ class _Page:
         drills into. A chart that cannot be drawn (``ChartError``: e.g. a metric the grid has
         no values of) becomes a one-line note."""
         from seqpatch.charts import ChartError
+        from seqpatch.charts.style import font_family
 
         if callable(spec):
             try:
@@ -168,6 +169,7 @@ class _Page:
             except ChartError as err:
                 return f'<p class="note">Not drawn: {_e(err)}</p>'
         spec_dict = spec if isinstance(spec, dict) else spec.to_dict()
+        spec_dict.setdefault("config", {}).setdefault("font", font_family())
         _add_ci_tooltips(spec_dict)
         chart_id = f"chart-{len(self.charts)}"
         self.charts.append({"id": chart_id, "spec": spec_dict, "drill": drill})
@@ -352,11 +354,21 @@ class _Page:
 
     def _drill_data(self, ref: StageRef) -> dict[str, Any]:
         """Per ``site|k``: the pairs (indices into the page's pair table) and, per cell
-        ``layer|head|position``, each pair's value (null where it has none)."""
+        ``layer|head|position``, each pair's value (null where it has none).
+
+        A ``--positions slice`` grid is drawn by token role (its chart's cells are roles, the
+        same role sitting at different positions in pairs of different layouts): its cells are
+        keyed ``layer|head|role`` instead, each pair contributing its own token of that role
+        (``by_role``), so a click on a role's cell finds the values its mean was taken over."""
         values = self.study.pair_values(ref.version, self.metric)
         groups: dict[str, Any] = {}
         if values.is_empty():
             return groups
+        by_role = self.study.grid(ref)["positions"] == "slice"
+        if by_role:
+            values = values.filter(pl.col("token_role").is_not_null()).with_columns(
+                position=pl.col("token_role"), label=pl.col("token_role")
+            )
         for (site, k), part in values.group_by(["site", "divergence_index"], maintain_order=True):
             ids = part["pair_id"].unique(maintain_order=True).to_list()
             order = {pid: i for i, pid in enumerate(ids)}
@@ -375,7 +387,11 @@ class _Page:
                     cells[key] = [None] * len(ids)
                     cells[f"{key}#label"] = label
                 cells[key][order[pid]] = round(float(value), 4)
-            groups[f"{site}|{k}"] = {"pairs": [self._pair(pid) for pid in ids], "cells": cells}
+            groups[f"{site}|{k}"] = {
+                "pairs": [self._pair(pid) for pid in ids],
+                "cells": cells,
+                "by_role": by_role,
+            }
         return groups
 
     def _pair(self, pair_id: str) -> int:

@@ -92,11 +92,15 @@ function drill(version, datum) {
   if (!datum || datum.layer === undefined || datum.site === undefined) return;
   const k = datum.divergence_index;
   const group = (DATA.drill[version] || {})[`${datum.site}|${k}`];
-  const key = `${datum.layer}|${datum.head ?? ''}|${datum.position ?? ''}`;
+  // a slice grid's cells are token roles: its pairs' values are keyed by role, not position
+  const byRole = Boolean(group && group.by_role);
+  const position = byRole ? datum.label : datum.position;
+  const key = `${datum.layer}|${datum.head ?? ''}|${position ?? ''}`;
   const cell = group ? group.cells[key] : undefined;
   const where = [`${datum.site}`, `k = ${k}`, `layer ${datum.layer}`]
     .concat(datum.head !== undefined && datum.head !== null ? [`head ${datum.head}`] : [])
-    .concat(datum.position !== undefined && datum.position !== null
+    .concat(byRole ? [`role ${position}`] : [])
+    .concat(!byRole && datum.position !== undefined && datum.position !== null
       ? [`position ${datum.position} '${group ? group.cells[key + '#label'] ?? '' : ''}'`] : []);
   if (!cell) {
     panel.innerHTML = `<h3>${esc(where.join(' · '))}</h3><p>No pair has a value here.</p>`;

@@ -430,3 +430,46 @@ def test_top_head_bars_are_blue_where_the_metric_means_towards_a(metric, blue_wh
     color = spec["spec"]["encoding"]["color"]
     assert color["condition"]["test"] == f"datum.mean {blue_when} 0"
     assert color["condition"]["value"] == charts.TOWARDS_A
+
+
+# ---------------------------------------------------------------------------------------------
+# The font of every chart's text
+
+
+def _text_png(text: str, font: str) -> bytes:
+    """``text`` drawn by vl-convert (what ``save_chart`` renders PNGs with) in ``font``."""
+    import vl_convert
+
+    spec = {
+        "$schema": "https://vega.github.io/schema/vega-lite/v6.json",
+        "data": {"values": [{"t": text}]},
+        "mark": {"type": "text", "fontSize": 40, "font": font},
+        "encoding": {"text": {"field": "t"}},
+        "width": 120,
+        "height": 60,
+        "config": {"view": {"stroke": None}},
+    }
+    return vl_convert.vegalite_to_png(spec, scale=1)
+
+
+def test_saved_charts_name_a_font_that_has_the_whitespace_marks(tmp_path):
+    """Token labels mark spaces, new lines and tabs (``·``, ``↵``, ``⇥``). Left to vl-convert's
+    "sans-serif", those came out in a serif fallback (the sans font it picked has no ``↵``).
+    Every saved chart now names ``style.FONT`` (HTML with fallbacks for browsers), and that font
+    is one vl-convert finds (a family it cannot find draws no text at all) and draws each mark
+    in itself, not in the serif fallback."""
+    from seqpatch.charts import style
+    from seqpatch.charts.tokens import NEWLINE, SPACE, TAB
+
+    rows = pretrained_like(ks=(1,), pairs=1)
+    chart = charts.heatmap_figure(aggregate(rows))
+    (html,) = charts.save_chart(chart, tmp_path, "heatmap", ("html",))
+    assert f'"font": "{style.FONT}, {style.FONT_FALLBACKS}"' in html.read_text()
+    assert style.with_font(chart, fallbacks=False).to_dict()["config"]["font"] == style.FONT
+    assert style.with_font(chart).to_dict()["config"]["view"]["stroke"] is None  # the rest kept
+    blank = _text_png("", style.FONT)
+    assert _text_png("x", "NoSuchFont-seqpatch") == blank  # an unknown family draws nothing
+    for mark in (SPACE, NEWLINE, TAB, "abc"):
+        drawn = _text_png(mark, style.FONT)
+        assert drawn != blank, mark  # the family is found and draws the glyph
+        assert drawn != _text_png(mark, "DejaVu Serif"), mark  # in itself, not a serif

@@ -523,3 +523,42 @@ def test_a_cache_that_is_a_file_does_not_stop_a_build(
         result = invoke(*args)
         assert result.exit_code == 0, result.output
     assert a_file.read_text() == "keep me\n"
+
+
+_MISSPELLED_IN_A_FRESH_PROCESS = """
+import json, sys
+from typer.testing import CliRunner
+from seqpatch.cli import app
+result = CliRunner().invoke(app, sys.argv[1:])
+heavy = sorted(m for m in ("torch", "transformers", "datasets", "nnsight") if m in sys.modules)
+print(json.dumps({"code": result.exit_code, "stderr": result.stderr, "heavy": heavy}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "meant"),
+    [
+        (["build", "benchmark", "--models", "smollm2-135m"], "smollm2-135m-instruct"),
+        (["build", "benchmark", "--models=builtin,gemma3-270:code"], "gemma3-270m"),
+        (["build", "pairs", "--model", "smollm2-135m", "--seq-len", "3"], "smollm2-135m-instruct"),
+        (["build", "pairs", "--model=buitin"], "builtin"),
+    ],
+)
+def test_a_misspelled_model_name_fails_before_any_heavy_import(
+    args: list[str], meant: str, tmp_path: Path
+) -> None:
+    """The name is checked while the command line is read, before the stage's command (whose
+    config module imports torch and datasets) is made: a fresh process ends with the one
+    did-you-mean line while torch, transformers and datasets were never imported."""
+    out = subprocess.run(
+        [sys.executable, "-c", _MISSPELLED_IN_A_FRESH_PROCESS, *args, "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["code"] == 2
+    assert f"did you mean {meant!r}?" in error_line(result["stderr"])
+    assert result["heavy"] == []
+    assert not any(tmp_path.iterdir())  # nothing built, not even the store's folders

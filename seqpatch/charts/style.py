@@ -33,6 +33,12 @@ WHITE = "#ffffff"
 TOWARDS_A = "#2166ac"  # blue: the patch moved B towards A's answer
 TOWARDS_B = "#b2182b"  # red: B's answer held or strengthened
 NO_DATA = "#d9d9d9"
+# Every chart's text, named rather than left to the renderer's "sans-serif": vl-convert (PNG,
+# SVG) resolves that generic name to a font without the visible-whitespace marks (``·``, ``↵``,
+# ``⇥``) and draws them in a serif fallback. DejaVu Sans has them, ships with Debian (fonts-dejavu,
+# which Chromium pulls in) and with most Linux desktops; browsers without it use the next names.
+FONT = "DejaVu Sans"
+FONT_FALLBACKS = "Verdana, sans-serif"
 ChartFormat = str
 
 
@@ -53,6 +59,7 @@ POSITION_SELECTION_TITLES = {
     "": "every token",
     "all": "every token",
     "changed+ends+last": "only the changed tokens, later line ends and the last token",
+    "slice": "only the changed statement, its later hops, the question and the last token",
 }
 
 
@@ -132,6 +139,25 @@ def nice_ceiling(x: float) -> float:
 _nice_ceiling = nice_ceiling
 
 
+def font_family(fallbacks: bool = True) -> str:
+    """The charts' CSS font family: ``FONT``, then (for browsers) ``FONT_FALLBACKS``."""
+    return f"{FONT}, {FONT_FALLBACKS}" if fallbacks else FONT
+
+
+def with_font(chart: alt.TopLevelMixin, fallbacks: bool = True) -> alt.TopLevelMixin:
+    """``chart`` with every text in ``font_family`` unless its config names a font already; the
+    rest of its config (view, legend) is kept (altair's ``configure`` would replace it)."""
+    from altair import Undefined
+    from altair.vegalite.v6 import schema
+
+    copy = chart.copy(deep=["config"])  # type: ignore[attr-defined]
+    if copy.config is Undefined:
+        copy.config = schema.core.Config()
+    if copy.config._get("font", Undefined) is Undefined:
+        copy.config["font"] = font_family(fallbacks)
+    return copy
+
+
 def save_chart(
     chart: alt.TopLevelMixin,
     out_dir: Path,
@@ -153,11 +179,11 @@ def save_chart(
     for fmt in formats:
         path = out_dir / f"{name}.{fmt}"
         if fmt == "html":
-            chart.save(path, inline=True)
+            with_font(chart).save(path, inline=True)
         elif fmt == "png":
-            chart.save(path, scale_factor=scale_factor)
+            with_font(chart, fallbacks=False).save(path, scale_factor=scale_factor)
         else:
-            chart.save(path)
+            with_font(chart).save(path)
         redact_file(path)
         written.append(path)
     return written

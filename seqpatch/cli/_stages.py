@@ -67,6 +67,9 @@ class StageCommand:
     runtime: tuple[str, ...]
     shard_size: Callable[[], int | None] = lambda: None
     raw: bool = False  # the config's option values reach `run` as a dict (see `command`)
+    # options naming models (`--models` takes a comma-separated list): checked before the
+    # command is made, since making it imports torch (see `check_model_options`)
+    model_options: tuple[str, ...] = ()
 
 
 def _charts(ref: Any) -> None:
@@ -294,6 +297,7 @@ STAGE_COMMANDS: dict[str, StageCommand] = {
         _pairs_options,
         ("device",),
         raw=True,
+        model_options=("--model",),
     ),
     "benchmark": StageCommand(
         _config("seqpatch.stages.benchmark", "BenchmarkConfig"),
@@ -323,6 +327,7 @@ STAGE_COMMANDS: dict[str, StageCommand] = {
             param("data_dir", DataDirOpt, None),
         ],
         ("executor", "ray_address", "device"),
+        model_options=("--models",),
     ),
     "activations": StageCommand(
         _config("seqpatch.stages.activations", "ActivationsConfig"),
@@ -466,8 +471,50 @@ def make_command(name: str) -> Any:
     return click_command
 
 
+CHOSEN = "chosen"  # `build pairs --model chosen`: the spec in chosen_model.json, not a name
+HELP_FLAGS = ("--help", "-h")
+
+
+def model_option_values(args: list[str], flag: str) -> list[str]:
+    """The model specs given to ``flag`` in raw arguments (``--models a,b`` or ``--models=a``),
+    each spec of a comma-separated ``--models`` list on its own."""
+    values = []
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            values.append(args[i + 1])
+        elif arg.startswith(flag + "="):
+            values.append(arg[len(flag) + 1 :])
+    if flag == "--models":
+        values = [spec for value in values for spec in value.split(",")]
+    return [spec.strip() for spec in values if spec.strip()]
+
+
+def check_model_options(name: str, args: list[str]) -> None:
+    """Classify every model a stage command names (``seqpatch.models.specs``: no torch, no
+    network) before the command is made: a misspelled name, a missing folder or a non-Hub id
+    fails in a fraction of a second with the same one line ``load_model`` would give later."""
+    spec = STAGE_COMMANDS.get(name)
+    if spec is None or not spec.model_options or any(a in HELP_FLAGS for a in args):
+        return
+    from seqpatch.models.specs import classify
+    from seqpatch.stages.base import split_model_spec
+
+    for flag in spec.model_options:
+        for value in model_option_values(args, flag):
+            model, _ = split_model_spec(value)
+            if model != CHOSEN:
+                classify(model)
+
+
 class LazyStageGroup(TyperGroup):
-    """A group whose derived stage commands (``STAGE_COMMANDS``) are made when first used."""
+    """A group whose derived stage commands (``STAGE_COMMANDS``) are made when first used.
+
+    A command's model options are checked before it is made (``check_model_options``)."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and not ctx.resilient_parsing:
+            check_model_options(args[0], args[1:])
+        return super().resolve_command(ctx, args)
 
     def list_commands(self, ctx: Any) -> list[str]:
         from seqpatch.stages import STAGES

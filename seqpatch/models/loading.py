@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +20,7 @@ from seqpatch.models import pretrained
 from seqpatch.models.adapters import adapter_for
 from seqpatch.models.errors import ModelLoadError
 from seqpatch.models.handle import ModelHandle
+from seqpatch.models.specs import BUILTIN, classify
 from seqpatch.progress import library_bars
 from seqpatch.prompts import (
     CodeFormat,
@@ -29,14 +29,11 @@ from seqpatch.prompts import (
     bind_tokenizer,
     get_prompt_format,
 )
-from seqpatch.redact import MARKER
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-BUILTIN = "builtin"
 ORGANISM_ID = "seqpatch/organism"  # model_id of the built-in organism
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -267,51 +264,6 @@ def _builtin_dir() -> Path:
     return Path(weights_dir)
 
 
-def _classify(spec: str) -> Literal["builtin", "pretrained", "folder", "hub"]:
-    if spec == BUILTIN:
-        return "builtin"
-    if pretrained.is_pretrained(spec):
-        return "pretrained"
-    if Path(spec).expanduser().exists():
-        return "folder"
-    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
-    if MARKER in spec:
-        raise ModelLoadError(
-            f"no model folder at {spec!r}: the path held your Hugging Face token when it was "
-            f"stored, and {MARKER} stands in its place; set HF_TOKEN again to use it"
-        )
-    if looks_like_path or not _HUB_ID_RE.match(spec):
-        raise ModelLoadError(
-            f"no model folder at {spec!r} (and it is not a Hub id like 'org/name'); check the "
-            f"path, or use {BUILTIN!r} for the built-in organism or a pretrained name "
-            "(`seqpatch models list`)"
-        )
-    near = _near_name(spec)
-    if near is not None:
-        raise ModelLoadError(
-            f"{spec!r} is neither {BUILTIN!r}, a pretrained name nor a local folder; did you mean "
-            f"{near!r}? (`seqpatch models list` shows the pretrained names)"
-        )
-    return "hub"
-
-
-def _near_name(spec: str) -> str | None:
-    """The built-in or pretrained name a Hub-less ``spec`` (no ``org/``) is a misspelling of:
-    one that starts or ends the same way, or is close by edit distance. Asked before any
-    network request, so a typo fails at once offline instead of after the Hub's timeout."""
-    import difflib
-
-    if "/" in spec:
-        return None
-    names = [BUILTIN, *pretrained.REGISTRY]
-    lowered = spec.lower()
-    prefix = [n for n in names if n.startswith(lowered) or lowered.startswith(n)]
-    if prefix:
-        return prefix[0]
-    close = difflib.get_close_matches(lowered, names, n=1, cutoff=0.75)
-    return close[0] if close else None
-
-
 def _folder_source(spec: str) -> str:
     """The absolute path of a model folder; ``ModelLoadError`` unless it holds a config.json."""
     source = str(Path(spec).expanduser().resolve())
@@ -333,7 +285,7 @@ def identify(spec: str, revision: str | None = None) -> dict[str, str | None]:
     a stored stage version be found without loading its model. Raises ``ModelLoadError`` as
     ``load_model`` would for a missing folder or an unknown, unreachable Hub id.
     """
-    kind = _classify(spec)
+    kind = classify(spec)
     if kind == "builtin":
         return {"model_id": ORGANISM_ID, "revision": _folder_revision(_builtin_dir())}
     if kind == "pretrained":
@@ -371,7 +323,7 @@ def load_model(
     name (``compact``, ``code``, ``code-chat``) or instance overrides it. Raises
     ``ModelLoadError`` (or ``UnsupportedArchitectureError``) with what failed and what to do.
     """
-    kind = _classify(spec)
+    kind = classify(spec)
     if remote:
         return _load_remote(spec, kind, revision, trust_remote_code, prompt_format)
     from huggingface_hub.errors import HfHubHTTPError
