@@ -150,6 +150,10 @@ def test_cli_lists_every_entry_and_rejects_unknown_names(empty_cache):
     failed = runner.invoke(app, ["models", "install", "nope"])
     assert failed.exit_code == 2
     assert failed.output.strip().splitlines()[-1].startswith("Error: unknown pretrained model")
+    typo = runner.invoke(app, ["models", "install", "smollm2-135m"])
+    assert typo.exit_code == 2
+    assert f"did you mean '{NAME}'?" in typo.output.strip().splitlines()[-1]
+    assert "did you mean" not in failed.output  # nothing near 'nope'
 
 
 # ------------------------------------------------------------------ the real SmolLM2 weights

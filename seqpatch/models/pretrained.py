@@ -196,9 +196,14 @@ def get_entry(name: str) -> PretrainedEntry:
     try:
         return REGISTRY[name]
     except KeyError:
+        from seqpatch.models.specs import near_name  # specs reads this module's registry
+
         known = ", ".join(REGISTRY)
+        near = near_name(name)
+        guess = f"did you mean {near!r}? " if near in REGISTRY else ""
         raise PretrainedError(
-            f"unknown pretrained model {name!r}; known: {known} (see `seqpatch models list`)"
+            f"unknown pretrained model {name!r}; {guess}known: {known} "
+            "(see `seqpatch models list`)"
         ) from None
 
 
