@@ -202,8 +202,7 @@ def get_entry(name: str) -> PretrainedEntry:
         near = near_name(name)
         guess = f"did you mean {near!r}? " if near in REGISTRY else ""
         raise PretrainedError(
-            f"unknown pretrained model {name!r}; {guess}known: {known} "
-            "(see `seqpatch models list`)"
+            f"unknown pretrained model {name!r}; {guess}known: {known} (see `seqpatch models list`)"
         ) from None
 
 
