@@ -41,6 +41,7 @@ from typing import Any
 
 from seqpatch.errors import SeqpatchError
 from seqpatch.models.family_formats import FAMILY_FORMATS
+from seqpatch.models.names import nearest
 from seqpatch.progress import Bar, library_bars, progress_bar
 from seqpatch.prompts import FamilyFormat, PromptFormat
 
@@ -196,11 +197,8 @@ def get_entry(name: str) -> PretrainedEntry:
     try:
         return REGISTRY[name]
     except KeyError:
-        from seqpatch.models.specs import near_name  # specs reads this module's registry
-
-        known = ", ".join(REGISTRY)
-        near = near_name(name)
-        guess = f"did you mean {near!r}? " if near in REGISTRY else ""
+        known, near = ", ".join(REGISTRY), nearest(name, list(REGISTRY))
+        guess = f"did you mean {near!r}? " if near else ""
         raise PretrainedError(
             f"unknown pretrained model {name!r}; {guess}known: {known} (see `seqpatch models list`)"
         ) from None

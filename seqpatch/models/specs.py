@@ -10,13 +10,13 @@ second instead of after torch loads and the Hub times out.
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Literal
 
 from seqpatch.models import pretrained
 from seqpatch.models.errors import ModelLoadError
+from seqpatch.models.names import nearest
 from seqpatch.redact import MARKER
 
 BUILTIN = "builtin"
@@ -55,15 +55,9 @@ def classify(spec: str) -> SpecKind:
 
 
 def near_name(spec: str) -> str | None:
-    """The built-in or pretrained name a Hub-less ``spec`` (no ``org/``) is a misspelling of:
-    one that starts or ends the same way, or is close by edit distance. Asked before any
-    network request, so a typo fails at once offline instead of after the Hub's timeout."""
+    """The built-in or pretrained name a Hub-less ``spec`` (no ``org/``) is a misspelling of
+    (``names.nearest``). Asked before any network request, so a typo fails at once offline
+    instead of after the Hub's timeout."""
     if "/" in spec:
         return None
-    names = [BUILTIN, *pretrained.REGISTRY]
-    lowered = spec.lower()
-    prefix = [n for n in names if n.startswith(lowered) or lowered.startswith(n)]
-    if prefix:
-        return prefix[0]
-    close = difflib.get_close_matches(lowered, names, n=1, cutoff=0.75)
-    return close[0] if close else None
+    return nearest(spec, [BUILTIN, *pretrained.REGISTRY])
