@@ -135,6 +135,22 @@ def _racer(data_dir: str, log_dir: str, barrier: multiprocessing.synchronize.Bar
     Path(log_dir, f"done-{os.getpid()}-{ref.version}-{int(ref.reused)}").touch()
 
 
+def test_a_shard_waited_for_is_not_rebuilt_once_the_racing_build_committed(
+    tmp_path: Path, reference: tuple[str, list[int]]
+) -> None:
+    """The interleaving behind a flaky race: this process waited for a shard's lock while the
+    other build finished every shard, committed the version and removed its work folder. The
+    shard now looks missing, but the version exists: nothing may be computed again."""
+    store = Store(tmp_path)
+    version = sharded_build(str(tmp_path))
+    assert version == reference[0]
+    work = store.stage_dir("toy") / f"{version}{PARTIAL_SUFFIX}"
+    assert not work.exists()
+    computed: list[int] = []
+    store._build_shard("toy", version, work, 3, N_SHARDS, lambda i: computed.append(i))
+    assert computed == [] and not work.exists()
+
+
 def test_two_identical_builds_at_once_share_the_shards(
     tmp_path: Path, reference: tuple[str, list[int]]
 ) -> None:

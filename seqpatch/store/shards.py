@@ -222,6 +222,8 @@ class ShardedBuilds:
         problem = shard_problem(shard_dir)
         if problem is None:
             return
+        if self.find(stage, version) is not None:
+            return  # a racing build committed the version, then removed the work folder
         if problem != "is missing":
             logger.warning("%s: shard %d %s; rebuilding it", work, index, problem)
             remove(shard_dir)
