@@ -24,7 +24,6 @@ and the store do.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,16 +193,3 @@ def chart_artifacts(
         return write
 
     return {f"{name}.{fmt}": writer(fmt) for fmt in formats}
-
-
-@contextmanager
-def nan_quiet() -> Iterator[None]:
-    """Numpy's invalid-value and all-NaN-slice warnings silenced while aggregating grids: cells
-    that no row covers stay NaN by design."""
-    import warnings
-
-    import numpy as np
-
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=RuntimeWarning)
-        yield
