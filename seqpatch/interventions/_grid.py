@@ -359,9 +359,10 @@ class Group:
         """Every cell that must run, packed into forwards of the restartable run."""
         cells = self.cells(skip_noops)
         if self.run.method == "full":
-            rows = [(li, hi, pi, p) for li, hi, pi, pairs in cells for p in pairs]
+            # generic path: copies of the targets, each with one cell patched, full forwards
+            rows = [(li, (hi, pi, p)) for li, hi, pi, pairs in cells for p in pairs]
             for start in range(0, len(rows), max_rows):
-                self._full_forward(rows[start : start + max_rows])
+                self._forward(rows[start : start + max_rows], max_rows)
             return
         # Every layer's rows in one order (start, layer): cells of several layers that start at
         # one position share a forward, each row joining it at its own layer.
@@ -429,22 +430,4 @@ class Group:
             torch.tensor([r[0] for _, r in rows]),
             torch.tensor([r[1] for _, r in rows]),
         )
-        self.out[at], self.lse[at] = read(logits, self.cand[pair])
-
-    def _full_forward(self, rows: list[tuple[int, int, int, int]]) -> None:
-        """Generic path: copies of the targets, each with one cell patched, in one forward."""
-        device = self.handle.device
-        pair = torch.tensor([r[3] for r in rows], device=device)
-        writes = []
-        for li in range(len(self.layers)):
-            chosen = [i for i, r in enumerate(rows) if r[0] == li]
-            if chosen:
-                write = self.patch(li, [rows[i][1:] for i in chosen], 0)  # type: ignore[misc]
-                at = torch.tensor(chosen, device=device)[write.rows]
-                writes.append(
-                    Write(write.site, write.layer, at, write.pos, write.value, write.heads)
-                )
-        logits = self.run.restart(pair, writes, 0)
-        li_t, hi_t, pi_t = (torch.tensor([r[k] for r in rows]) for k in range(3))
-        at = (pair.cpu(), li_t, hi_t, pi_t)
         self.out[at], self.lse[at] = read(logits, self.cand[pair])
