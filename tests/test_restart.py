@@ -259,6 +259,33 @@ def test_the_floor_reuses_attention_and_trims_the_last_layer(handles):
     assert torch.equal(patched, run.restart(rows, [only_last]))
 
 
+@pytest.mark.parametrize("arch", ("llama", "gemma2", "gemma3_text"))
+def test_the_last_layer_attends_from_the_last_query_only(handles, arch):
+    """Rule 4 inside attention: the last layer's kernel gets the last query alone (keys and
+    values of every restarted position), the layers below every restarted query; the logits
+    equal the unoptimised restart's (``floor=False``)."""
+    handle = handles[arch]
+    length, start = 12, 5
+    ids = random_pairs(seed=4, n=2, length=length, diverge=0)[0]
+    run = RestartableRun(handle, ids)
+    plain = RestartableRun(handle, ids, floor=False)
+    seen: list[tuple[int, int, int]] = []
+    for i, base in enumerate(list(run.runner.bases)):
+
+        def spy(module, query, key, *args, i=i, base=base, **kwargs):
+            seen.append((i, query.shape[-2], key.shape[-2]))
+            return base(module, query, key, *args, **kwargs)
+
+        run.runner.bases[i] = spy
+    value = torch.randn(2, handle.d_model, generator=torch.Generator().manual_seed(1))
+    write = Write("resid_pre", 0, torch.tensor([0, 1]), torch.tensor([start, start]), value)
+    rows = torch.tensor([1, 0])
+    got = run.restart(rows, [write])
+    last = handle.n_layers - 1
+    assert seen == [(i, 1 if i == last else length - start, length) for i in range(last + 1)]
+    torch.testing.assert_close(got, plain.restart(rows, [write]), atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("arch", (*FLOOR_ARCHS, "gpt2"))
 def test_a_base_run_up_to_a_layer_restarts_like_the_full_base_run(handles, arch):
     """A base run stopped before layer ``upto`` restarts like the full base run: writes of every

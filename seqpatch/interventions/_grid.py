@@ -337,18 +337,19 @@ class Group:
             else:
                 value = self.src_acts[layer][pairs, pos]
             heads = [self.heads[r[0]] for r in rows]
-        else:
-            at_l, pos_l, heads = [], [], []
-            for i, (hi, pi, p) in enumerate(rows):
-                chosen = self.plan.masks[pi][p, start_pos:].nonzero().squeeze(-1) + start_pos
-                chosen = chosen.tolist()
-                at_l += [i] * len(chosen)
-                pos_l += chosen
-                heads += [self.heads[hi]] * len(chosen)
-            at = torch.tensor(at_l, dtype=torch.long, device=device)
-            pos = torch.tensor(pos_l, dtype=torch.long, device=device)
-            pairs = torch.tensor([rows[i][2] for i in at_l], dtype=torch.long, device=device)
-            value = self.src_acts[layer][pairs, pos]
+        else:  # every row's chosen positions from start_pos on, as (row, position) entries
+            entry = torch.tensor([r[1] for r in rows])
+            pair = torch.tensor([r[2] for r in rows])
+            chosen = self.plan.masks[entry, pair, start_pos:]
+            at, pos = chosen.nonzero().unbind(-1)
+            pos = pos + start_pos
+            pairs = pair[at]
+            value = self.src_acts[layer][pairs.to(device), pos.to(device)]
+            head_index = torch.tensor([r[0] for r in rows])[at]
+            at, pos = at.to(device), pos.to(device)
+            heads = []
+            if self.heads[0] is not None:
+                heads = torch.tensor(self.heads)[head_index].tolist()
         head_t = None
         if heads and heads[0] is not None:
             head_t = torch.tensor(heads, device=device)

@@ -26,10 +26,13 @@ through the sweep's generic path.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 if TYPE_CHECKING:
     from seqpatch.models import ModelHandle
@@ -37,6 +40,45 @@ if TYPE_CHECKING:
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})  # masks built here
+KERNEL = "seqpatch_runner"
+"""The attention kernel the runner registers with ``transformers``: the model's own kernel
+(``_attention_base``), with the queries of a layer marked ``_LAST_QUERY`` cut to the last."""
+_BASE = "_seqpatch_attention_base"
+_LAST_QUERY = "_seqpatch_last_query"
+
+
+def _runner_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """Calls the kernel the runner set on ``module``. On the last layer of a ``last_only`` run
+    only the last query is computed (``query`` ``[rows, heads, T, d_head]``; its output, the
+    same for it as in the full computation, is broadcast over the other positions, which the
+    output projection never reads); keys and values stay whole."""
+    base = getattr(module, _BASE)
+    if getattr(module, _LAST_QUERY, False) and query.shape[-2] > 1:
+        positions = query.shape[-2]
+        mask = None if attention_mask is None else attention_mask[..., -1:, :]
+        out, weights = base(module, query[..., -1:, :], key, value, mask, *args, **kwargs)
+        return out.expand(out.shape[0], positions, *out.shape[2:]), weights
+    return base(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+AttentionInterface.register(KERNEL, _runner_attention)
+
+
+def model_eager(module: torch.nn.Module) -> Callable:
+    """The eager attention function of the modeling file that defines ``module``'s class (each
+    architecture's own: Gemma 2's caps its logits, for one)."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(f"{type(module).__name__} has no eager_attention_forward in its module")
+    return eager
 
 
 def supports_layer_runner(handle: ModelHandle) -> bool:
@@ -116,10 +158,14 @@ class LayerRunner:
             layer_types[i] if typed_rotary and layer_types else None for i in range(handle.n_layers)
         ]
         self._masks: dict[tuple[int, int, int | None], torch.Tensor] = {}
-        attns = [layer.get_submodule(handle.adapter.attn) for layer in self.layers]
-        self.configs = list({id(a.config): a.config for a in attns}.values())
+        self.attns = [layer.get_submodule(handle.adapter.attn) for layer in self.layers]
+        self.configs = list({id(a.config): a.config for a in self.attns}.values())
         cpu = handle.device.type == "cpu"
-        self.attention = "eager" if cpu else config._attn_implementation
+        self._in_kernel = False
+        self.bases = [
+            model_eager(a) if cpu else ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
+            for a in self.attns
+        ]
 
     def mask(self, start: int, length: int, window: int | None) -> torch.Tensor:
         """Additive mask ``[1, 1, length - start, length]``: queries ``start..``, keys ``0..``."""
@@ -157,8 +203,9 @@ class LayerRunner:
         ``last_only``: only the last position of the output is wanted, so the last layer's
         attention output projection and MLP run on that position alone (their outputs broadcast
         back into the residual sum; every other position of the result is then meaningless).
-        The last layer's queries, keys and values still come from every position, as the keys
-        and values must. Hooks on those modules see the trimmed, one-position tensor.
+        The last layer's keys and values still come from every position, as they must; its
+        attention is computed for the last query only (``_runner_attention``). Hooks on the
+        trimmed modules see the one-position tensor.
         """
         stop = len(self.layers) if stop_layer is None else stop_layer
         if last_only and start_layer < stop == len(self.layers) and hidden.shape[1] > 1:
@@ -170,9 +217,11 @@ class LayerRunner:
                 )
                 for path in (adapter.attn_o_proj, adapter.mlp)
             ]
+            setattr(self.attns[last], _LAST_QUERY, True)
             try:
                 return self.run(hidden, start_layer, start_pos, cache, joins=joins)
             finally:
+                delattr(self.attns[last], _LAST_QUERY)
                 for trim in trims:
                     trim.remove()
         with self.kernel():
@@ -180,18 +229,27 @@ class LayerRunner:
 
     @contextlib.contextmanager
     def kernel(self) -> Iterator[None]:
-        """Run with ``self.attention``'s kernel. On a CPU that is ``eager`` (the library's own
-        matmul-softmax-matmul), which computes the same attention as ``sdpa`` and is faster for
-        the short query blocks of restarts: 8% less time for the organism's real-pair
-        ``resid_pre`` grid, the same for SmolLM2's (the A/B in docs/benchmarks.md).
-        Elsewhere the model's own kernel."""
+        """Run every attention through ``KERNEL`` over ``self.bases``: on a CPU the model's
+        ``eager`` (the library's own matmul-softmax-matmul), which computes the same attention
+        as ``sdpa`` and is faster for the short query blocks of restarts (8% less time for the
+        organism's real-pair ``resid_pre`` grid, the same for SmolLM2's: the A/B in
+        docs/benchmarks.md); elsewhere the model's own kernel."""
+        if self._in_kernel:  # a run inside a run (a hook restarting): already set
+            yield
+            return
         configs = self.configs
         before = [c._attn_implementation for c in configs]
+        self._in_kernel = True
         for config in configs:
-            config._attn_implementation = self.attention
+            config._attn_implementation = KERNEL
+        for attn, base in zip(self.attns, self.bases, strict=True):
+            setattr(attn, _BASE, base)
         try:
             yield
         finally:
+            self._in_kernel = False
+            for attn in self.attns:
+                delattr(attn, _BASE)
             for config, impl in zip(configs, before, strict=True):
                 config._attn_implementation = impl
 
