@@ -85,13 +85,18 @@ def supports_layer_runner(handle: ModelHandle) -> bool:
     """Whether ``LayerRunner`` reproduces this model's forward (architecture and attention kernel).
 
     Layer types other than full and sliding-window attention (chunked, linear attention…) need
-    masks or caches the runner does not build, so such models take the generic path.
+    masks or caches the runner does not build, so such models take the generic path, as do
+    attention classes whose modeling file has no ``eager_attention_forward`` (``KERNEL`` calls
+    it on a CPU).
     """
     config = handle.hf_model.config
     layer_types = getattr(config, "layer_types", None) or ()
+    if handle.adapter.rotary is None:
+        return False
+    attn = handle.layer(0).get_submodule(handle.adapter.attn)
     return (
         not handle.remote
-        and handle.adapter.rotary is not None
+        and hasattr(sys.modules[type(attn).__module__], "eager_attention_forward")
         and getattr(config, "_attn_implementation", None) in SUPPORTED_ATTENTION
         and not getattr(config, "use_bidirectional_attention", False)
         and set(layer_types) <= SUPPORTED_LAYER_TYPES
