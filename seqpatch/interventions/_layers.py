@@ -167,8 +167,9 @@ class LayerRunner:
         self.configs = list({id(a.config): a.config for a in self.attns}.values())
         cpu = handle.device.type == "cpu"
         self._in_kernel = False
+        eager = cpu or config._attn_implementation == "eager"
         self.bases = [
-            model_eager(a) if cpu else ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
+            model_eager(a) if eager else ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
             for a in self.attns
         ]
 
