@@ -63,7 +63,8 @@ def heatmap_caption(
     _check_metric(metric)
     rows = (
         "Rows: token roles in the changed value's data flow (hop0 = the changed statement, hop1… "
-        "the later statements it flows through; var, =, value, end = the parts of a statement; "
+        "the later statements it flows through; var, =, value, end = the parts of a statement, "
+        "value+1 its value's second token, e.g. a digit after a space token; "
         "question:j = the j-th token of the question; last = where the answer is read); each "
         "pair's token of that role, wherever it sits, is averaged with the others'."
         if by_role
