@@ -186,11 +186,14 @@ def aggregate_by_role(dataset: Dataset, metric: str = "normalised") -> dict[str,
     """
     from seqpatch.roles import role_key, slice_positions
 
-    sites = list(dict.fromkeys(dataset["site"]))
-    ks = sorted(set(dataset["divergence_index"]))
-    site_col = np.asarray(dataset["site"])
-    k_col = np.asarray(dataset["divergence_index"])
-    roles_col = dataset["roles"]
+    # the columns read once as lists: indexing a dataset's column row by row reads the Arrow
+    # table (and updates a fingerprint) per access, minutes for a study's few hundred rows
+    columns = dataset.select_columns(["site", "divergence_index", "roles"]).to_dict()
+    sites = list(dict.fromkeys(columns["site"]))
+    ks = sorted(set(columns["divergence_index"]))
+    site_col = np.asarray(columns["site"])
+    k_col = np.asarray(columns["divergence_index"])
+    roles_col = columns["roles"]
     values = np.array(
         dataset.select_columns([metric]).with_format("numpy")[metric], dtype=np.float64
     )
