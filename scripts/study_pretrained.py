@@ -27,6 +27,12 @@ Each step's wall time, pair count and pairs per minute are appended to ``<data-d
 
     nohup nice -n 15 python scripts/study_pretrained.py smollm2-135m-instruct \\
         --data-dir /work/studies/smollm2-135m-instruct >> /work/studies/smollm2.log 2>&1 &
+
+Steps that do not need each other can run in a second process beside the main one, on a second
+core: ``--steps das --record das`` builds only the DAS steps (after the shared probe and pairs,
+which it reuses) and writes its timings to ``study-das.json``; ``seqpatch.depth.open_study``
+reads ``study.json`` and every ``study-*.json`` as one study. Two processes that reach the same
+step share its build (the store's shard locks: one computes a shard, the other waits for it).
 """
 
 from __future__ import annotations
@@ -49,17 +55,19 @@ from seqpatch.stages.tracing import TracingConfig
 from seqpatch.store import Store
 
 SITES = ("resid_pre", "attn_out", "mlp_out")
+STEPS = ("patching", "tracing", "streams", "heads", "das")
 CHAIN = {"family": "binding", "min_depth": 2, "changed_role": "root"}
 
 
 class Study:
     """The data folder, the loaded models and the log of step timings (``study.json``)."""
 
-    def __init__(self, model: str, data_dir: Path) -> None:
+    def __init__(self, model: str, data_dir: Path, record: str = "") -> None:
         self.model = model
         self.store = Store(data_dir)
         self.models = ModelCache()
-        self.record_path = Path(data_dir) / "study.json"
+        name = f"study-{record}.json" if record else "study.json"
+        self.record_path = Path(data_dir) / name
         self.record: dict[str, Any] = (
             json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
         )
@@ -180,10 +188,25 @@ def main() -> None:
     parser.add_argument("--trace-samples", type=int, default=5)
     parser.add_argument("--head-layers", type=int, default=3)
     parser.add_argument("--das-pairs", type=int, default=300)
-    parser.add_argument("--only", default="", help="comma-separated steps to stop after")
+    parser.add_argument("--only", default="", help="'probe': stop after the probe")
+    parser.add_argument(
+        "--steps",
+        default=",".join(STEPS),
+        help=f"the steps to run after the pairs (of {', '.join(STEPS)}); a step another "
+        "needs is built (or waited for, when another process builds it) first",
+    )
+    parser.add_argument(
+        "--record",
+        default="",
+        help="write the timings to study-RECORD.json: for steps run in a second process "
+        "beside the main one (seqpatch.depth reads both records as one study)",
+    )
     args = parser.parse_args()
+    steps = set(args.steps.split(","))
+    if steps - set(STEPS):
+        parser.error(f"unknown steps {sorted(steps - set(STEPS))}; choose from {STEPS}")
     args.data_dir.mkdir(parents=True, exist_ok=True)
-    study = Study(args.model, args.data_dir)
+    study = Study(args.model, args.data_dir, args.record)
     t0 = time.perf_counter()
     formats = args.formats.split(",")
     fmt, seq_len = probe(
@@ -195,24 +218,34 @@ def main() -> None:
     pairs_cfg = PairsConfig(model=spec, seq_len=seq_len, n_pairs=args.n_pairs, **CHAIN)  # type: ignore[arg-type]
     pairs = study.step("pairs", "pairs", pairs_cfg, {"benchmark": None}, args.n_pairs)
     n = args.n_pairs
-    patch_cfg = PatchingConfig(sites=SITES, positions="slice")
-    patching = study.step(
-        "patching", "patching", patch_cfg, {"pairs": pairs, "activations": None}, n, 8
-    )
-    trace_cfg = TracingConfig(
-        noise_scale="auto",
-        n_programs=args.trace_programs,
-        n_samples=args.trace_samples,
-    )
-    study.step("tracing", "tracing", trace_cfg, {"pairs": pairs}, args.trace_programs, 2)
-    for span in ("before-last", "last"):
-        cfg = PatchingConfig(sites=("resid_pre",), axes=("layer",), positions=span)
-        study.step(f"stream-{span}", "patching", cfg, {"pairs": pairs, "activations": None}, n, 40)
-    rows = study.store.load("patching", patching.version)
-    layers = top_layers(rows, "attn_out", args.head_layers)
-    study.record["head_layers"] = layers
-    heads_cfg = PatchingConfig(sites=("head_z",), axes=("layer", "head"), layers=tuple(layers))
-    study.step("heads", "patching", heads_cfg, {"pairs": pairs, "activations": None}, n, 20)
+    if steps & {"patching", "heads"}:
+        patch_cfg = PatchingConfig(sites=SITES, positions="slice")
+        patching = study.step(
+            "patching", "patching", patch_cfg, {"pairs": pairs, "activations": None}, n, 8
+        )
+    if "tracing" in steps:
+        trace_cfg = TracingConfig(
+            noise_scale="auto",
+            n_programs=args.trace_programs,
+            n_samples=args.trace_samples,
+        )
+        study.step("tracing", "tracing", trace_cfg, {"pairs": pairs}, args.trace_programs, 2)
+    if "streams" in steps:
+        for span in ("before-last", "last"):
+            cfg = PatchingConfig(sites=("resid_pre",), axes=("layer",), positions=span)
+            parents = {"pairs": pairs, "activations": None}
+            study.step(f"stream-{span}", "patching", cfg, parents, n, 40)
+    if "heads" in steps:
+        rows = study.store.load("patching", patching.version)
+        layers = top_layers(rows, "attn_out", args.head_layers)
+        study.record["head_layers"] = layers
+        heads_cfg = PatchingConfig(sites=("head_z",), axes=("layer", "head"), layers=tuple(layers))
+        study.step("heads", "patching", heads_cfg, {"pairs": pairs, "activations": None}, n, 20)
+    if "das" not in steps:
+        study.record["total_seconds_this_run"] = round(time.perf_counter() - t0, 1)
+        study.save()
+        print(f"steps {args.steps} done", flush=True)
+        return
     das_pairs_cfg = PairsConfig(
         model=spec,
         seq_len=seq_len,
@@ -235,9 +268,9 @@ def main() -> None:
         "das", "das", das_cfg, {"pairs": das_pairs, "patching": das_patching}, args.das_pairs
     )
     study.record["total_seconds_this_run"] = round(time.perf_counter() - t0, 1)
-    study.record["complete"] = True
+    study.record["complete"] = steps == set(STEPS)
     study.save()
-    print("study complete", flush=True)
+    print("study complete" if steps == set(STEPS) else f"steps {args.steps} done", flush=True)
 
 
 if __name__ == "__main__":

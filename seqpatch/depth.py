@@ -136,6 +136,9 @@ def open_study(data_dir: str | Path, name: str | None = None) -> ModelStudy:
     model it names)."""
     data_dir = Path(data_dir)
     path = data_dir / "study.json"
+    sides = sorted(data_dir.glob("study-*.json"))
+    if sides and not path.exists():  # only steps run beside a main run so far
+        path = sides[0]
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
@@ -147,9 +150,32 @@ def open_study(data_dir: str | Path, name: str | None = None) -> ModelStudy:
         raise CompareError(
             f"{path} cannot be read ({err}); is it a chain study's record?"
         ) from None
-    pairs = record.get("steps", {}).get("pairs")
+    record = dict(record, steps=merged_steps(record, data_dir))
+    pairs = record["steps"].get("pairs")
     study = Study(data_dir, pairs=pairs["version"]) if pairs else None
     return ModelStudy(name or str(record.get("model", data_dir.name)), data_dir, record, study)
+
+
+def merged_steps(record: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+    """The steps of ``study.json`` and of the side records ``study-<name>.json`` that
+    ``study_pretrained.py --steps … --record <name>`` writes when steps run in a second process.
+    A step in several records is the entry of the run that built it: where the versions agree,
+    the earliest finished (a later run that reused the version recorded only its lookup time);
+    where they differ, the main record's (what the study itself used)."""
+    steps = dict(record.get("steps", {}))
+    for side in sorted(data_dir.glob("study-*.json")):
+        try:
+            other = json.loads(side.read_text()).get("steps", {})
+        except (OSError, ValueError) as err:
+            raise CompareError(f"{side} cannot be read ({err}); is it a study's side record?")
+        for step, entry in other.items():
+            mine = steps.get(step)
+            if mine is None or (
+                mine.get("version") == entry.get("version")
+                and entry.get("finished", "") < mine.get("finished", "")
+            ):
+                steps[step] = entry
+    return steps
 
 
 # -- how far each step got ---------------------------------------------------------------------

@@ -304,3 +304,31 @@ def test_a_study_with_no_pairs_yet_reports_every_step_not_run(tmp_path, monkeypa
     with pytest.raises(SystemExit) as stop:
         _script().main()
     assert stop.value.code == 2 and "no study has a patching grid" in capsys.readouterr().err
+
+
+def test_steps_run_in_a_second_process_are_read_from_its_side_record(chain, tmp_path):
+    """``study_pretrained.py --steps heads --record side`` writes ``study-side.json``: the
+    study reads its steps as its own; where both records name one version, the run that built
+    it (finished first) is the entry; where they name different versions, the main record's."""
+    folder = tmp_path / "study"
+    shutil.copytree(chain["full"], folder)
+    steps = chain["refs"]
+    main = {k: dict(v, finished="2026-12-06T06:00:00Z") for k, v in steps.items() if k != "heads"}
+    main["tracing"]["seconds"] = 0.1  # reused: it was built by the side process
+    (folder / "study.json").write_text(json.dumps({"model": "builtin", "steps": main}))
+    side = {
+        "heads": dict(steps["heads"], seconds=12.0, finished="2026-12-06T05:00:00Z"),
+        "tracing": dict(steps["tracing"], seconds=30.0, finished="2026-12-06T05:30:00Z"),
+        "patching": dict(steps["patching"], version="0" * 12, finished="2026-12-06T04:00:00Z"),
+    }
+    (folder / "study-side.json").write_text(json.dumps({"model": "builtin", "steps": side}))
+    ms = depth.open_study(folder)
+    assert ms.steps["heads"]["seconds"] == 12.0
+    assert ms.steps["tracing"]["seconds"] == 30.0
+    assert ms.steps["patching"]["version"] == steps["patching"]["version"]
+    assert depth.step_status(ms, "heads").state == "done"
+    (folder / "study.json").unlink()  # only the side process has recorded steps so far
+    assert depth.step_status(depth.open_study(folder), "heads").state == "done"
+    (folder / "study-side.json").write_text("{not json")
+    with pytest.raises(depth.CompareError, match="study-side.json cannot be read"):
+        depth.open_study(folder)
