@@ -167,7 +167,9 @@ def merged_steps(record: dict[str, Any], data_dir: Path) -> dict[str, Any]:
         try:
             other = json.loads(side.read_text()).get("steps", {})
         except (OSError, ValueError) as err:
-            raise CompareError(f"{side} cannot be read ({err}); is it a study's side record?")
+            raise CompareError(
+                f"{side} cannot be read ({err}); is it a study's side record?"
+            ) from None
         for step, entry in other.items():
             mine = steps.get(step)
             if mine is None or (

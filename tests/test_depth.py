@@ -317,6 +317,7 @@ def test_steps_run_in_a_second_process_are_read_from_its_side_record(chain, tmp_
     main["tracing"]["seconds"] = 0.1  # reused: it was built by the side process
     (folder / "study.json").write_text(json.dumps({"model": "builtin", "steps": main}))
     side = {
+        "pairs": dict(steps["pairs"], seconds=0.0, finished="2026-12-06T06:10:00Z"),
         "heads": dict(steps["heads"], seconds=12.0, finished="2026-12-06T05:00:00Z"),
         "tracing": dict(steps["tracing"], seconds=30.0, finished="2026-12-06T05:30:00Z"),
         "patching": dict(steps["patching"], version="0" * 12, finished="2026-12-06T04:00:00Z"),
@@ -330,5 +331,5 @@ def test_steps_run_in_a_second_process_are_read_from_its_side_record(chain, tmp_
     (folder / "study.json").unlink()  # only the side process has recorded steps so far
     assert depth.step_status(depth.open_study(folder), "heads").state == "done"
     (folder / "study-side.json").write_text("{not json")
-    with pytest.raises(depth.CompareError, match="study-side.json cannot be read"):
+    with pytest.raises(depth.CompareError, match=r"study-side\.json cannot be read"):
         depth.open_study(folder)
