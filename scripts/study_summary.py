@@ -1,6 +1,6 @@
 """Print the numbers of a chain study (``scripts/study_pretrained.py``) that the README quotes.
 
-For each finished step of ``<data-dir>/study.json``: the chosen (format, length) and the probe's
+For each finished step of ``<data-dir>/study.json`` (and of ``study-*.json``, steps run beside it): the chosen (format, length) and the probe's
 solve rates; per site and token role the mean normalised patching effect by layer, summarised as
 the strongest layer and the last layer (as a fraction of depth) where the effect is still
 ≥ 0.5; the whole-stream ``before-last`` / ``last`` crossing; the strongest heads; the tracing
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from seqpatch import depth
 from seqpatch.stages.patching import aggregate
 from seqpatch.store import Store
 
@@ -86,7 +87,10 @@ def stream_summary(store: Store, record: dict) -> None:
 def heads_summary(store: Store, version: str) -> None:
     rows = store.load("patching", version)
     agg = aggregate(rows, "normalised")
-    mean = agg["stats"][0, :, 0].mean(0)  # [layers, heads] over divergence indices
+    # [layers, heads]: the mean over every pair (each divergence index weighted by its pairs),
+    # as seqpatch.depth.top_heads reports it
+    means, counts = agg["stats"][0, :, 0], agg["stats"][0, :, 2]
+    mean = (np.nan_to_num(means) * counts).sum(0) / counts.sum(0)
     order = np.argsort(-np.nan_to_num(mean, nan=-9).ravel())[:5]
     tops = [
         (
@@ -135,7 +139,7 @@ def main() -> None:
         "summarise its finished shards, labelled as such",
     )
     args = parser.parse_args()
-    record = json.loads((args.data_dir / "study.json").read_text())
+    record = depth.open_study(args.data_dir).record  # study.json and its side records
     store = Store(args.data_dir)
     steps = record["steps"]
     print(f"{record['model']}: chosen {record.get('chosen')}, probe {record.get('probe')}")
