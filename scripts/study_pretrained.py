@@ -176,6 +176,25 @@ def top_layers(rows: Any, site: str, n: int) -> list[int]:
     return sorted(int(agg["layers"][i]) for i in order[:n])
 
 
+def das(study: Study, spec: str, seq_len: int, n: int) -> None:
+    """DAS needs pairs of one divergence index and one token length: ``n`` chain pairs at index
+    0, their ``resid_pre`` slice grid, then DAS at its top 3 cells (40% of the pairs held out)."""
+    das_pairs_cfg = PairsConfig(
+        model=spec,
+        seq_len=seq_len,
+        n_pairs=n,
+        divergence_indices=(0,),
+        **CHAIN,  # type: ignore[arg-type]
+    )
+    das_pairs = study.step("das-pairs", "pairs", das_pairs_cfg, {"benchmark": None}, n)
+    das_patch_cfg = PatchingConfig(sites=("resid_pre",), positions="slice")
+    das_patching = study.step(
+        "das-patching", "patching", das_patch_cfg, {"pairs": das_pairs, "activations": None}, n, 20
+    )
+    das_cfg = DasConfig(top_n=3, ks=(1, 2, 4, 8, 16, 32), split=(0.4, 0.2, 0.4))
+    study.step("das", "das", das_cfg, {"pairs": das_pairs, "patching": das_patching}, n)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -241,32 +260,8 @@ def main() -> None:
         study.record["head_layers"] = layers
         heads_cfg = PatchingConfig(sites=("head_z",), axes=("layer", "head"), layers=tuple(layers))
         study.step("heads", "patching", heads_cfg, {"pairs": pairs, "activations": None}, n, 20)
-    if "das" not in steps:
-        study.record["total_seconds_this_run"] = round(time.perf_counter() - t0, 1)
-        study.save()
-        print(f"steps {args.steps} done", flush=True)
-        return
-    das_pairs_cfg = PairsConfig(
-        model=spec,
-        seq_len=seq_len,
-        n_pairs=args.das_pairs,
-        divergence_indices=(0,),
-        **CHAIN,  # type: ignore[arg-type]
-    )
-    das_pairs = study.step("das-pairs", "pairs", das_pairs_cfg, {"benchmark": None}, args.das_pairs)
-    das_patch_cfg = PatchingConfig(sites=("resid_pre",), positions="slice")
-    das_patching = study.step(
-        "das-patching",
-        "patching",
-        das_patch_cfg,
-        {"pairs": das_pairs, "activations": None},
-        args.das_pairs,
-        20,
-    )
-    das_cfg = DasConfig(top_n=3, ks=(1, 2, 4, 8, 16, 32), split=(0.4, 0.2, 0.4))
-    study.step(
-        "das", "das", das_cfg, {"pairs": das_pairs, "patching": das_patching}, args.das_pairs
-    )
+    if "das" in steps:
+        das(study, spec, seq_len, args.das_pairs)
     study.record["total_seconds_this_run"] = round(time.perf_counter() - t0, 1)
     study.record["complete"] = steps == set(STEPS)
     study.save()

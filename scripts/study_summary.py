@@ -1,10 +1,11 @@
 """Print the numbers of a chain study (``scripts/study_pretrained.py``) that the README quotes.
 
-For each finished step of ``<data-dir>/study.json`` (and of ``study-*.json``, steps run beside it): the chosen (format, length) and the probe's
-solve rates; per site and token role the mean normalised patching effect by layer, summarised as
-the strongest layer and the last layer (as a fraction of depth) where the effect is still
-≥ 0.5; the whole-stream ``before-last`` / ``last`` crossing; the strongest heads; the tracing
-calibration and the kind, layer and role of the largest average indirect effect; DAS's
+For each finished step of ``<data-dir>/study.json`` (and of ``study-*.json``, steps run beside
+it): the chosen (format, length) and the probe's solve rates; per site and token role the mean
+normalised patching effect by layer, summarised as the strongest layer and the last layer (as a
+fraction of depth) where the effect is still ≥ 0.5; the whole-stream ``before-last`` /
+``last`` crossing; the strongest heads; the tracing calibration and the kind, layer and role of
+the largest average indirect effect; DAS's
 full-patch IIA and the smallest k within tolerance, with its controls. Steps not built yet are
 said to be missing, never guessed.
 

@@ -138,7 +138,7 @@ def open_study(data_dir: str | Path, name: str | None = None) -> ModelStudy:
     path = data_dir / "study.json"
     sides = sorted(data_dir.glob("study-*.json"))
     if sides and not path.exists():  # only steps run beside a main run so far
-        path = sides[0]
+        path = sides.pop(0)
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
@@ -150,20 +150,21 @@ def open_study(data_dir: str | Path, name: str | None = None) -> ModelStudy:
         raise CompareError(
             f"{path} cannot be read ({err}); is it a chain study's record?"
         ) from None
-    record = dict(record, steps=merged_steps(record, data_dir))
+    record = dict(record, steps=merged_steps(record, sides))
     pairs = record["steps"].get("pairs")
     study = Study(data_dir, pairs=pairs["version"]) if pairs else None
     return ModelStudy(name or str(record.get("model", data_dir.name)), data_dir, record, study)
 
 
-def merged_steps(record: dict[str, Any], data_dir: Path) -> dict[str, Any]:
-    """The steps of ``study.json`` and of the side records ``study-<name>.json`` that
+def merged_steps(record: dict[str, Any], sides: list[Path]) -> dict[str, Any]:
+    """The steps of ``record`` (``study.json``) and of the side records ``sides`` (the
+    ``study-<name>.json`` files) that
     ``study_pretrained.py --steps … --record <name>`` writes when steps run in a second process.
     A step in several records is the entry of the run that built it: where the versions agree,
     the earliest finished (a later run that reused the version recorded only its lookup time);
     where they differ, the main record's (what the study itself used)."""
     steps = dict(record.get("steps", {}))
-    for side in sorted(data_dir.glob("study-*.json")):
+    for side in sides:
         try:
             other = json.loads(side.read_text()).get("steps", {})
         except (OSError, ValueError) as err:

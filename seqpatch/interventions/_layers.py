@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})  # masks built here
 KERNEL = "seqpatch_runner"
-"""The attention kernel the runner registers with ``transformers``: the model's own kernel
-(``_attention_base``), with the queries of a layer marked ``_LAST_QUERY`` cut to the last."""
+"""The attention kernel the runner registers with ``transformers``: the model's own kernel (set
+on each attention module under ``_BASE``), with the queries of a module marked ``_LAST_QUERY``
+cut to the last."""
 _BASE = "_seqpatch_attention_base"
 _LAST_QUERY = "_seqpatch_last_query"
 
@@ -72,10 +73,15 @@ def _runner_attention(
 AttentionInterface.register(KERNEL, _runner_attention)
 
 
-def model_eager(module: torch.nn.Module) -> Callable:
+def eager_of(module: torch.nn.Module) -> Callable | None:
     """The eager attention function of the modeling file that defines ``module``'s class (each
-    architecture's own: Gemma 2's caps its logits, for one)."""
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    architecture's own: Gemma 2's caps its logits, for one), ``None`` where it has none."""
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+
+
+def model_eager(module: torch.nn.Module) -> Callable:
+    """``eager_of``, required."""
+    eager = eager_of(module)
     if eager is None:
         raise ValueError(f"{type(module).__name__} has no eager_attention_forward in its module")
     return eager
@@ -96,7 +102,7 @@ def supports_layer_runner(handle: ModelHandle) -> bool:
     attn = handle.layer(0).get_submodule(handle.adapter.attn)
     return (
         not handle.remote
-        and hasattr(sys.modules[type(attn).__module__], "eager_attention_forward")
+        and eager_of(attn) is not None
         and getattr(config, "_attn_implementation", None) in SUPPORTED_ATTENTION
         and not getattr(config, "use_bidirectional_attention", False)
         and set(layer_types) <= SUPPORTED_LAYER_TYPES

@@ -29,9 +29,10 @@ restarts are differentiable in the written values). ``RestartableRun`` is that o
 4. *The last layer on the last position only, where it can.* Only the last position's logits
    are read. The last layer's keys/values still come from every restarted position (the last
    query attends to them), but its attention is computed for the last query alone and its
-   output projection and MLP on the last position alone (``LayerRunner.run(last_only=True)``); a write local to the last layer at an earlier position
-   cannot reach the logits and is dropped (the callers skip such cells without running; an
-   added zero dropped there has gradient 0, which is the true one).
+   output projection and MLP on the last position alone (``LayerRunner.run(last_only=True)``);
+   a write local to the last layer at an earlier position cannot reach the logits and is
+   dropped (the callers skip such cells without running; an added zero dropped there has
+   gradient 0, which is the true one).
 
 Rows of one restart may begin at different layers: each row begins at its own first written
 layer and *joins* the forward there (``LayerRunner.run(joins=...)``), so one pass over the layers
