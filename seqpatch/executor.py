@@ -18,9 +18,10 @@ rows: the store's versions are the only cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from seqpatch.options import RuntimeSettings
@@ -130,11 +131,19 @@ def execute(
             if remote is not None:
                 remote.run(store, module, cfg, inputs, n_shards, only, runtime.progress)
             local_bar = runtime.progress and remote is None
-            with progress_bar(total, f"{stage} (shards)", enabled=local_bar) as bar:
+            with contextlib.ExitStack() as stack:
+                bars: list[Any] = []
+
+                def before() -> None:
+                    """The stage's checks, then the bar: a refused build prints one line."""
+                    module.prepare(inputs, cfg)
+                    bar = progress_bar(total, f"{stage} (shards)", enabled=local_bar)
+                    bars.append(stack.enter_context(bar))
 
                 def build_shard(index: int) -> Any:
                     built = module.build_shard(inputs, cfg, index)
-                    bar.update()
+                    for bar in bars:
+                        bar.update()
                     return built
 
                 return store.build_sharded(
@@ -144,9 +153,10 @@ def execute(
                     n_shards,
                     build_shard,
                     only_shards=only,
-                    before=lambda: module.prepare(inputs, cfg),
+                    before=before,
                     manifest=manifest,
                     join=shard is None,
+                    merge=_merge_stats(module, cfg),
                     **common,
                 )
         if shard is not None:
@@ -158,6 +168,13 @@ def execute(
         return store.get_or_build(
             stage, module.SCHEMA_VERSION, cfg, lambda: module.build(inputs, cfg), **common
         )
+
+
+def _merge_stats(module: Any, cfg: Any) -> Callable[[list[Any], Any], dict[str, Any]] | None:
+    """The stage's own ``merge_stats(per-shard statistics, rows, cfg)``, if it has one (its
+    statistics are not sums of the shards'), else ``None`` (``merge_extra``)."""
+    merge = getattr(module, "merge_stats", None)
+    return None if merge is None else (lambda parts, rows: merge(parts, rows, cfg))
 
 
 def _shard_executor(executor: str | ShardRunner, ray_address: str | None) -> ShardRunner | None:

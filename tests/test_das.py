@@ -346,3 +346,83 @@ def test_das_refuses_a_patching_parent_it_cannot_rank(tmp_path) -> None:
         inputs = Inputs({"pairs": pairs, "patching": patching_ref}, ModelCache(), ("builtin",))
         with pytest.raises(DasStageError, match="pass"):
             das.prepare(inputs, DasConfig())
+
+
+def test_bases_grouped_into_smaller_forwards_train_the_same(tiny):
+    """``rows_per_forward`` only bounds memory: one basis per forward and all bases in one
+    forward give the same gradients (to float rounding: a batch's rows share matmuls), so the
+    same first step, and after training the same scores and kept epochs."""
+    g = torch.Generator().manual_seed(1)
+    vocab = tiny.hf_model.config.vocab_size
+    src, tgt = (
+        torch.randint(4, vocab, (12, 8), generator=g),
+        torch.randint(4, vocab, (12, 8), generator=g),
+    )
+    model = das.SiteInterchange(tiny, "resid_pre", 1, 3, src, tgt, torch.arange(4, 14))
+    labels = torch.randint(0, 10, (12,), generator=g)
+    specs = [das.BasisSpec(k, labels, seed=k) for k in (1, 2, 3)]
+    train, val = torch.arange(8), torch.arange(8, 12)
+    for cfg, atol in (
+        (das.TrainConfig(epochs=1, batch_size=8), 1e-5),
+        (das.TrainConfig(3, 4), 0.05),
+    ):
+        one = das.train_bases(model, specs, train, val, cfg, rows_per_forward=1)
+        joint = das.train_bases(model, specs, train, val, cfg, rows_per_forward=10**6)
+        for a, b in zip(one, joint, strict=True):
+            torch.testing.assert_close(a.basis, b.basis, atol=atol, rtol=0)
+            assert (a.best_epoch, a.steps, a.val_iia) == (b.best_epoch, b.steps, b.val_iia)
+    with pytest.raises(das.InterventionError, match="rows_per_forward"):
+        das.train_bases(model, specs, train, val, cfg, rows_per_forward=0)
+
+
+def test_a_basis_trains_the_same_whatever_the_global_random_state():
+    """The orthogonal parametrization completes a basis with the global RNG; DAS seeds that
+    completion from the basis's own seed, so training never depends on what ran before."""
+    model = Planted(n=60, d=12)
+    labels = model.v_src
+    spec = das.BasisSpec(2, labels, seed=7)
+    cfg = das.TrainConfig(epochs=2, batch_size=8)
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        runs.append(das.train_bases(model, [spec], torch.arange(40), torch.arange(40, 60), cfg))
+    torch.testing.assert_close(runs[0][0].basis, runs[1][0].basis, atol=0, rtol=0)
+
+
+def test_a_killed_das_run_resumes_at_its_first_unfinished_cell(organism_study, tmp_path):
+    """One shard per cell: after one cell's job (``--shard 0/2``, as a run killed during the
+    second cell leaves it) the build computes only the other cell, and the rows and statistics
+    equal the uninterrupted build's (not summed over shards)."""
+    import shutil
+
+    from seqpatch.stages import das as das_stage
+
+    store, models, ref = organism_study
+    copy = Store(tmp_path / "copy")
+    for stage in ("pairs", "patching"):
+        version = next(p["version"] for p in ref.provenance["parents"] if p["stage"] == stage)
+        shutil.copytree(store.resolve(stage, version).path, copy.stage_dir(stage) / version)
+    parents = {p["stage"]: p["version"] for p in ref.provenance["parents"]}
+    cfg = DasConfig(top_n=2, ks=(1, 4), epochs=2, allow_small=True)
+    kw = {"store": copy, "models": models, "progress": False}
+    assert execute("das", cfg, parents, shard=(0, 2), **kw) is None
+    built = []
+    real = das_stage.build_shard
+
+    def spy(inputs, cfg, index):
+        built.append(index)
+        return real(inputs, cfg, index)
+
+    das_stage.build_shard = spy
+    try:
+        resumed = execute("das", cfg, parents, **kw)
+    finally:
+        das_stage.build_shard = real
+    assert built == [1]
+    assert resumed.version == ref.version
+    want, got = store.load("das", ref.version), copy.load("das", resumed.version)
+    assert want.remove_columns("basis").to_list() == got.remove_columns("basis").to_list()
+    np.testing.assert_array_equal(np.asarray(want["basis"][0]), np.asarray(got["basis"][0]))
+    for key in ("summary", "n_pairs", "divergence_index", "ks", "dropped"):
+        assert resumed.provenance["extra"][key] == ref.provenance["extra"][key], key
+    assert ref.provenance["extra"]["n_pairs"] == 30

@@ -350,3 +350,32 @@ def test_site_lists_are_derived_from_the_table():
     assert charts.SITE_TITLES["mlp_post"] == SITE_TABLE["mlp_post"].title
     help_text = CliRunner().invoke(app, ["build", "patching", "--help"], terminal_width=200).output
     assert "mlp_post" in help_text
+
+
+@pytest.mark.parametrize("arch", ("llama", "gemma2", "gpt2"))
+def test_logits_of_chosen_columns_equal_the_full_logits_gathered(handles, arch):
+    """``restart(columns=...)`` computes only the chosen logits (DAS reads ten candidates): on
+    the floor path, the generic path, an ``upto`` run, a chunked restart and a restart without
+    writes it equals the full vocabulary's logits gathered (Gemma 2 soft-caps them)."""
+    handle = handles[arch]
+    length = 10
+    ids = random_pairs(seed=3, n=3, length=length, diverge=0)[0]
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.tensor([0, 2, 1, 2])
+    vocab = handle.hf_model.config.vocab_size
+    columns = torch.randint(0, vocab, (len(rows), 5), generator=gen)
+    runs = [
+        RestartableRun(handle, ids, method=method, floor_layers=range(handle.n_layers))
+        for method in ("auto", "full")
+    ]
+    runs.append(RestartableRun(handle, ids, upto=1))
+    for run in runs:
+        for writes in (
+            [],
+            [random_writes(handle, "attn_out", 3, length, gen, single=True, layer=1)],
+        ):
+            for max_rows in (None, 1):
+                full = run.restart(rows, writes, max_rows=max_rows)
+                chosen = run.restart(rows, writes, max_rows=max_rows, columns=columns)
+                assert chosen.shape == columns.shape
+                torch.testing.assert_close(chosen, full.gather(-1, columns), atol=TOL, rtol=0)

@@ -19,9 +19,9 @@ Training (``train_bases``): ``W`` is the orthogonal parametrization
 stored transposed), initialised from a seeded Gaussian; the loss is the cross-entropy of the
 candidate logits toward the label; Adam; the model is frozen (no weight receives a gradient).
 Each basis keeps its epoch with the best validation IIA (ties: lower validation loss). Several
-bases (different ``k``, or different labels — the shuffled-label control) train together, one
-batched forward per step, each with its own parameters and optimizer state, so joint training
-equals separate training on the same batches.
+bases (different ``k``, or different labels — the shuffled-label control) train together on the
+same batches, sharing forwards of at most ``ROWS_PER_FORWARD`` rows, each with its own parameters
+and optimizer state, so joint training equals separate training on the same batches.
 
 What DAS trains against is an ``Interchange``: the base and source activations of ``n`` pairs
 at one cell, and a differentiable map from a value written into that cell to the target's
@@ -45,7 +45,6 @@ from seqpatch.interventions.restart import RestartableRun, Write
 from seqpatch.interventions.sites import (
     SWEEP_SITES,
     InterventionError,
-    capture_sites,
     check_sites,
 )
 from seqpatch.models.sites import site_info
@@ -114,6 +113,9 @@ def interchange_accuracy(
     return float((predicted == labels[rows].cpu()).float().mean())
 
 
+ROWS_PER_FORWARD = 64  # training rows per forward: Gemma-3's 12 bases × 16 pairs took 8 GB
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How each basis is trained (defaults measured on the organism: see ``docs/das.md``)."""
@@ -152,7 +154,12 @@ class _Basis(nn.Module):
         self.proj = nn.Linear(k, d, bias=False)  # weight [d, k]
         with torch.no_grad():
             self.proj.weight.copy_(random_basis(d, k, generator).T)
-        nn.utils.parametrizations.orthogonal(self.proj)
+        # The parametrization completes the k columns to a d × d orthogonal base with the
+        # global RNG; the gradient's coordinates, and so training, depend on that completion.
+        # Seeded from the basis's own generator, a basis trains the same in any process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            nn.utils.parametrizations.orthogonal(self.proj)
 
     def rows(self) -> torch.Tensor:
         return self.proj.weight.T
@@ -177,14 +184,20 @@ def train_bases(
     train_rows: torch.Tensor,
     val_rows: torch.Tensor,
     cfg: TrainConfig = TrainConfig(),
+    rows_per_forward: int = ROWS_PER_FORWARD,
 ) -> list[Trained]:
     """Train one basis per spec on ``train_rows``, keep each one's best epoch on ``val_rows``.
 
-    Every step runs one forward of ``len(specs) × batch`` rows (each spec's interchange of the
-    same batch). Labels of a spec may be anything per pair (the shuffled control permutes them).
+    Every step runs each spec's interchange of the same batch, bases grouped into forwards of
+    at most ``rows_per_forward`` rows (at least one basis each), each group's loss
+    back-propagated before the next: a basis's gradient comes from its own loss term alone, so
+    the grouping bounds memory (the activations kept for the backward pass) and changes results
+    only by float rounding (rows of one forward share matmuls). Labels of a spec may be anything per pair (the shuffled control permutes them).
     """
     if not specs:
         return []
+    if rows_per_forward < 1:
+        raise InterventionError(f"rows_per_forward must be >= 1, got {rows_per_forward}")
     d = model.base.shape[-1]
     for spec in specs:
         if not 1 <= spec.k <= d:
@@ -202,17 +215,20 @@ def train_bases(
     for epoch in range(1, cfg.epochs + 1):
         perm = train_rows[torch.randperm(len(train_rows), generator=order)]
         for batch in perm.split(cfg.batch_size):
-            base, source = model.base[batch], model.source[batch]
-            values = torch.cat([swap(base, source, b.rows()) for b in bases])
-            logits = model.logits(batch.repeat(len(bases)), values).float()
-            logits = logits.view(len(bases), len(batch), -1)
-            loss = sum(
-                nn.functional.cross_entropy(logits[j], spec.labels[batch].to(logits.device))
-                for j, spec in enumerate(specs)
-            )
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[union-attr]
+            group = max(1, rows_per_forward // len(batch))
+            for first in range(0, len(bases), group):
+                chosen = range(first, min(first + group, len(bases)))
+                base, source = model.base[batch], model.source[batch]
+                values = torch.cat([swap(base, source, bases[j].rows()) for j in chosen])
+                logits = model.logits(batch.repeat(len(chosen)), values).float()
+                logits = logits.view(len(chosen), len(batch), -1)
+                loss = sum(
+                    nn.functional.cross_entropy(logits[i], specs[j].labels[batch].to(logits.device))
+                    for i, j in enumerate(chosen)
+                )
+                loss.backward()  # type: ignore[union-attr]
             for opt in optimizers:
                 opt.step()
             steps += 1
@@ -283,18 +299,18 @@ class SiteInterchange:
         self.tgt = tgt_ids.to(device)
         cand = torch.as_tensor(candidate_ids, dtype=torch.long)
         self.cand = (cand.expand(n, -1) if cand.ndim == 1 else cand).to(device)
-        with torch.no_grad():
-            captured, _ = capture_sites(
-                handle, torch.cat([src_ids.to(device), self.tgt]), [site], [layer]
-            )
-            acts = captured[(site, layer)][:, pos].float()
-            self.source, self.base = acts[:n].contiguous(), acts[n:].contiguous()
+        # Sources and targets in one base run (the sweep's layout): the cell is captured from
+        # both, and only the targets' states are kept for restarts.
         self.run = RestartableRun(
             handle,
-            self.tgt,
+            torch.cat([src_ids.to(device), self.tgt]),
             method=method,
+            capture=[(site, layer)],
             floor_layers=[layer] if site_info(site).after_attention else (),
+            restartable=slice(n, None),
         )
+        acts = self.run.acts.pop((site, layer))[:, pos].float()
+        self.source, self.base = acts[:n].contiguous(), acts[n:].contiguous()
         self.method = self.run.method
 
     def logits(self, rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -302,6 +318,6 @@ class SiteInterchange:
         value = value.to(self.handle.dtype)
         at = torch.arange(len(rows), device=rows.device)
         write = Write(self.site, self.layer, at, torch.full_like(at, self.pos), value)
+        start = self.pos if self.method == "cached" else 0
         with frozen(self.handle.hf_model):
-            logits = self.run.restart(rows, [write], self.pos if self.method == "cached" else 0)
-        return logits.gather(-1, self.cand[rows])
+            return self.run.restart(rows, [write], start, columns=self.cand[rows])

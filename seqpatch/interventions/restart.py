@@ -99,6 +99,11 @@ def _stop(_x: torch.Tensor) -> None:
     raise _Stop
 
 
+def _columns(logits: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` ``[n, vocab]``, or their ``columns`` (``[n, C]`` token ids) only."""
+    return logits if columns is None else logits.gather(-1, columns)
+
+
 def layer0_input(handle: ModelHandle, input_ids: torch.Tensor) -> torch.Tensor:
     """What decoder layer 0 receives (embeddings, scaled or with positions as the model does)."""
     first: list[torch.Tensor] = []
@@ -291,9 +296,12 @@ class RestartableRun:
         writes: Sequence[Write],
         start_pos: int | None = None,
         max_rows: int | None = None,
+        columns: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Next-token logits ``[len(rows), vocab]`` at the last position of base rows ``rows``
-        restarted with ``writes`` (their ``rows`` index ``rows``).
+        restarted with ``writes`` (their ``rows`` index ``rows``); with ``columns``
+        (``[len(rows), C]`` token ids) those logits only, ``[len(rows), C]``
+        (``ModelHandle.logits_from_resid``).
 
         ``start_pos`` (default: the first written position) is where the restarted positions
         begin; writes before it are dropped (callers start at the first position a write
@@ -315,21 +323,28 @@ class RestartableRun:
                 )
             start_pos = 0
         elif not writes:
-            return self.logits[self.base_rows[rows]]
+            return _columns(self.logits[self.base_rows[rows]], columns)
         if start_pos is None:
             start_pos = min(int(w.pos.min()) for w in writes)
         if max_rows is None:
-            return self._restart(rows, list(writes), start_pos)
+            return self._restart(rows, list(writes), start_pos, columns)
         width = self.length - (start_pos if self.method == "cached" else 0)
         chunk = max(1, max_rows * self.length // max(width, 1))
         parts = []
         for lo in range(0, len(rows), chunk):
             hi = min(lo + chunk, len(rows))
             part = [s for w in writes if (s := w.select(lo, hi)) is not None]
-            parts.append(self._restart(rows[lo:hi], part, start_pos))
+            cols = None if columns is None else columns[lo:hi]
+            parts.append(self._restart(rows[lo:hi], part, start_pos, cols))
         return torch.cat(parts)
 
-    def _restart(self, rows: torch.Tensor, writes: list[Write], start_pos: int) -> torch.Tensor:
+    def _restart(
+        self,
+        rows: torch.Tensor,
+        writes: list[Write],
+        start_pos: int,
+        columns: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         handle, counters = self.handle, self.counters
         counters.forwards += 1
         if self.method == "full":
@@ -337,11 +352,11 @@ class RestartableRun:
             with self._perturbed(self.base_rows[rows]), hooked(handle, write_hooks(writes, frame)):
                 logits = handle.hf_model(input_ids=self.ids[rows], logits_to_keep=1).logits
             counters.token_layers += len(rows) * handle.n_layers * self.length
-            return logits[:, -1]
+            return _columns(logits[:, -1], columns)
         n_layers = handle.n_layers
         if self.upto is None:
             if not writes:
-                return self.logits[self.base_rows[rows]].clone()
+                return _columns(self.logits[self.base_rows[rows]], columns).clone()
             entry = torch.full((len(rows),), n_layers + 1, dtype=torch.long, device=rows.device)
             for w in writes:
                 entry.scatter_reduce_(0, w.rows, torch.full_like(w.rows, w.entry), "amin")
@@ -394,10 +409,12 @@ class RestartableRun:
             counters.token_layers += sum(parts[b].shape[0] * (n_layers - b) * width for b in inner)
         if n_layers in parts:
             outputs.append(parts[n_layers][:, -1])
-        fresh = handle.logits_from_resid(torch.cat(outputs))
+        fresh = handle.logits_from_resid(
+            torch.cat(outputs), None if columns is None else columns[order]
+        )
         if self.upto is not None:  # every row was restarted
             return fresh[place]
-        logits = self.logits[self.base_rows[rows]].clone()
+        logits = _columns(self.logits[self.base_rows[rows]], columns).clone()
         logits[order] = fresh.to(logits.dtype)
         return logits
 

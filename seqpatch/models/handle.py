@@ -103,11 +103,26 @@ class ModelHandle:
         kwargs.setdefault("remote", self.remote)
         return self.model.trace(*inputs, **kwargs)
 
-    def logits_from_resid(self, resid: torch.Tensor) -> torch.Tensor:
-        """Final norm, unembedding and (Gemma 2) logit soft-capping applied to a residual state."""
-        logits = self.submodule(self.adapter.unembed)(
-            self.submodule(self.adapter.final_norm)(resid)
-        )
+    def logits_from_resid(
+        self, resid: torch.Tensor, columns: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final norm, unembedding and (Gemma 2) logit soft-capping applied to a residual state
+        ``[n, d]``.
+
+        ``columns`` (``[n, C]`` token ids) computes those logits only, ``[n, C]``: a method
+        that reads a few candidates (DAS reads ten digits of Gemma-3's 262,144 tokens) need not
+        pay for — or back-propagate through — the whole vocabulary.
+        """
+        normed = self.submodule(self.adapter.final_norm)(resid)
+        unembed = self.submodule(self.adapter.unembed)
+        if columns is None:
+            logits = unembed(normed)
+        elif isinstance(unembed, torch.nn.Linear):
+            logits = (unembed.weight[columns] @ normed.unsqueeze(-1)).squeeze(-1)
+            if unembed.bias is not None:
+                logits = logits + unembed.bias[columns]
+        else:
+            logits = unembed(normed).gather(-1, columns)
         cap = getattr(self.hf_model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 

@@ -34,6 +34,10 @@ would move in steps of 1/n_test: with one test pair every IIA is 0 or 1), unless
 float32 basis itself (orthonormal rows), and ``test_pair_ids`` the pairs its ``iia`` was measured
 on, so ``load_dataset`` users can reproduce and reuse it (``seqpatch.interventions.das.swap``).
 
+The stage is built one shard per cell (``Store.build_sharded``): a run killed while training
+resumes at the first unfinished cell, and the cells' rows and statistics are those of one
+uninterrupted build.
+
 Artifacts: ``iia.csv`` (the table without bases), ``summary.json`` (per cell: full-patch IIA, the
 smallest ``k`` whose DAS IIA is within ``tolerance`` of it, and the controls at that ``k``) and
 ``iia_vs_k.html/png`` (IIA against ``k``, one panel per cell, with the controls).
@@ -61,7 +65,9 @@ if TYPE_CHECKING:
     from seqpatch.store import StageRef
 
 STAGE = "das"
-SCHEMA_VERSION = 1
+# 2: a basis trains the same in any process (version 1 completed it with the global RNG)
+SCHEMA_VERSION = 2
+SHARD_SIZE = None  # one shard per cell (``n_shards``)
 METHODS = ("das", "shuffled", "random", "full")
 RANK_METRICS = ("normalised", "prob_delta", "logit_diff", "prob_delta_candidates")
 MIN_TEST_PAIRS = 20  # below this an IIA moves in steps of more than 5 points
@@ -309,15 +315,18 @@ def top_cells(patching: Dataset, pair_ids: Sequence[str], cfg: DasConfig) -> lis
     ]
 
 
-def build(inputs: Inputs, cfg: DasConfig) -> Built:
-    import torch
+def n_shards(inputs: Inputs, cfg: DasConfig) -> int:
+    """One shard per cell: a run killed while training keeps every finished cell."""
+    return max(1, len(_plan(inputs, cfg)[1]))
 
-    from seqpatch.progress import progress_bar
+
+def build_shard(inputs: Inputs, cfg: DasConfig, index: int) -> Built:
+    """The rows of cell ``index`` (rank ``index + 1``): every ``k`` and method."""
+    import torch
 
     handle = inputs.model
     ks = cfg.ks or default_ks(handle.d_model)
-    study = select_pairs(inputs.rows("pairs"), cfg)
-    cells = top_cells(inputs.rows("patching"), study.rows["pair_id"], cfg)
+    study, cells = _plan(inputs, cfg)
     labels = torch.tensor(study.rows["answer_index_a"], dtype=torch.long)
     split = tuple(
         torch.as_tensor(x, dtype=torch.long) for x in (study.train, study.val, study.test)
@@ -327,11 +336,9 @@ def build(inputs: Inputs, cfg: DasConfig) -> Built:
     pool = torch.cat(split[:2])
     perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed + 1))
     shuffled[pool] = labels[pool[perm]]
-    out: list[dict[str, Any]] = []
-    with progress_bar(len(cells), "das (cells)", enabled=inputs.progress) as bar:
-        for cell in cells:
-            out += _study_cell(inputs, cfg, study, cell, ks, labels, shuffled, split)
-            bar.update()
+    out = []
+    if index < len(cells):
+        out = _study_cell(inputs, cfg, study, cells[index], ks, labels, shuffled, split)
     rows = Dataset.from_list(out, features=features(handle.d_model))
     stats = {
         "patching_version": inputs.parents["patching"].version,  # the heatmap that was ranked
@@ -340,9 +347,28 @@ def build(inputs: Inputs, cfg: DasConfig) -> Built:
         "n_pairs": len(study.rows),
         "dropped": study.dropped,
         "ks": list(ks),
-        "summary": summary(rows, cfg.tolerance),
     }
     return Built(rows, stats=stats)
+
+
+def merge_stats(parts: list[dict[str, Any]], rows: Dataset, cfg: DasConfig) -> dict[str, Any]:
+    """The study's statistics (equal in every shard, not summed) and the summary of all cells."""
+    return {**parts[0], "summary": summary(rows, cfg.tolerance)}
+
+
+def build(inputs: Inputs, cfg: DasConfig) -> Built:
+    """Every cell in one go (the executor builds the shards; this is for direct calls)."""
+    from datasets import concatenate_datasets
+
+    shards = [build_shard(inputs, cfg, i) for i in range(n_shards(inputs, cfg))]
+    rows = concatenate_datasets([shard.rows for shard in shards])
+    return Built(rows, stats=merge_stats([dict(s.stats) for s in shards], rows, cfg))
+
+
+def _plan(inputs: Inputs, cfg: DasConfig) -> tuple[Study, list[Cell]]:
+    """The studied pairs and the ranked cells (the same in every shard)."""
+    study = select_pairs(inputs.rows("pairs"), cfg)
+    return study, top_cells(inputs.rows("patching"), study.rows["pair_id"], cfg)
 
 
 def _study_cell(

@@ -112,14 +112,16 @@ class ShardedBuilds:
         runtime: Callable[[], Mapping[str, Any]] | None = None,
         manifest: Mapping[str, Any] | None = None,
         join: bool = True,
+        merge: Callable[[list[Mapping[str, Any]], Dataset], dict[str, Any]] | None = None,
     ) -> StageRef | None:
         """Like ``get_or_build``, one shard at a time, resuming after an interruption.
 
         ``build_shard_fn(i)`` returns shard ``i`` of ``n_shards`` (a ``Dataset`` or ``Built``).
         Finished shards are kept under ``<version>.partial/shard-0000i/`` and skipped on a rerun
         (a shard that no longer matches its hashes or loads is rebuilt); when all are there they
-        are concatenated in index order into the version folder, their statistics merged (see
-        ``merge_extra``), and the work folder is removed. ``before()`` runs once before the
+        are concatenated in index order into the version folder, their statistics merged
+        (``merge(per-shard statistics, rows)``, by default ``merge_extra``), and the work folder
+        is removed. ``before()`` runs once before the
         first shard is computed (checks that must pass before anything is written). With
         ``only_shards`` just those shards are built (one job of several sharing the work
         folder); the version is committed, and returned, only once every shard exists. Shards
@@ -187,7 +189,8 @@ class ShardedBuilds:
             from datasets import Dataset, concatenate_datasets
 
             rows = concatenate_datasets([Dataset.load_from_disk(str(d)) for d in shard_dirs])
-            extra = merge_extra([json.loads((d / SHARD_EXTRA).read_text()) for d in shard_dirs])
+            parts = [json.loads((d / SHARD_EXTRA).read_text()) for d in shard_dirs]
+            extra = merge(parts, rows) if merge is not None else merge_extra(parts)
             extra["n_shards"] = n_shards
             artifacts = finish(rows) if finish else {}
             provenance = self._provenance(
