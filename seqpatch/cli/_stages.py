@@ -421,6 +421,7 @@ STAGE_COMMANDS: dict[str, StageCommand] = {
         Trains an orthonormal k-dimensional subspace per cell and k whose interchange makes the
         target give the source's answer; reports test IIA with controls (shuffled labels, random
         basis, full-vector patch). Writes iia.csv, summary.json and the IIA-vs-k chart.
+        Resumes cell by cell after an interruption: the same command skips finished cells.
         """,
         examples(
             "seqpatch build das",

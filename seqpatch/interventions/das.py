@@ -192,7 +192,8 @@ def train_bases(
     at most ``rows_per_forward`` rows (at least one basis each), each group's loss
     back-propagated before the next: a basis's gradient comes from its own loss term alone, so
     the grouping bounds memory (the activations kept for the backward pass) and changes results
-    only by float rounding (rows of one forward share matmuls). Labels of a spec may be anything per pair (the shuffled control permutes them).
+    only by float rounding (rows of one forward share matmuls). Labels of a spec may be anything
+    per pair (the shuffled control permutes them).
     """
     if not specs:
         return []
@@ -217,10 +218,10 @@ def train_bases(
         for batch in perm.split(cfg.batch_size):
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
+            base, source = model.base[batch], model.source[batch]
             group = max(1, rows_per_forward // len(batch))
             for first in range(0, len(bases), group):
                 chosen = range(first, min(first + group, len(bases)))
-                base, source = model.base[batch], model.source[batch]
                 values = torch.cat([swap(base, source, bases[j].rows()) for j in chosen])
                 logits = model.logits(batch.repeat(len(chosen)), values).float()
                 logits = logits.view(len(chosen), len(batch), -1)
