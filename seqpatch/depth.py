@@ -45,6 +45,7 @@ from seqpatch.cells import confidence_interval
 from seqpatch.errors import SeqpatchError
 from seqpatch.unfinished import (
     Unfinished,
+    built_from,
     manifest_of,
     unfinished,
     unfinished_rows,
@@ -79,10 +80,11 @@ class CompareError(SeqpatchError):
 @dataclass
 class StepStatus:
     """How far one step of a study got: ``state`` is ``done``, ``unfinished`` or ``not run``;
-    ``pairs`` of ``total`` (tracing: programs) are in its rows (``None`` when not known). An
-    unfinished step is its build with the most pairs; ``unchecked`` of its shards carry no
-    hashes (written before shards recorded them); ``newer`` names a newer build of the same
-    step with fewer pairs (e.g. one restarted by newer code), ``None`` when there is none."""
+    ``pairs`` of ``total`` (tracing: programs; an unfinished DAS: cells) are in its rows
+    (``None`` when not known). An unfinished step is its build with the most pairs (DAS: its
+    newest); ``unchecked`` of its shards carry no hashes (written before shards recorded them);
+    ``newer`` names a newer build of the same step with fewer pairs (e.g. one restarted by
+    newer code), ``None`` when there is none."""
 
     step: str
     state: str
@@ -100,6 +102,9 @@ class StepStatus:
             return "not run yet"
         if self.state == "done":
             return f"done, {self.pairs} {unit} (`{self.version}`)" if self.pairs else "done"
+        if self.step == "das":  # one shard per cell
+            of = f" of {self.total}" if self.total else ""
+            return f"**not finished**: {self.pairs}{of} cells (build `{self.version}`)"
         of = f" of {self.total}" if self.total else ""
         shards = f", {self.shards} of {self.n_shards} shards" if self.n_shards else ""
         notes = []
@@ -219,7 +224,9 @@ def step_status(ms: ModelStudy, step: str) -> StepStatus:
     stage = STEP_STAGES[step]
     if record and ms.study is not None and ms.study.store.find(stage, record["version"]):
         return StepStatus(step, "done", record["version"], record.get("pairs"), record.get("pairs"))
-    if ms.study is None or step == "das":  # DAS's own pairs: no build of the study's pairs
+    if ms.study is not None and step == "das":
+        return _das_status(ms)
+    if ms.study is None:
         return StepStatus(step, "not run")
     builds = _builds(ms, step)
     if not builds:
@@ -234,6 +241,20 @@ def step_status(ms: ModelStudy, step: str) -> StepStatus:
         step, "unfinished", build.version, build.n_pairs,
         ms.n_pairs if stage == "patching" else None, len(build.shards), build.n_shards,
         len(build.unchecked), newer,
+    )  # fmt: skip
+
+
+def _das_status(ms: ModelStudy) -> StepStatus:
+    """DAS is built from its own pairs (the ``das-pairs`` step), one shard per cell: how many
+    cells its newest unfinished build has."""
+    pairs = (ms.steps.get("das-pairs") or {}).get("version")
+    builds = built_from(ms.study.store, "das", pairs) if ms.study and pairs else []
+    if not builds:
+        return StepStatus("das", "not run")
+    build = builds[-1]
+    return StepStatus(
+        "das", "unfinished", build.version, len(build.shards), build.n_shards,
+        unchecked=len(build.unchecked),
     )  # fmt: skip
 
 

@@ -25,13 +25,23 @@ from weakref import WeakKeyDictionary
 import polars as pl
 
 from seqpatch.cells import values_of_rows
+from seqpatch.store.refs import PARTIAL_SUFFIX, SHARD_FILES, SHARD_MANIFEST
+from seqpatch.store.shards import shard_ok
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from seqpatch.store import Store
     from seqpatch.views import Study
 
-__all__ = ["Unfinished", "grid_of_rows", "unfinished", "unfinished_rows", "unfinished_values"]
+__all__ = [
+    "Unfinished",
+    "built_from",
+    "grid_of_rows",
+    "unfinished",
+    "unfinished_rows",
+    "unfinished_values",
+]
 
 
 @dataclass(frozen=True)
@@ -111,30 +121,61 @@ def manifest_of(build: Unfinished) -> dict[str, Any]:
     return _read_manifest(build.path / SHARD_MANIFEST)
 
 
-def _scan(study: Study, stage: str, cache: dict[Any, Any]) -> list[Unfinished]:
-    from seqpatch.store.refs import PARTIAL_SUFFIX, SHARD_FILES, SHARD_MANIFEST
-    from seqpatch.store.shards import shard_ok
+def built_from(store: Store, stage: str, pairs_version: str) -> list[Unfinished]:
+    """Unfinished builds of ``stage`` whose manifest names ``pairs_version`` as their pairs, for
+    stages whose rows carry no pair ids (``das``: one shard per cell; ``n_pairs`` is 0), oldest
+    first."""
+    out = []
+    for work, version in _work_folders(store, stage):
+        manifest = _read_manifest(work / SHARD_MANIFEST)
+        parents = manifest.get("parents")
+        if not isinstance(parents, dict) or parents.get("pairs") != pairs_version:
+            continue
+        shards, unchecked = _finished_shards(work)
+        n_shards = manifest.get("n_shards")
+        out.append(
+            Unfinished(
+                stage, version, work, n_shards if isinstance(n_shards, int) else None,
+                tuple(shards), 0, tuple(unchecked), (work / SHARD_MANIFEST).stat().st_mtime,
+            )
+        )  # fmt: skip
+    return sorted(out, key=lambda build: (build.started, build.version))
 
-    folder = study.store.stage_dir(stage)
+
+def _work_folders(store: Store, stage: str) -> list[tuple[Path, str]]:
+    """``(work folder, version)`` of every build of ``stage`` not stored yet."""
+    folder = store.stage_dir(stage)
     if not folder.is_dir():
         return []
+    found = []
+    for work in sorted(folder.glob(f"*{PARTIAL_SUFFIX}")):
+        version = work.name[: -len(PARTIAL_SUFFIX)]
+        if work.is_dir() and store.find(stage, version) is None:
+            found.append((work, version))
+    return found
+
+
+def _finished_shards(work: Path) -> tuple[list[int], list[int]]:
+    """The finished shards of a work folder and, of those, the ones without recorded hashes."""
+    shards, unchecked = [], []
+    for shard in sorted(work.glob("shard-*")):
+        index = shard.name.removeprefix("shard-")
+        if not index.isdigit():
+            continue
+        if shard_ok(shard):
+            shards.append(int(index))
+        elif not (shard / SHARD_FILES).exists() and _loads(shard):
+            shards.append(int(index))
+            unchecked.append(int(index))
+    return shards, unchecked
+
+
+def _scan(study: Study, stage: str, cache: dict[Any, Any]) -> list[Unfinished]:
     if "pair_ids" not in cache:
         cache["pair_ids"] = set(study.rows(study.pairs_ref)["pair_id"])
     out = []
-    for work in sorted(folder.glob(f"*{PARTIAL_SUFFIX}")):
-        version = work.name[: -len(PARTIAL_SUFFIX)]
-        if not work.is_dir() or study.store.find(stage, version) is not None:
-            continue
-        shards, unchecked = [], []
-        for shard in sorted(work.glob("shard-*")):
-            index = shard.name.removeprefix("shard-")
-            if not index.isdigit():
-                continue
-            if shard_ok(shard):
-                shards.append(int(index))
-            elif not (shard / SHARD_FILES).exists() and _loads(shard):
-                shards.append(int(index))
-                unchecked.append(int(index))
+    for work, version in _work_folders(study.store, stage):
+        shards, unchecked = _finished_shards(work)
         manifest = _read_manifest(work / SHARD_MANIFEST)
         n_shards = manifest.get("n_shards")
         started = (work / SHARD_MANIFEST).stat().st_mtime if manifest else 0.0

@@ -333,3 +333,27 @@ def test_steps_run_in_a_second_process_are_read_from_its_side_record(chain, tmp_
     (folder / "study-side.json").write_text("{not json")
     with pytest.raises(depth.CompareError, match=r"study-side\.json cannot be read"):
         depth.open_study(folder)
+
+
+def test_an_unfinished_das_build_is_said_with_its_finished_cells(chain, tmp_path):
+    """DAS runs on its own pairs, one shard per cell: a study whose DAS stopped after one of two
+    cells says so (it said "not run" before DAS was sharded)."""
+    from seqpatch.stages.das import DasConfig
+
+    folder = tmp_path / "das"
+    shutil.copytree(chain["full"], folder)
+    record = json.loads((folder / "study.json").read_text())
+    refs = record["steps"]
+    record["steps"]["das-pairs"] = refs["pairs"]  # the study's own pairs stand in for DAS's
+    (folder / "study.json").write_text(json.dumps(record))
+    cfg = DasConfig(top_n=2, ks=(1,), epochs=1, allow_small=True, split=(0.34, 0.33, 0.33))
+    parents = {"pairs": refs["pairs"]["version"], "patching": refs["patching"]["version"]}
+    store = Store(folder)
+    assert depth.step_status(depth.open_study(folder), "das").state == "not run"
+    execute("das", cfg, parents, store=store, models=ModelCache(), progress=False, shard=(0, 2))
+    status = depth.step_status(depth.open_study(folder), "das")
+    assert (status.state, status.pairs, status.total) == ("unfinished", 1, 2)
+    assert status.words() == f"**not finished**: 1 of 2 cells (build `{status.version}`)"
+    assert "- **DAS**: **not finished**: 1 of 2 cells" in "\n".join(
+        model_findings(depth.open_study(folder))
+    )
