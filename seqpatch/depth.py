@@ -530,8 +530,10 @@ def tracing_facts(ms: ModelStudy) -> dict[str, Any] | None:
 
 def das_facts(ms: ModelStudy) -> list[dict[str, Any]] | None:
     """DAS at its top cells (the ``das`` step's ``summary.json``, read through ``Study`` on the
-    ``das-pairs`` version): per cell the full patch's IIA, the smallest ``k`` within tolerance,
-    DAS's IIA there and the shuffled and random controls; ``None`` unless done."""
+    ``das-pairs`` version): per cell the full patch's IIA, the smallest ``k`` within tolerance
+    (``smallest_k``) and DAS's IIA there, or, where no ``k`` gets within tolerance
+    (``smallest_k`` ``None``), DAS's best IIA and its ``k`` (the smallest of ties); then the
+    shuffled and random controls at that ``k``. ``None`` unless done."""
     from seqpatch.charts.tokens import display_token
 
     das, pairs = ms.steps.get("das"), ms.steps.get("das-pairs")
@@ -540,13 +542,33 @@ def das_facts(ms: ModelStudy) -> list[dict[str, Any]] | None:
     study = Study(ms.data_dir, pairs=pairs["version"])
     if not study.store.find("das", das["version"]):
         return None
-    keys = ("site", "layer", "position", "full_iia", "smallest_k", "das_iia")
-    return [
-        {
-            **{k: cell[k] for k in keys},
-            "token": display_token(str(cell.get("token", ""))),
-            "shuffled_iia": cell.get("shuffled_iia"),
-            "random_iia": cell.get("random_iia"),
-        }
-        for cell in study.das_summary(das["version"])
-    ]
+    table = study.das(das["version"])
+    facts = []
+    for cell in study.das_summary(das["version"]):
+        at = table.filter(
+            (pl.col("site") == cell["site"])
+            & (pl.col("layer") == cell["layer"])
+            & (pl.col("position") == cell["position"])
+        )
+        k = cell["smallest_k"]
+        if k is None:
+            trained = at.filter(pl.col("method") == "das").sort(
+                ["iia", "k"], descending=[True, False]
+            )
+            k = int(trained["k"][0])
+        iia = {m: float(v) for m, v in at.filter(pl.col("k") == k).select("method", "iia").rows()}
+        facts.append(
+            {
+                "site": cell["site"],
+                "layer": cell["layer"],
+                "position": cell["position"],
+                "full_iia": cell["full_iia"],
+                "smallest_k": cell["smallest_k"],
+                "k": k,
+                "das_iia": iia["das"],
+                "token": display_token(str(cell.get("token", ""))),
+                "shuffled_iia": iia.get("shuffled"),
+                "random_iia": iia.get("random"),
+            }
+        )
+    return facts

@@ -156,7 +156,8 @@ def model_findings(ms: ModelStudy) -> list[str]:
     else:
         cells = "; ".join(
             f"`{c['site']}` layer {c['layer']} position {c['position']} (`{c['token']}`): full "
-            f"patch {c['full_iia']:.2f}, DAS {c['das_iia']:.2f} at k = {c['smallest_k']} "
+            f"patch {c['full_iia']:.2f}, DAS {c['das_iia']:.2f} at k = {c['k']}"
+            f"{'' if c['smallest_k'] is not None else ' (its best; no k within tolerance)'} "
             f"(shuffled {c['shuffled_iia']:.2f}, random {c['random_iia']:.2f})"
             for c in das
         )

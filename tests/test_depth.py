@@ -357,3 +357,35 @@ def test_an_unfinished_das_build_is_said_with_its_finished_cells(chain, tmp_path
     assert "- **DAS**: **not finished**: 1 of 2 cells" in "\n".join(
         model_findings(depth.open_study(folder))
     )
+
+
+def test_das_facts_give_the_best_k_where_none_reaches_the_full_patch(chain, tmp_path):
+    """A cell whose DAS never gets within tolerance of the full patch (k = 1 only, one epoch)
+    has no ``smallest_k`` in ``summary.json``; its facts are DAS's best IIA, read from the rows,
+    and the controls at that k (the markdown said nothing before: it raised KeyError)."""
+    import polars as pl
+
+    from seqpatch.stages.das import DasConfig
+
+    folder = tmp_path / "das-best"
+    shutil.copytree(chain["full"], folder)
+    record = json.loads((folder / "study.json").read_text())
+    refs = record["steps"]
+    cfg = DasConfig(top_n=2, ks=(1,), epochs=1, allow_small=True, split=(0.34, 0.33, 0.33))
+    parents = {"pairs": refs["pairs"]["version"], "patching": refs["patching"]["version"]}
+    ref = execute("das", cfg, parents, store=Store(folder), models=ModelCache(), progress=False)
+    record["steps"]["das-pairs"] = refs["pairs"]
+    record["steps"]["das"] = _step(ref, N_PAIRS)
+    (folder / "study.json").write_text(json.dumps(record))
+    ms = depth.open_study(folder)
+    table = pl.read_csv(ref.path / "iia.csv")
+    facts = depth.das_facts(ms)
+    assert any(f["smallest_k"] is None for f in facts)
+    for f in facts:
+        at = table.filter((pl.col("layer") == f["layer"]) & (pl.col("position") == f["position"]))
+        at = at.filter(pl.col("site") == f["site"])
+        das = at.filter(pl.col("method") == "das")
+        assert f["k"] == (1 if f["smallest_k"] is None else f["smallest_k"])
+        assert f["das_iia"] == pytest.approx(das.filter(pl.col("k") == f["k"])["iia"][0])
+    text = "\n".join(model_findings(ms))
+    assert "(its best; no k within tolerance)" in text
