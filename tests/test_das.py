@@ -173,14 +173,19 @@ def test_site_interchange_matches_plain_hooks(tiny, site, layer, pos, method):
     torch.testing.assert_close(model.logits(rows, model.base), clean, atol=2e-5, rtol=1e-5)
 
 
+def random_interchange(handle, g, n, length, layer, pos):
+    """A ``SiteInterchange`` at ``resid_pre`` of ``n`` random token pairs of ``length``."""
+    vocab = handle.hf_model.config.vocab_size
+    src, tgt = (
+        torch.randint(4, vocab, (n, length), generator=g),
+        torch.randint(4, vocab, (n, length), generator=g),
+    )
+    return das.SiteInterchange(handle, "resid_pre", layer, pos, src, tgt, torch.arange(4, 14))
+
+
 def test_training_leaves_the_model_frozen(tiny):
     g = torch.Generator().manual_seed(0)
-    vocab = tiny.hf_model.config.vocab_size
-    src, tgt = (
-        torch.randint(4, vocab, (8, 6), generator=g),
-        torch.randint(4, vocab, (8, 6), generator=g),
-    )
-    model = das.SiteInterchange(tiny, "resid_pre", 0, 2, src, tgt, torch.arange(4, 14))
+    model = random_interchange(tiny, g, 8, 6, layer=0, pos=2)
     before = {n: p.detach().clone() for n, p in tiny.hf_model.named_parameters()}
     labels = torch.randint(0, 10, (8,), generator=g)
     spec = das.BasisSpec(2, labels, seed=0)
@@ -353,12 +358,7 @@ def test_bases_grouped_into_smaller_forwards_train_the_same(tiny):
     forward give the same gradients (to float rounding: a batch's rows share matmuls), so the
     same first step, and after training the same scores and kept epochs."""
     g = torch.Generator().manual_seed(1)
-    vocab = tiny.hf_model.config.vocab_size
-    src, tgt = (
-        torch.randint(4, vocab, (12, 8), generator=g),
-        torch.randint(4, vocab, (12, 8), generator=g),
-    )
-    model = das.SiteInterchange(tiny, "resid_pre", 1, 3, src, tgt, torch.arange(4, 14))
+    model = random_interchange(tiny, g, 12, 8, layer=1, pos=3)
     labels = torch.randint(0, 10, (12,), generator=g)
     specs = [das.BasisSpec(k, labels, seed=k) for k in (1, 2, 3)]
     train, val = torch.arange(8), torch.arange(8, 12)
