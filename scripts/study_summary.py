@@ -5,9 +5,8 @@ it): the chosen (format, length) and the probe's solve rates; per site and token
 normalised patching effect by layer, summarised as the strongest layer and the last layer (as a
 fraction of depth) where the effect is still ≥ 0.5; the whole-stream ``before-last`` /
 ``last`` crossing; the strongest heads; the tracing calibration and the kind, layer and role of
-the largest average indirect effect; DAS's
-full-patch IIA and the smallest k within tolerance, with its controls. Steps not built yet are
-said to be missing, never guessed.
+the largest average indirect effect; DAS's full-patch IIA and the smallest k within tolerance,
+with its controls. Steps not built yet are said to be missing, never guessed.
 
     python scripts/study_summary.py /work/studies/smollm2-135m-instruct
 """

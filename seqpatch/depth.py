@@ -102,10 +102,9 @@ class StepStatus:
             return "not run yet"
         if self.state == "done":
             return f"done, {self.pairs} {unit} (`{self.version}`)" if self.pairs else "done"
-        if self.step == "das":  # one shard per cell
-            of = f" of {self.total}" if self.total else ""
-            return f"**not finished**: {self.pairs}{of} cells (build `{self.version}`)"
         of = f" of {self.total}" if self.total else ""
+        if self.step == "das":  # one shard per cell
+            return f"**not finished**: {self.pairs}{of} cells (build `{self.version}`)"
         shards = f", {self.shards} of {self.n_shards} shards" if self.n_shards else ""
         notes = []
         if self.unchecked:
@@ -224,10 +223,10 @@ def step_status(ms: ModelStudy, step: str) -> StepStatus:
     stage = STEP_STAGES[step]
     if record and ms.study is not None and ms.study.store.find(stage, record["version"]):
         return StepStatus(step, "done", record["version"], record.get("pairs"), record.get("pairs"))
-    if ms.study is not None and step == "das":
-        return _das_status(ms)
     if ms.study is None:
         return StepStatus(step, "not run")
+    if step == "das":
+        return _das_status(ms.study, ms.steps)
     builds = _builds(ms, step)
     if not builds:
         return StepStatus(step, "not run")
@@ -244,11 +243,11 @@ def step_status(ms: ModelStudy, step: str) -> StepStatus:
     )  # fmt: skip
 
 
-def _das_status(ms: ModelStudy) -> StepStatus:
+def _das_status(study: Study, steps: dict[str, Any]) -> StepStatus:
     """DAS is built from its own pairs (the ``das-pairs`` step), one shard per cell: how many
     cells its newest unfinished build has."""
-    pairs = (ms.steps.get("das-pairs") or {}).get("version")
-    builds = built_from(ms.study.store, "das", pairs) if ms.study and pairs else []
+    pairs = (steps.get("das-pairs") or {}).get("version")
+    builds = built_from(study.store, "das", pairs) if pairs else []
     if not builds:
         return StepStatus("das", "not run")
     build = builds[-1]
