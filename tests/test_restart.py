@@ -163,13 +163,60 @@ def test_floor_restarts_equal_the_unoptimised_restart_and_plain_hooks(handles, a
                     handle, site, len(rows), length, gen, single=single, layer=layer
                 )
                 got = {name: run.restart(rows, [write]) for name, run in runs.items()}
+                resolved = runs["floor"].resolve(rows, [write])
+                got["resolved"] = runs["floor"].restart(rows, resolved)
                 key = (site, layer, single)
+                torch.testing.assert_close(
+                    got["resolved"], got["plain"], atol=TOL, rtol=0, msg=str(key)
+                )
                 torch.testing.assert_close(
                     got["floor"], got["plain"], atol=TOL, rtol=0, msg=str(key)
                 )
                 torch.testing.assert_close(
                     got["floor"], got["full"], atol=TOL, rtol=0, msg=str(key)
                 )
+
+
+@pytest.mark.parametrize("arch", ("llama", "gemma2", "gpt_neox"))
+def test_resolved_writes_are_the_written_layer_computed_ahead(handles, arch):
+    """``resolve`` turns after-attention writes into ``resid_pre`` writes of the next layer:
+    one entry per written (row, position) however many writes share it (two heads of one
+    position), last-layer entries only at the last position, the same values in chunks of any
+    size; restarted, they equal the unoptimised restart of the original writes."""
+    handle = handles[arch]
+    length, last = 12, handle.n_layers - 1
+    ids = random_pairs(seed=13, n=3, length=length, diverge=0)[0]
+    floor = RestartableRun(handle, ids, floor_layers=range(handle.n_layers), floor_z=True)
+    plain = RestartableRun(handle, ids, floor=False)
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.tensor([2, 0, 1, 2])
+    heads = handle.n_heads
+    z = torch.randn(6, handle.d_head, generator=gen)
+    writes = [  # row 0 position 5 written at two heads by two writes; row 3 at two positions
+        Write("head_z", 0, torch.tensor([0, 1, 3]), torch.tensor([5, 7, 2]), z[:3],
+              torch.tensor([0, 1, heads - 1])),
+        Write("head_z", 0, torch.tensor([0, 3]), torch.tensor([5, 9]), z[3:5],
+              torch.tensor([1, 0])),
+        Write("mlp_out", last, torch.tensor([1, 2, 2]), torch.tensor([4, length - 1, 3]),
+              torch.randn(3, handle.d_model, generator=gen)),
+    ]  # fmt: skip
+    resolved = floor.resolve(rows, writes)
+    assert [(w.site, w.layer) for w in resolved] == [("resid_pre", 1), ("resid_pre", last + 1)]
+    first, final = resolved
+    assert sorted(zip(first.rows.tolist(), first.pos.tolist(), strict=True)) == [
+        (0, 5), (1, 7), (3, 2), (3, 9)
+    ]  # fmt: skip
+    assert list(zip(final.rows.tolist(), final.pos.tolist(), strict=True)) == [(2, length - 1)]
+    chunked = floor.resolve(rows, writes, max_entries=1)
+    for a, b in zip(resolved, chunked, strict=True):
+        assert torch.equal(a.rows, b.rows) and torch.equal(a.pos, b.pos)
+        torch.testing.assert_close(a.value, b.value, atol=TOL, rtol=0)
+    want = plain.restart(rows, writes)
+    torch.testing.assert_close(floor.restart(rows, resolved), want, atol=TOL, rtol=0)
+    torch.testing.assert_close(floor.restart(rows, writes), want, atol=TOL, rtol=0)
+    other = [Write("resid_pre", 1, torch.tensor([0]), torch.tensor([3]), z[:1].repeat(1, heads))]
+    assert floor.resolve(rows, other) == other  # nothing to resolve: unchanged
+    assert plain.resolve(rows, writes) == writes  # no floor: unchanged
 
 
 def _on_rows(write, rows):

@@ -11,11 +11,14 @@ import torch
 from seqpatch.interventions import (
     SWEEP_SITES,
     InterventionError,
+    PatchSpec,
     SweepStats,
     candidate_logits,
     get_activations,
+    patch_grid,
     sweep,
 )
+from seqpatch.interventions._grid import _Resolved
 from seqpatch.metrics import prob_delta, prob_delta_candidates
 from seqpatch.models import load_model
 from seqpatch.testing import TINY_ARCHITECTURES, save_tiny_model, tiny_config
@@ -235,19 +238,51 @@ def test_cached_method_does_about_a_quarter_of_the_naive_work(handles):
 
 
 @pytest.mark.parametrize("site", ["attn_out", "mlp_out"])
-def test_a_site_local_to_its_position_reruns_its_layer_on_that_position_only(handles, site):
+def test_a_site_local_to_its_position_reruns_its_layer_on_that_position_only(
+    handles, monkeypatch, site
+):
     """attn_out / mlp_out at (l, t) change layer l's output at t alone: one token-layer at l,
-    then layers l+1.. on positions t.. — and the values stay those of plain hooks."""
+    then layers l+1.. on positions t.. (none on the last layer before the last position: such
+    a patch cannot reach the logits) — and the values stay those of plain hooks."""
     handle = handles["llama"]
     src, tgt = random_pairs(seed=5, n=8, length=16, diverge=0)
     stats: list[SweepStats] = []
     result = sweep(handle, src, tgt, site, CANDIDATES, skip_noops=False, min_rows=1, stats=stats)
     length, layers = 16, handle.n_layers
     per_pair = sum(
-        1 + (layers - layer - 1) * (length - t) for layer in range(layers) for t in range(length)
+        int(layer < layers - 1 or t == length - 1) + (layers - layer - 1) * (length - t)
+        for layer in range(layers)
+        for t in range(length)
     )
     assert stats[0].token_layers == 8 * per_pair
     assert_matches_reference(handle, src, tgt, site, result, [(0, 0), (0, 9), (1, 15), (1, 3)])
+    # rows resolved one at a time: windows holding only last-layer cells before the last
+    # position resolve to nothing, and those cells read the clean logits
+    monkeypatch.setattr(_Resolved, "WINDOW_BYTES", handle.d_model * 4)
+    alone = sweep(handle, src, tgt, site, CANDIDATES, skip_noops=False, min_rows=1)
+    torch.testing.assert_close(alone.logits, result.logits, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("axes", [("layer", "pos"), ("layer", "head", "pos")])
+def test_cells_resolved_a_few_rows_at_a_time_give_the_same_grid(handles, monkeypatch, axes):
+    """A site read after attention has its patched layer computed ahead for a window of rows at
+    a time (``_grid._Resolved``); windows of one row give the grid of one large window."""
+    handle = handles["llama"]
+    src, tgt = random_pairs(seed=12, n=3, length=10, diverge=3)
+    spec = PatchSpec("head_z" if "head" in axes else "attn_out", axes)
+    whole = patch_grid(handle, src, tgt, spec, CANDIDATES, min_rows=2)
+    monkeypatch.setattr(_Resolved, "WINDOW_BYTES", handle.d_model * 4)  # one row
+    computed, window = [], _Resolved._window
+    monkeypatch.setattr(
+        _Resolved,
+        "_window",
+        lambda self, lo, hi: (computed.append(hi - lo), window(self, lo, hi))[1],
+    )
+    windows = patch_grid(handle, src, tgt, spec, CANDIDATES, min_rows=2)
+    assert len(computed) > 3 and min(computed) >= 1
+    torch.testing.assert_close(windows.logits, whole.logits, atol=TOL, rtol=0)
+    torch.testing.assert_close(windows.lse, whole.lse, atol=TOL, rtol=0)
+    assert windows.stats.token_layers == whole.stats.token_layers
 
 
 def test_identical_prefix_cells_are_skipped_and_still_exact(handles):
