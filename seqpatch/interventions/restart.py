@@ -23,7 +23,8 @@ restarts are differentiable in the written values). ``RestartableRun`` is that o
    what follows — the output projection and the MLP. The written layer is then a function of
    each written (row, position) alone, changing its output there only, so ``resolve`` computes
    it ahead for many rows in a few calls and hands restarts the ``resid_pre`` writes of the
-   next layer it amounts to (a sweep does this for all its cells before packing them).
+   next layer it amounts to (a sweep does this for all its cells before packing them). Rules
+   2 and 3 are computed in ``seqpatch.interventions.written_layer``.
 3. *The written layer at the written position only, for a site local to it.* Those sites and
    ``head_q`` (the site table's ``local``) change layer ``l``'s output at the written position
    alone, so with one written position per row layer ``l`` runs on that position of each row
@@ -62,12 +63,13 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from seqpatch.interventions import written_layer
 from seqpatch.interventions._layers import LayerRunner, PrefixCache, supports_layer_runner
 from seqpatch.interventions.sites import InterventionError, hooked
 from seqpatch.interventions.writes import (
@@ -118,22 +120,6 @@ def layer0_input(handle: ModelHandle, input_ids: torch.Tensor) -> torch.Tensor:
     with hooked(handle, {("resid_pre", 0): grab}), contextlib.suppress(_Stop):
         handle.hf_model(input_ids=input_ids)
     return first[0]
-
-
-@contextlib.contextmanager
-def _attention_from(attn: torch.nn.Module, supply: Callable[[], torch.Tensor]) -> Iterator[None]:
-    """The attention module returns ``(supply(), None)`` instead of computing (its hooks still
-    fire): every supported decoder layer unpacks its attention as ``output, weights``. A
-    ``forward`` the instance already had (nnsight wraps modules that way) is put back after."""
-    before = attn.__dict__.get("forward")
-    attn.forward = lambda *_args, **_kwargs: (supply(), None)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        if before is None:
-            del attn.forward
-        else:
-            attn.forward = before  # type: ignore[method-assign]
 
 
 class RestartableRun:
@@ -261,7 +247,7 @@ class RestartableRun:
             )
             if floor_z:
                 handles.append(
-                    self._o_proj(layer).register_forward_pre_hook(
+                    self.o_proj(layer).register_forward_pre_hook(
                         lambda _m, args, i=layer: self.z.__setitem__(i, args[0].detach())
                     )
                 )
@@ -289,7 +275,7 @@ class RestartableRun:
             return x
         return x[self.restartable].clone()
 
-    def _o_proj(self, layer: int) -> torch.nn.Module:
+    def o_proj(self, layer: int) -> torch.nn.Module:
         adapter = self.handle.adapter
         return self.handle.submodule(f"{adapter.layers}.{layer}.{adapter.attn_o_proj}")
 
@@ -437,16 +423,16 @@ class RestartableRun:
                 else:
                     gather = self._single_positions(rows, first)
                 if gather is None:
-                    hidden = self._patched_layer(rows, entry, first, start_pos, None)
+                    hidden = written_layer.patched_layer(self, rows, entry, first, start_pos, None)
                 else:
-                    out = self._patched_layer(rows, entry, first, start_pos, gather)
+                    out = written_layer.patched_layer(self, rows, entry, first, start_pos, gather)
                     hidden = self.resid[entry + 1][rows, start_pos:].clone()
                     at = torch.arange(len(rows), device=rows.device)
                     hidden[at, gather - start_pos] = out[:, 0]
             elif all(i.local and w.site not in _RESID for i, w in zip(infos, first, strict=True)):
                 gather = self._single_positions(rows, first)
                 if gather is not None:
-                    hidden = self._local_layer(rows, entry, first, start_pos, gather)
+                    hidden = written_layer.local_layer(self, rows, entry, first, start_pos, gather)
             if hidden is not None:
                 return hidden, entry + 1, []
         hidden = self.resid[entry][rows, start_pos:]
@@ -463,56 +449,9 @@ class RestartableRun:
     def resolve(
         self, rows: torch.Tensor, writes: Sequence[Write], max_entries: int = 2048
     ) -> list[Write]:
-        """``writes`` on base rows ``rows`` as the writes they amount to, the written layer
-        computed now: each write of a site read after its layer's attention (rule 2) becomes a
-        ``resid_pre`` write of the next layer — that layer's output at the written (row,
-        position) entries, the only places it changes. Other writes come back unchanged.
-
-        Why: with its attention output taken from the base run, the written layer is a function
-        of each written entry alone, so it can be computed for many rows in one call (at most
-        ``max_entries`` entries each) instead of once per restart and entry layer. A sweep
-        resolves its cells ahead of packing them into restarts: the same arithmetic in a few
-        calls instead of one per restart (15% of the organism's ``attn_out`` grid was that
-        overhead). On the last layer only last-position entries are kept (rule 4); a write there
-        becomes a ``resid_pre`` write of layer ``L``, read straight into the logits.
-
-        Needs a full base run (no ``upto``) with the floor and ``floor_layers`` (``floor_z`` for
-        ``head_z``) covering the written layers; otherwise nothing is resolved.
-        """
-        writes = list(writes)
-        if self.method != "cached" or not self.floor or self.upto is not None:
-            return writes
-        keep, by_layer = [], defaultdict(list)
-        for w in writes:
-            resolvable = (
-                site_info(w.site).after_attention
-                and w.layer in self.attn
-                and (w.site != "head_z" or w.layer in self.z)
-            )
-            (by_layer[w.layer] if resolvable else keep).append(w)
-        last = self.handle.n_layers - 1
-        for layer, group in sorted(by_layer.items()):
-            if layer == last:
-                group = [p for w in group if (p := rows_where(w, w.pos == self.length - 1))]
-                if not group:
-                    continue
-            # one entry per written (row, position); the writes renumbered onto the entries
-            key = torch.cat([w.rows * self.length + w.pos for w in group])
-            entries, inverse = torch.unique(key, return_inverse=True)
-            entry_rows, entry_pos = entries // self.length, entries % self.length
-            parts, at = [], 0
-            renumbered = []
-            for w in group:
-                renumbered.append(replace(w, rows=inverse[at : at + len(w.rows)]))
-                at += len(w.rows)
-            for lo in range(0, len(entries), max_entries):
-                hi = min(lo + max_entries, len(entries))
-                part = [s for w in renumbered if (s := w.select(lo, hi)) is not None]
-                self.counters.forwards += 1
-                out = self._patched_layer(rows[entry_rows[lo:hi]], layer, part, 0, entry_pos[lo:hi])
-                parts.append(out[:, 0])
-            keep.append(Write("resid_pre", layer + 1, entry_rows, entry_pos, torch.cat(parts)))
-        return keep
+        """``writes`` on base rows ``rows`` with their written layers computed ahead (rule 2):
+        ``seqpatch.interventions.written_layer.resolve``."""
+        return written_layer.resolve(self, rows, writes, max_entries)
 
     def _staggered_prefix(
         self,
@@ -547,69 +486,6 @@ class RestartableRun:
         if bool((low[written] != high[written]).any()):
             return None
         return torch.where(written, high, self.length - 1)
-
-    def _patched_layer(
-        self,
-        rows: torch.Tensor,
-        layer: int,
-        writes: list[Write],
-        start_pos: int,
-        gather: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Rules 2–4: layer ``layer`` with its attention output supplied from the base run, on
-        each row's written position (``gather``: output ``[rows, 1, d]``) or on positions
-        ``start_pos..`` (``[rows, T - start_pos, d]``)."""
-        handle = self.handle
-        if gather is not None:
-            frame = Frame(self.length - 1, 1, gather)
-            hidden = self.resid[layer][rows, gather][:, None]
-            attn_out = self.attn[layer][rows, gather][:, None]
-            z = self.z[layer][rows, gather][:, None] if layer in self.z else None
-        else:
-            frame = Frame(start_pos, self.length - start_pos)
-            hidden = self.resid[layer][rows, start_pos:]
-            attn_out = self.attn[layer][rows, start_pos:]
-            z = self.z[layer][rows, start_pos:] if layer in self.z else None
-        head_z = any(w.site == "head_z" for w in writes)
-        if head_z and z is None:
-            raise InterventionError("head_z restarts need the base run's o_proj input (floor_z)")
-        o_proj = self._o_proj(layer)
-        attn = handle.submodule(f"{handle.adapter.layers}.{layer}.{handle.adapter.attn}")
-        supply = (lambda: o_proj(z)) if head_z else (lambda: attn_out)
-        with _attention_from(attn, supply), hooked(handle, write_hooks(writes, frame)):
-            out = self.runner.run(hidden, layer, frame.start, PrefixCache(), stop_layer=layer + 1)
-        self.counters.token_layers += out.shape[0] * out.shape[1]
-        return out
-
-    def _local_layer(
-        self, rows: torch.Tensor, layer: int, writes: list[Write], start_pos: int, gather: Any
-    ) -> torch.Tensor:
-        """Rule 3 for a site read before attention (``head_q``): layer ``layer`` on each row's
-        written position, attending to the base run's keys/values before it (rows grouped by
-        position); returns the layer's output merged into the base run's from ``start_pos``."""
-        merged = self.resid[layer + 1][rows, start_pos:].clone()
-        for pos in sorted(set(gather.tolist())):
-            sel = (gather == pos).nonzero().squeeze(-1)
-            index = torch.full((len(rows),), -1, dtype=torch.long, device=rows.device)
-            index[sel] = torch.arange(len(sel), device=rows.device)
-            part = []
-            for w in writes:
-                keep = index[w.rows] >= 0
-                if bool(keep.any()):
-                    heads = None if w.heads is None else w.heads[keep]
-                    rows_k = index[w.rows[keep]]
-                    part.append(
-                        replace(w, rows=rows_k, pos=w.pos[keep], value=w.value[keep], heads=heads)
-                    )
-            frame = Frame(pos, 1)
-            prefix = self.prefix(rows[sel], pos, [layer])
-            hidden = self.resid[layer][rows[sel], pos : pos + 1]
-            with hooked(self.handle, write_hooks(part, frame)):
-                out = self.runner.run(hidden, layer, pos, prefix, stop_layer=layer + 1)
-            merged[sel, pos - start_pos] = out[:, 0]
-            self.counters.forwards += 1
-            self.counters.token_layers += len(sel)
-        return merged
 
     def prefix(self, rows: torch.Tensor, start_pos: int, layers: Iterable[int]) -> PrefixCache:
         """The base run's keys/values of positions ``< start_pos`` of ``layers``, per row."""
