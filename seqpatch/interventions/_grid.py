@@ -227,6 +227,8 @@ class Group:
         self.out = torch.full((*shape, cand.shape[1]), float("nan"))
         self.lse = torch.full(shape, float("nan"))
         self._equal: dict[int, torch.Tensor] = {}  # layer -> [n, T] or [n, T, heads]: equal bits
+        self._resolved: _Resolved | None = None  # the cells' patched layers, computed ahead
+        self._done = 0  # sorted rows already restarted
         self.starts: dict[tuple[int, int, int], torch.Tensor] = {}  # (li, hi, pi) -> [n] start
 
     def same(self, li: int, positions: torch.Tensor) -> torch.Tensor:
@@ -376,7 +378,6 @@ class Group:
                 rows.append((int(self.starts[(li, hi, pi)][p]), li, (hi, pi, p)))
         rows.sort(key=lambda row: (row[0], row[1]))  # stable: heads, then pairs, in grid order
         self._done = 0
-        self._resolved = None
         if site_info(self.site).after_attention and self.plan.masks is None:
             self._resolved = _Resolved(self, [(li, row) for _, li, row in rows])
         block: list[tuple[int, Row]] = []  # rows sharing one forward
@@ -438,7 +439,7 @@ class Group:
         sorted rows (blocks run in order), which is how their resolved writes are found."""
         start_pos = min(self._start(li, row) for li, row in rows)
         pair = torch.tensor([r[2] for _, r in rows], device=self.handle.device)
-        if self.run.method == "cached" and self._resolved is not None:
+        if self._resolved is not None:
             lo = self._done
             self._done += len(rows)
             writes = self._resolved.writes(lo, self._done)
