@@ -517,12 +517,7 @@ class _Resolved:
         group, device = self.group, self.group.handle.device
         window = self.rows[lo:hi]
         pairs = torch.tensor([row[2] for _, row in window], device=device)
-        writes = []
-        for li in sorted({li for li, _ in window}):
-            chosen = torch.tensor([i for i, (lj, _) in enumerate(window) if lj == li])
-            write = group.patch(li, [window[i][1] for i in chosen.tolist()], 0)
-            writes.append(replace(write, rows=chosen.to(device)[write.rows]))
-        resolved = group.run.resolve(pairs, writes)
+        resolved = group.run.resolve(pairs, group.writes(window, 0))
         if any(w.site != "resid_pre" for w in resolved):
             raise InterventionError(f"{group.site} writes could not be resolved on this run")
         if not resolved:  # every write was on the last layer before its last position

@@ -21,7 +21,7 @@ import torch
 
 from seqpatch.interventions._layers import PrefixCache
 from seqpatch.interventions.sites import InterventionError, hooked
-from seqpatch.interventions.writes import Frame, Write, rows_where, write_hooks
+from seqpatch.interventions.writes import Frame, Write, rows_of, rows_where, write_hooks
 from seqpatch.models.sites import site_info
 
 if TYPE_CHECKING:
@@ -149,15 +149,7 @@ def local_layer(
         sel = (gather == pos).nonzero().squeeze(-1)
         index = torch.full((len(rows),), -1, dtype=torch.long, device=rows.device)
         index[sel] = torch.arange(len(sel), device=rows.device)
-        part = []
-        for w in writes:
-            keep = index[w.rows] >= 0
-            if bool(keep.any()):
-                heads = None if w.heads is None else w.heads[keep]
-                rows_k = index[w.rows[keep]]
-                part.append(
-                    replace(w, rows=rows_k, pos=w.pos[keep], value=w.value[keep], heads=heads)
-                )
+        part = [p for w in writes if (p := rows_of(w, index)) is not None]
         frame = Frame(pos, 1)
         prefix = run.prefix(rows[sel], pos, [layer])
         hidden = run.resid[layer][rows[sel], pos : pos + 1]
