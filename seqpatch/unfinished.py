@@ -132,14 +132,26 @@ def built_from(store: Store, stage: str, pairs_version: str) -> list[Unfinished]
         if not isinstance(parents, dict) or parents.get("pairs") != pairs_version:
             continue
         shards, unchecked = _finished_shards(work)
-        n_shards = manifest.get("n_shards")
-        out.append(
-            Unfinished(
-                stage, version, work, n_shards if isinstance(n_shards, int) else None,
-                tuple(shards), 0, tuple(unchecked), (work / SHARD_MANIFEST).stat().st_mtime,
-            )
-        )  # fmt: skip
+        out.append(_unfinished(stage, version, work, manifest, shards, 0, unchecked))
     return sorted(out, key=lambda build: (build.started, build.version))
+
+
+def _unfinished(
+    stage: str,
+    version: str,
+    work: Path,
+    manifest: dict[str, Any],
+    shards: list[int],
+    n_pairs: int,
+    unchecked: list[int],
+) -> Unfinished:
+    """The ``Unfinished`` of a work folder: its shard count and start from its manifest."""
+    n_shards = manifest.get("n_shards")
+    started = (work / SHARD_MANIFEST).stat().st_mtime if manifest else 0.0
+    return Unfinished(
+        stage, version, work, n_shards if isinstance(n_shards, int) else None,
+        tuple(shards), n_pairs, tuple(unchecked), started,
+    )  # fmt: skip
 
 
 def _work_folders(store: Store, stage: str) -> list[tuple[Path, str]]:
@@ -171,18 +183,16 @@ def _finished_shards(work: Path) -> tuple[list[int], list[int]]:
 
 
 def _scan(study: Study, stage: str, cache: dict[Any, Any]) -> list[Unfinished]:
-    if "pair_ids" not in cache:
-        cache["pair_ids"] = set(study.rows(study.pairs_ref)["pair_id"])
     out = []
     for work, version in _work_folders(study.store, stage):
         shards, unchecked = _finished_shards(work)
         manifest = _read_manifest(work / SHARD_MANIFEST)
-        n_shards = manifest.get("n_shards")
-        started = (work / SHARD_MANIFEST).stat().st_mtime if manifest else 0.0
         ids: set[str] = set()
         if shards:
             rows = _load_shards(work, shards)
             ids = set(rows["pair_id"]) if "pair_id" in rows.column_names else set()
+            if "pair_ids" not in cache:  # the study's pairs, read once and only when needed
+                cache["pair_ids"] = set(study.rows(study.pairs_ref)["pair_id"])
             if not ids or not ids <= cache["pair_ids"]:
                 continue
             cache[("rows", work)] = rows
@@ -190,12 +200,7 @@ def _scan(study: Study, stage: str, cache: dict[Any, Any]) -> list[Unfinished]:
             parents = manifest.get("parents")
             if not isinstance(parents, dict) or parents.get("pairs") != study.pairs_ref.version:
                 continue
-        out.append(
-            Unfinished(
-                stage, version, work, n_shards if isinstance(n_shards, int) else None,
-                tuple(shards), len(ids), tuple(unchecked), started,
-            )
-        )  # fmt: skip
+        out.append(_unfinished(stage, version, work, manifest, shards, len(ids), unchecked))
     return sorted(out, key=lambda build: (build.started, build.version))
 
 
