@@ -22,8 +22,9 @@ sources (only the patched hook kept), its ``get_act_patch_*`` function with all 
 batch per cell, under ``torch.no_grad()``; its metric (the candidates' logits and the
 full-vocabulary log-normaliser at the last position) is checked against the engine's. Reported
 per grid: TransformerLens time ÷ engine time (median of interleaved rounds), the work ratio, the
-engine's speed per token-layer against TransformerLens', and the engine's achieved GFLOP/s
-against this machine's measured ``torch.mm`` float32 rate.
+engine's speed per token-layer against TransformerLens', and the FLOPs each side ran (counted,
+every forward included) with each side's achieved GFLOP/s, against this machine's measured
+``torch.mm`` float32 rate.
 
     python scripts/bench_patching.py --transformerlens --threads 1 --data-dir /tmp/bench-pairs
 
@@ -250,12 +251,16 @@ def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def flops_per_token_layer(handle: ModelHandle) -> float:
-    """Matrix-multiply FLOPs of one decoder layer on one token: the projections and the MLP
-    (2 FLOPs per weight; attention scores, norms and activations left out)."""
-    layer = handle.layer(0)
-    weights = sum(p.numel() for p in layer.parameters() if p.ndim == 2)
-    return 2.0 * weights
+def counted_flops(fn, *args, **kwargs) -> tuple[Any, int]:
+    """``fn``'s result and the FLOPs of the matrix multiplies it ran (``torch.mm``, ``bmm``,
+    ``addmm``, attention kernels: ``FlopCounterMode``'s count), every forward included — the
+    engine's base run, TransformerLens' ``run_with_cache``, trimmed layers as trimmed. An
+    untimed call: counting slows the ops."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        result = fn(*args, **kwargs)
+    return result, counter.get_total_flops()
 
 
 def transformer_lens_bridge(handle: ModelHandle, folder: str) -> Any:
@@ -387,13 +392,16 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float]:
         "time ÷ the engine's. *Work ÷*: TransformerLens' token-layers (one decoder layer on one "
         "token; L·T per cell) ÷ the engine's (`SweepStats.token_layers`). *Speed/token-layer*: "
         "token-layers per second, engine ÷ TransformerLens (the engine's base run — one forward of "
-        "sources and targets — is in its time, not in its token-layers). *GFLOP/s*: the engine's "
-        "matrix-multiply FLOPs (projections, MLP and unembedding; not attention scores) per "
-        f"second; this machine's `torch.mm` 1024² float32 rate, measured in this run: {peak:.1f} "
-        "GFLOP/s.",
+        "sources and targets — is in its time, not in its token-layers). *FLOP ÷*: the FLOPs "
+        "of every matrix multiply each side ran (projections, MLP, attention, unembedding; "
+        "`torch.utils.flop_counter.FlopCounterMode`, one untimed pass of each), TransformerLens' "
+        "÷ the engine's: every forward counted on both sides (the engine's base run, "
+        "TransformerLens' `run_with_cache`), trimmed layers as trimmed. *GFLOP/s*: those FLOPs "
+        "÷ each side's time; *rate vs TL*: the engine's ÷ TransformerLens'. This machine's "
+        f"`torch.mm` 1024² float32 rate, measured in this run: {peak:.1f} GFLOP/s.",
         "",
-        "| model, pairs | grid | pair-cells | TL time (s) | engine time (s) | × TL | work ÷ | speed/token-layer | engine GFLOP/s | max abs diff vs TL |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model, pairs | grid | pair-cells | TL time (s) | engine time (s) | × TL | work ÷ | speed/token-layer | FLOP ÷ | engine GFLOP/s | TL GFLOP/s | rate vs TL | max abs diff vs TL |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     worst = 0.0
     data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="bench-"))
@@ -411,8 +419,6 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float]:
         bridge = transformer_lens_bridge(handle, folder)
         layers = list(work.layers) if work.layers is not None else list(range(handle.n_layers))
         positions = work.swept_positions(src.shape[1])
-        per_token_layer = flops_per_token_layer(handle)
-        unembed = 2.0 * handle.d_model * handle.hf_model.config.get_text_config().vocab_size
         swept = "" if len(positions) == src.shape[1] else f", {len(positions)} positions swept"
         label = (
             f"{work.label}; {len(src)} pairs of {src.shape[1]} tokens{swept} "
@@ -435,18 +441,24 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float]:
                 )
                 t_engine.append(seconds)
             tl_s, engine_s = statistics.median(t_tl), statistics.median(t_engine)
+            _, tl_flops = counted_flops(
+                tl_grid, bridge, src, tgt, site, axes, layers, n_heads, cand_ids, positions
+            )
+            _, engine_flops = counted_flops(
+                engine_grid, handle, src, tgt, site, axes, layers, cand_ids, positions
+            )
             diff = max_diff((logits, lse), (tl_logits, tl_lse))
             ours = (logits[..., 0] - logits[..., 1]).mean(0)
             diff = max(diff, (ours - tl_metric).abs().max().item())
             worst = max(worst, diff)
             work_ratio = stats.naive_token_layers / max(stats.token_layers, 1)
             per_tl = (stats.token_layers / engine_s) / (stats.naive_token_layers / tl_s)
-            rows = stats.cells - stats.skipped_cells
-            gflops = (stats.token_layers * per_token_layer + rows * unembed) / engine_s / 1e9
+            engine_rate, tl_rate = engine_flops / engine_s / 1e9, tl_flops / tl_s / 1e9
             lines.append(
                 f"| {label} | {grid_label(site, axes)} | {stats.cells} | {tl_s:.2f} | "
                 f"{engine_s:.2f} | {tl_s / engine_s:.1f}× | {work_ratio:.1f} | {per_tl:.2f}× | "
-                f"{gflops:.1f} | {diff:.1e} |"
+                f"{tl_flops / engine_flops:.2f} | {engine_rate:.1f} | {tl_rate:.1f} | "
+                f"{engine_rate / tl_rate:.2f}× | {diff:.1e} |"
             )
             print(lines[-1], flush=True)
         del bridge
