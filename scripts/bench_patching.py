@@ -41,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -251,7 +252,7 @@ def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def counted_flops(fn, *args, **kwargs) -> tuple[Any, int]:
+def counted_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, int]:
     """``fn``'s result and the FLOPs of the matrix multiplies it ran (``torch.mm``, ``bmm``,
     ``addmm``, attention kernels: ``FlopCounterMode``'s count), every forward included — the
     engine's base run, TransformerLens' ``run_with_cache``, trimmed layers as trimmed. An
