@@ -252,16 +252,16 @@ def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def counted_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, int]:
-    """``fn``'s result and the FLOPs of the matrix multiplies it ran (``torch.mm``, ``bmm``,
+def counted_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """The FLOPs of the matrix multiplies ``fn(*args, **kwargs)`` ran (``torch.mm``, ``bmm``,
     ``addmm``, attention kernels: ``FlopCounterMode``'s count), every forward included — the
     engine's base run, TransformerLens' ``run_with_cache``, trimmed layers as trimmed. An
     untimed call: counting slows the ops."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        result = fn(*args, **kwargs)
-    return result, counter.get_total_flops()
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
 
 
 def transformer_lens_bridge(handle: ModelHandle, folder: str) -> Any:
@@ -442,10 +442,10 @@ def compare_transformerlens(args: argparse.Namespace) -> tuple[str, float]:
                 )
                 t_engine.append(seconds)
             tl_s, engine_s = statistics.median(t_tl), statistics.median(t_engine)
-            _, tl_flops = counted_flops(
+            tl_flops = counted_flops(
                 tl_grid, bridge, src, tgt, site, axes, layers, n_heads, cand_ids, positions
             )
-            _, engine_flops = counted_flops(
+            engine_flops = counted_flops(
                 engine_grid, handle, src, tgt, site, axes, layers, cand_ids, positions
             )
             diff = max_diff((logits, lse), (tl_logits, tl_lse))

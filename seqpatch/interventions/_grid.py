@@ -472,8 +472,7 @@ class _Resolved:
     def __init__(self, group: Group, rows: list[tuple[int, Row]]) -> None:
         self.group, self.rows = group, rows
         handle = group.handle
-        item = torch.empty((), dtype=handle.dtype).element_size()
-        self.per_window = max(1, self.WINDOW_BYTES // (item * handle.d_model))
+        self.per_window = max(1, self.WINDOW_BYTES // (handle.dtype.itemsize * handle.d_model))
         self.hi = 0
         self.entries: tuple[torch.Tensor, ...] = ()
 

@@ -422,10 +422,9 @@ class RestartableRun:
                     gather = torch.full((len(rows),), self.length - 1, device=rows.device)
                 else:
                     gather = self._single_positions(rows, first)
-                if gather is None:
-                    hidden = written_layer.patched_layer(self, rows, entry, first, start_pos, None)
-                else:
-                    out = written_layer.patched_layer(self, rows, entry, first, start_pos, gather)
+                out = written_layer.patched_layer(self, rows, entry, first, start_pos, gather)
+                hidden = out
+                if gather is not None:  # one position per row: merged into the base stream
                     hidden = self.resid[entry + 1][rows, start_pos:].clone()
                     at = torch.arange(len(rows), device=rows.device)
                     hidden[at, gather - start_pos] = out[:, 0]

@@ -84,11 +84,9 @@ def resolve(
         key = torch.cat([w.rows * run.length + w.pos for w in group])
         entries, inverse = torch.unique(key, return_inverse=True)
         entry_rows, entry_pos = entries // run.length, entries % run.length
-        parts, at = [], 0
-        renumbered = []
-        for w in group:
-            renumbered.append(replace(w, rows=inverse[at : at + len(w.rows)]))
-            at += len(w.rows)
+        pieces = inverse.split([len(w.rows) for w in group])
+        renumbered = [replace(w, rows=r) for w, r in zip(group, pieces, strict=True)]
+        parts = []
         for lo in range(0, len(entries), max_entries):
             hi = min(lo + max_entries, len(entries))
             part = [s for w in renumbered if (s := w.select(lo, hi)) is not None]
